@@ -1,0 +1,37 @@
+"""Shared test set-up: Hypothesis profiles and the path to ../shared/fixtures.
+
+Numba compiles a kernel on first call (~1.5 s), so Hypothesis runs without a deadline; the
+"ci" profile bounds how many examples each property draws so the whole suite stays in minutes.
+"""
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_fixture(name: str) -> Path:
+    """Path of a file in ../shared/fixtures, or skip the test with the reason."""
+    p = FIXTURES / name
+    if not p.exists():
+        pytest.skip(f"{p} is absent: the shared fixtures folder ../shared/fixtures is not beside this checkout")
+    return p
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    return shared_fixture("stories260K.gguf")
