@@ -1,0 +1,344 @@
+"""GGUF tokenizer metadata -> an HF `tokenizers.Tokenizer` that splits text exactly as llama.cpp does.
+
+Two families: `llama` (SentencePiece, rebuilt as BPE with byte fallback and merges ranked by piece
+score) and `gpt2` (byte-level BPE with the pre-tokeniser regexes of llama.cpp's `llama-vocab.cpp`).
+Left out: WordPiece/Unigram (`bert`, `t5`) vocabularies and chat templates (the raw template string
+is exposed). Follows the GGUF spec's `tokenizer.ggml.*` keys and llama.cpp's tokenizer test vectors.
+"""
+from __future__ import annotations
+
+import codecs
+import re
+import warnings
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from .errors import GGUFError
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# ---------------------------------------------------------------------------------------------
+# Pre-tokeniser regexes for byte-level BPE, copied in meaning from llama.cpp's llm_tokenizer_bpe.
+# Each list is applied in turn, every regex splitting the pieces the previous one left
+# ("isolated": matches and the text between them both become pieces).
+# ---------------------------------------------------------------------------------------------
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_REGEXES = {
+    # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT (a gpt2 model whose `pre` is "default" or absent)
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "gpt2": [_GPT2],
+    "llama3": [_LLAMA3],
+    "starcoder": [r"\p{N}", _GPT2],   # digits one by one, then the GPT-2 rules
+    "qwen2": [_QWEN2],
+}
+# GGUF `tokenizer.ggml.pre` value -> entry of PRE_REGEXES (names as in llama.cpp's vocab loader)
+PRE_ALIASES = {
+    "default": "default",
+    "gpt2": "gpt2", "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3",
+    "dbrx": "llama3", "smaug-bpe": "llama3",
+    "starcoder": "starcoder", "smollm": "starcoder", "refact": "starcoder", "command-r": "starcoder",
+    "codeshell": "starcoder", "exaone": "starcoder",
+    "qwen2": "qwen2", "stablelm2": "qwen2", "deepseek-r1-qwen": "qwen2",
+}
+# llama.cpp matches a whole pre-token against the vocabulary before merging for these
+_IGNORE_MERGES = {"llama3"}
+# token texts that end generation (llama.cpp's special_eog_ids heuristic); llama.cpp also makes
+# such a token a control token whatever its stored type, so "</s>" in Phi-3 text stays plain text
+_EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<eos>"}
+SUPPORTED_MODELS = ("llama", "gpt2")
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte <-> printable-char map (inverted): char -> byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:  # the unprintable bytes are moved to 256, 257, ... in order
+            chars[b] = chr(256 + n)
+            n += 1
+    return {c: b for b, c in chars.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metadata with clear errors
+# ---------------------------------------------------------------------------------------------
+def _field(reader, src, key, expect: str, required=True, default=None):
+    """Value of metadata `key`, checked against `expect` ('str', 'int', 'bool', 'float',
+    'str[]', 'float[]', 'int[]'); GGUFError naming file and key when missing or ill-typed."""
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise GGUFError(f"{src}: field '{key}': missing; expected {_EXPECT[expect]}")
+        return default
+    try:
+        val = f.contents()
+    except Exception as e:  # gguf raises assorted errors on odd encodings
+        raise GGUFError(f"{src}: field '{key}': could not be read ({e}); expected {_EXPECT[expect]}") from None
+    elem_ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+               "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    base = expect.rstrip("[]")
+    ok = (isinstance(val, list) and all(elem_ok[base](v) for v in val)) if expect.endswith("[]") \
+        else elem_ok[base](val)
+    if not ok:
+        got = f"a {type(val).__name__}" + (f" of {len(val)} items" if isinstance(val, list) else f" ({val!r:.40})")
+        raise GGUFError(f"{src}: field '{key}': got {got}; expected {_EXPECT[expect]}")
+    return val
+
+
+_EXPECT = {"str": "a string", "int": "an integer", "bool": "a bool", "float": "a number",
+           "str[]": "an array of strings", "float[]": "an array of float32", "int[]": "an array of int32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the two families
+# ---------------------------------------------------------------------------------------------
+def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Merges for a SentencePiece vocabulary: every split of a piece into two pieces, ranked so the
+    merge forming the higher-scoring piece comes first (llama.cpp's llm_tokenizer_spm always merges
+    the bigram whose joined piece scores highest). Ties: lower piece id, then shorter left part."""
+    ranked = []
+    for piece, pid in vocab.items():
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[pid], pid, i, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _build_spm(src, tokens, types, reader) -> tuple[HFTokenizer, bool]:
+    scores = _field(reader, src, "tokenizer.ggml.scores", "float[]")
+    if len(scores) != len(tokens):
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.scores': has {len(scores)} entries; "
+                        f"expected one per token ({len(tokens)})")
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a duplicated piece keeps its first id, as llama.cpp's token_to_id
+    unk = _field(reader, src, "tokenizer.ggml.unknown_token_id", "int", required=False, default=0)
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': lacks byte tokens {missing[:3]}...; "
+                        "expected all 256 <0xXX> pieces for byte fallback")
+    bpe = models.BPE(vocab, _spm_merges(tokens, scores, vocab), byte_fallback=True,
+                     unk_token=tokens[unk] if 0 <= unk < len(tokens) else None, fuse_unk=False)
+    hf = HFTokenizer(bpe)
+    # llama.cpp prepends one space to each text fragment (the first, and any after a special token)
+    # then writes spaces as "▁"; HF runs the normaliser once per fragment between added tokens, so
+    # Prepend reproduces that. No pre-tokeniser: SentencePiece merges across word boundaries.
+    add_space = _field(reader, src, "tokenizer.ggml.add_space_prefix", "bool", required=False, default=True)
+    norms = ([normalizers.Prepend("▁")] if add_space else []) + [normalizers.Replace(" ", "▁")]
+    hf.normalizer = normalizers.Sequence(norms)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + ([decoders.Strip(" ", 1, 0)] if add_space else []))
+    return hf, add_space
+
+
+def _build_gpt2(src, tokens, types, reader, pre: str) -> HFTokenizer:
+    merges_raw = _field(reader, src, "tokenizer.ggml.merges", "str[]")
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    merges = []
+    for m in merges_raw:
+        cut = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
+        if cut < 0:
+            raise GGUFError(f"{src}: field 'tokenizer.ggml.merges': entry {m!r} has no space; "
+                            "expected 'left right'")
+        left, right = m[:cut], m[cut + 1:]
+        if left in vocab and right in vocab and left + right in vocab:
+            merges.append((left, right))
+    key = PRE_ALIASES.get(pre)
+    if key is None:
+        warnings.warn(f"{src}: tokenizer.ggml.pre '{pre}' is not known to minisparse; using the GPT-2 "
+                      f"regex (known: {', '.join(sorted(PRE_ALIASES))})", stacklevel=3)
+        key = "gpt2"
+    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=key in _IGNORE_MERGES))
+    # regexes run on the raw text, then ByteLevel maps each byte to its printable stand-in
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[key]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# The public wrapper
+# ---------------------------------------------------------------------------------------------
+class Tokenizer:
+    """A GGUF vocabulary as llama.cpp tokenizes it, wrapping `tokenizers.Tokenizer` (`.hf`).
+
+    Lone surrogates (a Python str can hold them, UTF-8 cannot) are replaced by U+FFFD before
+    encoding, which is what a UTF-8 decoder makes of the bytes such a string would come from.
+
+    >>> tok = load_tokenizer("../shared/fixtures/stories260K.gguf")   # doctest: +SKIP
+    >>> tok.decode(tok.encode("Once upon a time"))                      # doctest: +SKIP
+    'Once upon a time'
+    """
+
+    def __init__(self, hf, *, model, pre, tokens, types, bos_id, eos_id, eot_ids, add_bos,
+                 add_space_prefix, chat_template):
+        self.hf, self.model, self.pre = hf, model, pre
+        self.bos_id, self.eos_id, self.eot_ids = bos_id, eos_id, eot_ids
+        self.add_bos, self.add_space_prefix, self.chat_template = add_bos, add_space_prefix, chat_template
+        self.tokens, self.types = tokens, types
+        self.vocab_size = len(tokens)
+        self._bytes = [self._piece_bytes(i) for i in range(len(tokens))]
+
+    def _piece_bytes(self, i: int) -> bytes:
+        t, ty = self.tokens[i], self.types[i]
+        if ty in (CONTROL, UNKNOWN, UNUSED):
+            return b""  # rendered as nothing, as llama.cpp's token_to_piece(special=false)
+        if ty == USER_DEFINED:
+            return t.encode("utf-8")
+        if self.model == "llama":
+            if ty == BYTE:
+                return bytes([int(t[3:5], 16)])
+            return t.replace("▁", " ").encode("utf-8")
+        inv = _BYTE_LEVEL
+        return bytes(inv[c] if c in inv else 0 for c in t) if all(c in inv for c in t) else t.encode("utf-8")
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        """Token ids of `text` (T,). add_bos None follows the GGUF's rule. parse_special=False (as
+        llama.cpp's test vectors and `llama_tokenize(..., parse_special=false)`) leaves control
+        tokens such as "<s>" in the text as plain text; user-defined tokens are always matched."""
+        text = _SURROGATES.sub("\ufffd", text)
+        self.hf.encode_special_tokens = not parse_special
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; control tokens (BOS, EOS, ...) render as nothing."""
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The exact bytes token `i` contributes to the output (a byte token is a single byte)."""
+        return self._bytes[i]
+
+    def decode_piece(self, i: int) -> str:
+        """Token `i` alone as text (incomplete UTF-8 shows as U+FFFD; use decode_stream to print)."""
+        return self._bytes[i].decode("utf-8", errors="replace")
+
+    def decode_stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive: `push(id)` returns the text that became complete
+    (maybe ""), `flush()` what is left. Bytes of a character split over byte-fallback tokens are
+    held back until the character is whole; SentencePiece's prefix space is dropped once, at start.
+
+    >>> s = tok.decode_stream()                                      # doctest: +SKIP
+    >>> "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = tok.model == "llama" and tok.add_space_prefix  # until the first text appears
+
+    def _emit(self, text: str) -> str:
+        if self._strip and text:
+            self._strip = False
+            if text.startswith(" "):
+                text = text[1:]
+        return text
+
+    def push(self, token_id: int) -> str:
+        return self._emit(self._utf8.decode(self.tok.token_bytes(token_id)))
+
+    def flush(self) -> str:
+        return self._emit(self._utf8.decode(b"", final=True))
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def load_tokenizer(path_or_reader) -> Tokenizer:
+    """Tokenizer of a GGUF file (a path, or an open `gguf.GGUFReader` so the file is parsed once).
+
+    >>> tok = load_tokenizer("../shared/fixtures/vocab/ggml-vocab-llama-spm.gguf")  # doctest: +SKIP
+    >>> tok.encode("Hello world", add_bos=False)                                    # doctest: +SKIP
+    [15043, 3186]
+    """
+    if isinstance(path_or_reader, (str, Path)):
+        from gguf import GGUFReader
+        src = Path(path_or_reader)
+        if not src.exists():
+            raise GGUFError(f"{src}: no such file")
+        try:
+            reader = GGUFReader(src)
+        except Exception as e:
+            raise GGUFError(f"{src}: not a readable GGUF file ({e})") from None
+    else:
+        reader = path_or_reader
+        src = getattr(reader, "path", None) or "<GGUFReader>"
+
+    model = _field(reader, src, "tokenizer.ggml.model", "str")
+    if model not in SUPPORTED_MODELS:
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.model': '{model}' is not supported; "
+                        f"expected one of {', '.join(SUPPORTED_MODELS)}")
+    tokens = _field(reader, src, "tokenizer.ggml.tokens", "str[]")
+    if not tokens:
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': empty; expected at least one token")
+    types = _field(reader, src, "tokenizer.ggml.token_type", "int[]", required=False,
+                   default=[NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.token_type': has {len(types)} entries; "
+                        f"expected one per token ({len(tokens)})")
+    pre = _field(reader, src, "tokenizer.ggml.pre", "str", required=False, default="default")
+
+    def tok_id(key, default):
+        v = _field(reader, src, key, "int", required=False, default=default)
+        return v if v is not None and 0 <= v < len(tokens) else None  # 2**32-1 means "none"
+
+    if model == "llama":
+        hf, add_space = _build_spm(src, tokens, types, reader)
+        bos, eos, add_bos_default = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2), True
+    else:
+        hf, add_space = _build_gpt2(src, tokens, types, reader, pre), False
+        bos, eos = tok_id("tokenizer.ggml.bos_token_id", None), tok_id("tokenizer.ggml.eos_token_id", None)
+        add_bos_default = PRE_ALIASES.get(pre) == "llama3"  # llama.cpp turns BOS on for llama3 vocabs
+    add_bos = _field(reader, src, "tokenizer.ggml.add_bos_token", "bool", required=False, default=add_bos_default)
+
+    types = [CONTROL if t in _EOG_TEXTS else ty for t, ty in zip(tokens, types)]
+    eot = {i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if (i := tok_id(key, None)) is not None:
+            eot.add(i)
+    if eos is not None:
+        eot.add(eos)
+    # llama.cpp strips the whitespace after Phi-3's chat tokens (a per-model rule keyed on
+    # general.name, since GGUF stores no such attribute); HF's rstrip does the same
+    name = str(_field(reader, src, "general.name", "str", required=False, default="")).lower()
+    phi3 = "phi-3" in name or "phi3" in name
+
+    def rstrip(t):
+        return phi3 and t not in ("<unk>", "<s>", "<|endoftext|>")
+
+    # control/unknown tokens are special (not matched in text unless parse_special); user-defined
+    # ones are matched always, as llama.cpp's tokenizer_st_partition does
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip(t))
+                           for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t))
+                   for t, ty in zip(tokens, types) if ty == USER_DEFINED])  # ids already in the vocab: kept
+    template = _field(reader, src, "tokenizer.chat_template", "str", required=False)
+    return Tokenizer(hf, model=model, pre=pre, tokens=tokens, types=types, bos_id=bos, eos_id=eos,
+                     eot_ids=eot, add_bos=add_bos, add_space_prefix=add_space, chat_template=template)

@@ -1,0 +1,255 @@
+"""minisparse.tokenizer against llama.cpp's own tokenizer test vectors, plus round-trip, streaming
+and error properties.
+
+The vectors (`.inp`/`.out` beside each vocab GGUF) are what llama.cpp's test-tokenizer-0 checks:
+inputs separated by "\\n__ggml_vocab_test__\\n" (the newline before the separator is not part of the
+input), one line of expected ids per input, encoded WITHOUT BOS.
+"""
+import re
+import warnings
+
+import gguf
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import FIXTURES, shared_fixture
+from minisparse.errors import GGUFError
+from minisparse.tokenizer import _BYTE_LEVEL, load_tokenizer
+
+VOCABS = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-phi-3.gguf", "ggml-vocab-gpt-2.gguf"]
+ALL = ["vocab/" + v for v in VOCABS] + ["stories260K.gguf"]
+SEP = "\n__ggml_vocab_test__\n"
+_cache = {}
+
+
+def tok(name):
+    """Tokenizer of a shared fixture, built once per session (a 50k vocab takes ~2 s)."""
+    if name not in _cache:
+        _cache[name] = load_tokenizer(shared_fixture(name))
+    return _cache[name]
+
+
+def _vectors(vocab):
+    """(input, expected ids) pairs, read at collection; absent fixtures give one skipping case."""
+    inp, out = FIXTURES / "vocab" / (vocab + ".inp"), FIXTURES / "vocab" / (vocab + ".out")
+    if not inp.exists():
+        return [pytest.param(vocab, None, None, marks=pytest.mark.skip(reason=f"{inp} is absent"), id=vocab)]
+    texts = inp.read_text(encoding="utf-8").split(SEP)
+    assert texts[-1] == "", "the .inp file ends with a separator line"
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""
+    texts, lines = texts[:-1], lines[:-1]
+    assert len(texts) == len(lines), f"{vocab}: {len(texts)} inputs but {len(lines)} id lines"
+    return [pytest.param(vocab, t, [int(x) for x in line.split()], id=f"{vocab}-{i}")
+            for i, (t, line) in enumerate(zip(texts, lines))]
+
+
+CASES = [c for v in VOCABS for c in _vectors(v)]
+
+
+def expected_text(t, s):
+    """What decode(encode(s)) must give: lone surrogates become U+FFFD (they cannot be UTF-8);
+    SentencePiece writes spaces as U+2581 "▁", so a literal "▁" comes back as a space (llama.cpp too)."""
+    s = re.sub("[\ud800-\udfff]", "\ufffd", s)
+    return s.replace("▁", " ") if t.model == "llama" else s
+
+
+def stream(t, ids):
+    s = t.decode_stream()
+    pieces = [s.push(i) for i in ids]
+    return pieces + [s.flush()]
+
+
+# ------------------------------------------------------------------------------------------------
+# llama.cpp test vectors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab,text,ids", CASES)
+def test_encodes_to_llama_cpp_ids(vocab, text, ids):
+    assert tok("vocab/" + vocab).encode(text, add_bos=False) == ids
+
+
+@pytest.mark.parametrize("vocab,text,ids", CASES)
+def test_vector_round_trips(vocab, text, ids):
+    t = tok("vocab/" + vocab)
+    assert t.decode(ids) == expected_text(t, text)
+    assert "".join(stream(t, ids)) == t.decode(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata rules: BOS/EOS/EOG, special tokens, chat template
+# ------------------------------------------------------------------------------------------------
+def test_metadata_of_each_vocab():
+    spm, phi, gpt = (tok("vocab/" + v) for v in VOCABS)
+    assert (spm.model, spm.bos_id, spm.eos_id, spm.vocab_size, spm.add_bos) == ("llama", 1, 2, 32000, True)
+    assert (phi.model, phi.eos_id, phi.vocab_size) == ("llama", 32000, 32064)
+    assert {32000, 32007} <= phi.eot_ids          # <|endoftext|>, <|end|>
+    assert (gpt.model, gpt.pre, gpt.bos_id, gpt.eos_id, gpt.add_bos) == ("gpt2", "gpt-2", 50256, 50256, False)
+    assert gpt.eot_ids == {50256} and spm.eot_ids == {2}
+    assert phi.chat_template.startswith("{{ bos_token }}") and spm.chat_template is None
+    assert spm.hf.get_vocab_size() == 32000
+
+
+def test_bos_follows_gguf_rule():
+    spm, gpt = tok("vocab/" + VOCABS[0]), tok("vocab/" + VOCABS[2])
+    assert spm.encode("Hello world") == [1, 15043, 3186]          # add_bos_token = true
+    assert spm.encode("Hello world", add_bos=False) == [15043, 3186]
+    assert gpt.encode("Hello world") == gpt.encode("Hello world", add_bos=False)
+    assert gpt.encode("Hello world", add_bos=True)[0] == 50256
+
+
+def test_control_tokens_parsed_only_when_asked():
+    spm = tok("vocab/" + VOCABS[0])
+    assert 1 not in spm.encode("<s> hi </s>", add_bos=False)          # llama.cpp parse_special=false
+    assert spm.encode("<s>", add_bos=False, parse_special=True) == [1]
+    assert spm.decode(spm.encode("<s> hi", add_bos=False)) == "<s> hi"
+    assert spm.decode([1, 15043, 2]) == "Hello"                         # control tokens render as nothing
+
+
+def test_phi3_chat_tokens_strip_following_whitespace():
+    # llama.cpp marks Phi-3's chat tokens RSTRIP (by general.name): the "\n" after <|user|> is dropped
+    # and the next fragment gets SentencePiece's prefix space, like the start of a text
+    phi = tok("vocab/" + VOCABS[1])
+    assert phi.encode("<|user|>\nHi<|end|>", add_bos=False, parse_special=True) == \
+        [32010] + phi.encode("Hi", add_bos=False) + [32007]
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trip and streaming properties
+# ------------------------------------------------------------------------------------------------
+any_text = st.lists(st.one_of(st.characters(), st.sampled_from(" \t\n\r▁\x00"),
+                              st.integers(0xD800, 0xDFFF).map(chr)), max_size=40).map("".join)
+
+
+@pytest.mark.parametrize("name", ALL)
+@given(s=any_text)
+def test_decode_inverts_encode_for_any_text(name, s):
+    t = tok(name)
+    ids = t.encode(s, add_bos=False)
+    assert all(0 <= i < t.vocab_size for i in ids)
+    assert t.decode(ids) == expected_text(t, s)
+
+
+@pytest.mark.parametrize("name", ALL)
+@given(s=any_text)
+def test_stream_pieces_concatenate_to_decode(name, s):
+    t = tok(name)
+    ids = t.encode(s)
+    assert "".join(stream(t, ids)) == t.decode(ids)
+    # the per-token bytes are the same text (an independent path from the HF decoder chain)
+    text = b"".join(t.token_bytes(i) for i in ids).decode("utf-8")
+    assert (text[1:] if t.model == "llama" and text.startswith(" ") else text) == t.decode(ids)
+
+
+def test_stream_holds_back_a_character_split_over_byte_tokens():
+    spm = tok("vocab/" + VOCABS[0])
+    ids = spm.encode("😀", add_bos=False)
+    assert ids == [29871, 243, 162, 155, 131]   # "▁" then the 4 UTF-8 bytes <0xF0><0x9F><0x98><0x80>
+    assert stream(spm, ids) == ["", "", "", "", "😀", ""]   # the prefix space is dropped, as in decode
+    assert stream(spm, [15043, 3186]) == ["Hello", " world", ""]
+
+
+def test_lone_surrogates_are_encoded_as_replacement_character():
+    for name in ALL:
+        t = tok(name)
+        assert t.encode("a\ud800b\udfff") == t.encode("a\ufffdb\ufffd")
+        assert t.decode(t.encode("a\ud800b")) == "a\ufffdb"
+
+
+@pytest.mark.parametrize("name", ["vocab/" + VOCABS[0], "vocab/" + VOCABS[2], "stories260K.gguf"])
+def test_very_long_input_round_trips(name):
+    t = tok(name)
+    s = ("Once upon a time, ünïcödé 😀 \t\n 12345 — 東京 " * 3000)[:100_000]
+    ids = t.encode(s, add_bos=False)
+    assert t.decode(ids) == s
+
+
+def test_stories_text_round_trips():
+    t = tok("stories260K.gguf")
+    text = shared_fixture("stories260K.greedy200.txt").read_text(encoding="utf-8")
+    ids = t.encode(text)
+    assert t.vocab_size == 512 and ids[0] == 1 and max(ids) < 512
+    assert t.decode(ids) == text
+    assert "".join(stream(t, ids)) == text
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-tokeniser choice and bad files, on tiny GGUFs written here
+# ------------------------------------------------------------------------------------------------
+BYTE_CHARS = sorted(_BYTE_LEVEL)   # the 256 printable stand-ins of byte-level BPE
+
+
+def write_gguf(path, **kv):
+    """A GGUF with only the given tokenizer metadata (no tensors)."""
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    if "model" in kv:
+        w.add_tokenizer_model(kv["model"])
+    if "tokens" in kv:
+        w.add_token_list(kv["tokens"])
+    if "merges" in kv:
+        w.add_token_merges(kv["merges"])
+    if "pre" in kv:
+        w.add_tokenizer_pre(kv["pre"])
+    if "bad_tokens" in kv:
+        w.add_array("tokenizer.ggml.tokens", kv["bad_tokens"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_bpe(tmp_path, pre):
+    # 256 byte-level tokens plus "12" and "123"; merges "1 2", "12 3"
+    return write_gguf(tmp_path / f"{pre}.gguf", model="gpt2", tokens=BYTE_CHARS + ["12", "123"],
+                      merges=["1 2", "12 3"], pre=pre)
+
+
+@pytest.mark.parametrize("pre,pieces", [
+    ("gpt-2", ["123", "123"]),              # \p{N}+ keeps the digit run together
+    ("llama-bpe", ["123", "123"]),          # \p{N}{1,3}
+    ("qwen2", list("123123")),              # digits one by one
+    ("smollm", list("123123")),             # starcoder style: \p{N} first
+])
+def test_pre_tokeniser_follows_pre_name(tmp_path, pre, pieces):
+    t = load_tokenizer(tiny_bpe(tmp_path, pre))
+    ids = t.encode("123123", add_bos=False)
+    assert [t.decode([i]) for i in ids] == pieces
+    assert t.decode(t.encode("hi 123 there\n")) == "hi 123 there\n"
+
+
+def test_unknown_pre_warns_and_uses_gpt2_regex(tmp_path):
+    with pytest.warns(UserWarning, match="'mystery-pre'"):
+        t = load_tokenizer(tiny_bpe(tmp_path, "mystery-pre"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = load_tokenizer(tiny_bpe(tmp_path, "gpt2"))
+    assert t.encode("x 123123 y!") == ref.encode("x 123123 y!")
+
+
+def test_accepts_an_open_reader():
+    path = shared_fixture("stories260K.gguf")
+    assert load_tokenizer(gguf.GGUFReader(path)).encode("Once upon") == tok("stories260K.gguf").encode("Once upon")
+
+
+def test_missing_tokenizer_fields_name_the_field(tmp_path):
+    p = write_gguf(tmp_path / "none.gguf")
+    with pytest.raises(GGUFError, match=r"none\.gguf: field 'tokenizer\.ggml\.model': missing"):
+        load_tokenizer(p)
+    p = write_gguf(tmp_path / "notokens.gguf", model="llama")
+    with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': missing; expected an array of strings"):
+        load_tokenizer(p)
+
+
+def test_ill_typed_and_unsupported_fields_are_named(tmp_path):
+    p = write_gguf(tmp_path / "ints.gguf", model="llama", bad_tokens=[1, 2, 3])
+    with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': got .*expected an array of strings"):
+        load_tokenizer(p)
+    p = write_gguf(tmp_path / "bert.gguf", model="bert", tokens=["a"])
+    with pytest.raises(GGUFError, match=r"'bert' is not supported; expected one of llama, gpt2"):
+        load_tokenizer(p)
+    p = write_gguf(tmp_path / "nomerges.gguf", model="gpt2", tokens=BYTE_CHARS)
+    with pytest.raises(ValueError, match=r"field 'tokenizer\.ggml\.merges': missing"):
+        load_tokenizer(p)   # GGUFError is a ValueError too
+    with pytest.raises(GGUFError, match="no such file"):
+        load_tokenizer(tmp_path / "absent.gguf")
