@@ -1,0 +1,409 @@
+"""Bounds-checked GGUF container parser and llama/qwen2 model checks, run before `gguf.GGUFReader`.
+
+Every count, length and offset is checked against the file size before anything is read or
+allocated, so a truncated or hostile file fails with a `GGUFError` naming the file, the field and
+what was expected. Left out on purpose: big-endian files, GGUF v1, and dequantisation (the loader
+hands the validated file to `gguf.GGUFReader`). Format: GGUF v2/v3 as specified in ggml's
+docs/gguf.md (ggml-org/ggml) and written by `gguf.GGUFWriter`.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
+
+from .errors import GGUFError
+
+__all__ = ["check_gguf", "check_model_metadata", "GGUFLayout", "TensorInfo", "GGUFArray",
+           "SUPPORTED_ARCHS", "SUPPORTED_TYPES"]
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
+                   QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                   # GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 8            # nested arrays deeper than this are hostile; GGUFReader recurses per level
+INT64_MAX = 2**63 - 1
+
+# Little-endian struct format and byte width of each scalar value type.
+_SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I",
+           VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
+           VT.FLOAT64: "<d"}
+_SCALAR_SIZE = {t: struct.calcsize(f) for t, f in _SCALAR.items()}
+_MIN_VALUE_SIZE = {**_SCALAR_SIZE, VT.STRING: 8, VT.ARRAY: 12}   # string: u64 length; array: u32 type + u64 length
+_MIN_KV_SIZE = 8 + 4 + 1              # key length, value type, smallest value (u8)
+_MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8   # name length, n_dims, one dim, type, offset
+_INT_TYPES = (VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64)
+_FLOAT_TYPES = (VT.FLOAT32, VT.FLOAT64)
+
+
+@dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array, kept as a reference into the file (arrays may hold 100k+ tokens)."""
+    item_type: VT      # element type; VT.ARRAY for nested arrays
+    length: int        # number of elements
+    offset: int        # absolute file offset of the first element
+    nbytes: int        # bytes of the elements (the whole payload)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor info record, validated. `shape` is GGML order (ne0 = row length first), exactly
+    like `ReaderTensor.shape`; `data_shape` is the reversed (out, in) order of `ReaderTensor.data`."""
+    name: str
+    shape: tuple[int, ...]      # GGML order, e.g. attn_q (D, Hq*d)
+    ggml_type: QT
+    offset: int                 # relative to GGUFLayout.data_offset, as stored in the file
+    n_elements: int
+    n_bytes: int
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+@dataclass
+class GGUFLayout:
+    """What `check_gguf` found: metadata scalars, array references, tensor infos, data offset."""
+    path: Path
+    file_size: int
+    version: int
+    alignment: int
+    metadata: dict[str, object]       # key -> int | float | bool | str | GGUFArray
+    value_types: dict[str, VT]        # key -> GGUF value type of the stored value
+    tensors: list[TensorInfo]         # in file order
+    data_offset: int                  # absolute offset of the (aligned) tensor data section
+    _by_name: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._by_name = {t.name: t for t in self.tensors}
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return self._by_name.get(name)
+
+
+class _Cursor:
+    """Sequential little-endian reads from a memory map; every read is bounds-checked first."""
+
+    def __init__(self, buf, size: int, path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, what: str, expected: str, found) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}: expected {expected}, found {found}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(what, f"{n} bytes at offset {self.pos}",
+                            f"end of file after {self.size - self.pos} bytes (file is {self.size} bytes; truncated?)")
+
+    def scalar(self, vtype: VT, what: str):
+        n = _SCALAR_SIZE[vtype]
+        self.need(n, what)
+        (v,) = struct.unpack_from(_SCALAR[vtype], self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar(VT.UINT32, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(VT.UINT64, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"{what} (string length)")
+        # the length is checked against the bytes left before a single byte is copied
+        if n > self.size - self.pos:
+            raise self.fail(what, f"a string of at most {self.size - self.pos} bytes (the rest of the file)",
+                            f"length {n}")
+        raw = self.buf[self.pos:self.pos + n]
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(what, "valid UTF-8", f"{e.reason} at byte {e.start} of {raw[:32]!r}") from None
+        self.pos += n
+        return s
+
+    def skip_count(self, count: int, item_size: int, what: str) -> None:
+        """Check that `count` items of at least `item_size` bytes fit in the rest of the file."""
+        left = self.size - self.pos
+        if count > left // item_size:      # integer form of count * item_size > left: no overflow
+            raise self.fail(what, f"at most {left // item_size} items of >= {item_size} bytes "
+                                  f"(the {left} bytes left in the file)", count)
+
+
+def _value_type(cur: _Cursor, what: str) -> VT:
+    raw = cur.u32(what)
+    try:
+        return VT(raw)
+    except ValueError:
+        raise cur.fail(what, f"a GGUF value type id 0..{max(VT).value}", raw) from None
+
+
+def _read_value(cur: _Cursor, vtype: VT, what: str, depth: int = 0):
+    """Read (or, for arrays, walk past) one value; returns a Python scalar/str or a GGUFArray."""
+    if vtype in _SCALAR:
+        return cur.scalar(vtype, what)
+    if vtype == VT.STRING:
+        return cur.string(what)
+    # ARRAY: element type, length, elements
+    itype = _value_type(cur, f"{what} (array element type)")
+    n = cur.u64(f"{what} (array length)")
+    cur.skip_count(n, _MIN_VALUE_SIZE[itype], f"{what} (array length)")
+    start = cur.pos
+    if itype in _SCALAR:
+        cur.pos += n * _SCALAR_SIZE[itype]          # fits: checked by skip_count just above
+    elif itype == VT.STRING:
+        for i in range(n):
+            cur.string(f"{what}[{i}]")
+    else:
+        if depth + 1 >= MAX_ARRAY_DEPTH:
+            raise cur.fail(what, f"arrays nested at most {MAX_ARRAY_DEPTH} deep", "deeper nesting")
+        for i in range(n):
+            _read_value(cur, VT.ARRAY, f"{what}[{i}]", depth + 1)
+    return GGUFArray(itype, n, start, cur.pos - start)
+
+
+def _read_tensor_info(cur: _Cursor, i: int, alignment: int, max_tensor_bytes: int | None) -> TensorInfo:
+    name = cur.string(f"tensor info #{i} name")
+    what = f"tensor '{name}'"
+    n_dims = cur.u32(f"{what} n_dims")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise cur.fail(f"{what} n_dims", f"1..{MAX_DIMS}", n_dims)
+    shape = tuple(cur.u64(f"{what} dim {j}") for j in range(n_dims))
+    n_elements = 1
+    for j, ne in enumerate(shape):
+        if ne > INT64_MAX:
+            raise cur.fail(f"{what} dim {j}", "a dimension below 2**63", ne)
+        n_elements *= ne    # Python ints do not overflow; compare the product instead
+    if n_elements > INT64_MAX:
+        raise cur.fail(f"{what} shape", "a product of dims below 2**63", f"{shape} ({n_elements} elements)")
+    raw_type = cur.u32(f"{what} type")
+    try:
+        ggml_type = QT(raw_type)
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+    except (ValueError, KeyError):
+        raise cur.fail(f"{what} type", "a known ggml type id", f"unknown ggml type id {raw_type}") from None
+    if shape[0] % block:
+        raise cur.fail(f"{what} shape", f"a row length (ne0) that is a multiple of {ggml_type.name}'s "
+                                         f"block size {block}", f"{shape[0]} in shape {shape}")
+    n_bytes = n_elements // block * type_size
+    offset = cur.u64(f"{what} offset")
+    if offset % alignment:
+        raise cur.fail(f"{what} offset", f"a multiple of the alignment {alignment}", offset)
+    if max_tensor_bytes is not None and n_bytes > max_tensor_bytes:
+        raise cur.fail(f"{what} size", f"at most max_tensor_bytes={max_tensor_bytes}", f"{n_bytes} bytes")
+    return TensorInfo(name, shape, ggml_type, offset, n_elements, n_bytes)
+
+
+def check_gguf(path, *, max_tensor_bytes: int | None = None) -> GGUFLayout:
+    """Walk a GGUF file's header, metadata and tensor infos with every length checked against the
+    file size; raise `GGUFError` naming the file, field and expected value on the first problem.
+
+    Reads through a read-only memory map and allocates nothing sized by a declared length, so a
+    hostile file costs O(file size) time and memory at most. Returns a `GGUFLayout` whose tensor
+    data ranges are inside the file, aligned and non-overlapping; `gguf.GGUFReader` can then open
+    the file safely. Does not check what a model needs: see `check_model_metadata`.
+
+    >>> layout = check_gguf("../shared/fixtures/stories260K.gguf")        # doctest: +SKIP
+    >>> layout.metadata["llama.embedding_length"], layout.tensor("output_norm.weight").shape
+    (64, (64,))
+    """
+    path = Path(path)
+    try:
+        size = os.stat(path).st_size
+        if not path.is_file():
+            raise GGUFError(f"{path}: expected a regular GGUF file, found something else (a directory?)")
+        if size < 4 + 4 + 8 + 8:
+            raise GGUFError(f"{path}: header: expected at least 24 bytes (magic, version, tensor_count, "
+                            f"kv_count), found a file of {size} bytes")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(_Cursor(buf, size, path), max_tensor_bytes)
+    except FileNotFoundError:
+        raise GGUFError(f"{path}: no such file") from None
+    except OSError as e:
+        raise GGUFError(f"{path}: could not be read: {e.strerror or e}") from None
+
+
+def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
+    magic = cur.buf[0:4]
+    if magic != GGUF_MAGIC:
+        raise cur.fail("header magic", "b'GGUF'", repr(magic))
+    cur.pos = 4
+    version = cur.u32("header version")
+    if version not in SUPPORTED_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in SUPPORTED_VERSIONS:
+            raise cur.fail("header version", "a little-endian file (big-endian GGUF is not supported)",
+                           f"big-endian version {swapped}")
+        raise cur.fail("header version", f"one of {SUPPORTED_VERSIONS}", version)
+    tensor_count = cur.u64("header tensor_count")
+    kv_count = cur.u64("header kv_count")
+    cur.skip_count(kv_count, _MIN_KV_SIZE, "header kv_count")
+    cur.skip_count(tensor_count, _MIN_TENSOR_INFO_SIZE, "header tensor_count")
+
+    metadata: dict[str, object] = {}
+    value_types: dict[str, VT] = {}
+    for i in range(kv_count):
+        key = cur.string(f"metadata #{i} key")
+        if key in metadata:
+            raise cur.fail(f"metadata key '{key}'", "each key once", "a duplicate")
+        vtype = _value_type(cur, f"metadata key '{key}' value type")
+        metadata[key] = _read_value(cur, vtype, f"metadata key '{key}'")
+        value_types[key] = vtype
+
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in metadata:
+        alignment = metadata["general.alignment"]
+        # GGUFReader accepts only UINT32 here; match it so both parsers agree on the data offset
+        if value_types["general.alignment"] != VT.UINT32 or alignment == 0 or alignment & (alignment - 1):
+            raise cur.fail("metadata key 'general.alignment'", "a UINT32 power of two",
+                           f"{alignment!r} of type {value_types['general.alignment'].name}")
+
+    cur.skip_count(tensor_count, _MIN_TENSOR_INFO_SIZE, "header tensor_count")
+    tensors: list[TensorInfo] = []
+    names: set[str] = set()
+    for i in range(tensor_count):
+        t = _read_tensor_info(cur, i, alignment, max_tensor_bytes)
+        if t.name in names:
+            raise cur.fail(f"tensor '{t.name}'", "each tensor name once", "a duplicate")
+        names.add(t.name)
+        tensors.append(t)
+
+    data_offset = -(-cur.pos // alignment) * alignment
+    size = cur.size
+    for t in tensors:
+        start = data_offset + t.offset
+        if t.n_bytes > size or start > size - t.n_bytes:
+            raise cur.fail(f"tensor '{t.name}' data",
+                           f"bytes [{start}, {start + t.n_bytes}) inside the file of {size} bytes",
+                           "a range past the end (truncated file or bad offset)")
+    by_offset = sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset)
+    for prev, t in zip(by_offset, by_offset[1:]):
+        if t.offset < prev.offset + prev.n_bytes:
+            raise cur.fail(f"tensor '{t.name}' offset",
+                           f"data after tensor '{prev.name}' (which ends at data offset "
+                           f"{prev.offset + prev.n_bytes})", f"{t.offset}: the tensors overlap")
+    return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic checks: does this container hold a llama/qwen2 model minisparse can run?
+# --------------------------------------------------------------------------------------------------
+
+_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _key(layout: GGUFLayout, path, key: str, kinds: tuple, kind_name: str, default=None, required=True):
+    if key not in layout.metadata:
+        if required:
+            raise GGUFError(f"{path}: metadata key '{key}': expected {kind_name}, found nothing (key missing)")
+        return default
+    vtype = layout.value_types[key]
+    value = layout.metadata[key]
+    if vtype not in kinds:
+        raise GGUFError(f"{path}: metadata key '{key}': expected {kind_name}, found type {vtype.name}")
+    return value
+
+
+def _positive_int(layout, path, key, default=None, required=True, limit=None) -> int:
+    v = _key(layout, path, key, _INT_TYPES, "a positive integer", default, required)
+    if v is not None and (v <= 0 or (limit is not None and v > limit)):
+        bound = f" at most {limit}" if limit is not None else ""
+        raise GGUFError(f"{path}: metadata key '{key}': expected a positive integer{bound}, found {v}")
+    return v
+
+
+def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
+    """Check that a `check_gguf` layout holds a `llama`/`qwen2` model: required keys with the right
+    types, every required tensor present with the shape the config implies, vocabulary size equal
+    to token_embd's rows, tensor types in `SUPPORTED_TYPES`. Raises `GGUFError` on the first problem.
+
+    Returns the checked hyper-parameters: {"arch", "n_vocab" V, "dim" D, "n_layers" L, "n_heads" Hq,
+    "n_kv_heads" Hkv, "head_dim" d, "ffn_dim" F}. Shapes are compared in GGML order (ne0 = in):
+    attn_q is (D, Hq*d), attn_k (D, Hkv*d), token_embd (D, V).
+
+    >>> hp = check_model_metadata(check_gguf("../shared/fixtures/stories260K.gguf"))  # doctest: +SKIP
+    >>> hp["dim"], hp["n_heads"], hp["n_kv_heads"], hp["n_vocab"]
+    (64, 8, 4, 512)
+    """
+    path = layout.path if path is None else path
+    arch = _key(layout, path, "general.architecture", (VT.STRING,), "a string")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(f"{path}: metadata key 'general.architecture': expected a supported "
+                        f"architecture ({', '.join(SUPPORTED_ARCHS)}), found '{arch}' (not supported)")
+    n_tensors = len(layout.tensors)
+    D = _positive_int(layout, path, f"{arch}.embedding_length")
+    # a block needs 9 tensors: bounding L by the tensor count keeps a hostile L from looping for hours
+    L = _positive_int(layout, path, f"{arch}.block_count", limit=n_tensors // len(_BLOCK_TENSORS))
+    Hq = _positive_int(layout, path, f"{arch}.attention.head_count")
+    Hkv = _positive_int(layout, path, f"{arch}.attention.head_count_kv", default=Hq, required=False)
+    F = _positive_int(layout, path, f"{arch}.feed_forward_length")
+    if Hq % Hkv:
+        raise GGUFError(f"{path}: metadata key '{arch}.attention.head_count_kv': expected a divisor of "
+                        f"head_count={Hq}, found {Hkv}")
+    key_length = _positive_int(layout, path, f"{arch}.attention.key_length", required=False)
+    if key_length is None and D % Hq:
+        raise GGUFError(f"{path}: metadata key '{arch}.attention.head_count': expected a divisor of "
+                        f"embedding_length={D}, found {Hq}")
+    d = key_length if key_length is not None else D // Hq
+    dv = _positive_int(layout, path, f"{arch}.attention.value_length", default=d, required=False)
+    _positive_int(layout, path, f"{arch}.context_length", required=False)
+    rope_dim = _positive_int(layout, path, f"{arch}.rope.dimension_count", required=False)
+    if rope_dim is not None and (rope_dim > d or rope_dim % 2):
+        raise GGUFError(f"{path}: metadata key '{arch}.rope.dimension_count': expected an even number "
+                        f"at most head_dim={d}, found {rope_dim}")
+    for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        _key(layout, path, f"{arch}.{k}", _FLOAT_TYPES, "a float", required=False)
+
+    tokens = _key(layout, path, "tokenizer.ggml.tokens", (VT.ARRAY,), "an array of strings")
+    if tokens.item_type != VT.STRING:
+        raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.tokens': expected an array of strings, "
+                        f"found an array of {tokens.item_type.name}")
+    V = tokens.length
+
+    for t in layout.tensors:
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise GGUFError(f"{path}: tensor '{t.name}' type: expected a supported type "
+                            f"({', '.join(q.name for q in SUPPORTED_TYPES)}), found {t.ggml_type.name} "
+                            f"({t.ggml_type.name} is not supported)")
+
+    why = f"embedding_length={D}, head_count={Hq}, head_count_kv={Hkv}, head_dim={d}, " \
+          f"feed_forward_length={F}, vocabulary={V}"
+    expected = {"token_embd.weight": (D, V), "output_norm.weight": (D,)}
+    optional = {"output.weight": (D, V)}
+    for i in range(L):
+        b = f"blk.{i}."
+        expected.update({
+            b + "attn_norm.weight": (D,), b + "ffn_norm.weight": (D,),
+            b + "attn_q.weight": (D, Hq * d), b + "attn_k.weight": (D, Hkv * d),
+            b + "attn_v.weight": (D, Hkv * dv), b + "attn_output.weight": (Hq * dv, D),
+            b + "ffn_gate.weight": (D, F), b + "ffn_up.weight": (D, F), b + "ffn_down.weight": (F, D),
+        })
+        optional.update({b + "attn_q.bias": (Hq * d,), b + "attn_k.bias": (Hkv * d,),
+                         b + "attn_v.bias": (Hkv * dv,)})
+    for name, shape in list(expected.items()) + list(optional.items()):
+        t = layout.tensor(name)
+        if t is None:
+            if name in expected:
+                raise GGUFError(f"{path}: tensor '{name}': expected it present (required for {arch} "
+                                f"with block_count={L}), found nothing (tensor missing)")
+            continue
+        if t.shape != shape:
+            if name == "token_embd.weight" and t.shape[:1] == (D,) and len(t.shape) == 2:
+                raise GGUFError(f"{path}: tensor 'token_embd.weight': expected {V} rows (the size of "
+                                f"tokenizer.ggml.tokens), found {t.shape[1]} rows (shape {t.shape})")
+            raise GGUFError(f"{path}: tensor '{name}' shape: expected {shape} in GGML order (ne0 = input "
+                            f"width) for {why}, found {t.shape}")
+    return {"arch": arch, "n_vocab": V, "dim": D, "n_layers": L, "n_heads": Hq, "n_kv_heads": Hkv,
+            "head_dim": d, "ffn_dim": F}
