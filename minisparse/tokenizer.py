@@ -209,14 +209,16 @@ class Tokenizer:
             if ty == BYTE:
                 return bytes([int(t[3:5], 16)])
             return t.replace("▁", " ").encode("utf-8")
-        inv = _BYTE_LEVEL
-        return bytes(inv[c] if c in inv else 0 for c in t) if all(c in inv for c in t) else t.encode("utf-8")
+        if all(c in _BYTE_LEVEL for c in t):  # byte-level BPE: each char stands for one byte
+            return bytes(_BYTE_LEVEL[c] for c in t)
+        return t.encode("utf-8")
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
         """Token ids of `text` (T,). add_bos None follows the GGUF's rule. parse_special=False (as
         llama.cpp's test vectors and `llama_tokenize(..., parse_special=false)`) leaves control
         tokens such as "<s>" in the text as plain text; user-defined tokens are always matched."""
         text = _SURROGATES.sub("\ufffd", text)
+        # one shared HF object: the flag is set on every call (not thread-safe; fine for this engine)
         self.hf.encode_special_tokens = not parse_special
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:

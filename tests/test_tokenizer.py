@@ -5,6 +5,7 @@ The vectors (`.inp`/`.out` beside each vocab GGUF) are what llama.cpp's test-tok
 inputs separated by "\\n__ggml_vocab_test__\\n" (the newline before the separator is not part of the
 input), one line of expected ids per input, encoded WITHOUT BOS.
 """
+import heapq
 import re
 import warnings
 
@@ -74,6 +75,75 @@ def test_vector_round_trips(vocab, text, ids):
     t = tok("vocab/" + vocab)
     assert t.decode(ids) == expected_text(t, text)
     assert "".join(stream(t, ids)) == t.decode(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# SentencePiece: equal to llama.cpp's algorithm, re-implemented here from its description
+# ------------------------------------------------------------------------------------------------
+def spm_reference(t, scores, ids_of, text):
+    """llama.cpp's llm_tokenizer_spm on one fragment: UTF-8 chars as symbols, repeatedly merge the
+    adjacent pair whose joined piece is in the vocabulary with the highest score (leftmost on ties),
+    then any symbol that is not a piece becomes its <0xXX> byte tokens."""
+    if not text:
+        return []
+    b = ("▁" + text.replace(" ", "▁")).encode()
+    starts = [i for i in range(len(b)) if b[i] & 0xC0 != 0x80]     # UTF-8 character starts
+    ends = starts[1:] + [len(b)]
+    # symbol k: [byte start, byte length, prev, next]
+    sym = [[s, e - s, k - 1, k + 1 if k + 1 < len(starts) else -1] for k, (s, e) in enumerate(zip(starts, ends))]
+    heap = []
+
+    def add(left, right):
+        if left != -1 and right != -1:
+            piece = b[sym[left][0]: sym[left][0] + sym[left][1] + sym[right][1]]
+            if piece in ids_of:
+                heapq.heappush(heap, (-scores[ids_of[piece]], left, right, len(piece)))
+
+    for k in range(1, len(sym)):
+        add(k - 1, k)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        L, R = sym[left], sym[right]
+        if L[1] == 0 or R[1] == 0 or L[1] + R[1] != size:
+            continue  # one side was merged since this pair was queued
+        L[1], R[1], L[3] = L[1] + R[1], 0, R[3]
+        if R[3] >= 0:
+            sym[R[3]][2] = left
+        add(L[2], left)
+        add(left, L[3])
+    out, k = [], 0
+    while k != -1:
+        piece = b[sym[k][0]: sym[k][0] + sym[k][1]]
+        out += [ids_of[piece]] if piece in ids_of else [ids_of[f"<0x{x:02X}>".encode()] for x in piece]
+        k = sym[k][3]
+    return out
+
+
+SPM = ["vocab/" + VOCABS[0], "vocab/" + VOCABS[1], "stories260K.gguf"]
+_ref_cache = {}
+
+
+def spm_reference_data(name):
+    if name not in _ref_cache:
+        t = tok(name)
+        ids_of = {}
+        for i, piece in enumerate(t.tokens):
+            ids_of.setdefault(piece.encode(), i)
+        _ref_cache[name] = (gguf.GGUFReader(shared_fixture(name)).fields["tokenizer.ggml.scores"].contents(), ids_of)
+    return _ref_cache[name]
+
+
+@pytest.mark.parametrize("name", SPM)
+@given(data=st.data())
+def test_spm_encode_equals_llama_cpp_algorithm(name, data):
+    t = tok(name)
+    scores, ids_of = spm_reference_data(name)
+    # texts glued from vocabulary pieces exercise long merge chains; plain text covers the rest
+    words = st.sampled_from(t.tokens[259:]).map(lambda p: p.replace("▁", " "))
+    s = data.draw(st.one_of(st.lists(words, max_size=12).map("".join),
+                            st.text(st.characters(exclude_categories=["Cs"]), max_size=40)))
+    s = s.replace("<", "")          # keep user-defined pieces like "</s>" out: they split fragments
+    assert t.encode(s, add_bos=False) == spm_reference(t, scores, ids_of, s)
 
 
 # ------------------------------------------------------------------------------------------------
