@@ -138,7 +138,7 @@ class _Cursor:
         left = self.size - self.pos
         if count > left // item_size:      # integer form of count * item_size > left: no overflow
             raise self.fail(what, f"at most {left // item_size} items of >= {item_size} bytes "
-                                  f"(the {left} bytes left in the file)", count)
+                                  f"(the {left} bytes left in the file; truncated, or an inflated count)", count)
 
 
 def _value_type(cur: _Cursor, what: str) -> VT:
@@ -248,8 +248,8 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
         raise cur.fail("header version", f"one of {SUPPORTED_VERSIONS}", version)
     tensor_count = cur.u64("header tensor_count")
     kv_count = cur.u64("header kv_count")
+    # counts are checked before their loops; tensor_count again after the metadata, against what is left
     cur.skip_count(kv_count, _MIN_KV_SIZE, "header kv_count")
-    cur.skip_count(tensor_count, _MIN_TENSOR_INFO_SIZE, "header tensor_count")
 
     metadata: dict[str, object] = {}
     value_types: dict[str, VT] = {}
