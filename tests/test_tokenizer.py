@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES, shared_fixture
 from minisparse.errors import GGUFError
-from minisparse.tokenizer import _BYTE_LEVEL, load_tokenizer
+from minisparse.tokenizer import _BYTE_LEVEL, PRE_REGEXES, load_tokenizer
 
 VOCABS = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-phi-3.gguf", "ggml-vocab-gpt-2.gguf"]
 ALL = ["vocab/" + v for v in VOCABS] + ["stories260K.gguf"]
@@ -144,6 +144,75 @@ def test_spm_encode_equals_llama_cpp_algorithm(name, data):
                             st.text(st.characters(exclude_categories=["Cs"]), max_size=40)))
     s = s.replace("<", "")          # keep user-defined pieces like "</s>" out: they split fragments
     assert t.encode(s, add_bos=False) == spm_reference(t, scores, ids_of, s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte-level BPE: equal to llama.cpp's llm_tokenizer_bpe, re-implemented with the `regex` module
+# ------------------------------------------------------------------------------------------------
+def regex_split(text, exprs):
+    """llama.cpp's unicode_regex_split: each regex in turn cuts every piece into its matches and
+    the text between them."""
+    regex = pytest.importorskip("regex")
+    pieces = [text] if text else []
+    for expr in exprs:
+        out = []
+        for p in pieces:
+            at = 0
+            for m in regex.finditer(expr, p):
+                out += [p[at:m.start()]] if m.start() > at else []
+                out += [m.group()] if m.end() > m.start() else []
+                at = m.end()
+            out += [p[at:]] if at < len(p) else []
+        pieces = out
+    return pieces
+
+
+def bpe_reference(t, ranks, exprs, text):
+    """Merge the adjacent pair of lowest merge rank (leftmost on ties) until none is left."""
+    to_char = {b: c for c, b in _BYTE_LEVEL.items()}
+    ids_of = {p: i for i, p in reversed(list(enumerate(t.tokens)))}
+    out = []
+    for word in regex_split(text, exprs):
+        syms = [to_char[b] for b in word.encode()]
+        while len(syms) > 1:
+            best = min(range(len(syms) - 1), key=lambda k: (ranks.get((syms[k], syms[k + 1]), 1 << 30), k))
+            if (syms[best], syms[best + 1]) not in ranks:
+                break
+            syms[best:best + 2] = [syms[best] + syms[best + 1]]
+        out += [ids_of[s] for s in syms]
+    return out
+
+
+# a mixed alphabet: the regex module, Oniguruma (HF) and llama.cpp carry different Unicode
+# versions, so code points assigned recently could be classed differently; these are stable
+MIXED = st.lists(st.sampled_from(list("aZé ß\t\n\r  09١٢'’sStTdDmM.,!?-—()[]#$^~|+<=>_\\") +
+                                 ["東", "京", "😀", "ünï", "\u00a0", "\u3000", "ж", "Ω", "✓", "'re", "'LL", "the"]),
+                 max_size=30).map("".join)
+
+
+@given(s=MIXED)
+def test_gpt2_encode_equals_llama_cpp_algorithm(s):
+    t = tok("vocab/" + VOCABS[2])
+    if "ranks" not in _ref_cache:
+        merges = gguf.GGUFReader(shared_fixture("vocab/" + VOCABS[2])).fields["tokenizer.ggml.merges"].contents()
+        _ref_cache["ranks"] = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
+    assert t.encode(s) == bpe_reference(t, _ref_cache["ranks"], PRE_REGEXES["gpt2"], s)
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe_by_pre(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pre")
+    return {pre: load_tokenizer(tiny_bpe(d, pre)) for pre in ["default", "gpt-2", "llama-bpe", "qwen2", "smollm"]}
+
+
+@pytest.mark.parametrize("pre,key", [("default", "default"), ("gpt-2", "gpt2"), ("llama-bpe", "llama3"),
+                                     ("qwen2", "qwen2"), ("smollm", "starcoder")])
+@given(s=MIXED)
+def test_pre_tokeniser_splits_like_llama_cpp_regex_list(tiny_bpe_by_pre, pre, key, s):
+    hf = tiny_bpe_by_pre[pre].hf
+    got = [p for p, _ in hf.pre_tokenizer.pre_tokenize_str(s)]
+    to_char = {b: c for c, b in _BYTE_LEVEL.items()}
+    assert got == ["".join(to_char[b] for b in p.encode()) for p in regex_split(s, PRE_REGEXES[key])]
 
 
 # ------------------------------------------------------------------------------------------------
