@@ -79,3 +79,53 @@ def test_logits_match_llamacpp_f32(name, engine_logits):
     err = np.abs(got - want)
     t, v = np.unravel_index(err.argmax(), err.shape)
     assert err.max() <= TOL, f"{name}: max|Δlogit| vs llama.cpp = {err.max():.3g} at position {t}, token {v}"
+
+
+# ----------------------------------------------------------------------------- the generator itself
+
+def _generator():
+    """tests/oracle/make_oracle_fixtures.py as a module (it imports only numpy and gguf at top)."""
+    import importlib.util
+    import sys
+    if "make_oracle_fixtures" in sys.modules:
+        return sys.modules["make_oracle_fixtures"]
+    path = Path(__file__).resolve().parent / "oracle" / "make_oracle_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_oracle_fixtures", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod       # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generator_rewrites_the_committed_gguf_files_byte_for_byte(tmp_path):
+    gen = _generator()
+    assert sorted(s.name for s in gen.SPECS) == CASES
+    for s in gen.SPECS:
+        V = gen.write_gguf(s, tmp_path / f"{s.name}.gguf")
+        assert (tmp_path / f"{s.name}.gguf").read_bytes() == (ORACLE_DIR / f"{s.name}.gguf").read_bytes(), s.name
+        np.testing.assert_array_equal(gen.fixed_ids(s, V), _load(s.name)[0]["ids"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hf_oracle_rerun_reproduces_stored_logits(name):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    gen = _generator()
+    s = next(s for s in gen.SPECS if s.name == name)
+    z, _ = _load(name)
+    got, _ = gen.oracle_hf(s, ORACLE_DIR / f"{name}.gguf", z["ids"])
+    # Same float64 model; only HF's float32 RoPE tables may round differently on another
+    # torch build. Their whole float32 rounding moves these logits by <= 3.5e-6 (vs a float64
+    # NumPy reference), so a different rounding of them stays below 1e-5.
+    np.testing.assert_allclose(got, z["logits_hf"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.endswith("_f32")])
+def test_llamacpp_oracle_rerun_reproduces_stored_logits(name):
+    pytest.importorskip("llama_cpp")
+    gen = _generator()
+    s = next(s for s in gen.SPECS if s.name == name)
+    z, _ = _load(name)
+    got, _ = gen.oracle_llamacpp(s, ORACLE_DIR / f"{name}.gguf", z["ids"])
+    # another llama.cpp build is another float32 implementation: the TOL derivation applies
+    np.testing.assert_allclose(got, z["logits_llamacpp"], rtol=0, atol=TOL)
