@@ -87,7 +87,8 @@ def _field(reader, src, key, expect: str, required=True, default=None):
     try:
         val = f.contents()
     except Exception as e:  # gguf raises assorted errors on odd encodings
-        raise GGUFError(f"{src}: field '{key}': could not be read ({e}); expected {_EXPECT[expect]}") from None
+        raise GGUFError(f"{src}: field '{key}': could not be read ({e}); "
+                        f"expected {_EXPECT[expect]}") from None
     elem_ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
                "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -95,7 +96,8 @@ def _field(reader, src, key, expect: str, required=True, default=None):
     ok = (isinstance(val, list) and all(elem_ok[base](v) for v in val)) if expect.endswith("[]") \
         else elem_ok[base](val)
     if not ok:
-        got = f"a {type(val).__name__}" + (f" of {len(val)} items" if isinstance(val, list) else f" ({val!r:.40})")
+        got = f"a {type(val).__name__}" + (f" of {len(val)} items" if isinstance(val, list)
+                                           else f" ({val!r:.40})")
         raise GGUFError(f"{src}: field '{key}': got {got}; expected {_EXPECT[expect]}")
     return val
 
@@ -107,7 +109,7 @@ _EXPECT = {"str": "a string", "int": "an integer", "bool": "a bool", "float": "a
 # ---------------------------------------------------------------------------------------------
 # Building the two families
 # ---------------------------------------------------------------------------------------------
-def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+def _spm_merges(scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
     """Merges for a SentencePiece vocabulary: every split of a piece into two pieces, ranked so the
     merge forming the higher-scoring piece comes first (llama.cpp's llm_tokenizer_spm always merges
     the bigram whose joined piece scores highest). Ties: lower piece id, then shorter left part."""
@@ -121,7 +123,7 @@ def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -
     return [(left, right) for *_, left, right in ranked]
 
 
-def _build_spm(src, tokens, types, reader) -> tuple[HFTokenizer, bool]:
+def _build_spm(src, tokens, reader) -> tuple[HFTokenizer, bool]:
     scores = _field(reader, src, "tokenizer.ggml.scores", "float[]")
     if len(scores) != len(tokens):
         raise GGUFError(f"{src}: field 'tokenizer.ggml.scores': has {len(scores)} entries; "
@@ -134,7 +136,7 @@ def _build_spm(src, tokens, types, reader) -> tuple[HFTokenizer, bool]:
     if missing:
         raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': lacks byte tokens {missing[:3]}...; "
                         "expected all 256 <0xXX> pieces for byte fallback")
-    bpe = models.BPE(vocab, _spm_merges(tokens, scores, vocab), byte_fallback=True,
+    bpe = models.BPE(vocab, _spm_merges(scores, vocab), byte_fallback=True,
                      unk_token=tokens[unk] if 0 <= unk < len(tokens) else None, fuse_unk=False)
     hf = HFTokenizer(bpe)
     # llama.cpp prepends one space to each text fragment (the first, and any after a special token)
@@ -148,7 +150,7 @@ def _build_spm(src, tokens, types, reader) -> tuple[HFTokenizer, bool]:
     return hf, add_space
 
 
-def _build_gpt2(src, tokens, types, reader, pre: str) -> HFTokenizer:
+def _build_gpt2(src, tokens, reader, pre: str) -> HFTokenizer:
     merges_raw = _field(reader, src, "tokenizer.ggml.merges", "str[]")
     vocab = {}
     for i, t in enumerate(tokens):
@@ -291,7 +293,7 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
             raise GGUFError(f"{src}: not a readable GGUF file ({e})") from None
     else:
         reader = path_or_reader
-        src = getattr(reader, "path", None) or "<GGUFReader>"
+        src = getattr(getattr(reader, "data", None), "filename", None) or "<GGUFReader>"
 
     model = _field(reader, src, "tokenizer.ggml.model", "str")
     if model not in SUPPORTED_MODELS:
@@ -312,13 +314,15 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
         return v if v is not None and 0 <= v < len(tokens) else None  # 2**32-1 means "none"
 
     if model == "llama":
-        hf, add_space = _build_spm(src, tokens, types, reader)
-        bos, eos, add_bos_default = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2), True
+        hf, add_space = _build_spm(src, tokens, reader)
+        bos, eos = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2)
+        add_bos_default = True
     else:
-        hf, add_space = _build_gpt2(src, tokens, types, reader, pre), False
+        hf, add_space = _build_gpt2(src, tokens, reader, pre), False
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", None), tok_id("tokenizer.ggml.eos_token_id", None)
         add_bos_default = PRE_ALIASES.get(pre) == "llama3"  # llama.cpp turns BOS on for llama3 vocabs
-    add_bos = _field(reader, src, "tokenizer.ggml.add_bos_token", "bool", required=False, default=add_bos_default)
+    add_bos = _field(reader, src, "tokenizer.ggml.add_bos_token", "bool", required=False,
+                     default=add_bos_default)
 
     types = [CONTROL if t in _EOG_TEXTS else ty for t, ty in zip(tokens, types)]
     eot = {i for i, t in enumerate(tokens) if t in _EOG_TEXTS}

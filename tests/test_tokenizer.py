@@ -90,7 +90,8 @@ def spm_reference(t, scores, ids_of, text):
     starts = [i for i in range(len(b)) if b[i] & 0xC0 != 0x80]     # UTF-8 character starts
     ends = starts[1:] + [len(b)]
     # symbol k: [byte start, byte length, prev, next]
-    sym = [[s, e - s, k - 1, k + 1 if k + 1 < len(starts) else -1] for k, (s, e) in enumerate(zip(starts, ends))]
+    sym = [[s, e - s, k - 1, k + 1 if k + 1 < len(starts) else -1]
+           for k, (s, e) in enumerate(zip(starts, ends))]
     heap = []
 
     def add(left, right):
@@ -129,7 +130,8 @@ def spm_reference_data(name):
         ids_of = {}
         for i, piece in enumerate(t.tokens):
             ids_of.setdefault(piece.encode(), i)
-        _ref_cache[name] = (gguf.GGUFReader(shared_fixture(name)).fields["tokenizer.ggml.scores"].contents(), ids_of)
+        fields = gguf.GGUFReader(shared_fixture(name)).fields
+        _ref_cache[name] = (fields["tokenizer.ggml.scores"].contents(), ids_of)
     return _ref_cache[name]
 
 
@@ -194,7 +196,8 @@ MIXED = st.lists(st.sampled_from(list("aZé ß\t\n\r  09١٢'’sStTdDmM.,!?-—
 def test_gpt2_encode_equals_llama_cpp_algorithm(s):
     t = tok("vocab/" + VOCABS[2])
     if "ranks" not in _ref_cache:
-        merges = gguf.GGUFReader(shared_fixture("vocab/" + VOCABS[2])).fields["tokenizer.ggml.merges"].contents()
+        fields = gguf.GGUFReader(shared_fixture("vocab/" + VOCABS[2])).fields
+        merges = fields["tokenizer.ggml.merges"].contents()
         _ref_cache["ranks"] = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
     assert t.encode(s) == bpe_reference(t, _ref_cache["ranks"], PRE_REGEXES["gpt2"], s)
 
@@ -202,7 +205,8 @@ def test_gpt2_encode_equals_llama_cpp_algorithm(s):
 @pytest.fixture(scope="module")
 def tiny_bpe_by_pre(tmp_path_factory):
     d = tmp_path_factory.mktemp("pre")
-    return {pre: load_tokenizer(tiny_bpe(d, pre)) for pre in ["default", "gpt-2", "llama-bpe", "qwen2", "smollm"]}
+    pres = ["default", "gpt-2", "llama-bpe", "qwen2", "smollm"]
+    return {pre: load_tokenizer(tiny_bpe(d, pre)) for pre in pres}
 
 
 @pytest.mark.parametrize("pre,key", [("default", "default"), ("gpt-2", "gpt2"), ("llama-bpe", "llama3"),
@@ -368,13 +372,16 @@ def test_unknown_pre_warns_and_uses_gpt2_regex(tmp_path):
 
 def test_accepts_an_open_reader():
     path = shared_fixture("stories260K.gguf")
-    assert load_tokenizer(gguf.GGUFReader(path)).encode("Once upon") == tok("stories260K.gguf").encode("Once upon")
+    from_reader = load_tokenizer(gguf.GGUFReader(path))
+    assert from_reader.encode("Once upon") == tok("stories260K.gguf").encode("Once upon")
 
 
 def test_missing_tokenizer_fields_name_the_field(tmp_path):
     p = write_gguf(tmp_path / "none.gguf")
     with pytest.raises(GGUFError, match=r"none\.gguf: field 'tokenizer\.ggml\.model': missing"):
         load_tokenizer(p)
+    with pytest.raises(GGUFError, match=r"none\.gguf: field 'tokenizer\.ggml\.model'"):
+        load_tokenizer(gguf.GGUFReader(p))     # an open reader: the message still names the file
     p = write_gguf(tmp_path / "notokens.gguf", model="llama")
     with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': missing; expected an array of strings"):
         load_tokenizer(p)
