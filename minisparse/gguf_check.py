@@ -29,6 +29,9 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4                   # GGML_MAX_DIMS
+# GGUFReader files the header under these names in the same dict as the metadata: a key spelled
+# like one of them makes it raise KeyError, so they are refused here
+RESERVED_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
 MAX_ARRAY_DEPTH = 8            # nested arrays deeper than this are hostile; GGUFReader recurses per level
 INT64_MAX = 2**63 - 1
 
@@ -83,6 +86,8 @@ class GGUFLayout:
     value_types: dict[str, VT]        # key -> GGUF value type of the stored value
     tensors: list[TensorInfo]         # in file order
     data_offset: int                  # absolute offset of the (aligned) tensor data section
+    info_offset: int = 0              # where the tensor infos start (= end of the metadata)
+    info_end: int = 0                 # where they end (data_offset is this rounded up to alignment)
     _by_name: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -257,6 +262,9 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
         key = cur.string(f"metadata #{i} key")
         if key in metadata:
             raise cur.fail(f"metadata key '{key}'", "each key once", "a duplicate")
+        if key in RESERVED_KEYS:
+            raise cur.fail(f"metadata key '{key}'", f"a key other than {', '.join(RESERVED_KEYS)}",
+                           "a reserved name")
         vtype = _value_type(cur, f"metadata key '{key}' value type")
         metadata[key] = _read_value(cur, vtype, f"metadata key '{key}'")
         value_types[key] = vtype
@@ -270,6 +278,7 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
                            f"{alignment!r} of type {value_types['general.alignment'].name}")
 
     cur.skip_count(tensor_count, _MIN_TENSOR_INFO_SIZE, "header tensor_count")
+    info_offset = cur.pos
     tensors: list[TensorInfo] = []
     names: set[str] = set()
     for i in range(tensor_count):
@@ -279,7 +288,8 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
         names.add(t.name)
         tensors.append(t)
 
-    data_offset = -(-cur.pos // alignment) * alignment
+    info_end = cur.pos
+    data_offset = -(-info_end // alignment) * alignment
     size = cur.size
     for t in tensors:
         start = data_offset + t.offset
@@ -293,7 +303,8 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
             raise cur.fail(f"tensor '{t.name}' offset",
                            f"data after tensor '{prev.name}' (which ends at data offset "
                            f"{prev.offset + prev.n_bytes})", f"{t.offset}: the tensors overlap")
-    return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset)
+    return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset,
+                      info_offset, info_end)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Files are built with gguf.GGUFWriter (a tiny random llama model) and then corrup
 offsets found by searching the written bytes, so the test does not trust the parser it tests.
 """
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,16 @@ def test_vocab_only_files_pass_container_check(name):
     assert layout.tensors == [] and len(layout.metadata["tokenizer.ggml.tokens"]) > 30000
 
 
+ORACLE = sorted((Path(__file__).resolve().parent / "fixtures" / "oracle").glob("*.gguf"))
+
+
+@pytest.mark.parametrize("path", ORACLE, ids=[p.stem for p in ORACLE])
+def test_oracle_models_pass_both_checks(path):
+    # llama with key_length != D/Hq, F16 and Q8_0 tensors, tied output; qwen2 with q/k/v biases
+    hp = check_model_metadata(check_gguf(path), path)
+    assert hp["arch"] == path.stem.split("_")[0]
+
+
 # ---- header ---------------------------------------------------------------------------------------
 
 def test_bad_magic(tmp_path, tiny):
@@ -228,6 +239,14 @@ def test_array_element_type_out_of_range_is_named(tmp_path, tiny):
     buf = tiny[1]
     expect_error(tmp_path, patch(buf, key_at(buf, "tokenizer.ggml.scores") + 4, "<I", 99),
                  "'tokenizer.ggml.scores' (array element type)", "99")
+
+
+def test_key_reserved_by_ggufreader(tmp_path, tiny):
+    # GGUFReader stores the header as fields 'GGUF.version', ...: such a key makes it raise KeyError
+    buf = bytearray(tiny[1])
+    i = buf.index(b"general.name")
+    buf[i:i + 12] = b"GGUF.version"                                    # both names are 12 bytes
+    expect_error(tmp_path, bytes(buf), "metadata key 'GGUF.version'", "reserved")
 
 
 def test_duplicate_key(tmp_path, tiny):
