@@ -1,0 +1,51 @@
+"""minisparse.attention: one Numba kernel over index sets, selectors that choose the sets, and a
+float64 dense reference every selector is tested against.
+
+Leaves out caches (minisparse.cache) and the model. Layout follows FlexAttention without batch:
+q (Hq, Tq, d), k, v (Hkv, Tk, d); query head h reads KV head h // (Hq // Hkv); causal by
+position (key j visible to query t iff k_pos[j] <= q_pos[t]).
+
+How it fits together
+--------------------
+selector.select(q, k, q_pos, k_pos) -> Selection         (selection.py)
+    rows = (row head, query); row heads are shared (1), per KV head, or per query head.
+    Each row: a CSR list of key RANGES [lo, hi) (dense / window / sinks / blocks: one range)
+    plus a CSR list of EXPLICIT indices with float32 log-weights (samplers add -log P) and an
+    exact flag; indices >= Tk name pseudo-keys (landmarks) carried in the Selection, each with
+    its own position and the span of real keys it summarises.
+a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then normalised:
+    each key read once, exact picks win (log-weight 0), a pseudo-key whose span is partly read
+    exactly is replaced by its whole span read exactly (never double counting).
+attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
+    one jitted kernel: ranges then explicit indices, causality by position, online softmax.
+dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
+
+Where does a new selector go?
+-----------------------------
+1. One file `minisparse/attention/<name>.py` with a `Selector` subclass implementing
+   `_select(q, k, q_pos, k_pos) -> Selection` (build rows with Selection.from_ranges /
+   Selection.from_lists; per-query-head choices use head_kind=Q, n_heads=Hq) and `describe()`
+   returning its spec token. Set `deterministic = False` for samplers.
+2. Register its spec token: one line in `spec.py`'s `_registry()` (e.g. "topk": ...).
+3. Test it: add one line to `SELECTORS` in `tests/test_attention_properties.py`; the shared
+   suite then checks causality, decode == prefill, GQA, the coverage bound and no-NaN.
+A selector needing per-layer state (a running landmark cache) exposes `bind(state)`.
+
+>>> import numpy as np
+>>> from minisparse.attention import attend, parse_attention_spec
+>>> q = np.ones((2, 5, 4), np.float32); k = v = np.ones((1, 5, 4), np.float32)
+>>> out, stats = attend(q, k, v, parse_attention_spec("sinks=1,window=2"), return_stats=True)
+>>> stats.n_attended[0].tolist()
+[1, 2, 3, 4, 4]
+"""
+from .kernel import AttentionStats, attend, attend_rows, merge_lse
+from .patterns import Dense, Globals, Sinks, Window
+from .reference import dense_reference
+from .selection import KV, Q, SHARED, Selection, Selector, Union, union
+from .spec import known_names, parse_attention_spec
+
+__all__ = [
+    "attend", "attend_rows", "merge_lse", "AttentionStats", "dense_reference",
+    "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
+    "Dense", "Window", "Sinks", "Globals", "parse_attention_spec", "known_names",
+]

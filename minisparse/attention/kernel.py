@@ -1,0 +1,204 @@
+"""The one attention kernel: every query row reads its key ranges then its explicit indices,
+causal by position, with an online (running-max) softmax; plus `attend` and `merge_lse`.
+
+Leaves out choosing keys (selectors) and any batching. Online softmax as in Milakov & Gimelshein
+(2018) / FlashAttention; log-sum-exp merging of partial results as in FlashDecoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from .selection import KV, Q, SHARED, Selection, default_positions
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _dot(a, b):
+    # reassociation lets LLVM vectorise the d-loop; the float32 error bound
+    # |fl(q.k) - q.k| <= d * 2^-24 * sum|q_i k_i| does not depend on the summation order,
+    # and one compiled order is still deterministic run to run.
+    s = np.float32(0.0)
+    for i in range(a.size):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True, parallel=True)
+def attend_rows(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
+                scale, k_sorted):
+    """Attend every (query head, query) row over its Selection row.
+
+    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32; ek, ev (Hkv, E, d) f32 pseudo-keys; positions int64.
+    Returns out (Hq, Tq, d) f32, lse (Hq, Tq) f64 (-inf for an empty row), n_attended (Hq, Tq).
+    Scores are float32 dots; max, exp, normaliser and the value accumulator are float64, so the
+    only float32 rounding is the dot, the final cast and the inputs themselves.
+    """
+    Hq, Tq, d = q.shape
+    Hkv, Tk, _ = k.shape
+    G = Hq // Hkv
+    out = np.zeros((Hq, Tq, d), np.float32)
+    lse = np.full((Hq, Tq), -np.inf)
+    natt = np.zeros((Hq, Tq), np.int64)
+    for r in prange(Hq * Tq):
+        h = r // Tq
+        u = r % Tq
+        # interleave short and long causal rows so the static prange chunks balance
+        t = u // 2 if u % 2 == 0 else Tq - 1 - u // 2
+        g = h // G
+        s = 0 if kind == 0 else (g if kind == 1 else h)
+        row = s * Tq + t
+        qp = q_pos[t]
+        qv = q[h, t]
+        kend = Tk
+        if k_sorted:
+            kend = np.searchsorted(k_pos, qp, side="right")      # keys [0, kend) are causal
+        m = -np.inf
+        l = 0.0
+        acc = np.zeros(d, np.float64)
+        cnt = 0
+        for a in range(rptr[row], rptr[row + 1]):
+            lo = rlo[a]
+            hi = min(rhi[a], kend)
+            for j in range(lo, hi):
+                if not k_sorted and k_pos[j] > qp:
+                    continue
+                sc = np.float64(_dot(qv, k[g, j])) * scale
+                if sc > m:
+                    alpha = np.exp(m - sc)                        # rescale old terms to new max
+                    l *= alpha
+                    acc *= alpha
+                    m = sc
+                p = np.exp(sc - m)
+                l += p
+                vr = v[g, j]
+                for i in range(d):
+                    acc[i] += p * vr[i]
+                cnt += 1
+        for a in range(iptr[row], iptr[row + 1]):
+            j = idx[a]
+            if j < Tk:
+                if k_pos[j] > qp:
+                    continue
+                sc = np.float64(_dot(qv, k[g, j])) * scale + logw[a]
+                vr = v[g, j]
+            else:
+                if e_pos[j - Tk] > qp:
+                    continue
+                sc = np.float64(_dot(qv, ek[g, j - Tk])) * scale + logw[a]
+                vr = ev[g, j - Tk]
+            if sc > m:
+                alpha = np.exp(m - sc)
+                l *= alpha
+                acc *= alpha
+                m = sc
+            p = np.exp(sc - m)
+            l += p
+            for i in range(d):
+                acc[i] += p * vr[i]
+            cnt += 1
+        natt[h, t] = cnt
+        if cnt > 0 and l > 0.0:
+            for i in range(d):
+                out[h, t, i] = acc[i] / l
+            lse[h, t] = m + np.log(l)
+    return out, lse, natt
+
+
+@dataclass
+class AttentionStats:
+    """n_attended (Hq, Tq): keys (and pseudo-keys) the kernel actually read, after causality.
+    n_causal (Hq, Tq): real keys causality allows. attended_fraction is the realised density."""
+    n_attended: np.ndarray
+    n_causal: np.ndarray
+
+    @property
+    def attended_fraction(self) -> np.ndarray:
+        return self.n_attended / np.maximum(self.n_causal, 1)
+
+
+def _f32(name, x):
+    # Conversion point for FP16 KV storage: the cache may hold float16, the kernel computes
+    # in float32 (one cast here keeps a single jitted signature).
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float16, np.float64):
+        raise ValueError(f"{name}: expected a float32 or float16 array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
+           return_stats=False, scale=None):
+    """Sparse (or dense) causal attention over the keys `selector` picks.
+
+    q (Hq, Tq, d), k, v (Hkv, Tk, d) float32 (k, v may be float16: computed in float32);
+    selector: a Selector, a spec string ("sinks=4,window=128"), a precomputed Selection, or
+    None (dense). Returns out (Hq, Tq, d) float32 [, lse (Hq, Tq) float64] [, AttentionStats].
+    scale defaults to 1/sqrt(d).
+
+    >>> import numpy as np
+    >>> from minisparse.attention import attend, Window
+    >>> q = np.ones((2, 3, 4), np.float32); k = v = np.ones((1, 3, 4), np.float32)
+    >>> attend(q, k, v, Window(1)).shape
+    (2, 3, 4)
+    """
+    from .patterns import Dense
+    from .spec import parse_attention_spec
+    q, k, v = _f32("q", q), _f32("k", k), _f32("v", v)
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"attend: expected q (Hq, Tq, d), k = v (Hkv, Tk, d); got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    Hq, Tq, d = q.shape
+    Hkv, Tk, _ = k.shape
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attend: Hq={Hq} must be a multiple of Hkv={Hkv}")
+    q_pos, k_pos = default_positions(Tq, Tk, q_pos, k_pos)
+    if selector is None:
+        selector = Dense()
+    elif isinstance(selector, str):
+        selector = parse_attention_spec(selector)
+    sel = selector if isinstance(selector, Selection) else selector.select(q, k, q_pos, k_pos)
+    sel = sel.normalize()
+    want = {SHARED: 1, KV: Hkv, Q: Hq}[sel.head_kind]
+    if sel.n_heads != want or sel.tq != Tq or sel.tk != Tk:
+        raise ValueError(f"attend: selection is for {sel.n_heads} heads, Tq={sel.tq}, Tk={sel.tk}; "
+                         f"expected {want} heads, Tq={Tq}, Tk={Tk}")
+    if sel.n_extra:
+        ek, ev = _f32("extra_k", sel.extra_k), _f32("extra_v", sel.extra_v)
+    else:
+        ek = ev = np.zeros((Hkv, 0, d), np.float32)              # (Hkv, 0, d)
+    k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    out, lse, natt = attend_rows(q, k, v, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
+                                 sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
+                                 sel.logw, scale, k_sorted)
+    res = (out,)
+    if return_lse:
+        res += (lse,)
+    if return_stats:
+        n_causal = np.searchsorted(np.sort(k_pos), q_pos, side="right")   # (Tq,)
+        res += (AttentionStats(natt, np.broadcast_to(n_causal, (Hq, Tq)).copy()),)
+    return res[0] if len(res) == 1 else res
+
+
+def merge_lse(o1, lse1, o2, lse2):
+    """Merge two partial attentions over disjoint key sets into the joint softmax.
+
+    o1, o2 (..., d); lse1, lse2 (...). Returns (o (..., d) float32, lse (...) float64).
+    An empty part (lse = -inf) contributes nothing; both empty gives o = 0, lse = -inf.
+
+    >>> import numpy as np
+    >>> o, l = merge_lse(np.ones((1, 2)), np.zeros(1), np.zeros((1, 2)), np.zeros(1))
+    >>> o.tolist(), round(float(l[0]), 4)
+    ([[0.5, 0.5]], 0.6931)
+    """
+    lse1 = np.asarray(lse1, np.float64)
+    lse2 = np.asarray(lse2, np.float64)
+    m = np.maximum(lse1, lse2)
+    m_safe = np.where(np.isfinite(m), m, 0.0)                    # both -inf: avoid inf - inf
+    w1 = np.exp(lse1 - m_safe)
+    w2 = np.exp(lse2 - m_safe)
+    tot = w1 + w2
+    o = (w1[..., None] * o1 + w2[..., None] * o2) / np.where(tot > 0, tot, 1.0)[..., None]
+    lse = np.where(tot > 0, m_safe + np.log(np.where(tot > 0, tot, 1.0)), -np.inf)
+    return o.astype(np.float32), lse

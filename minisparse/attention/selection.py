@@ -1,0 +1,407 @@
+"""Selection (which keys each query row reads, as CSR lists of key ranges plus explicit
+indices), the Selector interface every pattern implements, and their union (`a | b`).
+
+Deliberately leaves out any choice of keys (selectors in patterns.py etc. make those) and the
+arithmetic (kernel.py). The layout is O(rows + ranges + indices), never O(Tq * Tk), so a window
+or dense pattern costs one range per row. Union follows "exact wins": a key picked by several
+members is read once, with log-weight 0 if any member picked it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+# head_kind: whose rows a Selection holds. Query head h of Hq reads row head
+#   SHARED -> 0,  KV -> h // G,  Q -> h      (G = Hq // Hkv)
+SHARED, KV, Q = 0, 1, 2
+_KIND_NAMES = {SHARED: "shared", KV: "kv", Q: "q"}
+
+
+@dataclass
+class Selection:
+    """Index sets for rows (row head s, query t), row r = s * Tq + t.
+
+    head_kind  SHARED | KV | Q (see above); n_heads is 1, Hkv or Hq accordingly
+    range_ptr  (R+1,) int64   CSR offsets into range_lo / range_hi
+    range_lo, range_hi (nr,) int64   half-open key ranges [lo, hi) over the real keys (< Tk)
+    idx_ptr    (R+1,) int64   CSR offsets into idx / logw / exact
+    idx        (ni,) int64    explicit key indices; idx >= Tk names pseudo-key idx - Tk
+    logw       (ni,) float32  additive log-weight on the logit (0 for exact picks; samplers: -log P)
+    exact      (ni,) bool     True when the member picked the key exactly (wins unions)
+    extra_k, extra_v (Hkv, E, d) float32   pseudo-keys (landmarks), or E = 0
+    extra_pos  (E,) int64     position of each pseudo-key, for causality
+    extra_lo, extra_hi (E,) int64   the real keys [lo, hi) a pseudo-key summarises; a row that
+               reads any of them exactly reads the whole span exactly instead (no double count)
+    normalized True when ranges are sorted/disjoint, idx sorted/unique and outside the ranges
+
+    Example:
+    >>> from minisparse.attention import Window
+    >>> import numpy as np
+    >>> sel = Window(1).select(None, np.zeros((1, 4, 2), np.float32), np.arange(4), np.arange(4))
+    >>> sel.rows(0, 3)
+    ([(2, 4)], [])
+    """
+    head_kind: int
+    n_heads: int
+    tq: int
+    tk: int
+    range_ptr: np.ndarray
+    range_lo: np.ndarray
+    range_hi: np.ndarray
+    idx_ptr: np.ndarray
+    idx: np.ndarray
+    logw: np.ndarray
+    exact: np.ndarray
+    extra_k: np.ndarray | None = None
+    extra_v: np.ndarray | None = None
+    extra_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    extra_lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    extra_hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    normalized: bool = False
+
+    # ---- constructors -------------------------------------------------------------------
+    @staticmethod
+    def from_ranges(lo, hi, tk, head_kind=SHARED, n_heads=1, tq=None):
+        """One range per row: lo, hi (R,) int64 with R = n_heads * Tq. Empty when lo >= hi."""
+        lo = np.asarray(lo, np.int64).ravel()
+        hi = np.asarray(hi, np.int64).ravel()
+        R = lo.size
+        tq = R // n_heads if tq is None else tq
+        keep = hi > lo                                           # (R,) drop empty ranges
+        ptr = np.zeros(R + 1, np.int64)
+        np.cumsum(keep, out=ptr[1:])
+        z = np.zeros(0, np.int64)
+        return Selection(head_kind, n_heads, tq, tk, ptr, lo[keep], hi[keep],
+                         np.zeros(R + 1, np.int64), z, np.zeros(0, np.float32),
+                         np.zeros(0, bool), normalized=True)
+
+    @staticmethod
+    def from_lists(ptr, idx, tk, head_kind=SHARED, n_heads=1, tq=None, logw=None,
+                   r_ptr=None, r_lo=None, r_hi=None, normalized=False):
+        """Explicit indices in CSR form (ptr (R+1,), idx (ni,)), optionally with ranges too."""
+        ptr = np.asarray(ptr, np.int64)
+        idx = np.asarray(idx, np.int64)
+        R = ptr.size - 1
+        tq = R // n_heads if tq is None else tq
+        exact = np.ones(idx.size, bool) if logw is None else np.zeros(idx.size, bool)
+        logw = np.zeros(idx.size, np.float32) if logw is None else np.asarray(logw, np.float32)
+        if r_ptr is None:
+            r_ptr, r_lo, r_hi = np.zeros(R + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return Selection(head_kind, n_heads, tq, tk, np.asarray(r_ptr, np.int64),
+                         np.asarray(r_lo, np.int64), np.asarray(r_hi, np.int64),
+                         ptr, idx, logw, exact, normalized=normalized)
+
+    # ---- inspection ----------------------------------------------------------------------
+    @property
+    def n_extra(self) -> int:
+        return int(self.extra_pos.size)
+
+    def rows(self, s: int, t: int):
+        """([(lo, hi), ...], [(idx, logw), ...]) read by row head s, query t (before causality)."""
+        r = s * self.tq + t
+        a, b = self.range_ptr[r], self.range_ptr[r + 1]
+        c, e = self.idx_ptr[r], self.idx_ptr[r + 1]
+        return ([(int(x), int(y)) for x, y in zip(self.range_lo[a:b], self.range_hi[a:b])],
+                [(int(i), float(w)) for i, w in zip(self.idx[c:e], self.logw[c:e])])
+
+    def row_head(self, h: int, hq: int, hkv: int) -> int:
+        return _row_head(self.head_kind, h, hq // hkv)
+
+    def to_mask(self, hq: int, tq: int, tk: int):
+        """(mask (Hq, Tq, Tk) bool, logw (Hq, Tq, Tk) float64) over the REAL keys, normalised first.
+
+        Pseudo-keys are not representable in a mask; a selection that still reads any raises.
+        Causality is not applied here (the reference applies it by position)."""
+        sel = self if self.normalized else self.normalize()
+        g = hq // sel.n_heads if sel.head_kind == KV else 1       # KV rows serve G query heads
+        mask = np.zeros((hq, tq, tk), bool)                      # (Hq, Tq, Tk)
+        lw = np.zeros((hq, tq, tk), np.float64)                  # (Hq, Tq, Tk)
+        for h in range(hq):
+            s = _row_head(sel.head_kind, h, g)
+            for t in range(tq):
+                r = s * tq + t
+                for a in range(sel.range_ptr[r], sel.range_ptr[r + 1]):
+                    mask[h, t, sel.range_lo[a]:sel.range_hi[a]] = True
+                for a in range(sel.idx_ptr[r], sel.idx_ptr[r + 1]):
+                    j = sel.idx[a]
+                    if j >= tk:
+                        raise ValueError("Selection.to_mask: row reads pseudo-key "
+                                         f"{j - tk}; masks cover real keys only")
+                    mask[h, t, j] = True
+                    lw[h, t, j] = sel.logw[a]
+        return mask, lw
+
+    def normalize(self) -> "Selection":
+        """Sorted disjoint ranges; unique sorted indices outside the ranges; exact wins;
+        pseudo-keys whose span is partly read exactly are replaced by their whole span."""
+        if self.normalized:
+            return self
+        rp, rl, rh, ip, ii, iw, ie = _normalize(
+            self.range_ptr, self.range_lo, self.range_hi, self.idx_ptr, self.idx,
+            self.logw, self.exact, np.int64(self.tk), self.extra_lo, self.extra_hi)
+        return Selection(self.head_kind, self.n_heads, self.tq, self.tk, rp, rl, rh, ip, ii, iw,
+                         ie, self.extra_k, self.extra_v, self.extra_pos, self.extra_lo,
+                         self.extra_hi, normalized=True)
+
+    def __repr__(self):
+        R = self.range_ptr.size - 1
+        return (f"Selection(head_kind={_KIND_NAMES[self.head_kind]}, n_heads={self.n_heads}, "
+                f"Tq={self.tq}, Tk={self.tk}, rows={R}, ranges={self.range_lo.size}, "
+                f"indices={self.idx.size}, extra={self.n_extra}, normalized={self.normalized})")
+
+
+@njit(cache=True)
+def _row_head(kind, h, g):
+    if kind == 0:
+        return 0
+    if kind == 1:
+        return h // g
+    return h
+
+
+def default_positions(tq: int, tk: int, q_pos=None, k_pos=None):
+    """k_pos = arange(Tk), q_pos = arange(Tk - Tq, Tk) unless given (then checked)."""
+    k_pos = np.arange(tk, dtype=np.int64) if k_pos is None else np.asarray(k_pos, np.int64)
+    q_pos = np.arange(tk - tq, tk, dtype=np.int64) if q_pos is None else np.asarray(q_pos, np.int64)
+    if k_pos.shape != (tk,):
+        raise ValueError(f"k_pos: expected shape ({tk},), got {k_pos.shape}")
+    if q_pos.shape != (tq,):
+        raise ValueError(f"q_pos: expected shape ({tq},), got {q_pos.shape}")
+    return q_pos, k_pos
+
+
+# ---- union ---------------------------------------------------------------------------------
+def _gather(ptr, src_rows):
+    """For target rows reading source rows src_rows (R,): (row id (n,), source position (n,))."""
+    lens = ptr[src_rows + 1] - ptr[src_rows]                     # (R,)
+    total = int(lens.sum())
+    row = np.repeat(np.arange(src_rows.size, dtype=np.int64), lens)
+    first = np.cumsum(lens) - lens                               # (R,) start of each row's run
+    pos = np.repeat(ptr[src_rows] - first, lens) + np.arange(total, dtype=np.int64)
+    return row, pos
+
+
+def _csr(row, n_rows):
+    order = np.argsort(row, kind="stable")                       # stable: member order kept
+    ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row, minlength=n_rows), out=ptr[1:])
+    return ptr, order
+
+
+def union(sels, hq: int, hkv: int) -> Selection:
+    """Union of Selections over the same (Tq, Tk): rows broadcast to the finest head kind,
+    lists concatenated, pseudo-keys concatenated (indices shifted), then normalised."""
+    if len(sels) == 1:
+        return sels[0].normalize()
+    tq, tk = sels[0].tq, sels[0].tk
+    kind = max(s.head_kind for s in sels)
+    n_heads = {SHARED: 1, KV: hkv, Q: hq}[kind]
+    g = hq // hkv
+    R = n_heads * tq
+    t_idx = np.arange(tq, dtype=np.int64)
+    rr, rl, rh, ir, ii, iw, ie = [], [], [], [], [], [], []
+    ek, ev, epos, elo, ehi = [], [], [], [], []
+    e_off = 0
+    for s in sels:
+        if s.tq != tq or s.tk != tk:
+            raise ValueError(f"union: member has Tq={s.tq}, Tk={s.tk}; expected Tq={tq}, Tk={tk}")
+        heads = np.arange(n_heads)
+        if s.head_kind == SHARED:
+            src_h = np.zeros(n_heads, np.int64)
+        elif s.head_kind == kind:
+            src_h = heads
+        else:                                                    # KV member inside a Q union
+            src_h = heads // g
+        src_rows = (src_h[:, None] * tq + t_idx[None, :]).ravel()   # (R,)
+        row, pos = _gather(s.range_ptr, src_rows)
+        rr.append(row); rl.append(s.range_lo[pos]); rh.append(s.range_hi[pos])
+        row, pos = _gather(s.idx_ptr, src_rows)
+        j = s.idx[pos]
+        ir.append(row); ii.append(np.where(j >= tk, j + e_off, j))
+        iw.append(s.logw[pos]); ie.append(s.exact[pos])
+        if s.n_extra:
+            ek.append(s.extra_k); ev.append(s.extra_v)
+            epos.append(s.extra_pos); elo.append(s.extra_lo); ehi.append(s.extra_hi)
+            e_off += s.n_extra
+    rptr, ro = _csr(np.concatenate(rr), R)
+    iptr, io = _csr(np.concatenate(ir), R)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
+    out = Selection(kind, n_heads, tq, tk, rptr, cat(rl, np.int64)[ro], cat(rh, np.int64)[ro],
+                    iptr, cat(ii, np.int64)[io], cat(iw, np.float32)[io], cat(ie, bool)[io],
+                    np.concatenate(ek, axis=1) if ek else None,
+                    np.concatenate(ev, axis=1) if ev else None,
+                    cat(epos, np.int64), cat(elo, np.int64), cat(ehi, np.int64))
+    return out.normalize()
+
+
+# ---- normalisation kernel ------------------------------------------------------------------
+@njit(cache=True)
+def _merge_ranges(lo, hi):
+    """Sort and merge half-open ranges (touching ones fuse). Returns (lo, hi) views."""
+    n = lo.size
+    if n == 0:
+        return lo, hi
+    o = np.argsort(lo, kind="mergesort")
+    ml = np.empty(n, np.int64)
+    mh = np.empty(n, np.int64)
+    m = 0
+    for a in range(n):
+        x, y = lo[o[a]], hi[o[a]]
+        if y <= x:
+            continue
+        if m > 0 and x <= mh[m - 1]:
+            if y > mh[m - 1]:
+                mh[m - 1] = y
+        else:
+            ml[m] = x
+            mh[m] = y
+            m += 1
+    return ml[:m], mh[:m]
+
+
+@njit(cache=True)
+def _covered(ml, mh, j):
+    """True when j lies in one of the sorted disjoint ranges [ml, mh)."""
+    a = np.searchsorted(ml, j, side="right") - 1
+    return a >= 0 and j < mh[a]
+
+
+@njit(cache=True)
+def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
+    R = rptr.size - 1
+    # upper bounds: each pseudo-key expansion turns one index into one range
+    o_rptr = np.zeros(R + 1, np.int64)
+    o_lo = np.empty(rlo.size + idx.size, np.int64)
+    o_hi = np.empty(rlo.size + idx.size, np.int64)
+    o_iptr = np.zeros(R + 1, np.int64)
+    o_idx = np.empty(idx.size, np.int64)
+    o_w = np.empty(idx.size, np.float32)
+    o_ex = np.empty(idx.size, np.bool_)
+    nr = 0
+    ni = 0
+    for r in range(R):
+        a0, a1 = rptr[r], rptr[r + 1]
+        b0, b1 = iptr[r], iptr[r + 1]
+        nb = b1 - b0
+        # explicit indices sorted by key, stable so that the first member's weight is kept
+        o = np.argsort(idx[b0:b1], kind="mergesort")
+        # extra ranges from pseudo-keys that must be expanded (span read exactly somewhere)
+        lo = np.empty(a1 - a0 + nb, np.int64)
+        hi = np.empty(a1 - a0 + nb, np.int64)
+        n = a1 - a0
+        lo[:n] = rlo[a0:a1]
+        hi[:n] = rhi[a0:a1]
+        ml, mh = _merge_ranges(lo[:n].copy(), hi[:n].copy())
+        # real explicit keys, sorted, to test pseudo-key spans against
+        real = np.empty(nb, np.int64)
+        nreal = 0
+        for c in range(nb):
+            j = idx[b0 + o[c]]
+            if j < tk:
+                real[nreal] = j
+                nreal += 1
+        real = real[:nreal]
+        for c in range(nb):
+            j = idx[b0 + o[c]]
+            if j >= tk:
+                x, y = elo[j - tk], ehi[j - tk]
+                hit = False
+                if ml.size > 0:
+                    a = np.searchsorted(ml, y, side="left") - 1   # last range starting before y
+                    hit = a >= 0 and mh[a] > x
+                if not hit and nreal > 0:
+                    p = np.searchsorted(real, x, side="left")
+                    hit = p < nreal and real[p] < y
+                if hit:
+                    lo[n] = x
+                    hi[n] = y
+                    n += 1
+        if n > a1 - a0:
+            ml, mh = _merge_ranges(lo[:n].copy(), hi[:n].copy())
+        o_rptr[r + 1] = o_rptr[r] + ml.size
+        o_lo[nr:nr + ml.size] = ml
+        o_hi[nr:nr + ml.size] = mh
+        nr += ml.size
+        # explicit keys: drop those inside ranges and expanded pseudo-keys; merge duplicates
+        last = -1
+        for c in range(nb):
+            src = b0 + o[c]
+            j = idx[src]
+            if j >= tk:
+                x, y = elo[j - tk], ehi[j - tk]
+                if ml.size > 0 and _covered(ml, mh, x):
+                    continue                                    # expanded: read in full
+            elif _covered(ml, mh, j):
+                continue                                        # ranges are exact: they win
+            if j == last:
+                if exact[src] and not o_ex[ni - 1]:
+                    o_ex[ni - 1] = True
+                    o_w[ni - 1] = 0.0
+                continue
+            o_idx[ni] = j
+            o_w[ni] = 0.0 if exact[src] else logw[src]
+            o_ex[ni] = exact[src]
+            ni += 1
+            last = j
+        o_iptr[r + 1] = ni
+    return (o_rptr, o_lo[:nr].copy(), o_hi[:nr].copy(), o_iptr, o_idx[:ni].copy(),
+            o_w[:ni].copy(), o_ex[:ni].copy())
+
+
+# ---- selectors ---------------------------------------------------------------------------
+class Selector:
+    """Base class. Subclasses implement `_select(q, k, q_pos, k_pos) -> Selection` and `describe()`.
+
+    covers_all_causal: True when the selector reads every causal key (tests compare it to dense).
+    deterministic: False for samplers (excluded from the deterministic-bound property).
+    """
+    covers_all_causal = False
+    deterministic = True
+
+    def select(self, q, k, q_pos=None, k_pos=None) -> Selection:
+        """Index sets for q (Hq, Tq, d) against k (Hkv, Tk, d) at the given positions."""
+        tq = len(q_pos) if q is None else q.shape[1]
+        q_pos, k_pos = default_positions(tq, k.shape[1], q_pos, k_pos)
+        return self._select(q, k, q_pos, k_pos)
+
+    def _select(self, q, k, q_pos, k_pos) -> Selection:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}<{self.describe()}>"
+
+    def __or__(self, other: "Selector") -> "Union":
+        return Union(self, other)
+
+
+class Union(Selector):
+    """Keys read by any member, each once (exact picks win over weighted ones)."""
+
+    def __init__(self, *members: Selector):
+        flat = []
+        for m in members:
+            flat.extend(m.members if isinstance(m, Union) else [m])
+        self.members = tuple(flat)
+        self.covers_all_causal = any(m.covers_all_causal for m in flat)
+        self.deterministic = all(m.deterministic for m in flat)
+
+    def _select(self, q, k, q_pos, k_pos):
+        hq = k.shape[0] if q is None else q.shape[0]
+        return union([m._select(q, k, q_pos, k_pos) for m in self.members], hq, k.shape[0])
+
+    def describe(self):
+        return ",".join(m.describe() for m in self.members)
+
+    def bind(self, state):
+        return Union(*[m.bind(state) if hasattr(m, "bind") else m for m in self.members])
+
+
+def sorted_positions(name, k_pos):
+    """Range-based patterns need keys in position order (caches append in order)."""
+    if k_pos.size > 1 and np.any(k_pos[1:] < k_pos[:-1]):
+        raise ValueError(f"{name}: k_pos must be non-decreasing (keys held in position order)")
