@@ -1,0 +1,161 @@
+"""The `minisparse` command: generate, info (and the subcommands other modules register).
+
+Flags follow llama.cpp's (`-m -p -n --temp --top-k --top-p --seed -c`). Every expected failure
+(bad file, bad value, prompt too long) is one line on stderr and exit code 2; `--debug` shows the
+traceback. Left out on purpose: an interactive REPL, server mode.
+
+A subcommand lives in its own module and registers here in SUBCOMMANDS as
+"name": "module:add_parser" where add_parser(subparsers) adds its parser and sets `func`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+SUBCOMMANDS = {
+    # name: "module:function" adding the parser; imported lazily so `generate` starts fast
+}
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def resolve_model(name):
+    """-m accepts a path or a registered name (`default`, `smollm2`, ...)."""
+    from .registry import resolve
+    return resolve(name)
+
+
+def positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def add_sampling_args(p):
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="makes a sampled run reproducible")
+    p.add_argument("--attention", default=None, help='attention spec, e.g. "sinks=4,window=128"')
+    p.add_argument("--dense-layers", default="", help="comma-separated layers kept dense")
+
+
+def parse_layers(s):
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise CLIError(f"--dense-layers: expected comma-separated integers, got {s!r}") from None
+
+
+def cmd_generate(args):
+    from .attention import parse_attention_spec
+    from . import load_model
+    selector = None
+    if args.attention:
+        try:
+            selector = parse_attention_spec(args.attention)
+        except ValueError as e:
+            raise CLIError(f"--attention: {e}") from None
+    model = load_model(resolve_model(args.model))
+    if args.ctx_size:
+        model.config = type(model.config)(**{**model.config.__dict__, "context_length": args.ctx_size})
+    tok = model.tokenizer
+    ids = tok.encode(args.prompt)
+    if len(ids) >= model.config.context_length:
+        raise CLIError(f"the prompt has {len(ids)} tokens but the context (-c) holds "
+                       f"{model.config.context_length}; shorten the prompt or raise -c")
+    t0 = time.perf_counter()
+    pieces = model.generate(ids, max_new_tokens=args.n_predict, temperature=args.temp,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repeat_penalty=args.repeat_penalty, seed=args.seed,
+                            attention=selector, dense_layers=parse_layers(args.dense_layers))
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    n, t_first = 0, None
+    for piece in pieces:
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    t1 = time.perf_counter()
+    sys.stdout.write("\n")
+    t_first = t_first or t1
+    pre = len(ids) / max(t_first - t0, 1e-9)
+    dec = (n - 1) / max(t1 - t_first, 1e-9) if n > 1 else float("nan")
+    print(f"prefill: {len(ids)} tokens, {pre:.1f} tok/s | decode: {n} pieces, {dec:.1f} tok/s | "
+          f"seed {model.last_seed}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args):
+    from .gguf_io import load_gguf
+    from .tokenizer import load_tokenizer
+    path = resolve_model(args.model)
+    cfg, weights, reader = load_gguf(path)
+    types = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    n_params = sum(int(w.size) for w in weights.values())
+    print(f"{'file':<16}{path}")
+    for k, v in cfg.__dict__.items():
+        print(f"{k:<16}{v}")
+    print(f"parameters    {n_params:,}")
+    print(f"tensor types  {', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}")
+    tok = load_tokenizer(reader)
+    print(f"tokenizer     {tok.model} (pre {tok.pre}), {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}")
+    if args.check:
+        import numpy as np
+        bad = [name for name, w in weights.items() if not np.all(np.isfinite(w))]
+        if bad:
+            raise CLIError(f"{path}: non-finite values (NaN/inf) in tensors: {', '.join(bad)}")
+        print("check         all tensors finite")
+    return 0
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="minisparse", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
+    g.add_argument("-p", "--prompt", default="", help="prompt text")
+    g.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length")
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a GGUF model")
+    i.add_argument("model", nargs="?", default="default")
+    i.add_argument("--check", action="store_true", help="report NaN/inf in weights")
+    i.set_defaults(func=cmd_info)
+
+    for name, target in SUBCOMMANDS.items():
+        mod, fn = target.split(":")
+        getattr(importlib.import_module(mod), fn)(sub)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from .errors import MinisparseError
+    try:
+        return args.func(args) or 0
+    except (CLIError, MinisparseError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"minisparse: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

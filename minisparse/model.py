@@ -1,0 +1,251 @@
+"""The forward pass of a Llama-family model, top to bottom, in NumPy.
+
+embedding -> L x [RMSNorm -> q,k,v (+ qwen2 biases) -> RoPE -> cache -> attention -> out proj
+-> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> output head. Follows llama.cpp's
+`llama` and `qwen2` graphs (and llama2.c's `forward`). Attention goes through
+`minisparse.attention.attend`, so every sparse selector runs inside the real model.
+Left out on purpose: batching, MoE, sliding-window layers, and any fused/quantised matmul (the
+weights are float32 here; `linear` is the one place a quantised kernel plugs in).
+
+Shape legend: T tokens in this call, S positions held in the cache, D model width,
+Hq / Hkv query / KV heads, G = Hq // Hkv, d head width, F FFN width, V vocabulary, L layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .attention import Dense, attend, parse_attention_spec
+from .gguf_io import Config, load_gguf
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def rms_norm(x, w, eps):
+    """x (T, D) * w (D,) / rms(x): llama's RMSNorm, computed in float32 like llama.cpp."""
+    ms = np.mean(x * x, axis=-1, keepdims=True)               # (T, 1)
+    return x / np.sqrt(ms + eps) * w                          # (T, D)
+
+
+def linear(x, w, b=None):
+    """x (T, in) @ w.T with w (out, in) in GGUF data order -> (T, out)."""
+    y = x @ w.T                                               # (T, in) @ (in, out) -> (T, out)
+    return y if b is None else y + b
+
+
+def rope_tables(pos, cfg: Config, freq_factors=None):
+    """cos, sin (T, rope_dim/2) for positions pos (T,).
+
+    theta_i = pos / scale * base^(-2i/rope_dim); Llama 3.1 files carry `rope_freqs` factors that
+    divide the frequencies.
+    """
+    half = cfg.rope_dim // 2
+    inv_freq = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)  # (d/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors[:half]
+    ang = (np.asarray(pos, np.float64) / cfg.rope_scale)[:, None] * inv_freq[None, :]    # (T, d/2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x, cos, sin, style: str, rope_dim: int):
+    """Rotate x (H, T, d) in place-free fashion; only the first rope_dim dims of each head rotate.
+
+    "interleaved" rotates adjacent pairs (x0,x1),(x2,x3)... as GGUF `llama` weights expect (the
+    converter permuted HF's q/k rows for it); "neox" rotates halves (x_i, x_{i+r/2}) as qwen2 does.
+    """
+    r = x[..., :rope_dim]                                     # (H, T, r)
+    if style == "interleaved":
+        a, b = r[..., 0::2], r[..., 1::2]                     # (H, T, r/2) each
+    else:
+        a, b = r[..., : rope_dim // 2], r[..., rope_dim // 2:]
+    ra = a * cos - b * sin                                    # (H, T, r/2)
+    rb = a * sin + b * cos
+    out = np.empty_like(x)
+    if style == "interleaved":
+        out[..., 0:rope_dim:2], out[..., 1:rope_dim:2] = ra, rb
+    else:
+        out[..., : rope_dim // 2], out[..., rope_dim // 2: rope_dim] = ra, rb
+    out[..., rope_dim:] = x[..., rope_dim:]
+    return out
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); x (T, D) -> (T, D)."""
+    return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)   # (T, F) -> (T, D)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Dense KV cache: every position is kept. State lives here, math stays in free functions.
+
+    k, v are (L, Hkv, capacity, d); capacity doubles when full, so decode does no per-step
+    allocation proportional to the context. Keys are stored after RoPE, with their positions.
+    `dtype=np.float16` stores K/V in half precision (attention still computes in float32).
+    """
+
+    def __init__(self, cfg: Config, capacity: int = 256, dtype=np.float32):
+        self.cfg, self.dtype = cfg, np.dtype(dtype)
+        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = np.zeros(shape, self.dtype)                  # (L, Hkv, cap, d)
+        self.v = np.zeros(shape, self.dtype)
+        self.pos = np.zeros(capacity, np.int64)               # (cap,) original positions
+        self.n = 0                                            # positions held
+        self.next_pos = 0                                     # position of the next token
+
+    def __len__(self):
+        return self.n
+
+    def _grow(self, need):
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        pad = ((0, 0), (0, 0), (0, new - cap), (0, 0))
+        self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
+        self.pos = np.pad(self.pos, (0, new - cap))
+
+    def update(self, layer, k_new, v_new, pos):
+        """Append k_new, v_new (Hkv, T, d) at positions pos (T,); return what attention reads:
+        k, v (Hkv, S, d) and k_pos (S,) with S = n + T."""
+        T = k_new.shape[1]
+        self._grow(self.n + T)
+        self.k[layer, :, self.n:self.n + T] = k_new
+        self.v[layer, :, self.n:self.n + T] = v_new
+        self.pos[self.n:self.n + T] = pos
+        S = self.n + T
+        return self.k[layer, :, :S], self.v[layer, :, :S], self.pos[:S]
+
+    def advance(self, T):
+        """Called once all layers have seen the T new tokens."""
+        self.n += T
+        self.next_pos += T
+
+    def nbytes(self):
+        return self.k[:, :, : self.n].nbytes + self.v[:, :, : self.n].nbytes
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model:
+    """A loaded model: config, float32 weights named after GGUF tensors, tokenizer."""
+
+    def __init__(self, cfg: Config, weights: dict, tokenizer=None, path=None):
+        self.config, self.weights, self.tokenizer, self.path = cfg, weights, tokenizer, path
+
+    def new_cache(self, dtype=np.float32) -> KVCache:
+        return KVCache(self.config, dtype=dtype)
+
+    def forward(self, tokens, cache=None, attention=None, dense_layers=(), stats=None, trace=None):
+        """Logits (T, V) for tokens (T,) appended at positions cache.next_pos ... .
+
+        attention: a selector, a spec string ("sinks=4,window=128") or None for dense;
+        dense_layers: layer indices that stay dense whatever the selector;
+        stats: a list that receives per layer {layer, q_pos, n_attended, n_causal};
+        trace: a dict that receives named intermediates ("embed", "blk.0.q", ...) for teaching.
+        """
+        cfg, w = self.config, self.weights
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.n_vocab):
+            raise ValueError(f"token ids must be in [0, {cfg.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        cache = self.new_cache() if cache is None else cache
+        selector = parse_attention_spec(attention) if isinstance(attention, str) else attention
+        T, Hq, Hkv, d = len(tokens), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pos = cache.next_pos + np.arange(T)                   # (T,)
+        cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))  # (T, r/2)
+        rec = trace.__setitem__ if trace is not None else (lambda name, value: None)
+
+        x = w["token_embd"][tokens]                           # (T, D)
+        rec("embed", x)
+        for l in range(cfg.n_layers):
+            p = f"blk.{l}."
+            # ---- attention
+            h = rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                        # (T, D)
+            q = linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))                 # (T, Hq*d)
+            k = linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))                 # (T, Hkv*d)
+            v = linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))                 # (T, Hkv*d)
+            q = q.reshape(T, Hq, d).transpose(1, 0, 2)                               # (Hq, T, d)
+            k = k.reshape(T, Hkv, d).transpose(1, 0, 2)                              # (Hkv, T, d)
+            v = v.reshape(T, Hkv, d).transpose(1, 0, 2)                              # (Hkv, T, d)
+            q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hq, T, d)
+            k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hkv, T, d)
+            rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
+            K, Vv, k_pos = cache.update(l, k, v, pos)                                # (Hkv, S, d), (S,)
+            sel = Dense() if (selector is None or l in dense_layers) else selector
+            o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True)  # (Hq, T, d)
+            if stats is not None:
+                stats.append({"layer": l, "q_pos": pos, "n_attended": st.n_attended,
+                              "n_causal": st.n_causal})
+            o = o.transpose(1, 0, 2).reshape(T, Hq * d)                             # (T, Hq*d)
+            rec(p + "attn_out", o)
+            x = x + linear(o, w[p + "attn_output"])                                  # (T, D)
+            # ---- feed-forward
+            h = rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                         # (T, D)
+            x = x + swiglu(h, w[p + "ffn_gate"], w[p + "ffn_up"], w[p + "ffn_down"])  # (T, D)
+            rec(p + "out", x)
+        cache.advance(T)
+        x = rms_norm(x, w["output_norm"], cfg.norm_eps)                             # (T, D)
+        head = w["token_embd"] if cfg.tied_embeddings else w["output"]               # (V, D)
+        logits = linear(x, head)                                                     # (T, V)
+        rec("logits", logits)
+        return logits
+
+    def trace(self, tokens, **kw):
+        """Run forward on tokens and return (logits, {step name: array}) for teaching."""
+        steps = {}
+        logits = self.forward(tokens, trace=steps, **kw)
+        return logits, steps
+
+    def generate(self, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95,
+                 min_p=0.05, repeat_penalty=1.0, seed=None, attention=None, dense_layers=(),
+                 cache=None, add_bos=None, stop_at_eos=True):
+        """Yield text pieces of a continuation of `prompt` (str, or a list of token ids).
+
+        Greedy when temperature <= 0. The seed is recorded in `self.last_seed`.
+        """
+        from .sampling import Sampler   # local: sampling is optional for forward-only users
+        tok = self.tokenizer
+        ids = list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_bos=add_bos)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; pass add_bos=True or a non-empty prompt")
+        cache = self.new_cache() if cache is None else cache
+        ctx = self.config.context_length
+        if cache.next_pos + len(ids) > ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {ctx} "
+                             f"({cache.next_pos} already used); shorten it or raise -c")
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        self.last_seed = sampler.seed
+        logits = self.forward(ids, cache, attention, dense_layers)[-1]
+        stream = tok.decode_stream() if tok is not None else None
+        for i in ids if stream is not None else ():
+            stream.push(i)        # the prompt was printed already; this sets SentencePiece's prefix-space state
+        history = list(ids)
+        for _ in range(max_new_tokens):
+            nxt = sampler(logits, history)
+            if stop_at_eos and tok is not None and nxt in tok.eot_ids:
+                break
+            history.append(nxt)
+            piece = stream.push(nxt) if stream is not None else str(nxt)
+            if piece:
+                yield piece
+            if cache.next_pos >= ctx:
+                break
+            logits = self.forward([nxt], cache, attention, dense_layers)[-1]
+        if stream is not None:
+            tail = stream.flush()
+            if tail:
+                yield tail
+
+
+def load_model(path, dequant: bool = True) -> Model:
+    """Load a GGUF model file: config, weights and tokenizer. Raises GGUFError on a bad file."""
+    from .tokenizer import load_tokenizer
+    cfg, weights, reader = load_gguf(path, dequant=dequant)
+    tok = load_tokenizer(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return Model(cfg, weights, tok, path)
