@@ -14,8 +14,9 @@ selector.select(q, k, q_pos, k_pos) -> Selection         (selection.py)
     exact flag; indices >= Tk name pseudo-keys (landmarks) carried in the Selection, each with
     its own position and the span of real keys it summarises.
 a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then normalised:
-    each key read once, exact picks win (log-weight 0), a pseudo-key whose span is partly read
-    exactly is replaced by its whole span read exactly (never double counting).
+    each key read once, exact picks win (log-weight 0); a pseudo-key standing for the `span` keys
+    of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
+    log(span - c), dropped at c = span), so no key is ever counted twice.
 attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
     one jitted kernel: ranges then explicit indices, causality by position, online softmax.
 dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
@@ -38,8 +39,10 @@ A selector needing per-layer state (a running landmark cache) exposes `bind(stat
 >>> stats.n_attended[0].tolist()
 [1, 2, 3, 4, 4]
 """
-from .kernel import AttentionStats, attend, attend_rows, merge_lse
-from .patterns import Dense, Globals, Sinks, Window
+from .kernel import AttentionStats, attend, attend_rows, merge_lse, store_kv
+from .patterns import (BlockLocal, Dense, Globals, Landmarks, LogStride, RunningLandmarks,
+                       RuvLLM, Sinks, Strided, Window)
+from .random_mask import RandomMask
 from .reference import dense_reference
 from .selection import KV, Q, SHARED, Selection, Selector, Union, union
 from .spec import known_names, parse_attention_spec
@@ -47,5 +50,6 @@ from .spec import known_names, parse_attention_spec
 __all__ = [
     "attend", "attend_rows", "merge_lse", "AttentionStats", "dense_reference",
     "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
-    "Dense", "Window", "Sinks", "Globals", "parse_attention_spec", "known_names",
+    "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
+    "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "parse_attention_spec", "known_names",
 ]

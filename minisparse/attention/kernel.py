@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .selection import KV, Q, SHARED, Selection, default_positions
+from .selection import KV, Q, SHARED, Selection, default_positions, span_means
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
@@ -164,7 +164,10 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
         raise ValueError(f"attend: selection is for {sel.n_heads} heads, Tq={sel.tq}, Tk={sel.tk}; "
                          f"expected {want} heads, Tq={Tq}, Tk={Tk}")
     if sel.n_extra:
-        ek, ev = _f32("extra_k", sel.extra_k), _f32("extra_v", sel.extra_v)
+        ek = _f32("extra_k", sel.extra_k)
+        # pseudo-keys without their own values (static landmarks) take the mean of v over their span
+        ev = span_means(v, sel.extra_lo, sel.extra_hi) if sel.extra_v is None else \
+            _f32("extra_v", sel.extra_v)
     else:
         ek = ev = np.zeros((Hkv, 0, d), np.float32)              # (Hkv, 0, d)
     k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
@@ -202,3 +205,24 @@ def merge_lse(o1, lse1, o2, lse2):
     o = (w1[..., None] * o1 + w2[..., None] * o2) / np.where(tot > 0, tot, 1.0)[..., None]
     lse = np.where(tot > 0, m_safe + np.log(np.where(tot > 0, tot, 1.0)), -np.inf)
     return o.astype(np.float32), lse
+
+
+FP16_MAX = 65504.0
+
+
+def store_kv(x, dtype=np.float16):
+    """K/V as the cache stores them: float16 halves memory; attend casts back to float32 (the one
+    conversion point), so attention arithmetic is unchanged. Raises when a value overflows.
+
+    Error: round-to-nearest float16 has unit roundoff u = 2^-11, so |k16 - k| <= u|k| and
+    |v16 - v| <= u|v| elementwise; see tests/test_attention_properties.py for the output bound.
+
+    >>> store_kv(np.array([1.0, 2.5], np.float32)).dtype
+    dtype('float16')
+    """
+    x = np.asarray(x)
+    if dtype == np.float16:
+        m = float(np.abs(x).max()) if x.size else 0.0
+        if not np.isfinite(m) or m > FP16_MAX:
+            raise ValueError(f"store_kv: |value| up to {m:g} exceeds float16's max {FP16_MAX:g}")
+    return x.astype(dtype)

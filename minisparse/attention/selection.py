@@ -32,8 +32,9 @@ class Selection:
     exact      (ni,) bool     True when the member picked the key exactly (wins unions)
     extra_k, extra_v (Hkv, E, d) float32   pseudo-keys (landmarks), or E = 0
     extra_pos  (E,) int64     position of each pseudo-key, for causality
-    extra_lo, extra_hi (E,) int64   the real keys [lo, hi) a pseudo-key summarises; a row that
-               reads any of them exactly reads the whole span exactly instead (no double count)
+    extra_lo, extra_hi (E,) int64   the real keys [lo, hi) a pseudo-key summarises; in a row
+               that also reads c of them exactly, the pseudo-key's log-weight gains
+               log((span - c) / span) and it is dropped when c = span (no double count)
     normalized True when ranges are sorted/disjoint, idx sorted/unique and outside the ranges
 
     Example:
@@ -135,7 +136,7 @@ class Selection:
 
     def normalize(self) -> "Selection":
         """Sorted disjoint ranges; unique sorted indices outside the ranges; exact wins;
-        pseudo-keys whose span is partly read exactly are replaced by their whole span."""
+        a pseudo-key's multiplicity loses the keys of its span this row reads exactly."""
         if self.normalized:
             return self
         rp, rl, rh, ip, ii, iw, ie = _normalize(
@@ -172,6 +173,25 @@ def default_positions(tq: int, tk: int, q_pos=None, k_pos=None):
     return q_pos, k_pos
 
 
+@njit(cache=True)
+def span_means(x, lo, hi):
+    """Mean of x (H, Tk, d) over each key span [lo[e], hi[e]) -> (H, E, d) float32.
+    Float64 sums added key by key in order (RunningLandmarks reproduces them bit for bit)."""
+    H, _, d = x.shape
+    E = lo.size
+    out = np.zeros((H, E, d), np.float32)
+    for h in range(H):
+        for e in range(E):
+            acc = np.zeros(d, np.float64)
+            for j in range(lo[e], hi[e]):
+                for i in range(d):
+                    acc[i] += x[h, j, i]
+            n = max(hi[e] - lo[e], 1)
+            for i in range(d):
+                out[h, e, i] = acc[i] / n
+    return out
+
+
 # ---- union ---------------------------------------------------------------------------------
 def _gather(ptr, src_rows):
     """For target rows reading source rows src_rows (R,): (row id (n,), source position (n,))."""
@@ -188,6 +208,16 @@ def _csr(row, n_rows):
     ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(row, minlength=n_rows), out=ptr[1:])
     return ptr, order
+
+
+def _cat_values(evs):
+    # extra_v None means "mean of v over the span" (filled in by attend); members must agree
+    if not evs or all(e is None for e in evs):
+        return None
+    if any(e is None for e in evs):
+        raise ValueError("union: members mix pseudo-keys with and without stored values; "
+                         "bind every landmark member to its state, or none")
+    return np.concatenate(evs, axis=1)
 
 
 def union(sels, hq: int, hkv: int) -> Selection:
@@ -231,7 +261,7 @@ def union(sels, hq: int, hkv: int) -> Selection:
     out = Selection(kind, n_heads, tq, tk, rptr, cat(rl, np.int64)[ro], cat(rh, np.int64)[ro],
                     iptr, cat(ii, np.int64)[io], cat(iw, np.float32)[io], cat(ie, bool)[io],
                     np.concatenate(ek, axis=1) if ek else None,
-                    np.concatenate(ev, axis=1) if ev else None,
+                    _cat_values(ev),
                     cat(epos, np.int64), cat(elo, np.int64), cat(ehi, np.int64))
     return out.normalize()
 
@@ -269,12 +299,22 @@ def _covered(ml, mh, j):
 
 
 @njit(cache=True)
+def _overlap(ml, mh, x, y):
+    """Number of integers in [x, y) covered by the sorted disjoint ranges [ml, mh)."""
+    c = 0
+    a = max(np.searchsorted(ml, x, side="right") - 1, 0)
+    while a < ml.size and ml[a] < y:
+        c += max(0, min(mh[a], y) - max(ml[a], x))
+        a += 1
+    return c
+
+
+@njit(cache=True)
 def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
     R = rptr.size - 1
-    # upper bounds: each pseudo-key expansion turns one index into one range
     o_rptr = np.zeros(R + 1, np.int64)
-    o_lo = np.empty(rlo.size + idx.size, np.int64)
-    o_hi = np.empty(rlo.size + idx.size, np.int64)
+    o_lo = np.empty(rlo.size, np.int64)
+    o_hi = np.empty(rlo.size, np.int64)
     o_iptr = np.zeros(R + 1, np.int64)
     o_idx = np.empty(idx.size, np.int64)
     o_w = np.empty(idx.size, np.float32)
@@ -284,64 +324,42 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
     for r in range(R):
         a0, a1 = rptr[r], rptr[r + 1]
         b0, b1 = iptr[r], iptr[r + 1]
-        nb = b1 - b0
-        # explicit indices sorted by key, stable so that the first member's weight is kept
-        o = np.argsort(idx[b0:b1], kind="mergesort")
-        # extra ranges from pseudo-keys that must be expanded (span read exactly somewhere)
-        lo = np.empty(a1 - a0 + nb, np.int64)
-        hi = np.empty(a1 - a0 + nb, np.int64)
-        n = a1 - a0
-        lo[:n] = rlo[a0:a1]
-        hi[:n] = rhi[a0:a1]
-        ml, mh = _merge_ranges(lo[:n].copy(), hi[:n].copy())
-        # real explicit keys, sorted, to test pseudo-key spans against
-        real = np.empty(nb, np.int64)
-        nreal = 0
-        for c in range(nb):
-            j = idx[b0 + o[c]]
-            if j < tk:
-                real[nreal] = j
-                nreal += 1
-        real = real[:nreal]
-        for c in range(nb):
-            j = idx[b0 + o[c]]
-            if j >= tk:
-                x, y = elo[j - tk], ehi[j - tk]
-                hit = False
-                if ml.size > 0:
-                    a = np.searchsorted(ml, y, side="left") - 1   # last range starting before y
-                    hit = a >= 0 and mh[a] > x
-                if not hit and nreal > 0:
-                    p = np.searchsorted(real, x, side="left")
-                    hit = p < nreal and real[p] < y
-                if hit:
-                    lo[n] = x
-                    hi[n] = y
-                    n += 1
-        if n > a1 - a0:
-            ml, mh = _merge_ranges(lo[:n].copy(), hi[:n].copy())
+        ml, mh = _merge_ranges(rlo[a0:a1].copy(), rhi[a0:a1].copy())
         o_rptr[r + 1] = o_rptr[r] + ml.size
         o_lo[nr:nr + ml.size] = ml
         o_hi[nr:nr + ml.size] = mh
         nr += ml.size
-        # explicit keys: drop those inside ranges and expanded pseudo-keys; merge duplicates
+        # explicit keys sorted by index (stable: the first member's weight is kept); real keys
+        # (< tk) therefore come before pseudo-keys, which need the final real set of the row
+        o = np.argsort(idx[b0:b1], kind="mergesort")
+        start = ni
+        n_real = 0
         last = -1
-        for c in range(nb):
+        for c in range(b1 - b0):
             src = b0 + o[c]
             j = idx[src]
-            if j >= tk:
-                x, y = elo[j - tk], ehi[j - tk]
-                if ml.size > 0 and _covered(ml, mh, x):
-                    continue                                    # expanded: read in full
-            elif _covered(ml, mh, j):
+            if j < tk and _covered(ml, mh, j):
                 continue                                        # ranges are exact: they win
             if j == last:
-                if exact[src] and not o_ex[ni - 1]:
+                if exact[src] and not o_ex[ni - 1]:             # exact beats weighted
                     o_ex[ni - 1] = True
                     o_w[ni - 1] = 0.0
                 continue
+            w = np.float32(0.0) if exact[src] else logw[src]
+            if j >= tk:
+                # a pseudo-key stands for the real keys [x, y) of its span; those read exactly
+                # in this row are taken out of its multiplicity, so no key is counted twice
+                x, y = elo[j - tk], ehi[j - tk]
+                real = o_idx[start:start + n_real]
+                cnt = _overlap(ml, mh, x, y) + (np.searchsorted(real, y) - np.searchsorted(real, x))
+                if cnt >= y - x:
+                    continue                                    # whole span read exactly
+                if cnt > 0:
+                    w = np.float32(logw[src] + np.log((y - x - cnt) / (y - x)))
+            else:
+                n_real += 1
             o_idx[ni] = j
-            o_w[ni] = 0.0 if exact[src] else logw[src]
+            o_w[ni] = w
             o_ex[ni] = exact[src]
             ni += 1
             last = j
@@ -359,6 +377,7 @@ class Selector:
     """
     covers_all_causal = False
     deterministic = True
+    exact_subset = True      # reads only real keys with log-weight 0 (the coverage bound applies)
 
     def select(self, q, k, q_pos=None, k_pos=None) -> Selection:
         """Index sets for q (Hq, Tq, d) against k (Hkv, Tk, d) at the given positions."""
@@ -389,6 +408,7 @@ class Union(Selector):
         self.members = tuple(flat)
         self.covers_all_causal = any(m.covers_all_causal for m in flat)
         self.deterministic = all(m.deterministic for m in flat)
+        self.exact_subset = all(m.exact_subset for m in flat)
 
     def _select(self, q, k, q_pos, k_pos):
         hq = k.shape[0] if q is None else q.shape[0]

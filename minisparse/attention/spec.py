@@ -24,18 +24,27 @@ def _int(name):
 
 def _registry():
     from . import patterns as P
+    from .random_mask import parse_random
     reg = {
         "dense": lambda v: P.Dense(),
         "window": _int("window")(P.Window),
         "sinks": _int("sinks")(P.Sinks),
         "globals": lambda v: P.Globals([int(x) for x in (v or "0").split("/")]),
+        "blocks": _int("blocks")(P.BlockLocal),
+        "strided": _int("strided")(P.Strided),
+        "fixed": _int("fixed")(lambda l: P.Strided(l, "fixed")),
+        "logstride": lambda v: P.LogStride(),
+        "landmarks": _int("landmarks")(P.Landmarks),
+        "ruvllm": lambda v: P.RuvLLM(),
+        "random": parse_random,
     }
     for name, build in _EXTRA.items():
         reg[name] = build
     return reg
 
 
-# Entries added by other modules of this package (kept here so the registry is one table).
+# Spare hook for selectors defined outside this package (plugins); in-package selectors add
+# their line to the table above.
 _EXTRA: dict = {}
 
 # Options that modify the member just before them: "random=1%x70,seed=3,mode=structural".
