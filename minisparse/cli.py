@@ -57,9 +57,18 @@ def parse_layers(s):
         raise CLIError(f"--dense-layers: expected comma-separated integers, got {s!r}") from None
 
 
+def check_sampling(args):
+    """Refuse bad sampling values before loading anything."""
+    from .sampling import Sampler
+    if args.n_predict < 0:
+        raise CLIError(f"-n: expected a number of tokens >= 0, got {args.n_predict}")
+    Sampler(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
+
+
 def cmd_generate(args):
     from .attention import parse_attention_spec
     from . import load_model
+    check_sampling(args)
     selector = None
     if args.attention:
         try:
@@ -123,8 +132,15 @@ def cmd_info(args):
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit code 2), like every other expected failure."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(prog="minisparse", description=__doc__.splitlines()[0])
+    ap = Parser(prog="minisparse", description=__doc__.splitlines()[0])
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 

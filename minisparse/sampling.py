@@ -51,11 +51,15 @@ class Sampler:
     """Callable (logits (V,), history) -> token id. temperature <= 0 means greedy (argmax)."""
 
     def __init__(self, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, seed=None):
-        if temperature < 0 or top_k < 0 or not (0.0 < top_p <= 1.0) or not (0.0 <= min_p <= 1.0) \
-                or repeat_penalty <= 0:
-            raise ValueError(f"invalid sampling values: temperature={temperature} (>= 0), top_k={top_k} "
-                             f"(>= 0), top_p={top_p} (in (0, 1]), min_p={min_p} (in [0, 1]), "
-                             f"repeat_penalty={repeat_penalty} (> 0)")
+        checks = [("temperature", temperature, temperature >= 0, ">= 0"),
+                  ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+                  ("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
+                  ("min_p", min_p, 0.0 <= min_p <= 1.0, "in [0, 1]"),
+                  ("repeat_penalty", repeat_penalty, repeat_penalty > 0, "> 0 (1 = off)"),
+                  ("seed", seed, seed is None or 0 <= seed < 2**63, "in [0, 2^63)")]
+        for name, value, ok, expected in checks:   # NaN fails every comparison, so it is refused too
+            if not ok:
+                raise ValueError(f"invalid sampling value {name}={value}: expected {expected}")
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.repeat_penalty = repeat_penalty
         self.seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
