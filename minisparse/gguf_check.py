@@ -32,6 +32,13 @@ MAX_DIMS = 4                   # GGML_MAX_DIMS
 # GGUFReader files the header under these names in the same dict as the metadata: a key spelled
 # like one of them makes it raise KeyError, so they are refused here
 RESERVED_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
+# GGUFReader builds Python objects per metadata array item (~700 B each, ~10 us: measured 700 MB
+# and 40 s for one 4 MB array of 1M int32), per key and per tensor, so the counts a small hostile
+# file can declare are capped. Real files stay far below: a 256k vocabulary with scores, types and
+# merges is < 1M items; models have < 10k tensors and < 100 keys.
+MAX_ARRAY_ITEMS = 1 << 21      # in all metadata arrays together, nested items included
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
 MAX_ARRAY_DEPTH = 8            # nested arrays deeper than this are hostile; GGUFReader recurses per level
 INT64_MAX = 2**63 - 1
 
@@ -100,8 +107,9 @@ class GGUFLayout:
 class _Cursor:
     """Sequential little-endian reads from a memory map; every read is bounds-checked first."""
 
-    def __init__(self, buf, size: int, path):
+    def __init__(self, buf, size: int, path, max_array_items: int = MAX_ARRAY_ITEMS):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
+        self.max_array_items = self.items_left = max_array_items
 
     def fail(self, what: str, expected: str, found) -> GGUFError:
         return GGUFError(f"{self.path}: {what}: expected {expected}, found {found}")
@@ -164,6 +172,11 @@ def _read_value(cur: _Cursor, vtype: VT, what: str, depth: int = 0):
     itype = _value_type(cur, f"{what} (array element type)")
     n = cur.u64(f"{what} (array length)")
     cur.skip_count(n, _MIN_VALUE_SIZE[itype], f"{what} (array length)")
+    if n > cur.items_left:
+        raise cur.fail(f"{what} (array length)", f"at most {cur.max_array_items} array items in all the "
+                       f"metadata (max_array_items: GGUFReader builds an object per item)",
+                       f"{n} more after {cur.max_array_items - cur.items_left}")
+    cur.items_left -= n
     start = cur.pos
     if itype in _SCALAR:
         cur.pos += n * _SCALAR_SIZE[itype]          # fits: checked by skip_count just above
@@ -210,7 +223,8 @@ def _read_tensor_info(cur: _Cursor, i: int, alignment: int, max_tensor_bytes: in
     return TensorInfo(name, shape, ggml_type, offset, n_elements, n_bytes)
 
 
-def check_gguf(path, *, max_tensor_bytes: int | None = None) -> GGUFLayout:
+def check_gguf(path, *, max_tensor_bytes: int | None = None,
+               max_array_items: int = MAX_ARRAY_ITEMS) -> GGUFLayout:
     """Walk a GGUF file's header, metadata and tensor infos with every length checked against the
     file size; raise `GGUFError` naming the file, field and expected value on the first problem.
 
@@ -218,6 +232,8 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None) -> GGUFLayout:
     hostile file costs O(file size) time and memory at most. Returns a `GGUFLayout` whose tensor
     data ranges are inside the file, aligned and non-overlapping; `gguf.GGUFReader` can then open
     the file safely. Does not check what a model needs: see `check_model_metadata`.
+    `max_tensor_bytes` caps one tensor's data; `max_array_items` caps the metadata array items
+    (GGUFReader's cost grows per item; counts of tensors and keys are capped at 65536 each).
 
     >>> layout = check_gguf("../shared/fixtures/stories260K.gguf")        # doctest: +SKIP
     >>> layout.metadata["llama.embedding_length"], layout.tensor("output_norm.weight").shape
@@ -232,7 +248,7 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None) -> GGUFLayout:
             raise GGUFError(f"{path}: header: expected at least 24 bytes (magic, version, tensor_count, "
                             f"kv_count), found a file of {size} bytes")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, size, path), max_tensor_bytes)
+            return _parse(_Cursor(buf, size, path, max_array_items), max_tensor_bytes)
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except OSError as e:
@@ -255,6 +271,9 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
     kv_count = cur.u64("header kv_count")
     # counts are checked before their loops; tensor_count again after the metadata, against what is left
     cur.skip_count(kv_count, _MIN_KV_SIZE, "header kv_count")
+    for count, limit, what in ((kv_count, MAX_KV, "kv_count"), (tensor_count, MAX_TENSORS, "tensor_count")):
+        if count > limit:
+            raise cur.fail(f"header {what}", f"at most {limit}", count)
 
     metadata: dict[str, object] = {}
     value_types: dict[str, VT] = {}
@@ -382,6 +401,9 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
         raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.tokens': expected an array of strings, "
                         f"found an array of {tokens.item_type.name}")
     V = tokens.length
+    if V == 0:
+        raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.tokens': expected a non-empty array of "
+                        f"strings, found an empty array")
 
     for t in layout.tensors:
         if t.ggml_type not in SUPPORTED_TYPES:

@@ -285,6 +285,17 @@ def test_deeply_nested_array_is_bounded(tmp_path):
     expect_error(tmp_path, data, "metadata key 'deep'", "nested at most 8 deep")
 
 
+def test_metadata_array_items_are_capped(tmp_path, tiny):
+    # GGUFReader spends ~700 B and ~10 us per array item: a 2 MB file of u8 items would cost it
+    # ~1.5 GB, so the total is capped (MAX_ARRAY_ITEMS = 2**21) and the cap is a keyword
+    n = 2**21 + 1
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_str("big") + struct.pack("<IIQ", VT.ARRAY, VT.UINT8, n) \
+        + bytes(n)
+    expect_error(tmp_path, data, "metadata key 'big' (array length)", f"at most {2**21} array items", str(n))
+    with pytest.raises(GGUFError, match=r"tokenizer.ggml.tokens' \(array length\): expected at most 10 "):
+        check_gguf(tiny[0], max_array_items=10)
+
+
 # ---- tensor infos and data ------------------------------------------------------------------------
 
 def test_truncated_tensor_info(tmp_path, tiny):
