@@ -107,6 +107,43 @@ def cmd_generate(args):
     return 0
 
 
+def encode_chat(tok, messages):
+    """Token ids of a chat prompt: the template's own special tokens are parsed, and BOS is not
+    added twice when the template already writes it."""
+    from .chat import apply_chat_template
+    text = apply_chat_template(tok, messages)
+    bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
+    add_bos = None if not (bos and text.startswith(bos)) else False
+    return tok.encode(text, add_bos=add_bos, parse_special=True)
+
+
+def cmd_chat(args):
+    """One answer to -p, or a conversation read line by line from stdin."""
+    from . import load_model
+    check_sampling(args)
+    model = load_model(resolve_model(args.model))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
+    for user in turns:
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = encode_chat(model.tokenizer, messages)
+        if len(ids) >= model.config.context_length:
+            raise CLIError(f"the conversation has {len(ids)} tokens but the context holds "
+                           f"{model.config.context_length}")
+        answer = []
+        for piece in model.generate(ids, max_new_tokens=args.n_predict, temperature=args.temp,
+                                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                    repeat_penalty=args.repeat_penalty, seed=args.seed):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
 def cmd_info(args):
     from .gguf_io import load_gguf
     from .tokenizer import load_tokenizer
@@ -150,6 +187,13 @@ def build_parser():
     g.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with the model's chat template (e.g. -m smollm2)")
+    c.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
+    c.add_argument("-p", "--prompt", default="", help="one message; without it, read turns from stdin")
+    c.add_argument("--system", default="", help="system message")
+    add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="describe a GGUF model")
     i.add_argument("model", nargs="?", default="default")
