@@ -15,7 +15,8 @@ import sys
 import time
 
 SUBCOMMANDS = {
-    # name: "module:function" adding the parser; imported lazily so `generate` starts fast
+    # name: "module:function" adding the parser(s)
+    "ask, cache": "minisparse.ask:add_parsers",
 }
 
 EXIT_USAGE = 2

@@ -129,6 +129,26 @@ class KVCache:
     def nbytes(self):
         return self.k[:, :, : self.n].nbytes + self.v[:, :, : self.n].nbytes
 
+    def state(self, reserve=1024):
+        """(meta, arrays) for minisparse.persist: the held positions plus `reserve` free slots."""
+        cap = self.n + reserve
+        pad = lambda a: np.pad(a[:, :, : self.n], ((0, 0), (0, 0), (0, reserve), (0, 0)))  # noqa: E731
+        return ({"n": self.n, "next_pos": self.next_pos},
+                {"k": pad(self.k), "v": pad(self.v), "pos": np.pad(self.pos[: self.n], (0, cap - self.n))})
+
+    @classmethod
+    def from_state(cls, cfg, meta, arrays):
+        c = cls.__new__(cls)
+        c.cfg, c.k, c.v, c.pos = cfg, arrays["k"], arrays["v"], arrays["pos"]
+        c.dtype = c.k.dtype
+        want = (cfg.n_layers, cfg.n_kv_heads, c.pos.shape[0], cfg.head_dim)
+        if c.k.shape != want or c.v.shape != want:
+            raise ValueError(f"k/v shaped {c.k.shape}, expected {want} for this model")
+        c.n, c.next_pos = int(meta["n"]), int(meta["next_pos"])
+        if not 0 <= c.n <= c.pos.shape[0]:
+            raise ValueError(f"n={c.n} outside the {c.pos.shape[0]} saved slots")
+        return c
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -195,6 +215,21 @@ class Model:
         logits = linear(x, head)                                                     # (T, V)
         rec("logits", logits)
         return logits
+
+    def prefill(self, text_or_tokens, cache=None, chunk=512, progress=None, **kw):
+        """Run a long context into a cache in chunks of `chunk` tokens; returns (cache, last logits).
+
+        progress(done, total) is called after each chunk (the CLI draws its bar with it). Chunks
+        give the same logits as one call (tested) while bounding the (T, S) score memory.
+        """
+        ids = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) else list(text_or_tokens)
+        cache = self.new_cache() if cache is None else cache
+        logits = None
+        for a in range(0, len(ids), chunk):
+            logits = self.forward(ids[a:a + chunk], cache, **kw)[-1]
+            if progress is not None:
+                progress(min(a + chunk, len(ids)), len(ids))
+        return cache, logits
 
     def trace(self, tokens, **kw):
         """Run forward on tokens and return (logits, {step name: array}) for teaching."""
