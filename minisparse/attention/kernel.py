@@ -25,85 +25,110 @@ def _dot(a, b):
     return s
 
 
-@njit(cache=True, parallel=True)
-def attend_rows(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
-                scale, k_sorted):
-    """Attend every (query head, query) row over its Selection row.
-
-    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32; ek, ev (Hkv, E, d) f32 pseudo-keys; positions int64.
-    Returns out (Hq, Tq, d) f32, lse (Hq, Tq) f64 (-inf for an empty row), n_attended (Hq, Tq).
+@njit(cache=True)
+def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
+                scale, k_sorted, out, lse, natt):
+    """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax.
     Scores are float32 dots; max, exp, normaliser and the value accumulator are float64, so the
-    only float32 rounding is the dot, the final cast and the inputs themselves.
-    """
+    only float32 rounding is the dot, the final cast and the inputs themselves."""
     Hq, Tq, d = q.shape
     Hkv, Tk, _ = k.shape
-    G = Hq // Hkv
-    out = np.zeros((Hq, Tq, d), np.float32)
-    lse = np.full((Hq, Tq), -np.inf)
-    natt = np.zeros((Hq, Tq), np.int64)
-    for r in prange(Hq * Tq):
-        h = r // Tq
-        u = r % Tq
-        # interleave short and long causal rows so the static prange chunks balance
-        t = u // 2 if u % 2 == 0 else Tq - 1 - u // 2
-        g = h // G
-        s = 0 if kind == 0 else (g if kind == 1 else h)
-        row = s * Tq + t
-        qp = q_pos[t]
-        qv = q[h, t]
-        kend = Tk
-        if k_sorted:
-            kend = np.searchsorted(k_pos, qp, side="right")      # keys [0, kend) are causal
-        m = -np.inf
-        l = 0.0
-        acc = np.zeros(d, np.float64)
-        cnt = 0
-        for a in range(rptr[row], rptr[row + 1]):
-            lo = rlo[a]
-            hi = min(rhi[a], kend)
-            for j in range(lo, hi):
-                if not k_sorted and k_pos[j] > qp:
-                    continue
-                sc = np.float64(_dot(qv, k[g, j])) * scale
-                if sc > m:
-                    alpha = np.exp(m - sc)                        # rescale old terms to new max
-                    l *= alpha
-                    acc *= alpha
-                    m = sc
-                p = np.exp(sc - m)
-                l += p
-                vr = v[g, j]
-                for i in range(d):
-                    acc[i] += p * vr[i]
-                cnt += 1
-        for a in range(iptr[row], iptr[row + 1]):
-            j = idx[a]
-            if j < Tk:
-                if k_pos[j] > qp:
-                    continue
-                sc = np.float64(_dot(qv, k[g, j])) * scale + logw[a]
-                vr = v[g, j]
-            else:
-                if e_pos[j - Tk] > qp:
-                    continue
-                sc = np.float64(_dot(qv, ek[g, j - Tk])) * scale + logw[a]
-                vr = ev[g, j - Tk]
+    h = r // Tq
+    u = r % Tq
+    # interleave short and long causal rows so the static prange chunks balance
+    t = u // 2 if u % 2 == 0 else Tq - 1 - u // 2
+    g = h // (Hq // Hkv)
+    s = 0 if kind == 0 else (g if kind == 1 else h)
+    row = s * Tq + t
+    qp = q_pos[t]
+    qv = q[h, t]
+    kend = Tk
+    if k_sorted:
+        kend = np.searchsorted(k_pos, qp, side="right")          # keys [0, kend) are causal
+    m = -np.inf
+    l = 0.0
+    acc = np.zeros(d, np.float64)
+    cnt = 0
+    for a in range(rptr[row], rptr[row + 1]):
+        for j in range(rlo[a], min(rhi[a], kend)):
+            if not k_sorted and k_pos[j] > qp:
+                continue
+            sc = np.float64(_dot(qv, k[g, j])) * scale
             if sc > m:
-                alpha = np.exp(m - sc)
+                alpha = np.exp(m - sc)                            # rescale old terms to new max
                 l *= alpha
                 acc *= alpha
                 m = sc
             p = np.exp(sc - m)
             l += p
+            vr = v[g, j]
             for i in range(d):
                 acc[i] += p * vr[i]
             cnt += 1
-        natt[h, t] = cnt
-        if cnt > 0 and l > 0.0:
-            for i in range(d):
-                out[h, t, i] = acc[i] / l
-            lse[h, t] = m + np.log(l)
+    for a in range(iptr[row], iptr[row + 1]):
+        j = idx[a]
+        if j < Tk:
+            if k_pos[j] > qp:
+                continue
+            sc = np.float64(_dot(qv, k[g, j])) * scale + logw[a]
+            vr = v[g, j]
+        else:
+            if e_pos[j - Tk] > qp:
+                continue
+            sc = np.float64(_dot(qv, ek[g, j - Tk])) * scale + logw[a]
+            vr = ev[g, j - Tk]
+        if sc > m:
+            alpha = np.exp(m - sc)
+            l *= alpha
+            acc *= alpha
+            m = sc
+        p = np.exp(sc - m)
+        l += p
+        for i in range(d):
+            acc[i] += p * vr[i]
+        cnt += 1
+    natt[h, t] = cnt
+    if cnt > 0 and l > 0.0:
+        for i in range(d):
+            out[h, t, i] = acc[i] / l
+        lse[h, t] = m + np.log(l)
+
+
+@njit(cache=True, parallel=True)
+def attend_rows(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
+                scale, k_sorted):
+    """Attend every (query head, query) row over its Selection row, rows in parallel.
+
+    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32; ek, ev (Hkv, E, d) f32 pseudo-keys; positions int64.
+    Returns out (Hq, Tq, d) f32, lse (Hq, Tq) f64 (-inf for an empty row), n_attended (Hq, Tq).
+    Rows are independent, so the result does not depend on the thread count.
+    """
+    Hq, Tq, d = q.shape
+    out = np.zeros((Hq, Tq, d), np.float32)
+    lse = np.full((Hq, Tq), -np.inf)
+    natt = np.zeros((Hq, Tq), np.int64)
+    for r in prange(Hq * Tq):
+        _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
+                    logw, scale, k_sorted, out, lse, natt)
     return out, lse, natt
+
+
+@njit(cache=True)
+def attend_rows_serial(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
+                       logw, scale, k_sorted):
+    """attend_rows on one thread: for small calls (decode) where waking threads costs more."""
+    Hq, Tq, d = q.shape
+    out = np.zeros((Hq, Tq, d), np.float32)
+    lse = np.full((Hq, Tq), -np.inf)
+    natt = np.zeros((Hq, Tq), np.int64)
+    for r in range(Hq * Tq):
+        _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
+                    logw, scale, k_sorted, out, lse, natt)
+    return out, lse, natt
+
+
+# Below this many (row, key) reads a call runs on one thread (waking the pool costs ~0.1-2 ms).
+PARALLEL_MIN_WORK = 1 << 16
 
 
 @dataclass
@@ -172,7 +197,10 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
         ek = ev = np.zeros((Hkv, 0, d), np.float32)              # (Hkv, 0, d)
     k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    out, lse, natt = attend_rows(q, k, v, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
+    # work estimate: entries listed per row times the query heads sharing each row
+    work = (int((sel.range_hi - sel.range_lo).sum()) + sel.idx.size) * (Hq // sel.n_heads)
+    run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
+    out, lse, natt = run(q, k, v, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
                                  sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
                                  sel.logw, scale, k_sorted)
     res = (out,)

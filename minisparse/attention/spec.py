@@ -25,6 +25,7 @@ def _int(name):
 def _registry():
     from . import patterns as P
     from .random_mask import parse_random
+    from .gated import Gated
     reg = {
         "dense": lambda v: P.Dense(),
         "window": _int("window")(P.Window),
@@ -37,6 +38,7 @@ def _registry():
         "landmarks": _int("landmarks")(P.Landmarks),
         "ruvllm": lambda v: P.RuvLLM(),
         "random": parse_random,
+        "gate": Gated.from_spec,                 # FastGRNN-gated (gated.py)
     }
     for name, build in _EXTRA.items():
         reg[name] = build
