@@ -4,15 +4,18 @@ Leaves out scoring policy and sweeps (the lab does those); this file only builds
 Follows the pass-key task of Mohtashami & Jaggi, "Landmark Attention" (2023): an intro, repeated
 filler, one needle sentence holding a 5-digit key at a chosen depth, then the question.
 
-Examples are defined by their token ids (filler is cut at token level to hit `n_tokens` exactly),
-so feed `ex["tokens"]` to the model rather than re-tokenising `ex["text"]`:
+Examples are exactly `n_tokens` long and made of whole words, so `tokenizer.decode(ex["tokens"])`
+is a text that tokenises back to the same ids (the filler's last words are chosen to fit exactly).
+A kit built from the minisparse GGUF tokenizer equals the one train.py used (tests check this):
 
-    >>> kit = build_kit(tokenizer)                       # any tokenizer with .encode(text)
+    >>> kit = build_kit(minisparse.load_tokenizer("models/minisparse-passkey.gguf"))
     >>> ex = make_passkey_example(kit, n_tokens=4096, depth=0.25, seed=7)
     >>> prompt = ex["tokens"][:ex["answer_start"]]      # ends with "... The pass key is"
     >>> ex["tokens"][ex["answer_start"]:]               # == ex["answer"], the key's tokens
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -29,20 +32,30 @@ KEY_LO, KEY_HI = 10000, 100000          # 5-digit keys
 
 
 def _ids(tokenizer, text: str) -> np.ndarray:
-    enc = tokenizer.encode(text, add_special_tokens=False) if _hf(tokenizer) else tokenizer.encode(text)
-    return np.asarray(getattr(enc, "ids", enc), dtype=np.int32)
+    """Ids of `text` without BOS, from a HF `tokenizers.Tokenizer` or a minisparse Tokenizer."""
+    if _hf(tokenizer):
+        enc = tokenizer.encode(text, add_special_tokens=False).ids
+    else:
+        enc = tokenizer.encode(text, add_bos=False)
+    return np.asarray(enc, dtype=np.int32)
 
 
 def _hf(tokenizer) -> bool:
     return type(tokenizer).__module__.startswith("tokenizers")
 
 
-def build_kit(tokenizer, bos_id: int = 0) -> dict[str, np.ndarray]:
+def build_kit(tokenizer, bos_id: int | None = None) -> dict[str, np.ndarray]:
     """Pre-tokenised pieces of the task (a dict of int32 arrays; save with np.savez).
 
     `keys (N, W)` holds the tokens of " <key>" for every key in [10000, 100000), right-padded with -1;
     `key_len (N,)` their lengths. Building needs a tokenizer; using the kit needs only NumPy.
     """
+    if bos_id is None:  # minisparse tokenizers know their BOS; the trained BPE's is <|endoftext|> = 0
+        bos_id = getattr(tokenizer, "bos_id", None) or 0
+    words = [_ids(tokenizer, w) for w in re.findall(r" ?[A-Za-z]+|[.]", FILLER)]   # GPT-2 pre-tokens
+    filler, word_len = np.concatenate(words), np.asarray([len(w) for w in words], dtype=np.int32)
+    if not np.array_equal(filler, _ids(tokenizer, FILLER)):
+        raise ValueError("this tokenizer merges across the filler's words; the kit needs a GPT-2-style split")
     keys = [_ids(tokenizer, f" {k}") for k in range(KEY_LO, KEY_HI)]
     width = max(len(k) for k in keys)
     table = np.full((len(keys), width), -1, dtype=np.int32)
@@ -50,7 +63,7 @@ def build_kit(tokenizer, bos_id: int = 0) -> dict[str, np.ndarray]:
         table[i, :len(k)] = k
     return {
         "bos": np.asarray([bos_id], dtype=np.int32),
-        "intro": _ids(tokenizer, INTRO), "filler": _ids(tokenizer, FILLER),
+        "intro": _ids(tokenizer, INTRO), "filler": filler, "filler_word_len": word_len,
         "needle_pre": _ids(tokenizer, NEEDLE_PRE), "needle_mid": _ids(tokenizer, NEEDLE_MID),
         "needle_post": _ids(tokenizer, NEEDLE_POST), "question": _ids(tokenizer, QUESTION),
         "keys": table, "key_len": np.asarray([len(k) for k in keys], dtype=np.int32),
@@ -75,12 +88,33 @@ def make_passkey_example(kit, n_tokens: int, depth: float, seed: int) -> dict:
     n_fill = n_tokens - len(head) - len(needle) - len(tail)
     if n_fill < 0:
         raise ValueError(f"n_tokens={n_tokens} is too short: the fixed parts alone take {n_tokens - n_fill}")
-    reps = -(-n_fill // len(kit["filler"]))
-    filler = np.tile(kit["filler"], max(reps, 1))[:n_fill]
-    cut = int(round(depth * n_fill))
+    filler, starts = _whole_word_filler(kit, n_fill)
+    # the needle goes between two filler sentences (its own final "." never meets another)
+    period = kit["filler"][-1]
+    ok = starts[(starts == 0) | (starts == n_fill) | (filler[np.maximum(starts - 1, 0)] == period)]
+    cut = int(ok[np.abs(ok - depth * n_fill).argmin()])
     tokens = np.concatenate([head, filler[:cut], needle, filler[cut:], tail]).astype(np.int64)
     return {"tokens": tokens, "answer_start": n_tokens - len(ktok), "answer": ktok.astype(np.int64),
             "key": key, "needle_start": len(head) + cut}
+
+
+def _whole_word_filler(kit, n_fill: int):
+    """Exactly n_fill filler tokens made of whole words, so the text re-tokenises to the same ids.
+
+    Words are taken in order round the filler unit; near the end, a word that would overshoot is
+    skipped (one-token words like " The" always fit, and two "." never meet). Returns the tokens
+    and the word start offsets (including n_fill itself).
+    """
+    words = np.split(kit["filler"], np.cumsum(kit["filler_word_len"])[:-1])
+    out, starts, i = [], [0], 0
+    while starts[-1] < n_fill:
+        w = words[i % len(words)]
+        i += 1
+        if starts[-1] + len(w) <= n_fill:
+            out.append(w)
+            starts.append(starts[-1] + len(w))
+    tokens = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+    return tokens, np.asarray(starts)
 
 
 def make_batch(kit, n_tokens: int, batch: int, rng: np.random.Generator):

@@ -1,0 +1,122 @@
+"""The shipped models in models/: minisparse's logits equal PyTorch's (the training framework's),
+the files stay small, their GGUF tokenizers round-trip text, and the pass-key model retrieves.
+
+The fixtures were written by models/export.py from the *dequantised* exported weights, so both
+sides compute the same float32 function and the tolerance is float32 rounding, not quantisation.
+"""
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minisparse
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(MODELS))
+import needle  # noqa: E402
+
+NAMES = ["minisparse-pydoc", "minisparse-passkey"]
+MAX_BYTES = 16 * 2**20  # issue 6: each shipped GGUF <= 16 MiB
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def shipped(request):
+    name = request.param
+    fx = dict(np.load(FIXTURES / f"{name.replace('-', '_')}_torch_logits.npz"))
+    return name, minisparse.load_model(MODELS / f"{name}.gguf"), fx
+
+
+@pytest.fixture(scope="module")
+def passkey():
+    m = minisparse.load_model(MODELS / "minisparse-passkey.gguf")
+    return m, needle.build_kit(m.tokenizer)
+
+
+def test_shipped_gguf_is_small_and_is_the_file_the_fixture_was_made_from(shipped):
+    name, _, fx = shipped
+    path = MODELS / f"{name}.gguf"
+    assert path.stat().st_size <= MAX_BYTES
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == str(fx["gguf_sha256"])
+
+
+def test_logits_equal_torch_fixture(shipped):
+    _, model, fx = shipped
+    tokens = fx["tokens"]
+    T = len(tokens)
+    logits = model.forward(tokens)                                            # (T, V)
+    # Both sides are float32 forwards of the same weights; export.py measured torch's own float32
+    # error against a float64 forward of those weights (`torch_f32_vs_f64`, ~1.4e-5 for logits up
+    # to ~33). minisparse's error is the same kind (float32, other summation order), so
+    # |ms - torch32| <= |ms - f64| + |torch32 - f64| ~ 2x that spread; 4x leaves room for BLAS order.
+    tol = 4 * float(fx["torch_f32_vs_f64"])
+    np.testing.assert_allclose(logits[-len(fx["logits_last"]):], fx["logits_last"], rtol=0, atol=tol)
+    np.testing.assert_allclose(logits[np.arange(T - 1), tokens[1:]], fx["next_logit"], rtol=0, atol=tol)
+
+
+def test_gguf_tokenizer_encodes_fixture_text_to_training_ids(shipped):
+    # the fixture's ids came from the HF tokenizer.json the model was trained with
+    _, model, fx = shipped
+    text, tokens = str(fx["text"]), [int(t) for t in fx["tokens"]]
+    if tokens[0] == model.tokenizer.bos_id:
+        tokens = tokens[1:]
+    if "pass key" in text:  # pass-key examples are built from pieces; the text re-tokenises the same
+        text = text[text.index("There is"):]
+    assert model.tokenizer.encode(text, add_bos=False) == tokens
+    assert model.tokenizer.decode(tokens) == text
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_gguf_tokenizer_round_trips_any_text(text):
+    # byte-level BPE maps every UTF-8 byte to a token, so decode(encode(x)) == x for all x
+    tok = _pydoc_tokenizer()
+    assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
+_TOK = []
+
+
+def _pydoc_tokenizer():
+    if not _TOK:
+        _TOK.append(minisparse.load_tokenizer(MODELS / "minisparse-pydoc.gguf"))
+    return _TOK[0]
+
+
+def test_encode_adds_bos_as_in_training():
+    # training documents start with <|endoftext|>; the GGUF's add_bos_token makes prompts do too
+    tok = _pydoc_tokenizer()
+    assert tok.bos_id == 0 and tok.encode("def ")[0] == 0
+
+
+@given(st.integers(200, 700), st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_passkey_example_has_exact_length_and_retokenises_identically(passkey, n, depth, seed):
+    model, kit = passkey
+    ex = needle.make_passkey_example(kit, n, depth, seed)
+    toks = ex["tokens"]
+    assert toks.shape == (n,) and toks[0] == model.tokenizer.bos_id
+    assert list(toks[ex["answer_start"]:]) == list(ex["answer"])
+    # the pieces join on pre-token boundaries, so the text of an example tokenises back to its ids
+    text = model.tokenizer.decode(list(toks[1:]))
+    assert model.tokenizer.encode(text, add_bos=False) == list(toks[1:])
+    assert f"{ex['key']}" in text
+
+
+def test_passkey_kit_from_gguf_tokenizer_rebuilds_the_training_fixture(passkey):
+    # export.py built this example from the HF tokenizer used in training (n=1024, depth 0.3, seed 2026)
+    _, kit = passkey
+    fx = np.load(FIXTURES / "minisparse_passkey_torch_logits.npz")
+    assert np.array_equal(needle.make_passkey_example(kit, 1024, 0.3, seed=2026)["tokens"], fx["tokens"])
+
+
+@pytest.mark.parametrize("depth,seed", [(0.1, 11), (0.9, 12)])
+def test_passkey_model_retrieves_the_key_at_2048_tokens(passkey, depth, seed):
+    model, kit = passkey
+    ex = needle.make_passkey_example(kit, 2048, depth, seed)
+    logits = model.forward(ex["tokens"][:-1])                                # (T-1, V)
+    pred = logits[ex["answer_start"] - 1:].argmax(-1)                        # teacher-forced key tokens
+    assert list(pred) == list(ex["answer"])
