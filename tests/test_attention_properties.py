@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RuvLLM, Sinks, Strided, Window, attend, dense_reference)
+from minisparse.attention.gated import Gated
 
 SELECTORS = [
     ("dense", lambda: Dense()),
@@ -23,6 +24,7 @@ SELECTORS = [
     ("ruvllm(w4,b4)", lambda: RuvLLM(window=4, block=4)),
     ("random-stochastic", lambda: RandomMask(0.2, 3, seed=7, sinks=1, window=1)),
     ("random-structural", lambda: RandomMask(0.25, 2, mode="structural", seed=7, sinks=1, window=1)),
+    ("gate(b3,w2,s1)", lambda: Gated(budget=3, window=2, sinks=1, gate="untrained")),
 ]
 IDS = [s[0] for s in SELECTORS]
 MAKERS = [s[1] for s in SELECTORS]
