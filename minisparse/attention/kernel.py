@@ -15,22 +15,63 @@ from .selection import KV, Q, SHARED, Selection, default_positions, span_means
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _dot(a, b):
-    # reassociation lets LLVM vectorise the d-loop; the float32 error bound
-    # |fl(q.k) - q.k| <= d * 2^-24 * sum|q_i k_i| does not depend on the summation order,
-    # and one compiled order is still deterministic run to run.
+def _dot(q, h, t, k, g, j):
+    # q[h, t] . k[g, j] in float32. Reassociation lets LLVM vectorise the d-loop; the error bound
+    # |fl(q.k) - q.k| <= d * 2^-24 * sum|q_i k_i| does not depend on the summation order, and one
+    # compiled order is deterministic run to run.
     s = np.float32(0.0)
-    for i in range(a.size):
-        s += a[i] * b[i]
+    for i in range(q.shape[2]):
+        s += q[h, t, i] * k[g, j, i]
     return s
+
+
+CHUNK = 32      # keys scored together: one running-max update per chunk instead of per key
+
+
+@njit(cache=True)
+def _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml):
+    """Fold n buffered keys js[:n] (>= Tk: pseudo-keys) into the running softmax state
+    ml = [max, normaliser] and acc (d,) float64."""
+    Tk = k.shape[1]
+    d = q.shape[2]
+    cm = -np.inf
+    for c in range(n):
+        j = js[c]
+        if j < Tk:
+            sc = np.float64(_dot(q, h, t, k, g, j)) * scale + lws[c]
+        else:
+            sc = np.float64(_dot(q, h, t, ek, g, j - Tk)) * scale + lws[c]
+        sbuf[c] = sc
+        cm = max(cm, sc)
+    m = ml[0]
+    if cm > m:                                                   # rescale old terms to new max
+        alpha = np.exp(m - cm)
+        ml[1] *= alpha
+        for i in range(d):
+            acc[i] *= alpha
+        m = cm
+        ml[0] = m
+    l = ml[1]
+    for c in range(n):
+        p = np.exp(sbuf[c] - m)
+        l += p
+        j = js[c]
+        if j < Tk:
+            for i in range(d):
+                acc[i] += p * v[g, j, i]
+        else:
+            for i in range(d):
+                acc[i] += p * ev[g, j - Tk, i]
+    ml[1] = l
 
 
 @njit(cache=True)
 def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
                 scale, k_sorted, out, lse, natt):
-    """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax.
-    Scores are float32 dots; max, exp, normaliser and the value accumulator are float64, so the
-    only float32 rounding is the dot, the final cast and the inputs themselves."""
+    """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax
+    (Milakov & Gimelshein 2018) in chunks of CHUNK keys. Scores are float32 dots; max, exp,
+    normaliser and the value accumulator are float64, so the only float32 rounding is the dot,
+    the final cast and the inputs themselves."""
     Hq, Tq, d = q.shape
     Hkv, Tk, _ = k.shape
     h = r // Tq
@@ -41,57 +82,46 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
     s = 0 if kind == 0 else (g if kind == 1 else h)
     row = s * Tq + t
     qp = q_pos[t]
-    qv = q[h, t]
     kend = Tk
     if k_sorted:
         kend = np.searchsorted(k_pos, qp, side="right")          # keys [0, kend) are causal
-    m = -np.inf
-    l = 0.0
+    js = np.empty(CHUNK, np.int64)
+    lws = np.empty(CHUNK, np.float64)
+    sbuf = np.empty(CHUNK, np.float64)
     acc = np.zeros(d, np.float64)
+    ml = np.array([-np.inf, 0.0])
+    n = 0
     cnt = 0
     for a in range(rptr[row], rptr[row + 1]):
         for j in range(rlo[a], min(rhi[a], kend)):
             if not k_sorted and k_pos[j] > qp:
                 continue
-            sc = np.float64(_dot(qv, k[g, j])) * scale
-            if sc > m:
-                alpha = np.exp(m - sc)                            # rescale old terms to new max
-                l *= alpha
-                acc *= alpha
-                m = sc
-            p = np.exp(sc - m)
-            l += p
-            vr = v[g, j]
-            for i in range(d):
-                acc[i] += p * vr[i]
-            cnt += 1
+            js[n] = j
+            lws[n] = 0.0
+            n += 1
+            if n == CHUNK:
+                _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+                cnt += n
+                n = 0
     for a in range(iptr[row], iptr[row + 1]):
         j = idx[a]
-        if j < Tk:
-            if k_pos[j] > qp:
-                continue
-            sc = np.float64(_dot(qv, k[g, j])) * scale + logw[a]
-            vr = v[g, j]
-        else:
-            if e_pos[j - Tk] > qp:
-                continue
-            sc = np.float64(_dot(qv, ek[g, j - Tk])) * scale + logw[a]
-            vr = ev[g, j - Tk]
-        if sc > m:
-            alpha = np.exp(m - sc)
-            l *= alpha
-            acc *= alpha
-            m = sc
-        p = np.exp(sc - m)
-        l += p
-        for i in range(d):
-            acc[i] += p * vr[i]
-        cnt += 1
+        if (k_pos[j] if j < Tk else e_pos[j - Tk]) > qp:
+            continue
+        js[n] = j
+        lws[n] = logw[a]
+        n += 1
+        if n == CHUNK:
+            _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+            cnt += n
+            n = 0
+    if n > 0:
+        _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+        cnt += n
     natt[h, t] = cnt
-    if cnt > 0 and l > 0.0:
+    if cnt > 0 and ml[1] > 0.0:
         for i in range(d):
-            out[h, t, i] = acc[i] / l
-        lse[h, t] = m + np.log(l)
+            out[h, t, i] = acc[i] / ml[1]
+        lse[h, t] = ml[0] + np.log(ml[1])
 
 
 @njit(cache=True, parallel=True)
