@@ -104,6 +104,10 @@ class GGUFLayout:
         return self._by_name.get(name)
 
 
+# Names from the file are quoted with repr(): a hostile name with quotes or control characters
+# then still reads as one token in the message.
+
+
 class _Cursor:
     """Sequential little-endian reads from a memory map; every read is bounds-checked first."""
 
@@ -193,7 +197,7 @@ def _read_value(cur: _Cursor, vtype: VT, what: str, depth: int = 0):
 
 def _read_tensor_info(cur: _Cursor, i: int, alignment: int, max_tensor_bytes: int | None) -> TensorInfo:
     name = cur.string(f"tensor info #{i} name")
-    what = f"tensor '{name}'"
+    what = f"tensor {name!r}"
     n_dims = cur.u32(f"{what} n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"{what} n_dims", f"1..{MAX_DIMS}", n_dims)
@@ -236,7 +240,7 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None,
     (GGUFReader's cost grows per item; counts of tensors and keys are capped at 65536 each).
 
     >>> layout = check_gguf("../shared/fixtures/stories260K.gguf")        # doctest: +SKIP
-    >>> layout.metadata["llama.embedding_length"], layout.tensor("output_norm.weight").shape
+    >>> layout.metadata["llama.embedding_length"], layout.tensor("output_norm.weight").shape  # doctest: +SKIP
     (64, (64,))
     """
     path = Path(path)
@@ -248,7 +252,8 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None,
             raise GGUFError(f"{path}: header: expected at least 24 bytes (magic, version, tensor_count, "
                             f"kv_count), found a file of {size} bytes")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, size, path, max_array_items), max_tensor_bytes)
+            # len(buf), not the stat size: the file may have changed in between
+            return _parse(_Cursor(buf, len(buf), path, max_array_items), max_tensor_bytes)
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except OSError as e:
@@ -280,12 +285,12 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
     for i in range(kv_count):
         key = cur.string(f"metadata #{i} key")
         if key in metadata:
-            raise cur.fail(f"metadata key '{key}'", "each key once", "a duplicate")
+            raise cur.fail(f"metadata key {key!r}", "each key once", "a duplicate")
         if key in RESERVED_KEYS:
-            raise cur.fail(f"metadata key '{key}'", f"a key other than {', '.join(RESERVED_KEYS)}",
+            raise cur.fail(f"metadata key {key!r}", f"a key other than {', '.join(RESERVED_KEYS)}",
                            "a reserved name")
-        vtype = _value_type(cur, f"metadata key '{key}' value type")
-        metadata[key] = _read_value(cur, vtype, f"metadata key '{key}'")
+        vtype = _value_type(cur, f"metadata key {key!r} value type")
+        metadata[key] = _read_value(cur, vtype, f"metadata key {key!r}")
         value_types[key] = vtype
 
     alignment = DEFAULT_ALIGNMENT
@@ -303,7 +308,7 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
     for i in range(tensor_count):
         t = _read_tensor_info(cur, i, alignment, max_tensor_bytes)
         if t.name in names:
-            raise cur.fail(f"tensor '{t.name}'", "each tensor name once", "a duplicate")
+            raise cur.fail(f"tensor {t.name!r}", "each tensor name once", "a duplicate")
         names.add(t.name)
         tensors.append(t)
 
@@ -313,14 +318,14 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
     for t in tensors:
         start = data_offset + t.offset
         if t.n_bytes > size or start > size - t.n_bytes:
-            raise cur.fail(f"tensor '{t.name}' data",
+            raise cur.fail(f"tensor {t.name!r} data",
                            f"bytes [{start}, {start + t.n_bytes}) inside the file of {size} bytes",
                            "a range past the end (truncated file or bad offset)")
     by_offset = sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset)
     for prev, t in zip(by_offset, by_offset[1:]):
         if t.offset < prev.offset + prev.n_bytes:
-            raise cur.fail(f"tensor '{t.name}' offset",
-                           f"data after tensor '{prev.name}' (which ends at data offset "
+            raise cur.fail(f"tensor {t.name!r} offset",
+                           f"data after tensor {prev.name!r} (which ends at data offset "
                            f"{prev.offset + prev.n_bytes})", f"{t.offset}: the tensors overlap")
     return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset,
                       info_offset, info_end)
@@ -337,12 +342,12 @@ _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 def _key(layout: GGUFLayout, path, key: str, kinds: tuple, kind_name: str, default=None, required=True):
     if key not in layout.metadata:
         if required:
-            raise GGUFError(f"{path}: metadata key '{key}': expected {kind_name}, found nothing (key missing)")
+            raise GGUFError(f"{path}: metadata key {key!r}: expected {kind_name}, found nothing (key missing)")
         return default
     vtype = layout.value_types[key]
     value = layout.metadata[key]
     if vtype not in kinds:
-        raise GGUFError(f"{path}: metadata key '{key}': expected {kind_name}, found type {vtype.name}")
+        raise GGUFError(f"{path}: metadata key {key!r}: expected {kind_name}, found type {vtype.name}")
     return value
 
 
@@ -350,7 +355,7 @@ def _positive_int(layout, path, key, default=None, required=True, limit=None) ->
     v = _key(layout, path, key, _INT_TYPES, "a positive integer", default, required)
     if v is not None and (v <= 0 or (limit is not None and v > limit)):
         bound = f" at most {limit}" if limit is not None else ""
-        raise GGUFError(f"{path}: metadata key '{key}': expected a positive integer{bound}, found {v}")
+        raise GGUFError(f"{path}: metadata key {key!r}: expected a positive integer{bound}, found {v}")
     return v
 
 
@@ -364,7 +369,7 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
     attn_q is (D, Hq*d), attn_k (D, Hkv*d), token_embd (D, V).
 
     >>> hp = check_model_metadata(check_gguf("../shared/fixtures/stories260K.gguf"))  # doctest: +SKIP
-    >>> hp["dim"], hp["n_heads"], hp["n_kv_heads"], hp["n_vocab"]
+    >>> hp["dim"], hp["n_heads"], hp["n_kv_heads"], hp["n_vocab"]                          # doctest: +SKIP
     (64, 8, 4, 512)
     """
     path = layout.path if path is None else path
@@ -394,7 +399,9 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
         raise GGUFError(f"{path}: metadata key '{arch}.rope.dimension_count': expected an even number "
                         f"at most head_dim={d}, found {rope_dim}")
     for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
-        _key(layout, path, f"{arch}.{k}", _FLOAT_TYPES, "a float", required=False)
+        v = _key(layout, path, f"{arch}.{k}", _FLOAT_TYPES, "a float", required=False)
+        if v is not None and not 0 < v < float("inf"):      # NaN fails too: it would poison every logit
+            raise GGUFError(f"{path}: metadata key '{arch}.{k}': expected a finite positive float, found {v}")
 
     tokens = _key(layout, path, "tokenizer.ggml.tokens", (VT.ARRAY,), "an array of strings")
     if tokens.item_type != VT.STRING:
@@ -407,7 +414,7 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
 
     for t in layout.tensors:
         if t.ggml_type not in SUPPORTED_TYPES:
-            raise GGUFError(f"{path}: tensor '{t.name}' type: expected a supported type "
+            raise GGUFError(f"{path}: tensor {t.name!r} type: expected a supported type "
                             f"({', '.join(q.name for q in SUPPORTED_TYPES)}), found {t.ggml_type.name} "
                             f"({t.ggml_type.name} is not supported)")
 
@@ -429,14 +436,14 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
         t = layout.tensor(name)
         if t is None:
             if name in expected:
-                raise GGUFError(f"{path}: tensor '{name}': expected it present (required for {arch} "
+                raise GGUFError(f"{path}: tensor {name!r}: expected it present (required for {arch} "
                                 f"with block_count={L}), found nothing (tensor missing)")
             continue
         if t.shape != shape:
             if name == "token_embd.weight" and t.shape[:1] == (D,) and len(t.shape) == 2:
                 raise GGUFError(f"{path}: tensor 'token_embd.weight': expected {V} rows (the size of "
                                 f"tokenizer.ggml.tokens), found {t.shape[1]} rows (shape {t.shape})")
-            raise GGUFError(f"{path}: tensor '{name}' shape: expected {shape} in GGML order (ne0 = input "
+            raise GGUFError(f"{path}: tensor {name!r} shape: expected {shape} in GGML order (ne0 = input "
                             f"width) for {why}, found {t.shape}")
     return {"arch": arch, "n_vocab": V, "dim": D, "n_layers": L, "n_heads": Hq, "n_kv_heads": Hkv,
             "head_dim": d, "ffn_dim": F}

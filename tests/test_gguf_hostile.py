@@ -430,6 +430,14 @@ def test_key_with_wrong_type(tmp_path, tiny):
     assert "found type FLOAT32" in msg
 
 
+@pytest.mark.parametrize("value", [float("nan"), -1.0, float("inf")])
+def test_rms_epsilon_must_be_finite_positive(tmp_path, tiny, value):
+    buf = tiny[1]
+    at = key_at(buf, "llama.attention.layer_norm_rms_epsilon") + 4
+    expect_error(tmp_path, patch(buf, at, "<f", value), "llama.attention.layer_norm_rms_epsilon",
+                 "finite positive", model=True)
+
+
 def test_hostile_block_count_is_bounded(tmp_path, tiny):
     buf = tiny[1]
     at = key_at(buf, "llama.block_count") + 4
