@@ -46,6 +46,7 @@ INT64_MAX = 2**63 - 1
 _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I",
            VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
            VT.FLOAT64: "<d"}
+_U64 = struct.Struct("<Q")
 _SCALAR_SIZE = {t: struct.calcsize(f) for t, f in _SCALAR.items()}
 _MIN_VALUE_SIZE = {**_SCALAR_SIZE, VT.STRING: 8, VT.ARRAY: 12}   # string: u64 length; array: u32 type + u64 length
 _MIN_KV_SIZE = 8 + 4 + 1              # key length, value type, smallest value (u8)
@@ -150,6 +151,26 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, n: int, what: str) -> None:
+        """Walk past `n` strings (a token list: 30k-250k of them), checking each like `string` does.
+        The loop is the hot path of a check, so it keeps to locals and builds no message until a
+        string fails; then `string` re-reads that one and raises its exact error."""
+        buf, size, pos = self.buf, self.size, self.pos
+        u64 = _U64.unpack_from
+        for i in range(n):
+            if size - pos >= 8:
+                (ln,) = u64(buf, pos)
+                if ln <= size - pos - 8:
+                    try:
+                        str(buf[pos + 8:pos + 8 + ln], "utf-8")
+                        pos += 8 + ln
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            self.pos = pos
+            self.string(f"{what}[{i}]")       # raises
+        self.pos = pos
+
     def skip_count(self, count: int, item_size: int, what: str) -> None:
         """Check that `count` items of at least `item_size` bytes fit in the rest of the file."""
         left = self.size - self.pos
@@ -185,8 +206,7 @@ def _read_value(cur: _Cursor, vtype: VT, what: str, depth: int = 0):
     if itype in _SCALAR:
         cur.pos += n * _SCALAR_SIZE[itype]          # fits: checked by skip_count just above
     elif itype == VT.STRING:
-        for i in range(n):
-            cur.string(f"{what}[{i}]")
+        cur.strings(n, what)
     else:
         if depth + 1 >= MAX_ARRAY_DEPTH:
             raise cur.fail(what, f"arrays nested at most {MAX_ARRAY_DEPTH} deep", "deeper nesting")
