@@ -68,22 +68,66 @@ def build_set(model, seeds, length, window, sinks):
 
 
 # ----------------------------------------------------------------------------- model + grads
-def loss_and_grad(P, X, Y, M):
-    """ListNet loss of the paper's cell and its gradient by backpropagation through time.
+def _step_fastgrnn(P, x, hp):
+    """The paper's cell on a batch: x (N, d), hp (N, H) -> h (N, H) and what backward needs."""
+    a = x @ P["W"].T + hp @ P["U"].T                                     # (N, H)
+    z, c = sig(a + P["b_z"]), np.tanh(a + P["b_h"])
+    zs, ns = sig(P["zeta"]), sig(P["nu"])
+    return z * hp + (zs * (1 - z) + ns) * c, (z, c)
 
-    P: W (H, d), U (H, H), b_z, b_h (H,), zeta, nu, alpha (scalars; zeta, nu pre-sigmoid);
-    X (N, T, d), Y (N, T) target shares (rows sum to 1 over M), M (N, T) bool.
+
+def _back_fastgrnn(P, G, dh, x, hp, cache):
+    """Accumulate parameter gradients into G for one step; return dL/dh_prev (N, H)."""
+    z, c = cache
+    zs, ns = sig(P["zeta"]), sig(P["nu"])
+    dz, dc = dh * (hp - zs * c), dh * (zs * (1 - z) + ns)
+    G["zeta"] += (dh * (1 - z) * c).sum() * zs * (1 - zs)
+    G["nu"] += (dh * c).sum() * ns * (1 - ns)
+    daz, dah = dz * z * (1 - z), dc * (1 - c * c)
+    da = daz + dah
+    G["b_z"] += daz.sum(0); G["b_h"] += dah.sum(0)
+    G["W"] += da.T @ x; G["U"] += da.T @ hp
+    return dh * z + da @ P["U"]
+
+
+def _step_ruvllm(P, x, hp):
+    g = sig(x @ P["W_g"].T + hp @ P["U_g"].T + P["b_g"])                # (N, H)
+    c = np.tanh(x @ P["W_u"].T + hp @ P["U_u"].T + P["b_u"])
+    v = P["zeta"] * g + P["nu"]
+    f = np.clip(v, 0.0, 1.0)
+    return f * hp + (1 - f) * c, (g, c, f, (v > 0) & (v < 1))
+
+
+def _back_ruvllm(P, G, dh, x, hp, cache):
+    g, c, f, inside = cache
+    dv = dh * (hp - c) * inside                                          # clamp: 0 outside
+    dc = dh * (1 - f)
+    G["zeta"] += (dv * g).sum(); G["nu"] += dv.sum()
+    dag, dau = dv * P["zeta"] * g * (1 - g), dc * (1 - c * c)
+    G["b_g"] += dag.sum(0); G["b_u"] += dau.sum(0)
+    G["W_g"] += dag.T @ x; G["U_g"] += dag.T @ hp
+    G["W_u"] += dau.T @ x; G["U_u"] += dau.T @ hp
+    return dh * f + dag @ P["U_g"] + dau @ P["U_u"]
+
+
+CELL_STEPS = {"fastgrnn": (_step_fastgrnn, _back_fastgrnn), "ruvllm": (_step_ruvllm, _back_ruvllm)}
+
+
+def loss_and_grad(P, X, Y, M, cell="fastgrnn"):
+    """ListNet loss of the cell's salience and its gradient by backpropagation through time.
+
+    P: the cell's parameters (FastGRNNGate names; zeta, nu scalars) plus alpha (log temperature);
+    X (N, T, d) normalised keys, Y (N, T) target shares (rows sum to 1 over M), M (N, T) bool.
     """
+    step, back = CELL_STEPS[cell]
     N, T, d = X.shape
-    W, U, bz, bh = P["W"], P["U"], P["b_z"], P["b_h"]
-    zs, ns, sc = sig(P["zeta"]), sig(P["nu"]), np.exp(P["alpha"])
-    H = W.shape[0]
-    hs = np.zeros((T + 1, N, H)); zz = np.zeros((T, N, H)); cc = np.zeros((T, N, H))
+    H = P["U" if cell == "fastgrnn" else "U_g"].shape[0]
+    sc = np.exp(P["alpha"])
+    hs, caches = [np.zeros((N, H))], []
     for t in range(T):                                                   # forward
-        a = X[:, t] @ W.T + hs[t] @ U.T                                  # (N, H)
-        zz[t], cc[t] = sig(a + bz), np.tanh(a + bh)
-        hs[t + 1] = zz[t] * hs[t] + (zs * (1 - zz[t]) + ns) * cc[t]
-    s = np.sqrt((hs[1:] ** 2).sum(-1) + 1e-12).T                         # (N, T)
+        h, cache = step(P, X[:, t], hs[-1])
+        hs.append(h), caches.append(cache)
+    s = np.sqrt((np.stack(hs[1:]) ** 2).sum(-1) + 1e-12).T               # (N, T)
     u = np.where(M, s * sc, -np.inf)
     lp = u - u.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))                   # log softmax over M
@@ -93,35 +137,24 @@ def loss_and_grad(P, X, Y, M):
     G["alpha"] = np.float64((du * s * sc).sum())
     ds = du * sc                                                         # (N, T)
     dh_next = np.zeros((N, H))
-    dzs = dns = 0.0
     for t in range(T - 1, -1, -1):                                       # backward
-        h, hp, z, c = hs[t + 1], hs[t], zz[t], cc[t]
-        dh = dh_next + ds[:, t, None] * h / s[:, t, None]
-        g = zs * (1 - z) + ns
-        dz, dc = dh * (hp - zs * c), dh * g
-        dzs += (dh * (1 - z) * c).sum()
-        dns += (dh * c).sum()
-        daz, dah = dz * z * (1 - z), dc * (1 - c * c)
-        da = daz + dah
-        G["b_z"] += daz.sum(0); G["b_h"] += dah.sum(0)
-        G["W"] += da.T @ X[:, t]; G["U"] += da.T @ hp
-        dh_next = dh * z + da @ U
-    G["zeta"] = np.float64(dzs * zs * (1 - zs)); G["nu"] = np.float64(dns * ns * (1 - ns))
+        dh = dh_next + ds[:, t, None] * hs[t + 1] / s[:, t, None]
+        dh_next = back(P, G, dh, X[:, t], hs[t], caches[t])
     return loss, G
 
 
-def adam(P, X, Y, M, steps, lr, log_every=25, Xv=None, Yv=None, Mv=None):
+def adam(P, X, Y, M, steps, lr, cell, log_every=25, Xv=None, Yv=None, Mv=None):
     m = {k: np.zeros_like(v) for k, v in P.items()}
     v = {k: np.zeros_like(x) for k, x in P.items()}
     hist = []
     for i in range(1, steps + 1):
-        loss, G = loss_and_grad(P, X, Y, M)
+        loss, G = loss_and_grad(P, X, Y, M, cell)
         for k in P:
             m[k] = 0.9 * m[k] + 0.1 * G[k]
             v[k] = 0.999 * v[k] + 0.001 * G[k] ** 2
             P[k] = P[k] - lr * (m[k] / (1 - 0.9**i)) / (np.sqrt(v[k] / (1 - 0.999**i)) + 1e-8)
         if i == 1 or i % log_every == 0 or i == steps:
-            val = loss_and_grad(P, Xv, Yv, Mv)[0] if Xv is not None else float("nan")
+            val = loss_and_grad(P, Xv, Yv, Mv, cell)[0] if Xv is not None else float("nan")
             hist.append((i, float(loss), float(val)))
             print(f"  step {i:4d}  train loss {loss:.4f}  held-out loss {val:.4f}", flush=True)
     return P, hist
@@ -179,6 +212,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cell", choices=("fastgrnn", "ruvllm"), default="fastgrnn")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -192,10 +226,10 @@ def main():
     Xv, Yv, Mv, held_maps = build_set(model, held_seeds, args.length, args.window, args.sinks)
     print(f"  {X.shape[0]} train sequences, {Xv.shape[0]} held-out ({time.time() - t0:.0f} s)")
 
-    init = FastGRNNGate.random(d, args.hidden, args.seed)
+    init = FastGRNNGate.random(d, args.hidden, args.seed, args.cell)
     P = {k: np.array(v, np.float64) for k, v in init.params.items()}
     P["alpha"] = np.float64(np.log(5.0))           # listwise temperature: ranking ignores it
-    P, hist = adam(P, X, Y, M, args.steps, args.lr, Xv=Xv, Yv=Yv, Mv=Mv)
+    P, hist = adam(P, X, Y, M, args.steps, args.lr, args.cell, Xv=Xv, Yv=Yv, Mv=Mv)
     alpha = float(P.pop("alpha"))
 
     with open(args.model, "rb") as f:
@@ -211,8 +245,8 @@ def main():
         "hidden": args.hidden, "alpha": alpha, "loss_history": hist,
         "train_loss": hist[-1][1], "heldout_loss": hist[-1][2], "init_heldout_loss": hist[0][2],
     }
-    gate = FastGRNNGate(P, "fastgrnn", trained=True, record=record, name=args.name)
-    gates = {"trained": gate, "untrained (seed 0)": FastGRNNGate.random(d, args.hidden, 0),
+    gate = FastGRNNGate(P, args.cell, trained=True, record=record, name=args.name)
+    gates = {"trained": gate, "untrained (seed 0)": FastGRNNGate.random(d, args.hidden, 0, args.cell),
              "random keep": RandomGate(0)}
     rows = evaluate(held_maps, gates, (8, 32), args.window, args.sinks, start=64)
     record["heldout_recall"] = rows
