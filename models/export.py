@@ -83,7 +83,7 @@ def write_gguf(path: Path, model: str, c: train.Config, sd: dict, dtype: str, to
     w.add_layer_norm_rms_eps(c.eps)
     w.add_vocab_size(c.vocab)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")  # trained with the GPT-2 regex split + ByteLevel (prepare.py)
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp spelling (LLAMA_VOCAB_PRE_TYPE_GPT2); trained with that regex + ByteLevel
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -160,6 +160,8 @@ def main():
     ap.add_argument("--data", default=".device_carry", help="folder with tokenizer.json, pydoc_val.npy")
     ap.add_argument("--dtype", choices=list(DTYPES), default="q8_0")
     ap.add_argument("--val-windows", type=int, default=0, help="pydoc: held-out windows to score (0 = skip)")
+    ap.add_argument("--out", default=None, help="GGUF path (default models/<name>.gguf)")
+    ap.add_argument("--no-fixture", action="store_true", help="write only the GGUF (e.g. an F32 copy to compare)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(2)
@@ -167,8 +169,10 @@ def main():
     c = train.CONFIGS[args.model]
     sd = train.load_state(Path(args.weights), args.model)
     tok_json = Path(args.data) / "tokenizer.json"
-    out = HERE / f"{NAMES[args.model]}.gguf"
+    out = Path(args.out) if args.out else HERE / f"{NAMES[args.model]}.gguf"
     back = write_gguf(out, args.model, c, sd, args.dtype, tok_json)
+    if args.no_fixture:
+        return print(out, out.stat().st_size, hashlib.sha256(out.read_bytes()).hexdigest())
 
     text, tokens = reference_tokens(args.model, tok_json)
     l32 = torch_logits(c, back, tokens, torch.float32)                            # (T, V)
@@ -185,7 +189,7 @@ def main():
         gguf_sha256=np.asarray(hashlib.sha256(out.read_bytes()).hexdigest()),
     )
     summary = {
-        "file": str(out.relative_to(HERE.parent)), "bytes": out.stat().st_size,
+        "file": str(out), "bytes": out.stat().st_size,
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "dtype": args.dtype,
         "params": int(sum(v.size for v in sd.values())), "fixture": str(fixture.relative_to(HERE.parent)),
         "fixture_bytes": fixture.stat().st_size, "torch_f32_vs_f64_max_abs": float(np.abs(l32 - l64).max()),
