@@ -4,8 +4,9 @@ embedding -> L x [RMSNorm -> q,k,v (+ qwen2 biases) -> RoPE -> cache -> attentio
 -> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> output head. Follows llama.cpp's
 `llama` and `qwen2` graphs (and llama2.c's `forward`). Attention goes through
 `minisparse.attention.attend`, so every sparse selector runs inside the real model.
-Left out on purpose: batching, MoE, sliding-window layers, and any fused/quantised matmul (the
-weights are float32 here; `linear` is the one place a quantised kernel plugs in).
+Left out on purpose: batching, MoE, sliding-window layers. Weights are float32 arrays, or
+`QuantMatrix` (quant.py) when loaded with dequant=False: `linear` is the one place that dispatches
+to its kernels, and `w["token_embd"][tokens]` dequantises just the rows asked for.
 
 Shape legend: T tokens in this call, S positions held in the cache, D model width,
 Hq / Hkv query / KV heads, G = Hq // Hkv, d head width, F FFN width, V vocabulary, L layers.
@@ -16,6 +17,7 @@ import numpy as np
 
 from .attention import Dense, attend, parse_attention_spec
 from .gguf_io import Config, load_gguf
+from .quant import QuantMatrix
 
 
 # ----------------------------------------------------------------------------- math
@@ -28,8 +30,14 @@ def rms_norm(x, w, eps):
 
 
 def linear(x, w, b=None):
-    """x (T, in) @ w.T with w (out, in) in GGUF data order -> (T, out)."""
-    y = x @ w.T                                               # (T, in) @ (in, out) -> (T, out)
+    """x (T, in) @ w.T with w (out, in) in GGUF data order -> (T, out).
+
+    w is a float32 array, or a `QuantMatrix` whose kernels read the GGUF blocks directly.
+    """
+    if isinstance(w, QuantMatrix):
+        y = w.matmul(x)                                       # same product, from quant blocks
+    else:
+        y = x @ w.T                                           # (T, in) @ (in, out) -> (T, out)
     return y if b is None else y + b
 
 
@@ -110,9 +118,10 @@ class KVCache:
         self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
         self.pos = np.pad(self.pos, (0, new - cap))
 
-    def update(self, layer, k_new, v_new, pos):
+    def update(self, layer, k_new, v_new, pos, q=None):
         """Append k_new, v_new (Hkv, T, d) at positions pos (T,); return what attention reads:
-        k, v (Hkv, S, d) and k_pos (S,) with S = n + T."""
+        k, v (Hkv, S, d) and k_pos (S,) with S = n + T. q (Hq, T, d), this call's queries, is for
+        bounded caches that score keys by attention (minisparse.cache); this one keeps all."""
         T = k_new.shape[1]
         self._grow(self.n + T)
         self.k[layer, :, self.n:self.n + T] = k_new
@@ -175,6 +184,10 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.n_vocab):
             raise ValueError(f"token ids must be in [0, {cfg.n_vocab}); got {tokens.min()}..{tokens.max()}")
         cache = self.new_cache() if cache is None else cache
+        block = getattr(cache, "block", None)
+        if block and len(tokens) > block:   # bounded caches compress between blocks of this size
+            return np.concatenate([self.forward(tokens[a:a + block], cache, attention, dense_layers,
+                                                stats, trace) for a in range(0, len(tokens), block)])
         selector = parse_attention_spec(attention) if isinstance(attention, str) else attention
         T, Hq, Hkv, d = len(tokens), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pos = cache.next_pos + np.arange(T)                   # (T,)
@@ -196,7 +209,7 @@ class Model:
             q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hq, T, d)
             k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hkv, T, d)
             rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-            K, Vv, k_pos = cache.update(l, k, v, pos)                                # (Hkv, S, d), (S,)
+            K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                           # (Hkv, S, d), (S,)
             sel = Dense() if (selector is None or l in dense_layers) else selector
             o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True)  # (Hq, T, d)
             if stats is not None:

@@ -1,0 +1,313 @@
+"""Matrix products straight from GGUF quant blocks, so a model's weights stay quantised in memory.
+
+`QuantMatrix` wraps a tensor's raw blocks (a zero-copy view of the reader's memory map) with its
+(out, in) shape; Numba kernels dequantise rows exactly as ggml's `dequantize_row_*` (and
+`gguf.quants`) define them, bit for bit. Decode (few rows of x) uses a fused kernel: each thread
+dequantises one weight row into a small buffer and dots it with x; prefill dequantises a tile of
+rows to float32 and hands it to BLAS sgemm, so memory stays bounded by the tile.
+Left out on purpose: integer dot products on quantised activations (llama.cpp's Q8 `vec_dot`;
+they change the numbers), and types other than those in `KERNEL_TYPES` (the loader dequantises
+those to float32 instead). Block layouts: ggml-common.h / ggml-quants.c.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+# Types with a kernel here. F16/BF16 are included: converting per tile keeps them at 2 bytes a weight.
+KERNEL_TYPES = (QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
+
+# Every float16 bit pattern -> float32 (256 KiB, stays in L2): exact, and keeps the kernels free of
+# bit twiddling for the fp16 scales every block carries.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_F16 = F16_TO_F32              # a global: Numba freezes it into the compiled code as a constant
+
+# Up to this many tokens, one fused matrix-vector pass per token beats dequantising tiles for
+# sgemm (benchmarks/bench_engine.py --crossover measures it).
+FUSED_MAX_T = 4
+TILE_BYTES = 1 << 21            # float32 tile for prefill: 2 MiB, half of one core's L2
+
+# Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
+# bound the difference. Dequantisation itself has no sums and stays bit-exact.
+_DOT_MATH = {"reassoc", "contract"}
+
+
+# ----------------------------------------------------------------------------- one row of blocks
+# Each `_row_*` writes one dequantised row; `u8`/`i8` are the same bytes seen unsigned (nibbles,
+# fp16 halves) and signed (int8 quants). `n16` is always 16, passed at run time on purpose: with a
+# constant trip count LLVM unrolls the block loop and its SLP vectoriser gives up on stores that
+# might alias the source; a run-time count goes to the loop vectoriser, which checks aliasing once.
+
+
+@njit(cache=True, inline="always")
+def _f16(u8, o):
+    """The float16 stored little-endian at u8[o:o+2], as float32."""
+    return _F16[np.int64(u8[o]) | (np.int64(u8[o + 1]) << 8)]
+
+
+@njit(cache=True)
+def _row_q8_0(u8, i8, dst, n16):
+    # block of 32: d (f16) | 32 x int8 q;  w = d * q
+    for b in range(dst.size // 32):
+        o, y, d = b * 34, b * 32, _f16(u8, b * 34)
+        for j in range(2 * n16):
+            dst[y + j] = d * np.float32(i8[o + 2 + j])
+
+
+@njit(cache=True)
+def _row_q4_0(u8, i8, dst, n16):
+    # block of 32: d (f16) | 16 bytes: element j in the low nibble of byte j, j+16 in the high one;
+    # w = d * (nibble - 8)
+    for b in range(dst.size // 32):
+        o, y, d = b * 18 + 2, b * 32, _f16(u8, b * 18)
+        for j in range(n16):
+            dst[y + j] = d * np.float32(np.int32(u8[o + j] & np.uint8(15)) - 8)
+        for j in range(n16):
+            dst[y + 16 + j] = d * np.float32(np.int32(u8[o + j] >> np.uint8(4)) - 8)
+
+
+@njit(cache=True)
+def _row_q4_1(u8, i8, dst, n16):
+    # block of 32: d (f16) | m (f16) | 16 bytes of nibbles as Q4_0;  w = d * nibble + m
+    for b in range(dst.size // 32):
+        o, y = b * 20 + 4, b * 32
+        d, m = _f16(u8, o - 4), _f16(u8, o - 2)
+        for j in range(n16):
+            dst[y + j] = d * np.float32(u8[o + j] & np.uint8(15)) + m
+        for j in range(n16):
+            dst[y + 16 + j] = d * np.float32(u8[o + j] >> np.uint8(4)) + m
+
+
+@njit(cache=True, inline="always")
+def _k4_scale_min(u8, s, j):
+    """Q4_K: sub-block j's 6-bit (scale, min) from the 12 packed bytes at u8[s:s+12]."""
+    if j < 4:
+        return np.int32(u8[s + j]) & 63, np.int32(u8[s + j + 4]) & 63
+    sc = (np.int32(u8[s + j + 4]) & 15) | ((np.int32(u8[s + j - 4]) >> 6) << 4)
+    mn = (np.int32(u8[s + j + 4]) >> 4) | ((np.int32(u8[s + j]) >> 6) << 4)
+    return sc, mn
+
+
+@njit(cache=True)
+def _row_q4_k(u8, i8, dst, n16):
+    # super-block of 256: d, dmin (f16) | 12 bytes packing 8 six-bit (scale, min) pairs | 128 bytes
+    # of nibbles: 32-byte group i holds sub-block 2i (low nibbles) and 2i+1 (high nibbles);
+    # w = (d * scale) * nibble - dmin * min
+    for b in range(dst.size // 256):
+        o, y = b * 144, b * 256
+        d, dmin = _f16(u8, o), _f16(u8, o + 2)
+        for j in range(8):
+            sc, mn = _k4_scale_min(u8, o + 4, j)
+            ds, dm = d * np.float32(sc), dmin * np.float32(mn)
+            qo, yo, shift = o + 16 + 32 * (j // 2), y + 32 * j, np.uint8(4 * (j % 2))
+            for l in range(2 * n16):
+                dst[yo + l] = ds * np.float32((u8[qo + l] >> shift) & np.uint8(15)) - dm
+
+
+@njit(cache=True)
+def _row_q6_k(u8, i8, dst, n16):
+    # super-block of 256: 128 bytes of low nibbles | 64 bytes of 2-bit highs | 16 int8 scales |
+    # d (f16). Value k (0..127) of half h: low nibble (k // 64) of ql[64h + k % 64], high bits
+    # 2 (k // 32) of qh[32h + k % 32]; w = (d * scale[e // 16]) * (q - 32), e = 128h + k
+    for b in range(dst.size // 256):
+        o, y = b * 210, b * 256
+        d = _f16(u8, o + 208)
+        for e16 in range(16):                                    # 16 values share one scale
+            h, k0 = e16 // 8, 16 * (e16 % 8)
+            ds = d * np.float32(i8[o + 192 + e16])
+            ql, qh = o + 64 * h + (k0 & 63), o + 128 + 32 * h + (k0 & 31)
+            lo_shift, hi_shift = np.uint8(4 * (k0 // 64)), np.uint8(2 * (k0 // 32))
+            for l in range(n16):
+                q = ((u8[ql + l] >> lo_shift) & np.uint8(15)) | (((u8[qh + l] >> hi_shift) & np.uint8(3)) << np.uint8(4))
+                dst[y + 16 * e16 + l] = ds * np.float32(np.int32(q) - 32)
+
+
+@njit(cache=True)
+def _row_f16(u8, i8, dst, n16):
+    for j in range(dst.size):
+        dst[j] = _f16(u8, 2 * j)
+
+
+@njit(cache=True)
+def _row_bf16(u8, i8, dst, n16):
+    # bfloat16 is the top half of a float32: put its 16 bits there
+    bits = dst.view(np.uint32)
+    for j in range(dst.size):
+        bits[j] = (np.uint32(u8[2 * j]) << 16) | (np.uint32(u8[2 * j + 1]) << 24)
+
+
+@njit(cache=True)
+def _dequant_row(code, u8, i8, dst):
+    """Dispatch on the GGML type number (GGMLQuantizationType value)."""
+    if code == 8:
+        _row_q8_0(u8, i8, dst, 16)
+    elif code == 2:
+        _row_q4_0(u8, i8, dst, 16)
+    elif code == 3:
+        _row_q4_1(u8, i8, dst, 16)
+    elif code == 12:
+        _row_q4_k(u8, i8, dst, 16)
+    elif code == 14:
+        _row_q6_k(u8, i8, dst, 16)
+    elif code == 1:
+        _row_f16(u8, i8, dst, 16)
+    elif code == 30:
+        _row_bf16(u8, i8, dst, 16)
+
+
+# ----------------------------------------------------------------------------- one row . x, fused
+# Decode: each weight is dequantised in a register (the same value `_row_*` writes) and multiplied
+# into one of 32 running lanes `acc`, summed once at the end; summing per block instead costs a
+# horizontal reduction every 32 weights and runs ~3x slower.
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def _dot_q8_0(u8, i8, x, acc):
+    acc[:] = 0.0
+    for b in range(x.size // 32):
+        o, y, d = b * 34 + 2, b * 32, _f16(u8, b * 34)
+        for j in range(32):
+            acc[j] += d * np.float32(i8[o + j]) * x[y + j]
+    return acc.sum()
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def _dot_q4_0(u8, i8, x, acc):
+    acc[:] = 0.0
+    for b in range(x.size // 32):
+        o, y, d = b * 18 + 2, b * 32, _f16(u8, b * 18)
+        for j in range(16):
+            q = u8[o + j]
+            acc[j] += d * np.float32(np.int32(q & np.uint8(15)) - 8) * x[y + j]
+            acc[16 + j] += d * np.float32(np.int32(q >> np.uint8(4)) - 8) * x[y + 16 + j]
+    return acc.sum()
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def _dot_q4_1(u8, i8, x, acc):
+    acc[:] = 0.0
+    for b in range(x.size // 32):
+        o, y = b * 20 + 4, b * 32
+        d, m = _f16(u8, o - 4), _f16(u8, o - 2)
+        for j in range(16):
+            q = u8[o + j]
+            acc[j] += (d * np.float32(q & np.uint8(15)) + m) * x[y + j]
+            acc[16 + j] += (d * np.float32(q >> np.uint8(4)) + m) * x[y + 16 + j]
+    return acc.sum()
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def _dot_row(code, u8, i8, x, acc, buf):
+    """One row . x; types without a fused loop dequantise the row into buf first."""
+    if code == 8:
+        return _dot_q8_0(u8, i8, x, acc)
+    if code == 2:
+        return _dot_q4_0(u8, i8, x, acc)
+    if code == 3:
+        return _dot_q4_1(u8, i8, x, acc)
+    _dequant_row(code, u8, i8, buf)
+    s = np.float32(0.0)
+    for j in range(x.size):
+        s += buf[j] * x[j]
+    return s
+
+
+# ----------------------------------------------------------------------------- whole matrices
+
+
+@njit(cache=True, parallel=True)
+def _dequant_rows(code, u8, i8, rows, out):
+    """out[i] = dequantised row rows[i]; out (len(rows), in) float32."""
+    for i in prange(rows.size):
+        _dequant_row(code, u8[rows[i]], i8[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _matvec(code, u8, i8, x, y):
+    """y (out,) = W x for x (in,), 64 rows per task (each task owns its scratch)."""
+    n_out = u8.shape[0]
+    for c in prange((n_out + 63) // 64):
+        acc, buf = np.empty(32, np.float32), np.empty(x.size, np.float32)
+        for r in range(64 * c, min(n_out, 64 * c + 64)):
+            y[r] = _dot_row(code, u8[r], i8[r], x, acc, buf)
+
+
+# ----------------------------------------------------------------------------- the matrix object
+
+
+class QuantMatrix:
+    """A weight matrix W (out, in) kept as its GGUF blocks.
+
+    `matmul(x)` = x @ W.T for x (T, in) -> (T, out) float32; `W[rows]` dequantises only those rows
+    (an embedding lookup); `dequantize()` gives the float32 matrix the reference path uses.
+
+    >>> import numpy as np; from gguf.quants import quantize
+    >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    >>> W = QuantMatrix(quantize(w, QT.Q8_0), (2, 32), QT.Q8_0)
+    >>> bool(np.abs(W.dequantize() - w).max() < 0.01), W.matmul(np.ones((1, 32), np.float32)).shape
+    (True, (1, 2))
+    """
+
+    def __init__(self, raw: np.ndarray, shape, qtype):
+        qtype = QT(qtype)
+        if qtype not in KERNEL_TYPES:
+            raise ValueError(f"no kernel for {qtype.name}; supported: {', '.join(t.name for t in KERNEL_TYPES)}")
+        block, nbytes = GGML_QUANT_SIZES[qtype]
+        out, n_in = (int(s) for s in shape)
+        if n_in % block:
+            raise ValueError(f"{qtype.name} rows hold whole blocks of {block}; got in={n_in}")
+        raw = np.asarray(raw)
+        if raw.dtype != np.uint8:
+            raw = raw.view(np.uint8)                              # F16/BF16 tensors arrive as 16-bit
+        self.raw = raw.reshape(out, n_in // block * nbytes)       # (out, bytes per row), no copy
+        self._i8 = self.raw.view(np.int8)                         # the same bytes, signed
+        self.shape, self.qtype, self.dtype, self.ndim = (out, n_in), qtype, np.dtype(np.float32), 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def __repr__(self):
+        return f"QuantMatrix({self.shape[0]}x{self.shape[1]}, {self.qtype.name}, {self.nbytes} bytes)"
+
+    def rows(self, idx) -> np.ndarray:
+        """Dequantised rows idx (T,) -> (T, in) float32 (an embedding lookup)."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range [0, {self.shape[0]})")
+        out = np.empty((idx.size, self.shape[1]), np.float32)    # (T, in)
+        _dequant_rows(int(self.qtype), self.raw, self._i8, idx, out)
+        return out
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        return self.rows(idx).reshape(idx.shape + (self.shape[1],))
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix (out, in) float32; bit-equal to gguf.quants.dequantize."""
+        return self.rows(np.arange(self.shape[0]))
+
+    def __array__(self, dtype=None, copy=None):
+        w = self.dequantize()
+        return w if dtype is None else w.astype(dtype)
+
+    def matmul(self, x) -> np.ndarray:
+        """x (T, in) @ W.T -> (T, out) float32."""
+        x = np.ascontiguousarray(x, np.float32)
+        T, (n_out, n_in) = x.shape[0], self.shape
+        if x.shape[1] != n_in:
+            raise ValueError(f"x has {x.shape[1]} columns; this matrix takes in={n_in}")
+        y = np.empty((T, n_out), np.float32)                      # (T, out)
+        if T <= FUSED_MAX_T:
+            for t in range(T):
+                _matvec(int(self.qtype), self.raw, self._i8, x[t], y[t])
+            return y
+        rows = max(1, min(n_out, TILE_BYTES // (4 * n_in)))
+        tile = np.empty((rows, n_in), np.float32)                # (rows, in): the only float32 copy
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
+            y[:, r0:r1] = x @ tile[: r1 - r0].T                   # (T, in) @ (in, rows) -> (T, rows)
+        return y

@@ -1,0 +1,135 @@
+"""Quantised-in-place weights (minisparse/quant.py) against the float32 reference path.
+
+For every type with a kernel: rows dequantise bit for bit as `gguf.quants.dequantize`; the fused
+decode product and the tiled prefill product equal dequantise-then-matmul within the float32
+summation bound; a whole model loaded with dequant=False gives the logits of dequant=True.
+Blocks are random bytes (every code of every field occurs) with their fp16 scales set to finite
+values, so the K-quants, which `gguf.quants` cannot quantise, are covered like the rest.
+"""
+import numpy as np
+import pytest
+import gguf
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from hypothesis import given, strategies as st
+
+import gguf_factory
+from gguf_factory import tiny_weights, write_model
+from minisparse import quant
+from minisparse.gguf_io import load_gguf
+from minisparse.model import Model
+from minisparse.quant import KERNEL_TYPES, QuantMatrix
+
+U = 2.0 ** -24                       # float32 unit roundoff
+
+# byte offset of each fp16 field in a block, and the magnitude that keeps weights around `scale`
+_FP16_FIELDS = {
+    QT.Q8_0: [(0, 1 / 127)], QT.Q4_0: [(0, 1 / 8)], QT.Q4_1: [(0, 1 / 15), (2, 1 / 2)],
+    QT.Q4_K: [(0, 1 / (63 * 15)), (2, 1 / (63 * 2))], QT.Q6_K: [(208, 1 / (127 * 32))],
+}
+
+
+def random_blocks(qtype, rows, cols, rng, scale=0.3):
+    """Raw GGUF data (rows, bytes per row) of `qtype` with random codes and finite fp16 scales."""
+    if qtype in (QT.F16, QT.BF16):
+        x = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+        return gguf.quants.quantize(x, qtype).view(np.uint8).reshape(rows, -1)
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    for off, mag in _FP16_FIELDS[qtype]:
+        h = (rng.uniform(-1, 1, raw.shape[:2]) * scale * mag).astype(np.float16)
+        raw[:, :, off:off + 2] = h.view(np.uint8).reshape(raw.shape[:2] + (2,))
+    return raw.reshape(rows, -1)
+
+
+def block_of(qtype):
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_dequantised_rows_equal_gguf_dequantize_bit_for_bit(qtype):
+    rng = np.random.default_rng(int(qtype))
+    rows, cols = 37, 3 * max(block_of(qtype), 32)
+    raw = random_blocks(qtype, rows, cols, rng)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
+    W = QuantMatrix(raw, (rows, cols), qtype)
+    assert np.array_equal(W.dequantize().view(np.uint32), ref.view(np.uint32))
+    pick = rng.integers(0, rows, (2, 5))                  # an embedding lookup: (2, 5) ids
+    assert np.array_equal(W[pick], ref[pick])
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@given(rows=st.integers(1, 150), nblk=st.integers(1, 3),
+       T=st.sampled_from([1, 2, quant.FUSED_MAX_T, quant.FUSED_MAX_T + 1, 33]), seed=st.integers(0, 2**32 - 1))
+def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype, rows, nblk, T, seed):
+    rng = np.random.default_rng(seed)
+    cols = nblk * max(block_of(qtype), 32)
+    raw = random_blocks(qtype, rows, cols, rng)
+    W = QuantMatrix(raw, (rows, cols), qtype)
+    w = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)   # exact weights
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    y = W.matmul(x)                                        # fused (T <= FUSED_MAX_T) or tiled sgemm
+    exact = x.astype(np.float64) @ w.T
+    # Both paths multiply the same float32 weights (dequantisation is exact, test above) and sum
+    # n = cols products in float32, in some order. Any order errs by <= gamma_n * sum|w||x| with
+    # gamma_n = n u / (1 - n u) (Higham, Thm 3.1); the fused kernel may regroup d*q*x, one more
+    # rounding per product: gamma_{n+1}. The reference (BLAS) obeys the same bound, so the two
+    # differ by at most twice it.
+    n = cols + 1
+    bound = n * U / (1 - n * U) * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    assert np.all(np.abs(y - exact) <= bound)
+    ref = x @ w.astype(np.float32).T
+    assert np.all(np.abs(y - ref) <= 2 * bound)
+
+
+def test_quant_matrix_is_a_view_of_the_file_not_a_copy(tmp_path):
+    path = write_model(tmp_path / "q.gguf", tiny_weights(dim=64, ffn=64), qtype=QT.Q4_1)
+    _, w, reader = load_gguf(path, dequant=False)
+    W = w["blk.0.ffn_up"]
+    assert isinstance(W, QuantMatrix) and W.qtype == QT.Q4_1 and W.shape == (64, 64)
+    assert np.shares_memory(W.raw, reader.data)           # the memory map itself
+    assert isinstance(w["blk.0.attn_norm"], np.ndarray)   # 1-D tensors stay float32
+
+
+def _write_random_blocks(qtype, rng):
+    """A `gguf_factory.write_tensor` stand-in that writes random blocks of `qtype` for matrices
+    (the K-quants have no quantiser in gguf.quants) and float32 for vectors."""
+    def write_tensor(w, name, x, _qtype):
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim == 1 or x.shape[1] % block_of(qtype):
+            w.add_tensor(name, x)
+        elif qtype in (QT.F16, QT.BF16):
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, random_blocks(qtype, *x.shape, rng), raw_dtype=qtype)
+    return write_tensor
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path, monkeypatch, qtype):
+    import oracle.np_reference as np_reference
+    rng = np.random.default_rng(int(qtype))
+    monkeypatch.setattr(gguf_factory, "write_tensor", _write_random_blocks(qtype, rng))
+    ws = tiny_weights(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=64, seed=int(qtype))
+    path = write_model(tmp_path / f"{qtype.name}.gguf", ws, n_heads=4, n_kv_heads=2)
+    cfg, w_ref, _ = load_gguf(path, dequant=True)
+    _, w_q, _ = load_gguf(path, dequant=False)
+    assert isinstance(w_q["blk.0.ffn_down"], QuantMatrix) and isinstance(w_q["token_embd"], QuantMatrix)
+    ref, qm = Model(cfg, w_ref), Model(cfg, w_q)
+    ids = rng.integers(0, 64, 12)
+    # prefill (T=12 > FUSED_MAX_T: tiles + sgemm), then decode steps (T=1: the fused kernel)
+    c_ref, c_q = ref.new_cache(), qm.new_cache()
+    a, b = [ref.forward(ids, c_ref)], [qm.forward(ids, c_q)]
+    for t in (5, 9, 2):
+        a.append(ref.forward([t], c_ref)), b.append(qm.forward([t], c_q))
+    a, b = np.concatenate(a), np.concatenate(b)
+    truth = np_reference.forward(path, list(ids) + [5, 9, 2])          # float64, same weights
+    # Both paths are float32 evaluations of one function with identical weights; only the order
+    # of each linear's sums differs, and the worst-case error of a sum does not depend on its
+    # order. So the quantised path's distance to the float64 truth has the size of the reference
+    # path's measured distance e; by the triangle inequality the two differ by <= 2e, and we allow
+    # 2x for the spread between orders (plus 1e-6 so an exactly-equal pair passes).
+    e = np.abs(a - truth).max()
+    assert np.abs(b - truth).max() <= 2 * e + 1e-6
+    assert np.abs(a - b).max() <= 4 * e + 1e-6
+    assert np.abs(a).max() > 100 * e                      # the logits are not noise themselves
