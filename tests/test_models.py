@@ -120,3 +120,11 @@ def test_passkey_model_retrieves_the_key_at_2048_tokens(passkey, depth, seed):
     logits = model.forward(ex["tokens"][:-1])                                # (T-1, V)
     pred = logits[ex["answer_start"] - 1:].argmax(-1)                        # teacher-forced key tokens
     assert list(pred) == list(ex["answer"])
+
+
+def test_llamacpp_tokenizes_fixture_text_to_the_same_ids(shipped):
+    # the GGUF tokenizer is standard: llama.cpp (tokenizer.ggml.pre "gpt-2") gives the training ids
+    llama_cpp = pytest.importorskip("llama_cpp")
+    name, _, fx = shipped
+    llm = llama_cpp.Llama(str(MODELS / f"{name}.gguf"), vocab_only=True, verbose=False)
+    assert llm.tokenize(str(fx["text"]).encode(), add_bos=True, special=False) == [int(t) for t in fx["tokens"]]
