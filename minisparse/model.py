@@ -24,9 +24,13 @@ from .quant import QuantMatrix
 
 
 def rms_norm(x, w, eps):
-    """x (T, D) * w (D,) / rms(x): llama's RMSNorm, computed in float32 like llama.cpp."""
-    ms = np.mean(x * x, axis=-1, keepdims=True)               # (T, 1)
-    return x / np.sqrt(ms + eps) * w                          # (T, D)
+    """x (T, D) * w (D,) / rms(x): llama's RMSNorm.
+
+    The mean square is summed in float64 as ggml does (its sum is a ggml_float = double), which
+    also keeps extreme activations finite: x*x overflows float32 above |x| ~ 1.8e19.
+    """
+    ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)     # (T, 1)
+    return x * (1.0 / np.sqrt(ms + eps)).astype(np.float32) * w              # (T, D)
 
 
 def linear(x, w, b=None):
@@ -78,7 +82,8 @@ def apply_rope(x, cos, sin, style: str, rope_dim: int):
 
 
 def silu(x):
-    return x / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):      # exp(-x) -> inf for x < -88 gives the right limit, -0
+        return x / (1.0 + np.exp(-x))
 
 
 def swiglu(x, w_gate, w_up, w_down):

@@ -23,7 +23,7 @@ def write_tensor(w: gguf.GGUFWriter, name, x, qtype=QT.F32):
         w.add_tensor(name, quantize(x, qtype), raw_dtype=qtype)
 
 
-def tiny_weights(arch="llama", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn=48, vocab=64,
+def tiny_weights(arch="llama", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn=48, vocab=300,
                  head_dim=None, tied=False, seed=0, scale=0.3):
     """Random weights named after GGUF tensors, (out, in) float32."""
     rng = np.random.default_rng(seed)
@@ -46,7 +46,8 @@ def tiny_weights(arch="llama", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn=
 
 
 def add_tiny_vocab(w: gguf.GGUFWriter, n: int):
-    """A SentencePiece-style vocabulary of n tokens: <unk> <s> </s>, byte tokens, then filler."""
+    """A SentencePiece-style vocabulary of n >= 259 tokens: <unk> <s> </s>, the 256 byte tokens
+    (byte fallback needs them all), then filler pieces."""
     toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     toks = (toks + [f"\u2581t{i}" for i in range(n)])[:n]
     types = [2, 3, 3] + [6] * 256 + [1] * n
