@@ -1,0 +1,374 @@
+"""The eval runner: parse a list of variants, run each through the real model over one text
+(teacher forced), compare it with dense attention at the same analysis positions, and write
+results.json plus a Markdown table.
+
+Leaves out plotting (plots.py), the pass-key task's generator (needle.py) and the CLI (cli.py).
+The rule for a variant string (docs/lab.md): if its first member's name is a cache policy
+(`recursive=`, `streaming=`, `press=`) the variant is a bounded cache parsed by
+`minisparse.cache.parse_cache_spec` (or this module's fallback); otherwise it is an attention spec
+parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax.
+
+Shape legend: T tokens, A analysis rows, Hq / Hkv query / KV heads, d head width, V vocabulary.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import metrics as M
+
+CACHE_NAMES = ("recursive", "streaming", "press")
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    """One `;`-separated entry of --variants: an attention selector or a bounded-cache factory."""
+    spec: str
+    kind: str                       # "attention" | "cache" | "error"
+    selector: object = None
+    make_cache: object = None       # () -> cache, for kind "cache"
+    error: str | None = None
+    nominal: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """Member names joined by '+' ("sinks+window", "topk"): one plot curve per family."""
+        return "+".join(tok.split("=")[0].strip().lower() for tok in self.spec.split(",")
+                        if tok.split("=")[0].strip().lower() not in ("seed", "mode"))
+
+
+def _members(sel):
+    return list(getattr(sel, "members", [sel]))
+
+
+def nominal_budget(sel) -> dict:
+    """The budget the spec asks for: absolute keys (k, window, sinks, ...) and/or a fraction."""
+    keys, frac, parts = 0, 0.0, []
+    for m in _members(sel):
+        parts.append(m.describe() if hasattr(m, "describe") else type(m).__name__)
+        for a in ("k", "w", "n"):
+            v = getattr(m, a, None)
+            if isinstance(v, int):
+                keys += v
+        f = getattr(m, "fraction", None)
+        if isinstance(f, float):
+            frac += f
+        if hasattr(m, "density") and hasattr(m, "seeds"):      # RandomMask: per-seed density
+            frac += m.density * m.seeds
+            if hasattr(m, "expected_coverage"):
+                parts[-1] += f" (expected random coverage {m.expected_coverage():.3f})"
+    return {"describe": ",".join(parts), "keys": keys or None, "fraction": frac or None}
+
+
+def _with_seed(sel, seed):
+    """Give samplers without an explicit `,seed=` the run's --seed (recorded in the result)."""
+    if hasattr(sel, "members"):
+        return type(sel)(*[_with_seed(m, seed) for m in sel.members])
+    return sel.with_options(seed=seed) if hasattr(sel, "with_options") else sel
+
+
+def parse_cache_spec_fallback(spec: str, model):
+    """`recursive=B512[/n4][/b64][/acc][/perhead]`, `streaming=4+508[/reassigned]` (sinks +
+    window), `press=0.5` -> a zero-argument cache factory. Used when minisparse.cache has no
+    parse_cache_spec of its own."""
+    from ..cache import PressCache, RecursiveCompressor, StreamingCache
+    name, _, val = spec.partition("=")
+    name, parts = name.strip().lower(), [p for p in val.strip().split("/") if p]
+    if not parts:
+        raise ValueError(f"cache spec {spec!r}: needs a value, e.g. recursive=B512, streaming=4+508, press=0.5")
+    try:
+        if name == "recursive":
+            kw = {"budget": int(parts[0].lstrip("Bb"))}
+            for p in parts[1:]:
+                if p[0] == "n":
+                    kw["protection_divisor"] = int(p[1:])
+                elif p[0] == "b":
+                    kw["block"] = int(p[1:])
+                elif p == "acc":
+                    kw["mode"] = "accumulate"
+                elif p == "perhead":
+                    kw["per_head"] = True
+                else:
+                    raise ValueError(f"unknown option {p!r} (n<divisor>, b<block>, acc, perhead)")
+            return lambda: RecursiveCompressor(**kw)
+        if name == "streaming":
+            s, _, w = parts[0].partition("+")
+            mode = "reassigned" if "reassigned" in parts[1:] else "original"
+            return lambda: StreamingCache(int(s), int(w), mode, model=model)
+        if name == "press":
+            return lambda: PressCache(float(parts[0]))
+    except ValueError as e:
+        raise ValueError(f"cache spec {spec!r}: {e}") from None
+    raise ValueError(f"cache spec {spec!r}: unknown cache {name!r}; known: {', '.join(CACHE_NAMES)}")
+
+
+def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
+    """Split --variants on ';' and parse each; a variant that fails to parse becomes an error
+    row (kind "error") instead of stopping the run."""
+    from ..attention import parse_attention_spec
+    out = []
+    for spec in (s.strip() for s in text.split(";")):
+        if not spec:
+            continue
+        name = spec.split(",")[0].split("=")[0].strip().lower()
+        try:
+            if name in CACHE_NAMES:
+                try:
+                    from ..cache import parse_cache_spec
+                    make = lambda spec=spec: parse_cache_spec(spec, model.config)  # noqa: E731
+                    make()                                     # fail now, not mid-run
+                except ImportError:
+                    make = parse_cache_spec_fallback(spec, model)
+                probe = make()
+                out.append(Variant(spec, "cache", make_cache=make, nominal={
+                    "describe": spec, "keys": getattr(probe, "budget", None) or
+                    (getattr(probe, "sinks", 0) + getattr(probe, "window", 0)) or None,
+                    "fraction": None}))
+            else:
+                sel = parse_attention_spec(spec)
+                if "seed=" not in spec:
+                    sel = _with_seed(sel, seed)
+                out.append(Variant(spec, "attention", selector=sel, nominal=nominal_budget(sel)))
+        except Exception as e:       # noqa: BLE001 - any parse failure is reported, not raised
+            out.append(Variant(spec, "error", error=f"{type(e).__name__}: {e}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class _Trace(dict):
+    """A trace dict that keeps only q, k, v, attn_out per layer, appending across calls (the
+    model writes each name once per call; a chunked run makes several calls)."""
+    WANT = ("q", "k", "v", "attn_out")
+
+    def __setitem__(self, name, value):
+        if name.startswith("blk.") and name.rsplit(".", 1)[-1] in self.WANT:
+            self.setdefault(name, []).append(np.asarray(value))
+
+    def get_layer(self, l):
+        q, k, v = (np.concatenate(self[f"blk.{l}.{n}"], axis=1) for n in "qkv")   # (H, T, d)
+        o = np.concatenate(self[f"blk.{l}.attn_out"], axis=0)                      # (T, Hq*d)
+        return q, k, v, o
+
+
+def _record_reads(cache):
+    """Wrap cache.update so each call records (layer, query positions, key positions read)."""
+    calls, update = [], cache.update
+
+    def rec(layer, k_new, v_new, pos, q=None):
+        held = getattr(cache, "pos", {})
+        old = np.asarray(held[layer])[0] if isinstance(held, dict) and layer in held else np.zeros(0, np.int64)
+        calls.append((layer, np.asarray(pos).copy(), np.concatenate([old, np.asarray(pos)])))
+        return update(layer, k_new, v_new, pos, q=q)
+    cache.update = rec
+    return calls
+
+
+def run_one(model, ids, variant, first, last, dense_layers=(), chunk=512, protocol="B", tick=None):
+    """Run ids (T,) through the model under `variant`, teacher forced, in chunks.
+
+    protocol "B": every position attends sparsely; "A": positions before `first` are prefilled
+    dense, the analysis rows [first, last) and after run sparse. Returns (log-probs (A, V) of the
+    next token at rows [first, last), stats records, trace, cache-read records or None)."""
+    T = len(ids)
+    cache = variant.make_cache() if variant.kind == "cache" else model.new_cache()
+    reads = _record_reads(cache) if variant.kind == "cache" else None
+    sel = variant.selector if variant.kind == "attention" else None
+    stats, trace, rows = [], _Trace(), []
+    bounds = sorted({0, T, *(range(0, T, chunk))} | ({first} if protocol == "A" else set()))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        att = None if (protocol == "A" and b <= first) else sel
+        lg = model.forward(ids[a:b], cache, attention=att, dense_layers=dense_layers,
+                           stats=stats, trace=trace)                     # (b - a, V)
+        lo, hi = max(a, first), min(b, last)
+        if hi > lo:
+            rows.append(M.log_softmax(lg[lo - a:hi - a]))                 # (hi - lo, V)
+        if tick:
+            tick(b - a)
+    return np.concatenate(rows), stats, trace, reads
+
+
+def _density_by_layer(stats, L, first, last):
+    """Per layer: realised density (Hq, A) at analysis rows, keys read (Hq, A), and the density
+    over every position (Hq, T)."""
+    out = []
+    for l in range(L):
+        recs = [r for r in stats if r["layer"] == l]
+        qp = np.concatenate([r["q_pos"] for r in recs])                  # (T,)
+        na = np.concatenate([r["n_attended"] for r in recs], axis=1)     # (Hq, T)
+        dens = M.realised_density(na, qp)                                 # (Hq, T)
+        sel = (qp >= first) & (qp < last)
+        out.append((dens[:, sel], na[:, sel], dens))
+    return out
+
+
+def selection_mask(sel, hq, tq, tk):
+    """Boolean (Hq, Tq, Tk) of the REAL keys a Selection lists per row (pseudo-keys dropped),
+    built with difference arrays instead of Selection.to_mask's per-index Python loop."""
+    from ..attention import KV, SHARED
+    s = sel.normalize()
+    R = s.n_heads * tq
+    diff = np.zeros((R, tk + 1), np.int32)                                 # (R, Tk+1)
+    rr = np.repeat(np.arange(R), np.diff(s.range_ptr))
+    np.add.at(diff, (rr, np.minimum(s.range_lo, tk)), 1)
+    np.add.at(diff, (rr, np.minimum(s.range_hi, tk)), -1)
+    mask = np.cumsum(diff, axis=1)[:, :tk] > 0                           # (R, Tk)
+    ri = np.repeat(np.arange(R), np.diff(s.idx_ptr))
+    real = s.idx < tk
+    mask[ri[real], s.idx[real]] = True
+    mask = mask.reshape(s.n_heads, tq, tk)
+    if s.head_kind == SHARED:
+        return np.broadcast_to(mask, (hq, tq, tk))
+    if s.head_kind == KV:
+        return np.repeat(mask, hq // s.n_heads, axis=0)
+    return mask
+
+
+def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
+    """Recall and relative output error of layer l at rows [first, last), on the variant's own
+    q/k/v: dense probabilities p (Hq, A, Tk) float64, dense output o = attend(..., Dense())."""
+    from ..attention import Dense, attend
+    cfg = model.config
+    q, k, v, o_model = trace.get_layer(l)
+    qa = np.ascontiguousarray(q[:, first:last])                            # (Hq, A, d)
+    k, v = np.ascontiguousarray(k[:, :last]), np.ascontiguousarray(v[:, :last])  # (Hkv, Tk, d)
+    qpos, kpos = np.arange(first, last), np.arange(last)
+    Hq, A, d = qa.shape
+    p = M.dense_probs(qa, k, qpos, kpos)                                    # (Hq, A, Tk)
+    o = attend(qa, k, v, Dense(), qpos, kpos)                               # (Hq, A, d)
+    if variant.kind == "cache":
+        # what the model computed (the cache may re-rotate keys); keys read = held + new
+        o_s = o_model[first:last].reshape(A, Hq, d).transpose(1, 0, 2)      # (Hq, A, d)
+        mask = np.zeros((1, A, last), bool)
+        for layer, pos, kp in reads:
+            if layer != l:
+                continue
+            for t in np.nonzero((pos >= first) & (pos < last))[0]:
+                mask[0, pos[t] - first, kp[(kp <= pos[t]) & (kp < last)]] = True
+    else:
+        sel = Dense() if (variant.kind != "attention" or l in dense_layers) else variant.selector
+        o_s = attend(qa, k, v, sel, qpos, kpos)                              # (Hq, A, d)
+        mask = selection_mask(sel.select(qa, k, qpos, kpos), Hq, A, last)   # (Hq, A, Tk)
+    return M.mass_recall(p, mask), M.rel_error(o_s, o)                      # (Hq, A) each
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, protocol="B",
+             progress=None, seed=0) -> dict:
+    """Evaluate every variant on ids (T,) against dense; returns {"dense": {...}, "variants": [...]}.
+
+    Analysis rows are the last `analysis` positions that have a next token: [T-1-A, T-1)."""
+    from ..attention import Dense
+    T, L = len(ids), model.config.n_layers
+    A = min(analysis, T - 1)
+    first, last = T - 1 - A, T - 1
+    targets = np.asarray(ids[first + 1:last + 1])
+    ok = [v for v in variants if v.kind != "error"]
+    total = T * (1 + len(ok))
+    done = [0]
+
+    def tick(n):
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    base = Variant("dense", "attention", selector=Dense())
+    t0 = time.perf_counter()
+    logp_d, _, _, _ = run_one(model, ids, base, first, last, dense_layers, chunk, protocol, tick)
+    dense_s = time.perf_counter() - t0
+    out = []
+    for var in variants:
+        row = {"spec": var.spec, "kind": var.kind, "family": var.family, "error": var.error,
+               "protocol": protocol, "dense_layers": list(dense_layers), "seed": seed,
+               "budget": {"nominal": var.nominal}}
+        if var.kind == "error":
+            out.append(row)
+            continue
+        t0 = time.perf_counter()
+        try:
+            logp, stats, trace, reads = run_one(model, ids, var, first, last, dense_layers, chunk,
+                                                protocol, tick)
+            dens = _density_by_layer(stats, L, first, last)
+            layers, rec_all, err_all = [], [], []
+            for l in range(L):
+                rec, err = layer_metrics(model, var, trace, reads, l, first, last, dense_layers)
+                rec_all.append(rec), err_all.append(err)
+                layers.append({"layer": l, "dense": l in dense_layers,
+                               "density": M.summary(dens[l][0]), "density_all": M.summary(dens[l][2]),
+                               "keys_read": M.summary(dens[l][1]),
+                               "recall": M.summary(rec), "rel_error": M.summary(err)})
+            del trace
+        except Exception as e:   # noqa: BLE001 - a variant that fails at run time is a row too
+            row.update(kind="error", error=f"{type(e).__name__}: {e}")
+            out.append(row)
+            continue
+        row.update({
+            "density": M.summary(np.stack([d[0] for d in dens])),
+            "density_all": M.summary(np.stack([d[2] for d in dens])),
+            "recall": M.summary(np.stack(rec_all)), "rel_error": M.summary(np.stack(err_all)),
+            "lm": M.lm_metrics(logp_d, logp, targets), "layers": layers,
+            "seconds": round(time.perf_counter() - t0, 2)})
+        row["budget"].update({"keys_read_mean": float(np.mean([d[1].mean() for d in dens])),
+                              "density_mean": row["density"]["mean"]})
+        out.append(row)
+    return {"n_tokens": T, "analysis_rows": [first, last], "protocol": protocol,
+            "dense": {"nll": float(-logp_d[np.arange(A), targets].mean()),
+                      "ppl": float(np.exp(-logp_d[np.arange(A), targets].mean())),
+                      "seconds": round(dense_s, 2)},
+            "variants": out}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+class Progress:
+    """One-line progress bar on stderr: done/total, rate, time left."""
+
+    def __init__(self, label, unit="tokens", stream=None):
+        self.t0, self.label, self.unit = time.perf_counter(), label, unit
+        self.stream = stream or sys.stderr
+
+    def __call__(self, done, total):
+        dt = time.perf_counter() - self.t0
+        rate = done / max(dt, 1e-9)
+        bar = "#" * int(30 * done / max(total, 1))
+        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{total} {self.unit} "
+                          f"{rate:.1f}/s {(total - done) / max(rate, 1e-9):.0f} s left ")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _f(x, fmt="{:.3f}"):
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+
+def markdown_table(res: dict) -> str:
+    """The text results as a Markdown table (one row per variant, dense first)."""
+    t = res["text"]
+    lines = [f"Model `{res['model']}`, text `{res['text_name']}` ({t['n_tokens']} tokens), analysis "
+             f"rows {t['analysis_rows'][0]}..{t['analysis_rows'][1] - 1}, protocol {t['protocol']}, "
+             f"dense layers {res['dense_layers'] or 'none'}, seed {res['seed']}; dense perplexity "
+             f"{t['dense']['ppl']:.3f} over those rows.", "",
+             "| variant | keys read | density (mean ± sd) | mass recall | rel. error ‖o_S−o‖/‖o‖ | "
+             "ppl ratio | KL (nats) | agreement | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in t["variants"]:
+        if r["kind"] == "error":
+            lines.append(f"| `{r['spec']}` | error: {r['error']} |||||||| ")
+            continue
+        lm = r["lm"]
+        lines.append(
+            f"| `{r['spec']}` | {r['budget']['keys_read_mean']:.1f} | {r['density']['mean']:.3f} ± "
+            f"{r['density']['std']:.3f} | {_f(r['recall']['mean'])} | {_f(r['rel_error']['mean'], '{:.4f}')} | "
+            f"{_f(lm['ppl_ratio'], '{:.4f}')} | {_f(lm['kl'], '{:.4f}')} | {_f(lm['agreement'])} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
