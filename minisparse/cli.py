@@ -17,6 +17,7 @@ import time
 SUBCOMMANDS = {
     # name: "module:function" adding the parser(s)
     "ask, cache": "minisparse.ask:add_parsers",
+    "eval": "minisparse.lab.cli:add_parser",
 }
 
 EXIT_USAGE = 2

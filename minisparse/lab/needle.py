@@ -12,8 +12,8 @@ A kit built from the minisparse GGUF tokenizer equals the one models/train.py us
 
     >>> kit = build_kit(minisparse.load_tokenizer("models/minisparse-passkey.gguf"))  # doctest: +SKIP
     >>> ex = make_passkey_example(kit, n_tokens=4096, depth=0.25, seed=7)              # doctest: +SKIP
-    >>> prompt = ex["tokens"][:ex["answer_start"]]      # ends with "... The pass key is"
-    >>> ex["tokens"][ex["answer_start"]:]               # == ex["answer"], the key's tokens
+    >>> prompt = ex["tokens"][:ex["answer_start"]]      # doctest: +SKIP  (ends "... The pass key is")
+    >>> ex["tokens"][ex["answer_start"]:]               # doctest: +SKIP  (== ex["answer"], the key)
 """
 from __future__ import annotations
 
