@@ -12,8 +12,10 @@ A kit built from the minisparse GGUF tokenizer equals the one models/train.py us
 
     >>> kit = build_kit(minisparse.load_tokenizer("models/minisparse-passkey.gguf"))  # doctest: +SKIP
     >>> ex = make_passkey_example(kit, n_tokens=4096, depth=0.25, seed=7)              # doctest: +SKIP
-    >>> prompt = ex["tokens"][:ex["answer_start"]]      # doctest: +SKIP  (ends "... The pass key is")
-    >>> ex["tokens"][ex["answer_start"]:]               # doctest: +SKIP  (== ex["answer"], the key)
+    >>> prompt = ex["tokens"][:ex["answer_start"]]  # doctest: +SKIP
+    >>> ex["tokens"][ex["answer_start"]:]           # doctest: +SKIP
+
+`prompt` ends with "... The pass key is"; the rest equals ex["answer"], the key's tokens.
 """
 from __future__ import annotations
 
