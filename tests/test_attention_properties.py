@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RuvLLM, Sinks, Strided, Window, attend, dense_reference)
 from minisparse.attention.gated import Gated
+from minisparse.attention import IVF, LSH, Hybrid, Quest, TopK   # content-based (issue 4)
 
 SELECTORS = [
     ("dense", lambda: Dense()),
@@ -25,6 +26,13 @@ SELECTORS = [
     ("random-stochastic", lambda: RandomMask(0.2, 3, seed=7, sinks=1, window=1)),
     ("random-structural", lambda: RandomMask(0.25, 2, mode="structural", seed=7, sinks=1, window=1)),
     ("gate(b3,w2,s1)", lambda: Gated(budget=3, window=2, sinks=1, gate="untrained")),
+    ("topk3|r2", lambda: TopK(3, recent=2)),
+    ("topk25%", lambda: TopK(fraction=0.25)),
+    ("quest4/6", lambda: Quest(4, k=6)),
+    ("lsh-rank-K4L8", lambda: LSH(4, 8, seed=1, k=4)),
+    ("sinks1|window2|magicpig-K3L10", lambda: Sinks(1) | Window(2) | LSH(3, 10, seed=1, mode="sample")),
+    ("ivf4-all-lists-probed", lambda: IVF(4, nprobe=64, n_lists=4)),
+    ("hybrid6/0.5(topk+lsh)", lambda: Hybrid(TopK(0), LSH(4, 8, k=0), 0.5, k=6)),
 ]
 IDS = [s[0] for s in SELECTORS]
 MAKERS = [s[1] for s in SELECTORS]

@@ -43,6 +43,11 @@ from .kernel import AttentionStats, attend, attend_rows, merge_lse, store_kv
 from .patterns import (BlockLocal, Dense, Globals, Landmarks, LogStride, RunningLandmarks,
                        RuvLLM, Sinks, Strided, Window)
 from .random_mask import RandomMask
+from .topk import TopK
+from .quest import Quest
+from .lsh import LSH, LSHIndex
+from .ivf import IVF, IVFIndex
+from .hybrid import Hybrid
 from .reference import dense_reference
 from .selection import KV, Q, SHARED, Selection, Selector, Union, union
 from .spec import known_names, parse_attention_spec
@@ -52,4 +57,5 @@ __all__ = [
     "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
     "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "parse_attention_spec", "known_names",
+    "TopK", "Quest", "LSH", "LSHIndex", "IVF", "IVFIndex", "Hybrid",
 ]

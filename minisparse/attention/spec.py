@@ -26,6 +26,7 @@ def _registry():
     from . import patterns as P
     from .random_mask import parse_random
     from .gated import Gated
+    from . import hybrid, ivf, lsh, quest, topk                # content-based (issue 4)
     reg = {
         "dense": lambda v: P.Dense(),
         "window": _int("window")(P.Window),
@@ -39,6 +40,12 @@ def _registry():
         "ruvllm": lambda v: P.RuvLLM(),
         "random": parse_random,
         "gate": Gated.from_spec,                 # FastGRNN-gated (gated.py)
+        "topk": topk.TopK.from_spec,             # topk=64, topk=2%, topk=64/kv, topk=64/r16
+        "ivf": ivf.IVF.from_spec,                # ivf=64/p8/c256
+        "lsh": lsh.LSH.from_spec,                # lsh=K8L75/5% (frequency rank)
+        "magicpig": lsh.LSH.magicpig_from_spec,  # magicpig=K8L75 (sampler), ,seed=N
+        "quest": quest.Quest.from_spec,          # quest=16/5%
+        "hybrid": hybrid.Hybrid.from_spec,       # hybrid=5%/0.5 (top-k + LSH rank)
     }
     for name, build in _EXTRA.items():
         reg[name] = build

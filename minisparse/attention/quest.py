@@ -1,0 +1,147 @@
+"""Quest: keys grouped into pages of `page` consecutive keys; each page keeps its element-wise
+min and max key, which bound q.k over the page; each query reads the pages of highest bound.
+
+Leaves out Quest's CUDA paging and its dense first layers (the model's `dense_layers` does
+that). Follows Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM
+Inference": bound(page) = sum_i max(q_i * min_i, q_i * max_i) >= q.k for every k in the page.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .selection import Q, Selection, Selector, sorted_positions
+from .topk import _take_top, budget_text, check_budget, parse_budget, row_budgets
+
+
+@njit(cache=True)
+def page_minmax(k, lo, hi):
+    """Element-wise min and max of k (Hkv, Tk, d) over keys [lo, hi) -> two (Hkv, d) arrays."""
+    Hkv, _, d = k.shape
+    mn = np.full((Hkv, d), np.inf, np.float32)
+    mx = np.full((Hkv, d), -np.inf, np.float32)
+    for g in range(Hkv):
+        for j in range(lo, hi):
+            for i in range(d):
+                x = k[g, j, i]
+                if x < mn[g, i]:
+                    mn[g, i] = x
+                if x > mx[g, i]:
+                    mx[g, i] = x
+    return mn, mx
+
+
+@njit(cache=True)
+def page_bound(qv, mn, mx):
+    """Upper bound of qv . k over a page with bounds mn, mx (d,): float64 products of float32
+    inputs are exact, so only the d-term sum rounds."""
+    s = 0.0
+    for i in range(qv.size):
+        a = np.float64(qv[i]) * mn[i]
+        b = np.float64(qv[i]) * mx[i]
+        s += a if a > b else b
+    return s
+
+
+@njit(cache=True)
+def page_bounds_all(k, page):
+    """Bounds of the complete pages: mn, mx (Hkv, n_full, d) float32."""
+    Hkv, Tk, d = k.shape
+    nf = Tk // page
+    mn = np.empty((Hkv, nf, d), np.float32)
+    mx = np.empty((Hkv, nf, d), np.float32)
+    for p in range(nf):
+        a, b = page_minmax(k, p * page, (p + 1) * page)
+        mn[:, p] = a
+        mx[:, p] = b
+    return mn, mx
+
+
+@njit(cache=True)
+def quest_rows(q, k, hi, page, n_pages, mn, mx):
+    """Per (query head h, query t): bounds of the pages over the causal keys [0, hi[t]) — complete
+    pages from mn/mx, the last partial page from its causal keys only — and the n_pages[r] pages
+    of highest bound (ties to the later page). Returns CSR ranges (ptr, lo, hi)."""
+    Hq, Tq, d = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    R = Hq * Tq
+    cnt = np.zeros(R, np.int64)
+    for r in range(R):
+        t = r % Tq
+        npg = (hi[t] + page - 1) // page
+        cnt[r] = min(n_pages[r], npg)
+    ptr = np.zeros(R + 1, np.int64)
+    ptr[1:] = np.cumsum(cnt)
+    rlo = np.empty(ptr[-1], np.int64)
+    rhi = np.empty(ptr[-1], np.int64)
+    for r in range(R):
+        h = r // Tq
+        t = r % Tq
+        g = h // G
+        nfull = hi[t] // page
+        npg = (hi[t] + page - 1) // page
+        ub = np.empty(npg, np.float64)
+        for p in range(nfull):
+            ub[p] = page_bound(q[h, t], mn[g, p], mx[g, p])
+        if npg > nfull:                                  # partial page: causal keys only
+            a = np.full(d, np.inf, np.float32)
+            b = np.full(d, -np.inf, np.float32)
+            for j in range(nfull * page, hi[t]):
+                for i in range(d):
+                    a[i] = min(a[i], k[g, j, i])
+                    b[i] = max(b[i], k[g, j, i])
+            ub[nfull] = page_bound(q[h, t], a, b)
+        pick = np.empty(cnt[r], np.int64)
+        _take_top(ub, np.ones(npg, np.bool_), cnt[r], pick, 0)
+        for c in range(cnt[r]):
+            rlo[ptr[r] + c] = pick[c] * page
+            rhi[ptr[r] + c] = min((pick[c] + 1) * page, hi[t])
+    return ptr, rlo, rhi
+
+
+class Quest(Selector):
+    """Each query head reads whole pages of `page` keys (by index; keys in position order): the
+    max(1, budget // page) pages of highest bound, where budget = k keys or ceil(fraction *
+    n_causal). The query's own partial page is bounded over its causal keys only, so a row
+    never looks at a later key.
+
+    >>> import numpy as np
+    >>> from minisparse.attention import attend
+    >>> x = np.random.default_rng(0).standard_normal((1, 40, 4)).astype(np.float32)
+    >>> _, st = attend(x, x, x, Quest(page=4, k=8), return_stats=True)
+    >>> int(st.n_attended[0, -1])                   # two pages of 4
+    8
+    """
+
+    def __init__(self, page=16, k=None, fraction=None):
+        if int(page) < 1:
+            raise ValueError(f"Quest: page must be >= 1, got {page}")
+        self.page = int(page)
+        self.k, self.fraction = check_budget("Quest", k, fraction)
+
+    def _select(self, q, k, q_pos, k_pos):
+        if q is None:
+            raise ValueError("Quest: needs the queries (content-based), got q=None")
+        sorted_positions("Quest", k_pos)
+        P = self.page
+        hi = np.searchsorted(k_pos, q_pos, side="right")                    # (Tq,) causal keys
+        n_pages = np.maximum(1, row_budgets(self.k, self.fraction, q_pos, k_pos, q.shape[0]) // P)
+        mn, mx = page_bounds_all(k, P)                                       # (Hkv, n_full, d)
+        ptr, lo, rhi = quest_rows(q, k, hi, P, n_pages, mn, mx)
+        z = np.zeros(q.shape[0] * q_pos.size + 1, np.int64)
+        return Selection.from_lists(z, np.zeros(0, np.int64), k.shape[1], head_kind=Q,
+                                    n_heads=q.shape[0], tq=q_pos.size, r_ptr=ptr, r_lo=lo,
+                                    r_hi=rhi)
+
+    def describe(self):
+        return f"quest={self.page}/" + budget_text(self.k, self.fraction)
+
+    @staticmethod
+    def from_spec(val):
+        """`quest=16/5%` (page 16, 5% of causal keys) or `quest=16/64` (64 keys)."""
+        page, _, b = (val or "").partition("/")
+        if not page.isdigit() or not b:
+            raise ValueError(f"attention spec: 'quest={val}': expected PAGE/BUDGET, e.g. quest=16/5%")
+        k, f = parse_budget(b, f"quest={val}")
+        return Quest(int(page), k, f)
