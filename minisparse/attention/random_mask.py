@@ -124,6 +124,15 @@ class RandomMask(Selector):
         g = max(1, round(1.0 / self.density))                        # same clique as the query
         return 1.0 - (1.0 - 1.0 / g) ** self.seeds
 
+    def coverage_report(self, stats=None) -> dict:
+        """Nominal density next to the effective coverage of the seed union (and, given the
+        AttentionStats of a call, the realised attended fraction including sinks and window)."""
+        rep = {"nominal_density": self.density, "seeds": self.seeds, "mode": self.mode,
+               "seed": self.seed, "expected_coverage": self.expected_coverage()}
+        if stats is not None:
+            rep["realised_fraction"] = float(stats.n_attended.sum() / max(stats.n_causal.sum(), 1))
+        return rep
+
     def random_part(self, k_pos, q_pos) -> Selection:
         """Only the random draws (no sinks, no window), shared by all heads."""
         hi = np.searchsorted(k_pos, q_pos, side="right")              # (Tq,) causal keys

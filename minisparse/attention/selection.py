@@ -203,11 +203,25 @@ def _gather(ptr, src_rows):
     return row, pos
 
 
-def _csr(row, n_rows):
-    order = np.argsort(row, kind="stable")                       # stable: member order kept
+def _place(rows, n_rows):
+    """Members' row ids (each non-decreasing, from _gather) -> (ptr (R+1,), destination of every
+    entry (n_m,) per member): row r holds member 0's entries, then member 1's, ... (O(n), no sort)."""
+    counts = [np.bincount(r, minlength=n_rows) for r in rows]
     ptr = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(row, minlength=n_rows), out=ptr[1:])
-    return ptr, order
+    np.cumsum(sum(counts), out=ptr[1:])
+    dests, before = [], np.zeros(n_rows, np.int64)
+    for r, c in zip(rows, counts):
+        first = np.cumsum(c) - c                                 # (R,) start of row r in member
+        dests.append(ptr[r] + before[r] + np.arange(r.size, dtype=np.int64) - first[r])
+        before += c
+    return ptr, dests
+
+
+def _scatter(vals, dests, n, dtype):
+    out = np.empty(n, dtype)
+    for x, d in zip(vals, dests):
+        out[d] = x
+    return out
 
 
 def _cat_values(evs):
@@ -255,11 +269,13 @@ def union(sels, hq: int, hkv: int) -> Selection:
             ek.append(s.extra_k); ev.append(s.extra_v)
             epos.append(s.extra_pos); elo.append(s.extra_lo); ehi.append(s.extra_hi)
             e_off += s.n_extra
-    rptr, ro = _csr(np.concatenate(rr), R)
-    iptr, io = _csr(np.concatenate(ir), R)
+    rptr, rd = _place(rr, R)
+    iptr, idd = _place(ir, R)
+    nr, ni = int(rptr[-1]), int(iptr[-1])
     cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
-    out = Selection(kind, n_heads, tq, tk, rptr, cat(rl, np.int64)[ro], cat(rh, np.int64)[ro],
-                    iptr, cat(ii, np.int64)[io], cat(iw, np.float32)[io], cat(ie, bool)[io],
+    out = Selection(kind, n_heads, tq, tk, rptr, _scatter(rl, rd, nr, np.int64),
+                    _scatter(rh, rd, nr, np.int64), iptr, _scatter(ii, idd, ni, np.int64),
+                    _scatter(iw, idd, ni, np.float32), _scatter(ie, idd, ni, bool),
                     np.concatenate(ek, axis=1) if ek else None,
                     _cat_values(ev),
                     cat(epos, np.int64), cat(elo, np.int64), cat(ehi, np.int64))
