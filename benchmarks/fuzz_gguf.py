@@ -1,6 +1,6 @@
 """Long GGUF fuzz run: N seeded mutants of real GGUF files; each must pass or raise GGUFError.
 
-Runs the mutators of tests/test_fuzz_gguf.py (the CI test runs 2,500 of them) and records what
+Runs the mutators of tests/test_fuzz_gguf.py (the CI test runs 2,400 of them) and records what
 happened: loaded / rejected by which check, time per file (p50, p99, max), peak RSS. Leaves out
 speed targets for the parser; the numbers document the bound, they are not a benchmark to beat.
 
