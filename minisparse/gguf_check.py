@@ -254,7 +254,7 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None,
 
     Reads through a read-only memory map and allocates nothing sized by a declared length, so a
     hostile file costs O(file size) time and memory at most. Returns a `GGUFLayout` whose tensor
-    data ranges are inside the file, aligned and non-overlapping; `gguf.GGUFReader` can then open
+    data ranges are inside the file, aligned, in order and back to back; `gguf.GGUFReader` can then open
     the file safely. Does not check what a model needs: see `check_model_metadata`.
     `max_tensor_bytes` caps one tensor's data; `max_array_items` caps the metadata array items
     (GGUFReader's cost grows per item; counts of tensors and keys are capped at 65536 each).
@@ -341,12 +341,20 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
             raise cur.fail(f"tensor {t.name!r} data",
                            f"bytes [{start}, {start + t.n_bytes}) inside the file of {size} bytes",
                            "a range past the end (truncated file or bad offset)")
-    by_offset = sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset)
-    for prev, t in zip(by_offset, by_offset[1:]):
-        if t.offset < prev.offset + prev.n_bytes:
-            raise cur.fail(f"tensor {t.name!r} offset",
-                           f"data after tensor {prev.name!r} (which ends at data offset "
-                           f"{prev.offset + prev.n_bytes})", f"{t.offset}: the tensors overlap")
+    # Tensors lie in file order, each at the padded end of the one before (llama.cpp's reader
+    # refuses anything else), and the file ends with the last one's padding. Both matter: a lowered
+    # tensor_count or a flipped offset moves data_offset or a tensor while every range stays inside
+    # the file, and would load a silently wrong model.
+    run = 0
+    for t in tensors:
+        if t.offset != run:
+            raise cur.fail(f"tensor {t.name!r} offset", f"{run} (tensors are stored in order, each at the "
+                           f"padded end of the previous one)", t.offset)
+        run += -(-t.n_bytes // alignment) * alignment
+    if tensors and size - data_offset > run:
+        raise cur.fail("tensor data section", f"the file to end with the last tensor's padding at byte "
+                       f"{data_offset + run}", f"{size - data_offset - run} bytes more (infos and data disagree: "
+                       f"a tensor info missing, or bytes appended)")
     return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset,
                       info_offset, info_end)
 

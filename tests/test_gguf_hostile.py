@@ -351,7 +351,30 @@ def test_overlapping_tensors(tmp_path, tiny):
     a = tensor_info_at(buf, "blk.0.attn_k.weight")["offset"]
     b = tensor_info_at(buf, "blk.0.attn_v.weight")["offset"]
     (off_a,) = struct.unpack_from("<Q", buf, a)
-    expect_error(tmp_path, patch(buf, b, "<Q", off_a), "overlap", "blk.0.attn_")
+    expect_error(tmp_path, patch(buf, b, "<Q", off_a), "tensor 'blk.0.attn_v.weight' offset",
+                 "padded end of the previous one", f"found {off_a}")
+
+
+def test_gap_between_tensors(tmp_path, tiny):
+    # an offset moved back by one alignment step stays inside the file and aligned, but would
+    # read the wrong bytes: tensors must be back to back, as llama.cpp requires
+    buf = tiny[1]
+    at = tensor_info_at(buf, "blk.1.ffn_down.weight")["offset"]
+    (off,) = struct.unpack_from("<Q", buf, at)
+    expect_error(tmp_path, patch(buf, at, "<Q", off - 32), "tensor 'blk.1.ffn_down.weight' offset",
+                 f"expected {off}")
+
+
+def test_lowered_tensor_count_is_caught_by_the_data_tail(tmp_path, tiny):
+    # one tensor info fewer: data_offset moves back, every range stays inside the file; only the
+    # bytes left after the last tensor show that infos and data disagree
+    buf = tiny[1]
+    (n,) = struct.unpack_from("<Q", buf, 8)
+    expect_error(tmp_path, patch(buf, 8, "<Q", n - 1), "tensor data section", "bytes more")
+
+
+def test_appended_bytes_are_refused(tmp_path, tiny):
+    expect_error(tmp_path, tiny[1] + bytes(64), "tensor data section", "64 bytes more")
 
 
 def test_duplicate_tensor_names(tmp_path, tiny):
