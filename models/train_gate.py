@@ -193,8 +193,36 @@ def evaluate(maps_list, gates, budgets, window, sinks, start):
             row[label] = np.mean([mass_recall(m, Gated(B, window, sinks, gate=g), start)
                                   for m in maps_list])
         row["oracle"] = np.mean([oracle_recall(m, window, sinks, B, start) for m in maps_list])
-        rows.append({k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in row.items()})
+        rows.append({k: (round(float(v), 4) if isinstance(v, float) else v)
+                     for k, v in row.items()})
     return rows
+
+
+def eval_table(args, model, d):
+    """Markdown table of held-out recall for the shipped gates of this head width, untrained and
+    random keep over 5 seeds each (mean ± sd), base only and the hindsight oracle."""
+    import zipfile
+    names = sorted({n.split("/")[0] for n in zipfile.ZipFile(args.out).namelist()})
+    gates = [FastGRNNGate.load(args.out, name=n) for n in names]
+    gates = [g for g in gates if g.d == d]
+    seeds = gates[0].record["heldout_seeds"]
+    maps = [attention_maps(model, sample_ids(model, s, args.length)) for s in seeds]
+    W, S, start = args.window, args.sinks, 64
+    rec = lambda m, sel: np.mean([mass_recall(x, sel, start) for x in m])
+    print(f"held-out seeds {seeds}, {args.length} tokens, window {W}, sinks {S}, queries >= {start}")
+    print("| budget | base only | " + " | ".join(f"trained {g.cell} ({g.name})" for g in gates)
+          + " | untrained fastgrnn (5 seeds) | untrained ruvllm (5 seeds) | random keep (5 seeds)"
+          " | oracle |")
+    print("|" + "---|" * (len(gates) + 6))
+    base = rec(maps, Gated(0, W, S, gate=RandomGate(0)))
+    for B in args.budgets:
+        cells = [f"{base:.4f}"] + [f"{rec(maps, Gated(B, W, S, gate=g)):.4f}" for g in gates]
+        for make in (lambda s: FastGRNNGate.random(d, args.hidden, s),
+                     lambda s: FastGRNNGate.random(d, args.hidden, s, "ruvllm"), RandomGate):
+            v = [rec(maps, Gated(B, W, S, gate=make(s))) for s in range(5)]
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}")
+        cells.append(f"{np.mean([oracle_recall(m, W, S, B, start) for m in maps]):.4f}")
+        print(f"| {B} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main():
@@ -213,11 +241,16 @@ def main():
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cell", choices=("fastgrnn", "ruvllm"), default="fastgrnn")
+    ap.add_argument("--eval-only", action="store_true", help="print the held-out recall table "
+                    "of the gates in --out for this model, then stop")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32])
     args = ap.parse_args()
 
     t0 = time.time()
     model = load_model(args.model)
     d = model.config.head_dim
+    if args.eval_only:
+        return eval_table(args, model, d)
     train_seeds = list(range(args.train_texts))
     held_seeds = list(range(1000, 1000 + args.heldout_texts))
     print(f"{args.name}: sampling {len(train_seeds)} + {len(held_seeds)} texts of "
@@ -246,7 +279,8 @@ def main():
         "train_loss": hist[-1][1], "heldout_loss": hist[-1][2], "init_heldout_loss": hist[0][2],
     }
     gate = FastGRNNGate(P, args.cell, trained=True, record=record, name=args.name)
-    gates = {"trained": gate, "untrained (seed 0)": FastGRNNGate.random(d, args.hidden, 0, args.cell),
+    gates = {"trained": gate,
+             "untrained (seed 0)": FastGRNNGate.random(d, args.hidden, 0, args.cell),
              "random keep": RandomGate(0)}
     rows = evaluate(held_maps, gates, (8, 32), args.window, args.sinks, start=64)
     record["heldout_recall"] = rows

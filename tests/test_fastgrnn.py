@@ -199,7 +199,9 @@ def test_spec_round_trip_and_labels():
     assert (sel.budget, sel.window, sel.sinks, sel.seed) == (8, 16, 2, 5)
     assert parse_attention_spec(sel.describe()).describe() == sel.describe()
     assert "untrained" in sel.gate_for(4).label
-    assert parse_attention_spec("gate=8,mode=ruvllm").gate_for(4).cell == "ruvllm"
+    un = parse_attention_spec("gate=8,mode=ruvllm-untrained")
+    assert un.gate_for(4).cell == "ruvllm" and not un.gate_for(4).trained
+    assert parse_attention_spec(un.describe()).describe() == un.describe()
     with pytest.raises(ValueError, match="budget/window/sinks"):
         parse_attention_spec("gate=1/2/3/4")
 

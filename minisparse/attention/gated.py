@@ -141,22 +141,24 @@ class Gated(Selector):
         if not isinstance(self.gate, str):
             return self.gate
         if d not in self._gates:
-            self._gates[d] = (FastGRNNGate.load(d=d) if self.gate == "trained" else
+            self._gates[d] = (FastGRNNGate.load(d=d, cell=self.cell) if self.gate == "trained" else
                               FastGRNNGate.random(d, self.hidden, self.seed, self.cell))
         return self._gates[d]
 
+    MODES = {"trained": ("trained", "fastgrnn"), "untrained": ("untrained", "fastgrnn"),
+             "ruvllm": ("trained", "ruvllm"), "ruvllm-untrained": ("untrained", "ruvllm")}
+
     def with_options(self, seed=None, mode=None):
-        """Spec modifiers: mode=trained|untrained|ruvllm (untrained ruvllm cell), seed=N."""
+        """Spec modifiers: mode=trained|untrained|ruvllm|ruvllm-untrained, seed=N (init seed)."""
         kw = dict(budget=self.budget, window=self.window, sinks=self.sinks,
                   logstride=self.logstride, gate=self.gate, seed=self.seed, cell=self.cell,
                   hidden=self.hidden)
         if seed is not None:
             kw["seed"] = int(seed)
         if mode is not None:
-            if mode not in ("trained", "untrained", "ruvllm"):
-                raise ValueError(f"gate: mode must be trained, untrained or ruvllm; got {mode!r}")
-            kw["gate"] = "trained" if mode == "trained" else "untrained"
-            kw["cell"] = "ruvllm" if mode == "ruvllm" else "fastgrnn"
+            if mode not in self.MODES:
+                raise ValueError(f"gate: mode must be one of {', '.join(self.MODES)}; got {mode!r}")
+            kw["gate"], kw["cell"] = self.MODES[mode]
         return Gated(**kw)
 
     @staticmethod
@@ -174,8 +176,10 @@ class Gated(Selector):
 
     def describe(self):
         s = f"gate={self.budget}/{self.window}/{self.sinks}"
-        if isinstance(self.gate, str) and self.gate == "untrained":
-            s += f",mode={'ruvllm' if self.cell == 'ruvllm' else 'untrained'},seed={self.seed}"
+        if isinstance(self.gate, str):
+            mode = {v: k for k, v in self.MODES.items()}[(self.gate, self.cell)]
+            s += "" if mode == "trained" else f",mode={mode}"
+            s += f",seed={self.seed}" if self.gate == "untrained" else ""
         return s
 
     def bind(self, state):

@@ -132,7 +132,8 @@ class FastGRNNGate:
             raise ValueError(f"FastGRNNGate({name or cell}): missing parameters {missing}; "
                              f"a {cell} cell needs {PARAM_NAMES[cell]}")
         self.cell, self.trained, self.record, self.name = cell, bool(trained), record or {}, name
-        self.params = {p: np.array(params[p], np.float64) for p in PARAM_NAMES[cell]}   # C order, 0-d kept
+        # np.array, not ascontiguousarray: C order, and zeta, nu stay 0-d
+        self.params = {p: np.array(params[p], np.float64) for p in PARAM_NAMES[cell]}
         w = self.params["W" if cell == "fastgrnn" else "W_g"]
         self.hidden, self.d = w.shape                                   # (H, d)
 
@@ -191,9 +192,10 @@ class FastGRNNGate:
         return out
 
     @staticmethod
-    def load(path=None, name: str | None = None, d: int | None = None) -> "FastGRNNGate":
+    def load(path=None, name: str | None = None, d: int | None = None,
+             cell: str = "fastgrnn") -> "FastGRNNGate":
         """A gate from an .npz written by models/train_gate.py (default: models/fastgrnn_gate.npz).
-        name picks one gate; else the only gate with head width d."""
+        name picks one gate; else the only `cell` gate with head width d."""
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no gate weights; train them with "
@@ -210,10 +212,11 @@ class FastGRNNGate:
             if name not in gates:
                 raise ValueError(f"{path}: no gate named {name!r}; it holds {names}")
             return gates[name]
-        fit = [g for g in gates.values() if d is None or g.d == d]
+        fit = [g for g in gates.values() if (d is None or g.d == d) and g.cell == cell]
         if len(fit) != 1:
-            raise ValueError(f"{path}: expected exactly one gate for head width {d}; found "
-                             + ", ".join(f"{g.name} (d={g.d})" for g in gates.values()))
+            raise ValueError(f"{path}: expected exactly one {cell} gate for head width {d}; "
+                             "found " + ", ".join(f"{g.name} ({g.cell}, d={g.d})"
+                                                  for g in gates.values()))
         return fit[0]
 
 
@@ -275,8 +278,8 @@ class GateCache:
     def next_pos(self):
         return self.inner.next_pos
 
-    def update(self, layer, k_new, v_new, pos):
-        k, v, k_pos = self.inner.update(layer, k_new, v_new, pos)
+    def update(self, layer, k_new, v_new, pos, **kw):
+        k, v, k_pos = self.inner.update(layer, k_new, v_new, pos, **kw)    # kw: q=, for scorers
         st = self.states.get(layer)
         if st is None:
             st = self.states[layer] = GateState(self.gate, k_new.shape[0])
@@ -302,7 +305,8 @@ class RandomGate:
     trained, cell = False, "random"
 
     def __init__(self, seed: int = 0):
-        self.seed, self.name, self.label = int(seed), f"random-s{seed}", f"random keep (seed {seed})"
+        self.seed, self.name = int(seed), f"random-s{seed}"
+        self.label = f"random keep (seed {seed})"
 
     def init_state(self, n):
         return np.zeros((n, 1))
