@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from minisparse.attention.kernel import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RunningLandmarks, RuvLLM, Selection, Sinks, Strided, Window,
                                   attend, dense_reference, merge_lse, parse_attention_spec,
@@ -22,10 +23,11 @@ def rnd(seed, *shape):
 
 
 def kernel_tol(q, k, v):
-    # see tests/test_attention_properties.py::kernel_tol for the derivation
+    # the same bound as tests/test_attention_properties.py::kernel_tol (derivation there)
     d = q.shape[-1]
-    e = d * d * 2.0**-24 * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + 2.0**-24) * np.abs(v).max() + 1e-12
+    u = 2.0**-24
+    e = (d + 3) * d * u * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
+    return (np.expm1(2 * e) + (2 * CHUNK + 5) * u) * np.abs(v).max() + 1e-12
 
 
 # ---- closed forms ---------------------------------------------------------------------------

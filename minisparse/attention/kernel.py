@@ -14,64 +14,89 @@ from numba import njit, prange
 from .selection import KV, Q, SHARED, Selection, default_positions, span_means
 
 
-@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+# Reassociation and FMA contraction let LLVM vectorise the d-loops and the chunk sums. Every
+# error bound used here (|fl(sum x_i) - sum x_i| <= n * 2^-24 * sum |x_i|) holds for any summation
+# order, and one compiled order is deterministic run to run. No finite-math or approximate-exp
+# flags: infinities (-inf running max, empty rows) must keep their meaning.
+_FM = {"reassoc", "contract", "nsz"}
+
+
+@njit(cache=True, fastmath=_FM)
 def _dot(q, h, t, k, g, j):
-    # q[h, t] . k[g, j] in float32. Reassociation lets LLVM vectorise the d-loop; the error bound
-    # |fl(q.k) - q.k| <= d * 2^-24 * sum|q_i k_i| does not depend on the summation order, and one
-    # compiled order is deterministic run to run.
+    """q[h, t] . k[g, j] in float32."""
     s = np.float32(0.0)
     for i in range(q.shape[2]):
         s += q[h, t, i] * k[g, j, i]
     return s
 
 
-CHUNK = 32      # keys scored together: one running-max update per chunk instead of per key
+CHUNK = 32      # keys scored together: one running-max update and one float64 fold per chunk
 
 
-@njit(cache=True)
-def _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml):
-    """Fold n buffered keys js[:n] (>= Tk: pseudo-keys) into the running softmax state
-    ml = [max, normaliser] and acc (d,) float64."""
+@njit(cache=True, fastmath=_FM)
+def _flush(q, h, t, k, v, ek, ev, g, j0, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml):
+    """Fold n keys (j0 >= 0: the contiguous real keys j0 .. j0+n-1 with log-weight 0; else the
+    buffered js[:n], lws[:n], where js >= Tk are pseudo-keys) into the running softmax state
+    ml = [max, normaliser] (float64) and acc (d,) float64.
+
+    Inside a chunk everything is float32 (8-wide SIMD, expf): scores, exp(s - max) and the
+    chunk's weighted value sum; the chunk result is folded into the float64 row state, so float32
+    rounding never accumulates over more than CHUNK terms (error <= CHUNK * 2^-24 relative)."""
     Tk = k.shape[1]
     d = q.shape[2]
-    cm = -np.inf
-    for c in range(n):
-        j = js[c]
-        if j < Tk:
-            sc = np.float64(_dot(q, h, t, k, g, j)) * scale + lws[c]
-        else:
-            sc = np.float64(_dot(q, h, t, ek, g, j - Tk)) * scale + lws[c]
-        sbuf[c] = sc
-        cm = max(cm, sc)
+    cm = np.float32(-np.inf)
+    if j0 >= 0:
+        for c in range(n):
+            sc = np.float32(0.0)
+            for i in range(d):                                   # q[h, t] . k[g, j0 + c]
+                sc += q[h, t, i] * k[g, j0 + c, i]
+            sc *= scale
+            sbuf[c] = sc
+            cm = max(cm, sc)
+    else:
+        for c in range(n):
+            j = js[c]
+            if j < Tk:
+                sc = _dot(q, h, t, k, g, j) * scale + lws[c]
+            else:
+                sc = _dot(q, h, t, ek, g, j - Tk) * scale + lws[c]
+            sbuf[c] = sc
+            cm = max(cm, sc)
     m = ml[0]
     if cm > m:                                                   # rescale old terms to new max
         alpha = np.exp(m - cm)
         ml[1] *= alpha
         for i in range(d):
             acc[i] *= alpha
-        m = cm
+        m = np.float64(cm)
         ml[0] = m
-    l = ml[1]
+    mf = np.float32(m)
     for c in range(n):
-        p = np.exp(sbuf[c] - m)
-        l += p
-        j = js[c]
+        pbuf[c] = np.exp(sbuf[c] - mf)                           # in (0, 1]
+    for i in range(d):
+        cacc[i] = 0.0
+    lsum = np.float32(0.0)
+    for c in range(n):
+        p = pbuf[c]
+        lsum += p
+        j = j0 + c if j0 >= 0 else js[c]
         if j < Tk:
             for i in range(d):
-                acc[i] += p * v[g, j, i]
+                cacc[i] += p * v[g, j, i]
         else:
             for i in range(d):
-                acc[i] += p * ev[g, j - Tk, i]
-    ml[1] = l
+                cacc[i] += p * ev[g, j - Tk, i]
+    ml[1] += lsum
+    for i in range(d):
+        acc[i] += cacc[i]
 
 
 @njit(cache=True)
 def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
-                scale, k_sorted, out, lse, natt):
+                scale, k_sorted, out, lse, natt, js, lws, sbuf, pbuf, cacc, acc, ml):
     """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax
-    (Milakov & Gimelshein 2018) in chunks of CHUNK keys. Scores are float32 dots; max, exp,
-    normaliser and the value accumulator are float64, so the only float32 rounding is the dot,
-    the final cast and the inputs themselves."""
+    (Milakov & Gimelshein 2018) in chunks of CHUNK keys: float32 within a chunk, float64 across
+    chunks (see _flush)."""
     Hq, Tq, d = q.shape
     Hkv, Tk, _ = k.shape
     h = r // Tq
@@ -85,22 +110,29 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
     kend = Tk
     if k_sorted:
         kend = np.searchsorted(k_pos, qp, side="right")          # keys [0, kend) are causal
-    js = np.empty(CHUNK, np.int64)
-    lws = np.empty(CHUNK, np.float64)
-    sbuf = np.empty(CHUNK, np.float64)
-    acc = np.zeros(d, np.float64)
-    ml = np.array([-np.inf, 0.0])
+    acc[:] = 0.0
+    ml[0] = -np.inf
+    ml[1] = 0.0
     n = 0
     cnt = 0
     for a in range(rptr[row], rptr[row + 1]):
-        for j in range(rlo[a], min(rhi[a], kend)):
-            if not k_sorted and k_pos[j] > qp:
+        if k_sorted:                                             # causal part is a prefix
+            j = rlo[a]
+            hi = min(rhi[a], kend)
+            while j < hi:
+                nc = min(CHUNK, hi - j)
+                _flush(q, h, t, k, v, ek, ev, g, j, js, lws, nc, scale, sbuf, pbuf, cacc, acc, ml)
+                cnt += nc
+                j += nc
+            continue
+        for j in range(rlo[a], rhi[a]):
+            if k_pos[j] > qp:
                 continue
             js[n] = j
             lws[n] = 0.0
             n += 1
             if n == CHUNK:
-                _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+                _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
                 cnt += n
                 n = 0
     for a in range(iptr[row], iptr[row + 1]):
@@ -111,17 +143,27 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
         lws[n] = logw[a]
         n += 1
         if n == CHUNK:
-            _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+            _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
             cnt += n
             n = 0
     if n > 0:
-        _flush(q, h, t, k, v, ek, ev, g, js, lws, n, scale, sbuf, acc, ml)
+        _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
         cnt += n
     natt[h, t] = cnt
     if cnt > 0 and ml[1] > 0.0:
         for i in range(d):
             out[h, t, i] = acc[i] / ml[1]
         lse[h, t] = ml[0] + np.log(ml[1])
+
+
+ROWS_PER_TASK = 16
+
+
+@njit(cache=True)
+def _buffers(d):
+    return (np.empty(CHUNK, np.int64), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32),
+            np.empty(CHUNK, np.float32), np.empty(d, np.float32), np.zeros(d, np.float64),
+            np.array([-np.inf, 0.0]))
 
 
 @njit(cache=True, parallel=True)
@@ -137,9 +179,14 @@ def attend_rows(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr
     out = np.zeros((Hq, Tq, d), np.float32)
     lse = np.full((Hq, Tq), -np.inf)
     natt = np.zeros((Hq, Tq), np.int64)
-    for r in prange(Hq * Tq):
-        _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
-                    logw, scale, k_sorted, out, lse, natt)
+    R = Hq * Tq
+    nb = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for b in prange(nb):
+        js, lws, sbuf, pbuf, cacc, acc, ml = _buffers(d)         # one set per task, not per row
+        for r in range(b * ROWS_PER_TASK, min(R, (b + 1) * ROWS_PER_TASK)):
+            _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
+                        logw, np.float32(scale), k_sorted, out, lse, natt, js, lws, sbuf, pbuf,
+                        cacc, acc, ml)
     return out, lse, natt
 
 
@@ -151,9 +198,11 @@ def attend_rows_serial(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rh
     out = np.zeros((Hq, Tq, d), np.float32)
     lse = np.full((Hq, Tq), -np.inf)
     natt = np.zeros((Hq, Tq), np.int64)
+    js, lws, sbuf, pbuf, cacc, acc, ml = _buffers(d)
     for r in range(Hq * Tq):
         _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
-                    logw, scale, k_sorted, out, lse, natt)
+                    logw, np.float32(scale), k_sorted, out, lse, natt, js, lws, sbuf, pbuf, cacc,
+                    acc, ml)
     return out, lse, natt
 
 
