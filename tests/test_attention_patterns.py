@@ -117,6 +117,23 @@ def test_landmarks_use_complete_blocks_only(B, n, seed):
     np.testing.assert_allclose(sel.extra_k, k[:, :nb * B].reshape(2, nb, B, 4).mean(2), atol=1e-6)
 
 
+@given(st.integers(1, 6), st.integers(1, 120))
+def test_log_reach_landmarks_are_blocks_at_power_of_two_distances(B, n):
+    k = np.zeros((1, n, 1), np.float32)
+    sel = Landmarks(B, reach="log").select(None, k, np.arange(n), np.arange(n))
+    for i in range(n):
+        own = i // B
+        ranges, idx = sel.rows(0, i)
+        assert ranges == [(own * B, i + 1)]                     # own block exact
+        assert [j - n for j, _ in idx] == sorted({own - 2**m for m in range(12) if own - 2**m >= 0})
+
+
+def test_ruvllm_edges_match_the_published_table_within_2_percent():
+    # ruvllm_sparse_attention's docs/benchmark_edge_estimates.csv: sparse edges per head
+    for n, published in ((8192, 1146498), (65536, 9625026)):
+        assert abs(RuvLLM().estimate_edges(n) / published - 1) < 0.02
+
+
 @given(st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_landmarks_equal_dense_when_keys_are_constant_within_blocks(B, n, seed):
     # a landmark of weight log B stands for B identical keys, so this is dense attention
@@ -125,7 +142,7 @@ def test_landmarks_equal_dense_when_keys_are_constant_within_blocks(B, n, seed):
     vb = r.standard_normal((1, -(-n // B), 4)).astype(np.float32)
     k, v = np.repeat(kb, B, 1)[:, :n].copy(), np.repeat(vb, B, 1)[:, :n].copy()
     q = rnd(seed + 1, 2, n, 4)
-    for sel in (Landmarks(B), Window(2) | Landmarks(B), RuvLLM(window=3, block=B)):
+    for sel in (Landmarks(B), Window(2) | Landmarks(B), RuvLLM(window=3, block=B, reach="all")):
         out = attend(q, k, v, sel)
         # extra slack: the landmark log-weight log B is float32 (rel. 2^-24) and the block mean
         # of identical keys is exact, so the logit error is within kernel_tol's e plus 2^-24*log B

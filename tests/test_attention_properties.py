@@ -23,6 +23,7 @@ SELECTORS = [
     ("logstride", lambda: LogStride()),
     ("landmarks4", lambda: Landmarks(4)),
     ("window2|landmarks4", lambda: Window(2) | Landmarks(4)),
+    ("loglandmarks3", lambda: Landmarks(3, reach="log")),
     ("ruvllm(w4,b4)", lambda: RuvLLM(window=4, block=4)),
     ("random-stochastic", lambda: RandomMask(0.2, 3, seed=7, sinks=1, window=1)),
     ("random-structural", lambda: RandomMask(0.25, 2, mode="structural", seed=7, sinks=1, window=1)),

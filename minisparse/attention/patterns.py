@@ -186,24 +186,29 @@ class Landmarks(Selector):
     held in position order) becomes one pseudo-key with the block-mean K and V, position = the
     block's last position, log-weight log(block) (it stands for `block` keys).
 
-    A query reads its own block exactly and the landmarks of all earlier blocks. In a union,
+    A query reads its own block exactly and the landmarks of earlier blocks: all of them
+    (reach="all", O(n / block) per query) or those at block distances 1, 2, 4, 8, ...
+    (reach="log", O(log n) per query: the reach ruvllm's published edge counts imply). In a union,
     a landmark's multiplicity loses the keys of its block the row reads exactly (selection.py).
     With identical keys within every block this equals dense attention exactly.
     Decode: `bind(RunningLandmarks)` reuses incrementally built means (equal to the static ones).
     """
     exact_subset = False
 
-    def __init__(self, block: int, state=None):
+    def __init__(self, block: int, state=None, reach: str = "all"):
         if int(block) < 1:
             raise ValueError(f"Landmarks: block must be >= 1, got {block}")
+        if reach not in ("all", "log"):
+            raise ValueError(f"Landmarks: reach must be 'all' or 'log', got {reach!r}")
         self.block = int(block)
         self.state = state
+        self.reach = reach
 
     def bind(self, state):
         """A Landmarks reading its means from `state` (a RunningLandmarks of the same block)."""
         if state.block != self.block:
             raise ValueError(f"Landmarks.bind: state has block {state.block}, expected {self.block}")
-        return Landmarks(self.block, state)
+        return Landmarks(self.block, state, self.reach)
 
     def _select(self, q, k, q_pos, k_pos):
         sorted_positions("Landmarks", k_pos)
@@ -220,11 +225,17 @@ class Landmarks(Selector):
             ev = None                                                 # attend averages v
         hi = np.searchsorted(k_pos, q_pos, side="right")              # (Tq,) causal keys
         own = np.where(hi > 0, (hi - 1) // B, 0)                      # (Tq,) own block index
-        row, off = _ragged(own)                                       # landmarks 0 .. own-1
+        if self.reach == "all":
+            counts = own
+            row, blk = _ragged(counts)                                # landmarks 0 .. own-1
+        else:                                                         # blocks own - 2^m >= 0
+            counts = np.where(own >= 1, np.floor(np.log2(np.maximum(own, 1))).astype(np.int64) + 1, 0)
+            row, off = _ragged(counts)
+            blk = own[row] - 2 ** (counts[row] - 1 - off)             # increasing within a row
         r_ptr = np.arange(q_pos.size + 1, dtype=np.int64)
         ptr = np.zeros(q_pos.size + 1, np.int64)
-        np.cumsum(own, out=ptr[1:])
-        sel = Selection.from_lists(ptr, tk + off, tk, logw=np.full(off.size, np.log(B), np.float32),
+        np.cumsum(counts, out=ptr[1:])
+        sel = Selection.from_lists(ptr, tk + blk, tk, logw=np.full(blk.size, np.log(B), np.float32),
                                    r_ptr=r_ptr, r_lo=own * B, r_hi=hi, normalized=True)
         sel.extra_k, sel.extra_v = ek, ev
         sel.extra_pos = k_pos[np.arange(1, nb + 1) * B - 1] if nb else np.zeros(0, np.int64)
@@ -233,7 +244,7 @@ class Landmarks(Selector):
         return sel
 
     def describe(self):
-        return f"landmarks={self.block}"
+        return f"landmarks={self.block}" if self.reach == "all" else f"loglandmarks={self.block}"
 
 
 class RunningLandmarks:
@@ -279,10 +290,14 @@ class RunningLandmarks:
 
 
 # ---- the ruvllm preset ------------------------------------------------------------------------
-def RuvLLM(window: int = 128, block: int = 64, globals_=(0,)):
+def RuvLLM(window: int = 128, block: int = 64, globals_=(0,), reach: str = "log"):
     """ruvllm_sparse_attention's composition: local window, global tokens, log-stride lookback
-    and block landmarks. Returns a Union with an `estimate_edges(n)` method."""
-    return _RuvLLM(Globals(globals_), Window(window), LogStride(), Landmarks(block))
+    and block landmarks. Returns a Union with an `estimate_edges(n)` method.
+
+    Landmark reach "log" (block distances 1, 2, 4, ...) is inferred from the crate's published
+    edge table (about 140 edges per query at n = 8192 and 147 at 65536, i.e. O(log n) per query,
+    not n / 64); reach="all" reads every earlier block's landmark instead."""
+    return _RuvLLM(Globals(globals_), Window(window), LogStride(), Landmarks(block, reach=reach))
 
 
 class _RuvLLM(Union):

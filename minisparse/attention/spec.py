@@ -37,6 +37,7 @@ def _registry():
         "fixed": _int("fixed")(lambda l: P.Strided(l, "fixed")),
         "logstride": lambda v: P.LogStride(),
         "landmarks": _int("landmarks")(P.Landmarks),
+        "loglandmarks": _int("loglandmarks")(lambda b: P.Landmarks(b, reach="log")),
         "ruvllm": lambda v: P.RuvLLM(),
         "random": parse_random,
         "gate": Gated.from_spec,                 # FastGRNN-gated (gated.py)
