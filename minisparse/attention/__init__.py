@@ -18,15 +18,20 @@ a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then
     of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
     log(span - c), dropped at c = span), so no key is ever counted twice.
 attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
-    one jitted kernel: ranges then explicit indices, causality by position, online softmax.
+    one jitted kernel: ranges then explicit indices, causality by position, online softmax
+    (float32 SIMD within 32-key chunks, float64 across chunks), rows in parallel (prange) for
+    big calls, one thread for small ones (decode). k, v may be float16 (store_kv): attend casts.
 dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
+Selectors here: Dense, Window, Sinks, Globals, BlockLocal, Strided, LogStride, Landmarks,
+RuvLLM (patterns.py), RandomMask (random_mask.py); spec strings: spec.py.
 
 Where does a new selector go?
 -----------------------------
 1. One file `minisparse/attention/<name>.py` with a `Selector` subclass implementing
    `_select(q, k, q_pos, k_pos) -> Selection` (build rows with Selection.from_ranges /
    Selection.from_lists; per-query-head choices use head_kind=Q, n_heads=Hq) and `describe()`
-   returning its spec token. Set `deterministic = False` for samplers.
+   returning its spec token. Set `deterministic = False` for samplers and
+   `exact_subset = False` when it reads pseudo-keys or non-zero log-weights.
 2. Register its spec token: one line in `spec.py`'s `_registry()` (e.g. "topk": ...).
 3. Test it: add one line to `SELECTORS` in `tests/test_attention_properties.py`; the shared
    suite then checks causality, decode == prefill, GQA, the coverage bound and no-NaN.
