@@ -21,6 +21,8 @@ SUBCOMMANDS = {
 }
 
 EXIT_USAGE = 2
+DEQUANT_HELP = ("dequantise the weights to float32 at load (the reference path) instead of computing "
+                "from the GGUF quant blocks (docs/performance.md)")
 
 
 class CLIError(Exception):
@@ -77,7 +79,7 @@ def cmd_generate(args):
             selector = parse_attention_spec(args.attention)
         except ValueError as e:
             raise CLIError(f"--attention: {e}") from None
-    model = load_model(resolve_model(args.model))
+    model = load_model(resolve_model(args.model), dequant=args.dequant)
     if args.ctx_size:
         model.config = type(model.config)(**{**model.config.__dict__, "context_length": args.ctx_size})
     tok = model.tokenizer
@@ -123,7 +125,7 @@ def cmd_chat(args):
     """One answer to -p, or a conversation read line by line from stdin."""
     from . import load_model
     check_sampling(args)
-    model = load_model(resolve_model(args.model))
+    model = load_model(resolve_model(args.model), dequant=args.dequant)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
     for user in turns:
@@ -187,6 +189,7 @@ def build_parser():
     g.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     g.add_argument("-p", "--prompt", default="", help="prompt text")
     g.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length")
+    g.add_argument("--dequant", action="store_true", help=DEQUANT_HELP)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -194,6 +197,7 @@ def build_parser():
     c.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     c.add_argument("-p", "--prompt", default="", help="one message; without it, read turns from stdin")
     c.add_argument("--system", default="", help="system message")
+    c.add_argument("--dequant", action="store_true", help=DEQUANT_HELP)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 

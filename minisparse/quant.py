@@ -28,6 +28,10 @@ _F16 = F16_TO_F32              # a global: Numba freezes it into the compiled co
 # sgemm (benchmarks/bench_engine.py --crossover measures it).
 FUSED_MAX_T = 4
 TILE_BYTES = 1 << 21            # float32 tile for prefill: 2 MiB, half of one core's L2
+# Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
+# costs more than the work on a small matrix, and far more on a busy machine (a worker that the OS
+# has descheduled holds up the whole region; OpenBLAS's gemv keeps small problems on one thread too).
+PARALLEL_MIN_WEIGHTS = 1 << 18
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.
@@ -217,21 +221,31 @@ def _dot_row(code, u8, i8, x, acc, buf):
 # ----------------------------------------------------------------------------- whole matrices
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _dequant_rows(code, u8, i8, rows, out):
-    """out[i] = dequantised row rows[i]; out (len(rows), in) float32."""
-    for i in prange(rows.size):
+    """out[i] = dequantised row rows[i]; out (len(rows), in) float32.
+
+    Serial on purpose: prefill alternates it with a 2-thread sgemm, and Numba's worker threads
+    fighting OpenBLAS's still-spinning ones cost more (measured: 28 vs 58 GMAC/s at T=512) than
+    the dequantisation saves by running on both cores."""
+    for i in range(rows.size):
         _dequant_row(code, u8[rows[i]], i8[rows[i]], out[i])
+
+
+@njit(cache=True)
+def _matvec_rows(code, u8, i8, x, y, r0, r1):
+    """y[r] = row r . x for r in [r0, r1); x (in,)."""
+    acc, buf = np.empty(32, np.float32), np.empty(x.size, np.float32)
+    for r in range(r0, r1):
+        y[r] = _dot_row(code, u8[r], i8[r], x, acc, buf)
 
 
 @njit(cache=True, parallel=True)
 def _matvec(code, u8, i8, x, y):
-    """y (out,) = W x for x (in,), 64 rows per task (each task owns its scratch)."""
+    """y (out,) = W x for x (in,), 64 rows per task."""
     n_out = u8.shape[0]
     for c in prange((n_out + 63) // 64):
-        acc, buf = np.empty(32, np.float32), np.empty(x.size, np.float32)
-        for r in range(64 * c, min(n_out, 64 * c + 64)):
-            y[r] = _dot_row(code, u8[r], i8[r], x, acc, buf)
+        _matvec_rows(code, u8, i8, x, y, 64 * c, min(n_out, 64 * c + 64))
 
 
 # ----------------------------------------------------------------------------- the matrix object
@@ -302,7 +316,10 @@ class QuantMatrix:
         y = np.empty((T, n_out), np.float32)                      # (T, out)
         if T <= FUSED_MAX_T:
             for t in range(T):
-                _matvec(int(self.qtype), self.raw, self._i8, x[t], y[t])
+                if n_out * n_in >= PARALLEL_MIN_WEIGHTS:
+                    _matvec(int(self.qtype), self.raw, self._i8, x[t], y[t])
+                else:
+                    _matvec_rows(int(self.qtype), self.raw, self._i8, x[t], y[t], 0, n_out)
             return y
         rows = max(1, min(n_out, TILE_BYTES // (4 * n_in)))
         tile = np.empty((rows, n_in), np.float32)                # (rows, in): the only float32 copy

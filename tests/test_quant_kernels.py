@@ -59,16 +59,21 @@ def test_dequantised_rows_equal_gguf_dequantize_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-@given(rows=st.integers(1, 150), nblk=st.integers(1, 3),
+@given(rows=st.integers(1, 150), nblk=st.integers(1, 3), parallel=st.booleans(),
        T=st.sampled_from([1, 2, quant.FUSED_MAX_T, quant.FUSED_MAX_T + 1, 33]), seed=st.integers(0, 2**32 - 1))
-def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype, rows, nblk, T, seed):
+def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype, rows, nblk, parallel, T, seed):
     rng = np.random.default_rng(seed)
     cols = nblk * max(block_of(qtype), 32)
     raw = random_blocks(qtype, rows, cols, rng)
     W = QuantMatrix(raw, (rows, cols), qtype)
     w = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)   # exact weights
     x = rng.standard_normal((T, cols)).astype(np.float32)
-    y = W.matmul(x)                                        # fused (T <= FUSED_MAX_T) or tiled sgemm
+    saved = quant.PARALLEL_MIN_WEIGHTS
+    quant.PARALLEL_MIN_WEIGHTS = 0 if parallel else saved  # these small matrices: serial by default
+    try:
+        y = W.matmul(x)                                    # fused (T <= FUSED_MAX_T) or tiled sgemm
+    finally:
+        quant.PARALLEL_MIN_WEIGHTS = saved
     exact = x.astype(np.float64) @ w.T
     # Both paths multiply the same float32 weights (dequantisation is exact, test above) and sum
     # n = cols products in float32, in some order. Any order errs by <= gamma_n * sum|w||x| with

