@@ -97,6 +97,15 @@ def test_salience_in_chunks_equals_one_pass():
         st_.append(k[:, a:b], np.arange(a, b))
     np.testing.assert_array_equal(st_.sal[:, :30], full)
     np.testing.assert_array_equal(st_.h, h_full)
+    # the random-keep baseline is causal and prefix-stable the same way
+    rnd = RandomGate(5)
+    one, _ = rnd.salience(k)
+    h = rnd.init_state(4)
+    parts = []
+    for a, b in [(0, 7), (7, 8), (8, 30)]:
+        s_, h = rnd.salience(k[:, a:b], h)
+        parts.append(s_)
+    np.testing.assert_array_equal(np.concatenate(parts, 1), one)
 
 
 @pytest.mark.parametrize("cell", ["fastgrnn", "ruvllm"])

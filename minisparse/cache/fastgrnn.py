@@ -316,7 +316,7 @@ class RandomGate:
         h = self.init_state(n_kv) if h is None else np.array(h, np.float64)
         j = (int(h[0, 0]) + np.arange(T, dtype=np.uint64))[None, :]              # (1, T)
         x = j * np.uint64(n_kv) + np.arange(n_kv, dtype=np.uint64)[:, None]       # (Hkv, T)
-        x = x + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = x + np.uint64((self.seed * 0x9E3779B97F4A7C15) % 2**64)            # wraps, as intended
         for m in (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)):  # splitmix64
             x = (x ^ (x >> np.uint64(30))) * m
         x = x ^ (x >> np.uint64(31))
