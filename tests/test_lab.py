@@ -19,7 +19,7 @@ def eval_run(tmp_path_factory):
     from minisparse.cli import main
     out = tmp_path_factory.mktemp("lab")
     rc = main(["eval", "-m", str(shared_fixture("stories260K.gguf")), "--variants",
-               "dense;window=16;nonsense=3", "--builtin", "pydoc", "-c", "128", "--analysis", "64",
+               "dense;window=16;nonsense=3;recursive=B32/b16", "--builtin", "pydoc", "-c", "128", "--analysis", "64",
                "--chunk", "48", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
@@ -51,6 +51,28 @@ def test_window_variant_is_sparse_and_lossy(eval_run):
     assert 0 < w["lm"]["agreement"] <= 1 and w["lm"]["kl"] > 0
 
 
+def test_bounded_cache_variant_reads_at_most_budget_plus_block(eval_run):
+    _, res = eval_run
+    r = _row(res, "recursive=B32/b16")
+    assert r["kind"] == "cache"
+    # a call of <= 16 new tokens reads the <= 32 held slots plus its own causal prefix
+    assert r["budget"]["keys_read_mean"] <= 32 + 16 and r["density"]["max"] < 1
+    assert r["rel_error"]["mean"] > 0 and r["recall"]["mean"] < 1
+
+
+def test_uncorrected_reads_the_same_keys_with_zero_log_weights():
+    from minisparse.lab.runner import Uncorrected
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 40, 16)).astype(np.float32)
+    qpos, kpos = np.arange(32, 40), np.arange(40)
+    pig = parse_attention_spec("magicpig=K4L20")
+    a = pig.select(q, k, qpos, kpos).normalize()
+    b = Uncorrected(pig).select(q, k, qpos, kpos)
+    assert np.array_equal(selection_mask(a, 2, 8, 40), selection_mask(b, 2, 8, 40))
+    assert np.any(a.logw != 0) and np.all(b.logw == 0)
+
+
 def test_bad_variant_is_an_error_row_not_a_crash(eval_run):
     _, res = eval_run
     bad = _row(res, "nonsense=3")
@@ -72,7 +94,7 @@ def test_results_carry_every_field(eval_run):
         assert {"ppl", "ppl_dense", "ppl_ratio", "kl", "agreement"} <= set(r["lm"])
         assert len(r["layers"]) == res["model_config"]["n_layers"]
         assert {"density", "recall", "rel_error"} <= set(r["layers"][0])
-    assert (out / "results.md").read_text().count("| `") == 3
+    assert (out / "results.md").read_text().count("| `") == 4
     assert (out / "quality_vs_density.png").stat().st_size > 1000
 
 

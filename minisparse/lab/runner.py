@@ -6,7 +6,8 @@ Leaves out plotting (plots.py), the pass-key task's generator (needle.py) and th
 The rule for a variant string (docs/lab.md): if its first member's name is a cache policy
 (`recursive=`, `streaming=`, `press=`) the variant is a bounded cache parsed by
 `minisparse.cache.parse_cache_spec` (or this module's fallback); otherwise it is an attention spec
-parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax.
+parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
+`uncorrected:` (lab only) reads the same keys with the samplers' log-weights dropped.
 
 Shape legend: T tokens, A analysis rows, Hq / Hkv query / KV heads, d head width, V vocabulary.
 """
@@ -73,6 +74,26 @@ def _with_seed(sel, seed):
     return sel.with_options(seed=seed) if hasattr(sel, "with_options") else sel
 
 
+class Uncorrected:
+    """Lab-only wrapper (`uncorrected:SPEC`): the inner selector's keys, each read with log-weight
+    0. Applied to MagicPIG it removes the -log P(sampled) importance correction while keeping the
+    very same sampled set, which isolates what the correction buys."""
+    deterministic = True
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def select(self, q, k, q_pos=None, k_pos=None):
+        from ..attention import Selection
+        s = self.inner.select(q, k, q_pos, k_pos).normalize()
+        return Selection(s.head_kind, s.n_heads, s.tq, s.tk, s.range_ptr, s.range_lo, s.range_hi,
+                         s.idx_ptr, s.idx, np.zeros_like(s.logw), np.ones_like(s.exact),
+                         s.extra_k, s.extra_v, s.extra_pos, s.extra_lo, s.extra_hi, normalized=True)
+
+    def describe(self):
+        return "uncorrected:" + self.inner.describe()
+
+
 def parse_cache_spec_fallback(spec: str, model):
     """`recursive=B512[/n4][/b64][/acc][/perhead]`, `streaming=4+508[/reassigned]` (sinks +
     window), `press=0.5` -> a zero-argument cache factory. Used when minisparse.cache has no
@@ -116,7 +137,7 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
     for spec in (s.strip() for s in text.split(";")):
         if not spec:
             continue
-        name = spec.split(",")[0].split("=")[0].strip().lower()
+        name = spec.split(",")[0].split("=")[0].strip().lower().removeprefix("uncorrected:")
         try:
             if name in CACHE_NAMES:
                 try:
@@ -131,10 +152,14 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
                     (getattr(probe, "sinks", 0) + getattr(probe, "window", 0)) or None,
                     "fraction": None}))
             else:
-                sel = parse_attention_spec(spec)
-                if "seed=" not in spec:
+                body = spec[len("uncorrected:"):] if spec.startswith("uncorrected:") else spec
+                sel = parse_attention_spec(body)
+                if "seed=" not in body:
                     sel = _with_seed(sel, seed)
-                out.append(Variant(spec, "attention", selector=sel, nominal=nominal_budget(sel)))
+                nom = nominal_budget(sel)
+                if body is not spec:
+                    sel, nom["describe"] = Uncorrected(sel), "uncorrected:" + nom["describe"]
+                out.append(Variant(spec, "attention", selector=sel, nominal=nom))
         except Exception as e:       # noqa: BLE001 - any parse failure is reported, not raised
             out.append(Variant(spec, "error", error=f"{type(e).__name__}: {e}"))
     return out
