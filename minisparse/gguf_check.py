@@ -449,7 +449,8 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
     why = f"embedding_length={D}, head_count={Hq}, head_count_kv={Hkv}, head_dim={d}, " \
           f"feed_forward_length={F}, vocabulary={V}"
     expected = {"token_embd.weight": (D, V), "output_norm.weight": (D,)}
-    optional = {"output.weight": (D, V)}
+    # rope_freqs: Llama 3.1 per-frequency factors, one per rotated pair
+    optional = {"output.weight": (D, V), "rope_freqs.weight": ((rope_dim or d) // 2,)}
     for i in range(L):
         b = f"blk.{i}."
         expected.update({
@@ -473,5 +474,13 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
                                 f"tokenizer.ggml.tokens), found {t.shape[1]} rows (shape {t.shape})")
             raise GGUFError(f"{path}: tensor {name!r} shape: expected {shape} in GGML order (ne0 = input "
                             f"width) for {why}, found {t.shape}")
+    # A tensor the model does not use is refused, not ignored: a flipped name ('output' ->
+    # 'oetput') or a lowered block_count would otherwise run a different model without a word.
+    for t in layout.tensors:
+        if t.name not in expected and t.name not in optional:
+            raise GGUFError(f"{path}: tensor {t.name!r}: expected only tensors a {arch} model with "
+                            f"block_count={L} uses (token_embd, output_norm, output, rope_freqs, "
+                            f"blk.0..{L - 1}.attn_norm/attn_q/attn_k/attn_v/attn_output/ffn_norm/ffn_gate/"
+                            f"ffn_up/ffn_down and q/k/v biases), found a tensor it does not use")
     return {"arch": arch, "n_vocab": V, "dim": D, "n_layers": L, "n_heads": Hq, "n_kv_heads": Hkv,
             "head_dim": d, "ffn_dim": F}

@@ -433,6 +433,23 @@ def test_missing_required_tensor(tmp_path, name):
         check_model_metadata(check_gguf(p), p)
 
 
+@pytest.mark.parametrize("extra_name", ["oetput.weight", "blk.2.attn_q.weight"])
+def test_unused_tensor_is_refused(tmp_path, extra_name):
+    # a renamed output (the model would silently tie to token_embd) or a block beyond block_count
+    # (a lowered block_count would silently drop layers) must not be ignored
+    p = write_tiny_llama(tmp_path / "u.gguf", extra={extra_name: (np.zeros((4, 32), np.float32), QT.F32)})
+    with pytest.raises(GGUFError, match=rf"^{p}: tensor '{extra_name}': expected only tensors .* block_count=2"):
+        check_model_metadata(check_gguf(p), p)
+
+
+def test_rope_freqs_shape_is_checked(tmp_path):
+    ok = write_tiny_llama(tmp_path / "r.gguf", extra={"rope_freqs.weight": (np.ones(4, np.float32), QT.F32)})
+    check_model_metadata(check_gguf(ok), ok)                                  # d // 2 = 4 factors
+    bad = write_tiny_llama(tmp_path / "r2.gguf", extra={"rope_freqs.weight": (np.ones(5, np.float32), QT.F32)})
+    with pytest.raises(GGUFError, match=r"tensor 'rope_freqs.weight' shape: expected \(4,\)"):
+        check_model_metadata(check_gguf(bad), bad)
+
+
 def test_tied_output_is_optional(tmp_path):
     p = write_tiny_llama(tmp_path / "tied.gguf", skip=("output.weight",))
     assert check_model_metadata(check_gguf(p), p)["n_vocab"] == 24
