@@ -166,7 +166,10 @@ class LSHIndex:
         self.K, self.L, self.seed = int(bits), int(tables), int(seed)
         self.W = planes(self.seed, self.K, self.L, k.shape[2])                 # (KL, d)
         self.mu = k.astype(np.float64).mean(axis=1)                            # (Hkv, d)
-        self.codes = np.zeros((k.shape[0], 0, self.L), np.int64)
+        # smallest integer holding K bits: at S = 256k, 8 heads, L = 75 uint8 codes take 157 MB
+        self.dtype = next(t for b, t in ((8, np.uint8), (16, np.uint16), (32, np.uint32),
+                                         (63, np.int64)) if self.K <= b)
+        self.codes = np.zeros((k.shape[0], 0, self.L), self.dtype)
         self.extend(k)
 
     @property
@@ -174,13 +177,17 @@ class LSHIndex:
         return self.codes.shape[1]
 
     def extend(self, k_new):
-        """Append the codes of k_new (Hkv, T, d)."""
-        P = project(np.ascontiguousarray(k_new, np.float32), self.W)          # (Hkv, T, KL)
+        """Append the codes of k_new (Hkv, T, d), in chunks (projections are (T, K*L) float64).
+        The index is the one source of the codes, so BLAS rounding here is consistent."""
         off = self.W @ self.mu.T                                               # (KL, Hkv)
-        bits = P > off.T[:, None, :]                                           # (Hkv, T, KL)
         w = np.int64(1) << np.arange(self.K, dtype=np.int64)                   # (K,)
-        codes = (bits.reshape(*bits.shape[:2], self.L, self.K) * w).sum(-1)    # (Hkv, T, L)
-        self.codes = np.concatenate([self.codes, codes.astype(np.int64)], axis=1)
+        parts = []
+        for a in range(0, k_new.shape[1], 4096):
+            x = np.asarray(k_new[:, a:a + 4096], np.float64)                   # (Hkv, T', d)
+            bits = x @ self.W.T > off.T[:, None, :]                            # (Hkv, T', KL)
+            c = (bits.reshape(*bits.shape[:2], self.L, self.K) * w).sum(-1)    # (Hkv, T', L)
+            parts.append(c.astype(self.dtype))
+        self.codes = np.concatenate([self.codes] + parts, axis=1)
 
 
 class LSH(Ranked):
