@@ -87,7 +87,11 @@ def _explicit_from_positions(row, pos, q_pos, k_pos):
     visible (pos <= q_pos of the row); return a normalised shared Selection in CSR form.
     Rows must be sorted and, within a row, positions strictly increasing."""
     tq, tk = q_pos.size, k_pos.size
-    j = np.searchsorted(k_pos, pos)                                   # (n,) first key at >= pos
+    if tk and k_pos[-1] - k_pos[0] == tk - 1:                         # contiguous positions
+        j = pos - k_pos[0]                                            # (n,) index = offset
+        j = np.where(j < 0, tk, j)                                    # before the cache: absent
+    else:
+        j = np.searchsorted(k_pos, pos)                               # (n,) first key at >= pos
     jc = np.minimum(j, max(tk - 1, 0))
     ok = (j < tk) & (k_pos[jc] == pos) & (pos <= q_pos[row]) if tk else np.zeros(pos.size, bool)
     row, j = row[ok], j[ok]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # head_kind: whose rows a Selection holds. Query head h of Hq reads row head
 #   SHARED -> 0,  KV -> h // G,  Q -> h      (G = Hq // Hkv)
@@ -173,22 +173,22 @@ def default_positions(tq: int, tk: int, q_pos=None, k_pos=None):
     return q_pos, k_pos
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def span_means(x, lo, hi):
     """Mean of x (H, Tk, d) over each key span [lo[e], hi[e]) -> (H, E, d) float32.
     Float64 sums added key by key in order (RunningLandmarks reproduces them bit for bit)."""
     H, _, d = x.shape
     E = lo.size
     out = np.zeros((H, E, d), np.float32)
-    for h in range(H):
-        for e in range(E):
-            acc = np.zeros(d, np.float64)
-            for j in range(lo[e], hi[e]):
-                for i in range(d):
-                    acc[i] += x[h, j, i]
-            n = max(hi[e] - lo[e], 1)
+    for he in prange(H * E):                                     # spans are independent
+        h, e = he // E, he % E
+        acc = np.zeros(d, np.float64)
+        for j in range(lo[e], hi[e]):
             for i in range(d):
-                out[h, e, i] = acc[i] / n
+                acc[i] += x[h, j, i]
+        n = max(hi[e] - lo[e], 1)
+        for i in range(d):
+            out[h, e, i] = acc[i] / n
     return out
 
 
@@ -325,30 +325,22 @@ def _overlap(ml, mh, x, y):
     return c
 
 
-@njit(cache=True)
-def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
+@njit(cache=True, parallel=True)
+def _normalize_rows(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi,
+                    o_lo, o_hi, o_idx, o_w, o_ex, n_r, n_i):
+    """Each row normalised in place of its input slots (a row never grows), rows in parallel."""
     R = rptr.size - 1
-    o_rptr = np.zeros(R + 1, np.int64)
-    o_lo = np.empty(rlo.size, np.int64)
-    o_hi = np.empty(rlo.size, np.int64)
-    o_iptr = np.zeros(R + 1, np.int64)
-    o_idx = np.empty(idx.size, np.int64)
-    o_w = np.empty(idx.size, np.float32)
-    o_ex = np.empty(idx.size, np.bool_)
-    nr = 0
-    ni = 0
-    for r in range(R):
+    for r in prange(R):
         a0, a1 = rptr[r], rptr[r + 1]
         b0, b1 = iptr[r], iptr[r + 1]
         ml, mh = _merge_ranges(rlo[a0:a1].copy(), rhi[a0:a1].copy())
-        o_rptr[r + 1] = o_rptr[r] + ml.size
-        o_lo[nr:nr + ml.size] = ml
-        o_hi[nr:nr + ml.size] = mh
-        nr += ml.size
+        o_lo[a0:a0 + ml.size] = ml
+        o_hi[a0:a0 + ml.size] = mh
+        n_r[r] = ml.size
         # explicit keys sorted by index (stable: the first member's weight is kept); real keys
         # (< tk) therefore come before pseudo-keys, which need the final real set of the row
         o = np.argsort(idx[b0:b1], kind="mergesort")
-        start = ni
+        ni = b0
         n_real = 0
         last = -1
         for c in range(b1 - b0):
@@ -366,7 +358,7 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
                 # a pseudo-key stands for the real keys [x, y) of its span; those read exactly
                 # in this row are taken out of its multiplicity, so no key is counted twice
                 x, y = elo[j - tk], ehi[j - tk]
-                real = o_idx[start:start + n_real]
+                real = o_idx[b0:b0 + n_real]
                 cnt = _overlap(ml, mh, x, y) + (np.searchsorted(real, y) - np.searchsorted(real, x))
                 if cnt >= y - x:
                     continue                                    # whole span read exactly
@@ -379,9 +371,28 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
             o_ex[ni] = exact[src]
             ni += 1
             last = j
-        o_iptr[r + 1] = ni
-    return (o_rptr, o_lo[:nr].copy(), o_hi[:nr].copy(), o_iptr, o_idx[:ni].copy(),
-            o_w[:ni].copy(), o_ex[:ni].copy())
+        n_i[r] = ni - b0
+
+
+def _compact(ptr, n, *arrays):
+    """Keep the first n[r] slots of every CSR row r: (new ptr, compacted arrays)."""
+    R = n.size
+    new = np.zeros(R + 1, np.int64)
+    np.cumsum(n, out=new[1:])
+    take = np.repeat(ptr[:-1], n) + (np.arange(new[-1], dtype=np.int64) - np.repeat(new[:-1], n))
+    return (new,) + tuple(x[take] for x in arrays)
+
+
+def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
+    R = rptr.size - 1
+    o_lo, o_hi = np.empty_like(rlo), np.empty_like(rhi)
+    o_idx, o_w, o_ex = np.empty_like(idx), np.empty_like(logw), np.empty_like(exact)
+    n_r, n_i = np.zeros(R, np.int64), np.zeros(R, np.int64)
+    _normalize_rows(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi,
+                    o_lo, o_hi, o_idx, o_w, o_ex, n_r, n_i)
+    o_rptr, o_lo, o_hi = _compact(rptr, n_r, o_lo, o_hi)
+    o_iptr, o_idx, o_w, o_ex = _compact(iptr, n_i, o_idx, o_w, o_ex)
+    return o_rptr, o_lo, o_hi, o_iptr, o_idx, o_w, o_ex
 
 
 # ---- selectors ---------------------------------------------------------------------------
