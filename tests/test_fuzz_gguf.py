@@ -237,6 +237,10 @@ def fuzz(items, n_per_item: dict, seed: int, work_dir: Path, loader=None, bound_
         for i in range(n_per_item.get(name, n_per_item.get("*", 0))):
             kind = kinds[i % len(kinds)]
             data = MUTATORS[kind](rng, buf, sites)
+            for _ in range(8):          # a flip or retype can write the byte that was there: redraw
+                if data != buf:
+                    break
+                data = MUTATORS[kind](rng, buf, sites)
             k += 1
             bounded = bound_every and k % bound_every == 0
             t0 = time.perf_counter()
