@@ -126,7 +126,9 @@ def run_model(path, n_tokens, page, n_queries, seed):
     _, tr = model.trace(ids)
     # decode queries: n_queries positions spread over the second half of the text
     q_pos = np.unique(np.linspace(T // 2, T - 1, n_queries).astype(np.int64))
-    res = {"model": name, "tokens": T, "query_positions": q_pos.tolist(), "page": page,
+    import hashlib
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    res = {"model": name, "sha256": sha, "tokens": T, "query_positions": q_pos.tolist(), "page": page,
            "seed": seed, "layers": {}}
     for l in range(model.config.n_layers):
         q, k, v = (np.ascontiguousarray(tr[f"blk.{l}.{x}"]) for x in "qkv")   # (H, T, d)
@@ -162,7 +164,8 @@ def ordering(res):
 
 
 def table(res):
-    names = list(res["layers"][next(iter(res["layers"]))])
+    first = next(iter(res["layers"]))                   # 0, or "0" when read back from JSON
+    names = list(res["layers"][first])
     lines = [f"## {res['model']} ({res['tokens']} tokens, {len(res['query_positions'])} decode "
              f"queries, mean over layers and heads; per-layer values in the JSON)", "",
              "| selector | " + " | ".join(f"{100 * f:g}%: density / mass recall / rel err"
@@ -170,7 +173,7 @@ def table(res):
              "|---|" + "---|" * len(DENSITIES)]
     for nm in names:
         cells = []
-        for key in (["own"] if "own" in res["layers"][0][nm] else [f"{f:g}" for f in DENSITIES]):
+        for key in (["own"] if "own" in res["layers"][first][nm] else [f"{f:g}" for f in DENSITIES]):
             m = [res["layers"][l][nm][key] for l in res["layers"]]
             cells.append(f"{100 * np.mean([x['density'] for x in m]):.1f}% / "
                          f"{np.mean([x['mass_recall'] for x in m]):.3f} / "
