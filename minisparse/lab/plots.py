@@ -30,15 +30,27 @@ def quality_vs_density(res: dict, path) -> None:
     panels = [("ppl ratio", lambda r: r["lm"]["ppl_ratio"]),
               ("rel. output error", lambda r: r["rel_error"]["mean"]),
               ("attention-mass recall", lambda r: r["recall"]["mean"])]
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    colours = plt.get_cmap("tab20").colors
+    ticks = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
     for ax, (name, get) in zip(axes, panels):
-        for f, rows in sorted(fam.items()):
+        for i, (f, rows) in enumerate(sorted(fam.items())):
             rows = sorted(rows, key=lambda r: r["density"]["mean"])
-            ax.plot([r["density"]["mean"] for r in rows], [get(r) for r in rows], "o-", label=f, ms=4)
+            ax.plot([r["density"]["mean"] for r in rows], [get(r) for r in rows], "-",
+                    marker="osD^v<>p*h"[i % 10], color=colours[(2 * i) % 20 + (i // 10) % 2],
+                    label=f, ms=4)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
         ax.set_xlabel("realised density")
         ax.set_title(name, fontsize=10)
         if name == "ppl ratio":
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(FixedLocator([0.8, 1, 1.2, 1.5, 2, 3, 5, 10, 20, 50, 100]))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{res['model_name']}: {res['text_name']}, {res['text']['n_tokens']} tokens, "
