@@ -253,6 +253,24 @@ def test_model_gated_decode_equals_stateless_recomputation_and_prefill(stories_p
     assert np.abs(full - a).max() <= 1e-4
 
 
+def test_shipped_gates_are_labelled_and_match_their_model_files():
+    import hashlib
+    import zipfile
+    from conftest import FIXTURES
+    names = {n.split("/")[0] for n in zipfile.ZipFile(DEFAULT_WEIGHTS).namelist()}
+    assert {"stories260K", "stories260K-ruvllm", "minisparse-pydoc"} <= names
+    for name in names:
+        g = FastGRNNGate.load(name=name)
+        assert g.trained and g.label.startswith("trained") and g.record["train_seeds"]
+        path = next((p for p in (ROOT / "models" / g.record["model"], FIXTURES / g.record["model"])
+                     if p.is_file()), None)
+        if path is None:
+            continue                                  # the shared fixtures are not beside us
+        # a re-exported model makes its gate stale: retrain with models/train_gate.py
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == g.record["model_sha256"], name
+        assert g.d == minisparse.load_model(path).config.head_dim
+
+
 def test_trained_gate_beats_untrained_and_random_keep(stories_path, one_thread):
     if not DEFAULT_WEIGHTS.is_file():
         pytest.fail(f"{DEFAULT_WEIGHTS} is missing: run python3 models/train_gate.py")
