@@ -390,7 +390,8 @@ def _positive_int(layout, path, key, default=None, required=True, limit=None) ->
 def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
     """Check that a `check_gguf` layout holds a `llama`/`qwen2` model: required keys with the right
     types, every required tensor present with the shape the config implies, vocabulary size equal
-    to token_embd's rows, tensor types in `SUPPORTED_TYPES`. Raises `GGUFError` on the first problem.
+    to token_embd's rows, tensor types in `SUPPORTED_TYPES`, no tensor the model would not use.
+    Raises `GGUFError` on the first problem.
 
     Returns the checked hyper-parameters: {"arch", "n_vocab" V, "dim" D, "n_layers" L, "n_heads" Hq,
     "n_kv_heads" Hkv, "head_dim" d, "ffn_dim" F}. Shapes are compared in GGML order (ne0 = in):
@@ -404,7 +405,7 @@ def check_model_metadata(layout: GGUFLayout, path=None) -> dict:
     arch = _key(layout, path, "general.architecture", (VT.STRING,), "a string")
     if arch not in SUPPORTED_ARCHS:
         raise GGUFError(f"{path}: metadata key 'general.architecture': expected a supported "
-                        f"architecture ({', '.join(SUPPORTED_ARCHS)}), found '{arch}' (not supported)")
+                        f"architecture ({', '.join(SUPPORTED_ARCHS)}), found {arch!r} (not supported)")
     n_tensors = len(layout.tensors)
     D = _positive_int(layout, path, f"{arch}.embedding_length")
     # a block needs 9 tensors: bounding L by the tensor count keeps a hostile L from looping for hours
