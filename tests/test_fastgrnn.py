@@ -245,6 +245,9 @@ def test_model_gated_decode_equals_stateless_recomputation_and_prefill(stories_p
     a, b = np.concatenate(step_b), np.concatenate(step_p)
     # the bound path reads the same keys from the same cache and picks the same rows: identical
     np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="the cache runs gate"):
+        other = GateCache(model.new_cache(), FastGRNNGate.random(8, 16, seed=2))
+        model.forward(ids[:4], other, sel.bind(other))
     # O(1) recurrence per decode step: each layer's state read every key exactly once
     assert sorted(set(calls)) == [1, 32] and sum(calls) == len(ids) * model.config.n_layers
     full = model.forward(ids, attention=sel)

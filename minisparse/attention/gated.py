@@ -102,6 +102,12 @@ def _as_rows(picks, cnt, order, tk):
                                 head_kind=KV, n_heads=hkv, tq=tq, normalized=True)
 
 
+def _same_weights(a, b):
+    pa, pb = getattr(a, "params", None), getattr(b, "params", None)
+    return (pa is not None and pb is not None and a.cell == b.cell and pa.keys() == pb.keys()
+            and all(np.array_equal(pa[n], pb[n]) for n in pa))
+
+
 # ----------------------------------------------------------------------------- the selector
 class Gated(Selector):
     """Base (sinks, window, log-stride) plus the `budget` most salient earlier keys per KV head.
@@ -199,8 +205,10 @@ class Gated(Selector):
         if st is None:
             s, _ = self.gate_for(k.shape[2]).salience(k)
             return s, None
-        if not isinstance(self.gate, str) and st.gate is not self.gate:
-            raise ValueError("Gated.bind: the cache runs a different gate than this selector")
+        mine = self.gate_for(k.shape[2])
+        if st.gate is not mine and not _same_weights(st.gate, mine):
+            raise ValueError(f"Gated.bind: the cache runs gate {st.gate.label}, this selector "
+                             f"{mine.label}; build the cache with sel.gate_for(head_dim)")
         if st.n != tk or (tk and st.pos[tk - 1] != k_pos[-1]):
             raise ValueError(f"Gated: bound gate state has read {st.n} keys (last position "
                              f"{st.pos[st.n - 1] if st.n else None}); attention got Tk={tk} "
