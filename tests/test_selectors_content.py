@@ -188,7 +188,7 @@ def test_simhash_bit_collision_rate_matches_one_minus_angle_over_pi(seed, theta,
     k = b.astype(np.float32).reshape(1, 1, d)
     theta32 = math.acos(np.clip(q.ravel().astype(np.float64) @ k.ravel() /
                                 np.linalg.norm(q) / np.linalg.norm(k), -1, 1))
-    kcodes = (project(k, W) > 0).astype(np.int64)                             # (1, 1, N), K = 1
+    kcodes = (project(k, W) > 0).astype(np.int64).transpose(0, 2, 1).copy()  # (1, L=N, 1), K = 1
     counts, _ = lsh_rows(q, k, project(q, W), np.zeros((1, 0, 0)), kcodes, np.zeros((1, d)),
                          1, N, np.array([0]), np.array([0]), False)
     rate = counts[0, 0] / N

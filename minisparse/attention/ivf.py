@@ -84,7 +84,8 @@ class IVFIndex:
             cents.append(c)
             assigns.append(_nearest(k[g], c))                                  # (S,)
         self.centroids = np.stack(cents)                                       # (Hkv, C, d)
-        self.assign = np.stack(assigns)                                        # (Hkv, S)
+        self._buf = np.stack(assigns)                                          # (Hkv, cap)
+        self.n = S
         self._reindex()
 
     @property
@@ -92,8 +93,9 @@ class IVFIndex:
         return self.C
 
     @property
-    def n(self):
-        return self.assign.shape[1]
+    def assign(self):
+        """(Hkv, n) list of every key so far (a view of the growable buffer)."""
+        return self._buf[:, :self.n]
 
     @property
     def stale(self):
@@ -110,7 +112,13 @@ class IVFIndex:
         re-sorted (O(n), no refit)."""
         a = np.stack([_nearest(np.asarray(k_new[g], np.float32), self.centroids[g])
                       for g in range(self.centroids.shape[0])])               # (Hkv, T)
-        self.assign = np.concatenate([self.assign, a], axis=1)
+        T = a.shape[1]
+        if self.n + T > self._buf.shape[1]:             # grow by doubling: O(1) amortised per key
+            buf = np.zeros((a.shape[0], max(2 * self._buf.shape[1], self.n + T)), np.int64)
+            buf[:, :self.n] = self.assign
+            self._buf = buf
+        self._buf[:, self.n:self.n + T] = a
+        self.n += T
         if self.n - self.n_csr > max(1024, self.n // 16):
             self._reindex()
 

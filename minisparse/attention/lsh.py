@@ -77,7 +77,7 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
     """Per (query head h, query t): tables in which each causal key collides with the query,
     and (want_logw) MagicPIG's -log P(sampled) from the angle between q and k - mu.
 
-    Pq (Hq, Tq, KL), Pk (Hkv, Tk, KL) projections; kcodes (Hkv, Tk, L) frozen key codes or
+    Pq (Hq, Tq, KL), Pk (Hkv, Tk, KL) projections; kcodes (Hkv, L, >= Tk) frozen key codes or
     (0, 0, 0) to centre each row by the mean of its causal keys (mu is then computed here);
     mu (Hkv, d) the frozen mean (used with kcodes). Returns counts (R, Tk) float64 (-inf where
     not causal) and logw (R, Tk) float32.
@@ -116,6 +116,13 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
             for b in range(B):
                 pm[b] /= max(n, 1)
         kc = np.empty(L, np.int64)
+        if frozen:
+            # table by table over contiguous codes (Hkv, L, S): a vectorisable compare per key
+            cnt = np.zeros(Tk, np.int64)
+            for l in range(L):
+                ql = qc[l]
+                for j in range(Tk):
+                    cnt[j] += kcodes[g, l, j] == ql
         qn = 0.0
         for i in range(d):
             qn += np.float64(q[h, t, i]) ** 2
@@ -123,14 +130,13 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
             if k_pos[j] > qp:
                 counts[r, j] = -np.inf
                 continue
+            c = 0
             if frozen:
-                kc[:] = kcodes[g, j]
+                c = cnt[j]
             else:
                 _pack(Pk[g, j], pm, K, L, kc)
-            c = 0
-            for l in range(L):
-                if kc[l] == qc[l]:
-                    c += 1
+                for l in range(L):
+                    c += kc[l] == qc[l]
             counts[r, j] = c
             if want_logw and c >= 2:
                 dot = 0.0
@@ -169,12 +175,14 @@ class LSHIndex:
         # smallest integer holding K bits: at S = 256k, 8 heads, L = 75 uint8 codes take 157 MB
         self.dtype = next(t for b, t in ((8, np.uint8), (16, np.uint16), (32, np.uint32),
                                          (63, np.int64)) if self.K <= b)
-        self.codes = np.zeros((k.shape[0], 0, self.L), self.dtype)
+        self._buf = np.zeros((k.shape[0], self.L, max(1, k.shape[1])), self.dtype)  # (Hkv, L, cap)
+        self.n = 0
         self.extend(k)
 
     @property
-    def n(self):
-        return self.codes.shape[1]
+    def codes(self):
+        """(Hkv, L, n) codes of the keys so far (a view of the growable buffer)."""
+        return self._buf[:, :, :self.n]
 
     def extend(self, k_new):
         """Append the codes of k_new (Hkv, T, d), in chunks (projections are (T, K*L) float64).
@@ -186,8 +194,16 @@ class LSHIndex:
             x = np.asarray(k_new[:, a:a + 4096], np.float64)                   # (Hkv, T', d)
             bits = x @ self.W.T > off.T[:, None, :]                            # (Hkv, T', KL)
             c = (bits.reshape(*bits.shape[:2], self.L, self.K) * w).sum(-1)    # (Hkv, T', L)
-            parts.append(c.astype(self.dtype))
-        self.codes = np.concatenate([self.codes] + parts, axis=1)
+            parts.append(c.astype(self.dtype).transpose(0, 2, 1))             # (Hkv, L, T')
+        T = k_new.shape[1]
+        if self.n + T > self._buf.shape[2]:             # grow by doubling: O(1) amortised per key
+            buf = np.zeros(self._buf.shape[:2] + (max(2 * self._buf.shape[2], self.n + T),),
+                           self.dtype)
+            buf[:, :, :self.n] = self.codes
+            self._buf = buf
+        if T:
+            self._buf[:, :, self.n:self.n + T] = np.concatenate(parts, axis=2)
+        self.n += T
 
 
 class LSH(Ranked):
@@ -244,7 +260,7 @@ class LSH(Ranked):
             if ix.n < k.shape[1] or ix.W.shape[1] != d:
                 raise ValueError(f"LSH: bound index holds {ix.n} keys of width {ix.W.shape[1]}; "
                                  f"attention got Tk={k.shape[1]}, d={d}")
-            W, kcodes, mu = ix.W, ix.codes[:, :k.shape[1]], ix.mu
+            W, kcodes, mu = ix.W, ix._buf, ix.mu                               # (Hkv, L, cap)
             Pk = np.zeros((k.shape[0], 0, 0), np.float64)
         else:
             W = planes(self.seed, self.K, self.L, d)
@@ -252,7 +268,7 @@ class LSH(Ranked):
             mu = np.zeros((k.shape[0], d), np.float64)
             Pk = project(k, W)                                                 # (Hkv, Tk, KL)
         Pq = project(q, W)                                                     # (Hq, Tq, KL)
-        return lsh_rows(q, k, Pq, Pk, np.ascontiguousarray(kcodes), mu, self.K, self.L,
+        return lsh_rows(q, k, Pq, Pk, kcodes, mu, self.K, self.L,
                         q_pos, k_pos, want_logw)
 
     def row_scores(self, q, k, q_pos, k_pos):
