@@ -31,7 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))     # workers: set per engine by the driver
+ENGINES = ("minisparse-quant", "minisparse-f32", "llama.cpp", "transformers",
+           "minisparse-quant@1t", "llama.cpp@1t")       # @1t: the same on one thread
 
 
 def models():
@@ -57,9 +59,15 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+
 def thread_info():
     from threadpoolctl import threadpool_info
-    return {"NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+    return {"engine_threads": THREADS, "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "pins": {k: os.environ.get(k) for k in PINS},
@@ -89,15 +97,18 @@ class LlamaCppEngine:
                        verbose=False, logits_all=False)
         self.vocab = self.m.n_vocab()
 
+    def _last_logits(self):             # the context's own buffer (only the last row was computed)
+        return np.ctypeslib.as_array(self.m._ctx.get_logits(), shape=(self.vocab,))
+
     def prefill(self, ids):
-        self.m.reset()
-        self.m._ctx.kv_cache_clear() if hasattr(self.m._ctx, "kv_cache_clear") else None
+        self.m.reset()                  # n_tokens = 0, and an empty KV cache, as a fresh prompt
+        self.m._ctx.kv_cache_clear()
         self.m.eval(list(ids))
-        return int(np.argmax(self.m.scores[self.m.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
     def step(self, tok):
         self.m.eval([tok])
-        return int(np.argmax(self.m.scores[self.m.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
 
 class HFEngine:
@@ -125,8 +136,13 @@ class HFEngine:
 
 def worker(spec):
     """Run one engine on one model; print one JSON line."""
+    path, engine = spec["path"], spec["engine"].split("@")[0]
+    sys.path.insert(0, str(ROOT))
+    __import__({"llama.cpp": "llama_cpp", "transformers": "transformers"}.get(engine, "minisparse"))
+    if engine == "transformers":
+        import torch  # noqa: F401
+    runtime_mb = rss_mb()                      # the interpreter and the engine's imports, no model
     t0 = time.perf_counter()
-    path, engine = spec["path"], spec["engine"]
     ctx = max(spec["prefill"] + [0]) + spec["decode"] + 136
     if engine == "minisparse-quant":
         e = MiniEngine(path, dequant=False)
@@ -136,17 +152,11 @@ def worker(spec):
         e = LlamaCppEngine(path, ctx)
     else:
         e = HFEngine(path)
-    res = {"load_s": time.perf_counter() - t0}
+    res = {"load_s": time.perf_counter() - t0, "runtime_rss_mb": runtime_mb}
     rng = np.random.default_rng(0)
     prompt = lambda n: [1] + rng.integers(3, e.vocab, n - 1).tolist()   # noqa: E731  BOS-like id 1 first
     e.prefill(prompt(16))                                                 # warm-up (compiles, allocates)
-    for n in spec["prefill"]:
-        ids, times = prompt(n), []
-        for _ in range(spec["repeats"]):
-            t = time.perf_counter(); e.prefill(ids); times.append(time.perf_counter() - t)
-        res[f"prefill{n}_tok_s"] = n / statistics.median(times)
-        res[f"prefill{n}_runs_s"] = times
-    rates = []
+    rates = []                                 # decode first: its peak RSS is the decode figure
     for _ in range(spec["repeats"]):
         tok = e.prefill(prompt(128))
         t = time.perf_counter()
@@ -154,7 +164,14 @@ def worker(spec):
             tok = e.step(tok)
         rates.append(spec["decode"] / (time.perf_counter() - t))
     res["decode_tok_s"], res["decode_runs_tok_s"] = statistics.median(rates), rates
-    res["peak_rss_mb"] = peak_rss_mb()
+    res["decode_rss_mb"] = peak_rss_mb()       # load + 128-token prompt + decode
+    for n in spec["prefill"]:
+        ids, times = prompt(n), []
+        for _ in range(spec["repeats"]):
+            t = time.perf_counter(); e.prefill(ids); times.append(time.perf_counter() - t)
+        res[f"prefill{n}_tok_s"] = n / statistics.median(times)
+        res[f"prefill{n}_runs_s"] = times
+    res["peak_rss_mb"] = peak_rss_mb()         # + the longest prefill (minisparse keeps (T, V) logits)
     res["threads"] = thread_info()
     print(json.dumps(res))
 
@@ -224,18 +241,41 @@ def start_times(repeats):
     return {k: (v[0] if len(v) == 1 else statistics.median(v)) for k, v in out.items()}
 
 
+def crossover(repeats=5):
+    """ms per product of a SmolLM2 FFN-sized Q4_1 matrix (1536 x 576) for T = 1..12 tokens: T fused
+    matvec passes vs dequantised tiles + sgemm; quant.FUSED_MAX_T should sit where they cross."""
+    sys.path.insert(0, str(ROOT)), sys.path.insert(0, str(ROOT / "tests"))
+    from gguf import GGMLQuantizationType as QT
+    from minisparse import quant
+    from test_quant_kernels import random_blocks
+    W = quant.QuantMatrix(random_blocks(QT.Q4_1, 1536, 576, np.random.default_rng(0)), (1536, 576), QT.Q4_1)
+    saved, rows = quant.FUSED_MAX_T, []
+    for T in range(1, 13):
+        x = np.ones((T, 576), np.float32)
+        row = {"T": T}
+        for name, limit in (("fused_ms", 10**9), ("tiled_ms", 0)):
+            quant.FUSED_MAX_T = limit
+            W.matmul(x)
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter(); W.matmul(x); ts.append((time.perf_counter() - t) * 1e3)
+            row[name] = statistics.median(ts)
+        rows.append(row)
+    quant.FUSED_MAX_T = saved
+    return {"rows": rows, "FUSED_MAX_T": saved, "threads": thread_info()}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
 def available_engines():
-    out = {"minisparse-quant": None, "minisparse-f32": None}
+    why = {}
     for mod, name in (("llama_cpp", "llama.cpp"), ("torch", "transformers")):
         try:
             __import__(mod)
-            out[name] = None
         except Exception as e:            # noqa: BLE001 - any import failure means "not here"
-            out[name] = f"{mod} not importable: {type(e).__name__}: {e}"
-    return out
+            why[name] = f"{mod} not importable: {type(e).__name__}: {e}"
+    return {e: why.get(e.split("@")[0]) for e in ENGINES}
 
 
 def run(args):
@@ -247,7 +287,8 @@ def run(args):
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
               "pins_at_start": json.loads(os.environ.get("_BENCH_PINS", "{}")),
-              "ceilings": ceilings(repeats), "start": start_times(1 if args.quick else 2), "runs": []}
+              "ceilings": ceilings(repeats), "start": start_times(1 if args.quick else 2),
+              "crossover": crossover(), "runs": []}
     engines = available_engines()
     for mname, path in models().items():
         if args.models and mname not in args.models:
@@ -262,12 +303,17 @@ def run(args):
             if why_not:
                 row["skipped"] = why_not
             else:
-                spec = {"path": str(path), "engine": ename, "prefill": prefill, "decode": decode, "repeats": repeats}
-                p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                spec = {"path": str(path), "engine": ename, "decode": decode, "repeats": repeats,
+                        "prefill": [] if ename.endswith("@1t") else prefill}     # @1t: decode only
+                n = 1 if ename.endswith("@1t") else THREADS
+                wenv = {**env, "BENCH_THREADS": str(n), "NUMBA_NUM_THREADS": str(n),
+                        "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
+                p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=wenv,
                                    capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
                 lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
                 if p.returncode or not lines:
-                    row["skipped"] = f"failed (rc {p.returncode}): {p.stderr.strip()[-300:]}"
+                    last = [l for l in p.stderr.splitlines() if l.strip()][-1:] or [""]
+                    row["skipped"] = f"failed (rc {p.returncode}): {last[0][-200:]}"
                 else:
                     row.update(json.loads(lines[-1]))
                     _derive(row, path, report["ceilings"])
@@ -278,7 +324,7 @@ def run(args):
 
 
 def _derive(row, path, ceil):
-    dequant = row["engine"] != "minisparse-quant" and row["engine"] != "llama.cpp"
+    dequant = row["engine"].split("@")[0] not in ("minisparse-quant", "llama.cpp")
     wb, _ = weight_bytes(path, dequant)
     row["weight_bytes_per_token"] = wb
     row["decode_frac_of_bandwidth"] = row["decode_tok_s"] * wb / (ceil["copy_gb_s"] * 1e9)
@@ -288,7 +334,7 @@ def _derive(row, path, ceil):
             gflops = model_flops(path, T) * row[k] / T / 1e9
             row[f"prefill{T}_gflops"] = gflops
             row[f"prefill{T}_frac_of_sgemm"] = gflops / ceil["sgemm_gflops"]
-    row["rss_over_gguf"] = row["peak_rss_mb"] / row["gguf_mb"]
+    row["rss_over_gguf"] = row["decode_rss_mb"] / row["gguf_mb"]
 
 
 def _cpu():
@@ -304,8 +350,8 @@ def _line(r):
     pf = "  ".join(f"pf{k[7:-6]} {r[k]:8.1f} ({r[k.replace('tok_s', 'frac_of_sgemm')]:.0%})"
                    for k in r if k.startswith("prefill") and k.endswith("_tok_s"))
     return (f"{r['model']:<18} {r['engine']:<17} {pf}  decode {r['decode_tok_s']:7.1f} "
-            f"({r['decode_frac_of_bandwidth']:.0%} bw)  RSS {r['peak_rss_mb']:6.0f} MB "
-            f"({r['rss_over_gguf']:.1f}x gguf)  {_blas(r['threads'])}")
+            f"({r['decode_frac_of_bandwidth']:.0%} bw)  RSS decode {r['decode_rss_mb']:5.0f} MB "
+            f"({r['rss_over_gguf']:.1f}x gguf) peak {r['peak_rss_mb']:5.0f}  {_blas(r['threads'])}")
 
 
 def _blas(th):
@@ -331,10 +377,17 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="*", help="subset of: minisparse-quant minisparse-f32 llama.cpp transformers")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine x model")
     ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")
+    ap.add_argument("--crossover", action="store_true", help="only time fused vs tiled products for T = 1..12")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.crossover:
+        c = crossover()
+        for r in c["rows"]:
+            print(f"T={r['T']:2d}  fused {r['fused_ms']:7.3f} ms  tiled {r['tiled_ms']:7.3f} ms")
+        print(f"FUSED_MAX_T = {c['FUSED_MAX_T']}; threads {c['threads']}")
+        return 0
     pins = {k: os.environ.get(k) for k in PINS}
     if any(pins.values()) and not args.keep_openblas_env:
         env = {k: v for k, v in os.environ.items() if k not in PINS}

@@ -129,17 +129,17 @@ def load_gguf(path, dequant: bool = True):
 
     `weights` maps GGUF tensor names without `.weight` (`token_embd`, `blk.0.attn_q`, and
     `blk.0.attn_q.bias` for biases) to float32 arrays shaped (out, in) or (n,).
-    With `dequant=False`, matrices of a type in `quant.KERNEL_TYPES` stay as `QuantMatrix` (their
+    With `dequant=False`, matrices of a type in `quant.IN_PLACE_TYPES` stay as `QuantMatrix` (their
     raw blocks, a view of the file's memory map); other types and 1-D tensors are float32 as above.
     """
-    from .quant import KERNEL_TYPES, QuantMatrix
+    from .quant import IN_PLACE_TYPES, QuantMatrix
     reader = open_gguf(path, model=True)
     cfg = read_config(reader, path)
     weights = {}
     for t in reader.tensors:
         name = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
         shape = tuple(int(s) for s in reversed(t.shape))        # GGML (in, out) -> (out, in)
-        if not dequant and len(shape) == 2 and t.tensor_type in KERNEL_TYPES:
+        if not dequant and len(shape) == 2 and t.tensor_type in IN_PLACE_TYPES:
             weights[name] = QuantMatrix(t.data, shape, t.tensor_type)
         else:
             weights[name] = tensor_to_float32(t, path)

@@ -16,8 +16,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
-# Types with a kernel here. F16/BF16 are included: converting per tile keeps them at 2 bytes a weight.
+# Types with a kernel here, and those the loader keeps in place with dequant=False. F16/BF16 have
+# kernels but load as float32: their decode matvec (a table lookup per weight) measured 1.2 GMAC/s
+# against NumPy's float32 gemv at 5.0 on one core, and they are only 2x, not 4-8x, smaller.
 KERNEL_TYPES = (QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
+IN_PLACE_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
 
 # Every float16 bit pattern -> float32 (256 KiB, stays in L2): exact, and keeps the kernels free of
 # bit twiddling for the fp16 scales every block carries.
@@ -25,13 +28,13 @@ F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.floa
 _F16 = F16_TO_F32              # a global: Numba freezes it into the compiled code as a constant
 
 # Up to this many tokens, one fused matrix-vector pass per token beats dequantising tiles for
-# sgemm (benchmarks/bench_engine.py --crossover measures it).
-FUSED_MAX_T = 4
+# sgemm (`python3 benchmarks/bench_engine.py --crossover` measures it).
+FUSED_MAX_T = 8
 TILE_BYTES = 1 << 21            # float32 tile for prefill: 2 MiB, half of one core's L2
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
 # costs more than the work on a small matrix, and far more on a busy machine (a worker that the OS
 # has descheduled holds up the whole region; OpenBLAS's gemv keeps small problems on one thread too).
-PARALLEL_MIN_WEIGHTS = 1 << 18
+PARALLEL_MIN_WEIGHTS = 1 << 19
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.

@@ -18,7 +18,7 @@ from gguf_factory import tiny_weights, write_model
 from minisparse import quant
 from minisparse.gguf_io import load_gguf
 from minisparse.model import Model
-from minisparse.quant import KERNEL_TYPES, QuantMatrix
+from minisparse.quant import IN_PLACE_TYPES, KERNEL_TYPES, QuantMatrix
 
 U = 2.0 ** -24                       # float32 unit roundoff
 
@@ -96,6 +96,12 @@ def test_quant_matrix_is_a_view_of_the_file_not_a_copy(tmp_path):
     assert isinstance(w["blk.0.attn_norm"], np.ndarray)   # 1-D tensors stay float32
 
 
+def test_f16_matrices_load_as_float32_even_in_place(tmp_path):
+    path = write_model(tmp_path / "h.gguf", tiny_weights(dim=64, ffn=64), qtype=QT.F16)
+    _, w, _ = load_gguf(path, dequant=False)
+    assert isinstance(w["blk.0.ffn_up"], np.ndarray) and w["blk.0.ffn_up"].dtype == np.float32
+
+
 def _write_random_blocks(qtype, rng):
     """A `gguf_factory.write_tensor` stand-in that writes random blocks of `qtype` for matrices
     (the K-quants have no quantiser in gguf.quants) and float32 for vectors."""
@@ -110,7 +116,7 @@ def _write_random_blocks(qtype, rng):
     return write_tensor
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda q: q.name)
 def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path, monkeypatch, qtype):
     import oracle.np_reference as np_reference
     rng = np.random.default_rng(int(qtype))
