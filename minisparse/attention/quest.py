@@ -104,7 +104,8 @@ class Quest(Selector):
     """Each query head reads whole pages of `page` keys (by index; keys in position order): the
     max(1, budget // page) pages of highest bound, where budget = k keys or ceil(fraction *
     n_causal). The query's own partial page is bounded over its causal keys only, so a row
-    never looks at a later key.
+    never looks at a later key. The complete pages' bounds are recomputed per call (O(S d)
+    min/max, no exp); a decode cache would keep them per page as keys arrive (not done here).
 
     >>> import numpy as np
     >>> from minisparse.attention import attend

@@ -266,8 +266,3 @@ class TopK(Ranked):
                 raise ValueError(f"attention spec: 'topk={val}': unknown option {p!r} "
                                  f"(expected kv or rN)")
         return TopK(k, f, per, rec)
-
-
-def mass_recall(p, chosen):
-    """Share of the dense softmax mass p (..., Tk) that the boolean set `chosen` holds."""
-    return (p * chosen).sum(-1) / np.maximum(p.sum(-1), 1e-300)
