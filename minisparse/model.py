@@ -125,15 +125,18 @@ class KVCache:
 
     def update(self, layer, k_new, v_new, pos, q=None):
         """Append k_new, v_new (Hkv, T, d) at positions pos (T,); return what attention reads:
-        k, v (Hkv, S, d) and k_pos (S,) with S = n + T. q (Hq, T, d), this call's queries, is for
-        bounded caches that score keys by attention (minisparse.cache); this one keeps all."""
+        k_pos (S,) with S = n + T, and this layer's whole buffers k, v (Hkv, capacity, d) whose
+        first S rows are the keys. Handing over the contiguous buffer rather than the strided
+        view k[:, :S] lets the kernel read the cache in place: no O(S) copy per decode step.
+        q (Hq, T, d), this call's queries, is for bounded caches that score keys by attention
+        (minisparse.cache); this one keeps all."""
         T = k_new.shape[1]
         self._grow(self.n + T)
         self.k[layer, :, self.n:self.n + T] = k_new
         self.v[layer, :, self.n:self.n + T] = v_new
         self.pos[self.n:self.n + T] = pos
         S = self.n + T
-        return self.k[layer, :, :S], self.v[layer, :, :S], self.pos[:S]
+        return self.k[layer], self.v[layer], self.pos[:S]
 
     def advance(self, T):
         """Called once all layers have seen the T new tokens."""
@@ -214,9 +217,10 @@ class Model:
             q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hq, T, d)
             k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hkv, T, d)
             rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-            K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                           # (Hkv, S, d), (S,)
+            K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                        # (Hkv, >=S, d), (S,)
             sel = Dense() if (selector is None or l in dense_layers) else selector
-            o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True)  # (Hq, T, d)
+            o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
+                           buffer=True)                                                  # (Hq, T, d)
             if stats is not None:
                 stats.append({"layer": l, "q_pos": pos, "n_attended": st.n_attended,
                               "n_causal": st.n_causal})

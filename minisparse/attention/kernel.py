@@ -34,7 +34,7 @@ CHUNK = 32      # keys scored together: one running-max update and one float64 f
 
 
 @njit(cache=True, fastmath=_FM)
-def _flush(q, h, t, k, v, ek, ev, g, j0, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml):
+def _flush(q, h, t, k, v, ek, ev, Tk, g, j0, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml):
     """Fold n keys (j0 >= 0: the contiguous real keys j0 .. j0+n-1 with log-weight 0; else the
     buffered js[:n], lws[:n], where js >= Tk are pseudo-keys) into the running softmax state
     ml = [max, normaliser] (float64) and acc (d,) float64.
@@ -42,7 +42,6 @@ def _flush(q, h, t, k, v, ek, ev, g, j0, js, lws, n, scale, sbuf, pbuf, cacc, ac
     Inside a chunk everything is float32 (8-wide SIMD, expf): scores, exp(s - max) and the
     chunk's weighted value sum; the chunk result is folded into the float64 row state, so float32
     rounding never accumulates over more than CHUNK terms (error <= CHUNK * 2^-24 relative)."""
-    Tk = k.shape[1]
     d = q.shape[2]
     cm = np.float32(-np.inf)
     if j0 >= 0:
@@ -98,7 +97,8 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
     (Milakov & Gimelshein 2018) in chunks of CHUNK keys: float32 within a chunk, float64 across
     chunks (see _flush)."""
     Hq, Tq, d = q.shape
-    Hkv, Tk, _ = k.shape
+    Hkv = k.shape[0]
+    Tk = k_pos.shape[0]             # k may hold spare rows beyond Tk (a cache's capacity)
     h = r // Tq
     u = r % Tq
     # interleave short and long causal rows so the static prange chunks balance
@@ -121,7 +121,7 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
             hi = min(rhi[a], kend)
             while j < hi:
                 nc = min(CHUNK, hi - j)
-                _flush(q, h, t, k, v, ek, ev, g, j, js, lws, nc, scale, sbuf, pbuf, cacc, acc, ml)
+                _flush(q, h, t, k, v, ek, ev, Tk, g, j, js, lws, nc, scale, sbuf, pbuf, cacc, acc, ml)
                 cnt += nc
                 j += nc
             continue
@@ -132,7 +132,7 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
             lws[n] = 0.0
             n += 1
             if n == CHUNK:
-                _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
+                _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
                 cnt += n
                 n = 0
     for a in range(iptr[row], iptr[row + 1]):
@@ -143,11 +143,11 @@ def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, i
         lws[n] = logw[a]
         n += 1
         if n == CHUNK:
-            _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
+            _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
             cnt += n
             n = 0
     if n > 0:
-        _flush(q, h, t, k, v, ek, ev, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
+        _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
         cnt += n
     natt[h, t] = cnt
     if cnt > 0 and ml[1] > 0.0:
@@ -232,12 +232,13 @@ def _f32(name, x):
 
 
 def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
-           return_stats=False, scale=None):
+           return_stats=False, scale=None, buffer=False):
     """Sparse (or dense) causal attention over the keys `selector` picks.
 
     q (Hq, Tq, d), k, v (Hkv, Tk, d) float32 (k, v may be float16: computed in float32);
     selector: a Selector, a spec string ("sinks=4,window=128"), a precomputed Selection, or
-    None (dense). Returns out (Hq, Tq, d) float32 [, lse (Hq, Tq) float64] [, AttentionStats].
+    None (dense). buffer=True: k, v may hold spare rows after the len(k_pos) keys (a KV cache's
+    capacity), read in place. Returns out (Hq, Tq, d) float32 [, lse (Hq, Tq) float64] [, AttentionStats].
     scale defaults to 1/sqrt(d).
 
     >>> import numpy as np
@@ -248,12 +249,21 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     """
     from .patterns import Dense
     from .spec import parse_attention_spec
-    q, k, v = _f32("q", q), _f32("k", k), _f32("v", v)
+    q, k, v = _f32("q", q), np.asarray(k), np.asarray(v)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: expected q (Hq, Tq, d), k = v (Hkv, Tk, d); got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
     Hq, Tq, d = q.shape
-    Hkv, Tk, _ = k.shape
+    Hkv, Tk = k.shape[0], k.shape[1] if k_pos is None else len(k_pos)
+    if Tk > k.shape[1] or (Tk != k.shape[1] and not buffer):
+        raise ValueError(f"attend: k_pos has {Tk} positions but k holds {k.shape[1]} keys "
+                         f"(pass buffer=True when k, v are a cache's buffers with spare rows)")
+    # A KV cache hands over its whole buffer (Hkv, capacity, d) with k_pos for the S keys held:
+    # the kernel reads rows < S of the contiguous buffer in place (slicing k[:, :S] would make a
+    # strided view that Numba either copies or reads without SIMD: O(S) per decode step).
+    kk, vv = (k, v) if k.dtype == np.float32 else (k[:, :Tk], v[:, :Tk])
+    kk, vv = _f32("k", kk), _f32("v", vv)
+    k, v = kk[:, :Tk], vv[:, :Tk]                                 # (Hkv, Tk, d) views for selectors
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attend: Hq={Hq} must be a multiple of Hkv={Hkv}")
     q_pos, k_pos = default_positions(Tq, Tk, q_pos, k_pos)
@@ -270,7 +280,7 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     if sel.n_extra:
         ek = _f32("extra_k", sel.extra_k)
         # pseudo-keys without their own values (static landmarks) take the mean of v over their span
-        ev = span_means(v, sel.extra_lo, sel.extra_hi) if sel.extra_v is None else \
+        ev = span_means(vv, sel.extra_lo, sel.extra_hi) if sel.extra_v is None else \
             _f32("extra_v", sel.extra_v)
     else:
         ek = ev = np.zeros((Hkv, 0, d), np.float32)              # (Hkv, 0, d)
@@ -279,7 +289,7 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     # work estimate: entries listed per row times the query heads sharing each row
     work = (int((sel.range_hi - sel.range_lo).sum()) + sel.idx.size) * (Hq // sel.n_heads)
     run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
-    out, lse, natt = run(q, k, v, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
+    out, lse, natt = run(q, kk, vv, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
                                  sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
                                  sel.logw, scale, k_sorted)
     res = (out,)

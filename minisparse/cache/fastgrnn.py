@@ -285,7 +285,8 @@ class GateCache:
             st = self.states[layer] = GateState(self.gate, k_new.shape[0])
         T = k_new.shape[1]
         stored = np.array_equal(k_pos[len(k_pos) - T:], pos)      # appended at the end (KVCache)
-        k_read = k[:, k.shape[1] - T:] if stored else k_new           # (Hkv, T, d) as stored
+        S = len(k_pos)                                                # k may be a buffer with spare rows
+        k_read = k[:, S - T:S] if stored else k_new                   # (Hkv, T, d) as stored
         st.append(np.asarray(k_read, np.float32), pos)
         self.current = st
         return k, v, k_pos
