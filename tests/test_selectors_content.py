@@ -197,6 +197,38 @@ def test_simhash_bit_collision_rate_matches_one_minus_angle_over_pi(seed, theta,
     assert abs(rate - (1 - theta32 / math.pi)) <= math.sqrt(math.log(2e9) / (2 * N))
 
 
+@given(seeds, st.integers(1, 30), st.integers(1, 6), st.integers(1, 12))
+def test_lsh_counts_and_weights_equal_a_numpy_simhash_of_causally_centred_keys(seed, tk, K, L):
+    q, k, _ = qkv(seed, 2, 1, min(tk, 4), tk)
+    hq, tq, d = q.shape
+    q_pos = np.arange(tk - tq, tk)
+    counts, logw = LSH(K, L, seed=seed % 97, mode="sample").collisions(q, k, q_pos, np.arange(tk), True)
+    W = planes(seed % 97, K, L, d)                                             # (KL, d)
+    for h in range(hq):
+        for t in range(tq):
+            n = q_pos[t] + 1
+            mu = k[0, :n].astype(np.float64).mean(0)                           # causal mean
+            pk = (k[0, :n] - mu) @ W.T                                         # (n, KL)
+            pq = q[h, t].astype(np.float64) @ W.T                              # (KL,)
+            same = ((pk > 0) == (pq > 0)).reshape(n, L, K)
+            # the kernel forms W.k - W.mu (sums in another order): a bit may flip only where
+            # |W.(k - mu)| is within rounding, ~1e-12 here (|W|, |k| = O(1), d <= 8 terms)
+            sure = (np.abs(pk) > 1e-9).reshape(n, L, K)
+            lo = (same & sure).all(-1).sum(-1)                                 # tables surely colliding
+            hi = (same | ~sure).all(-1).sum(-1)                                # tables possibly colliding
+            r = h * tq + t
+            assert (lo <= counts[r, :n]).all() and (counts[r, :n] <= hi).all()
+            assert np.isneginf(counts[r, n:]).all()                            # later keys: not causal
+            c = counts[r, :n] >= 2
+            nk = np.linalg.norm(k[0, :n] - mu, axis=1) * np.linalg.norm(q[h, t])
+            # a key equal to the mean has no angle: the selector's convention is p = 1 (weight 1)
+            cos = np.where(nk > 0, ((k[0, :n] - mu) @ q[h, t]) / np.maximum(nk, 1e-300), 1.0)
+            P = np.array([p_sampled(1 - np.arccos(np.clip(x, -1, 1)) / np.pi, K, L) for x in cos])
+            # logw is float32: relative rounding 2^-24, plus float64 angle error ~1e-12
+            np.testing.assert_allclose(logw[r, :n][c], -np.log(np.maximum(P[c], 1e-30)),
+                                       rtol=2.0**-22, atol=1e-6)
+
+
 @given(st.integers(1, 12), st.integers(1, 120))
 def test_p_sampled_is_monotone_in_p_and_equals_the_closed_form(K, L):
     ps = np.linspace(0, 1, 401)

@@ -145,6 +145,7 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
                     x = k[g, j, i] - m[i]
                     dot += q[h, t, i] * x
                     kn += x * x
+                # a key equal to the mean has no angle: take p = 1 (read with weight 1)
                 cos = dot / math.sqrt(qn * kn) if qn * kn > 0 else 1.0
                 p = 1.0 - math.acos(min(1.0, max(-1.0, cos))) / math.pi
                 # a sampled key has P > 0 in exact arithmetic; the floor keeps the weight finite
