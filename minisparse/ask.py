@@ -60,8 +60,11 @@ def make_cache(model, spec):
     if spec in (None, "", "dense"):
         return model.new_cache(), None
     from .cache import parse_cache_spec
-    cache = parse_cache_spec(spec, model.config)
-    return cache, getattr(cache, "budget", None) or getattr(cache, "capacity", None)
+    cache = parse_cache_spec(spec, model)
+    bound = getattr(cache, "budget", None)
+    if bound is None and hasattr(cache, "sinks") and hasattr(cache, "window"):
+        bound = cache.sinks + cache.window
+    return cache, bound
 
 
 def fmt_bytes(n):
@@ -116,7 +119,7 @@ def cmd_ask(args):
         if bound is None:
             raise CLIError(f"the document and question take {n} tokens but {model_path} was trained "
                            f"on {cfg.context_length}; run with a bounded cache, e.g. --cache "
-                           f"streaming=4,{cfg.context_length // 2}")
+                           f"streaming=4+{cfg.context_length // 2}")
         label = (f"[beyond the trained context: {n} > {cfg.context_length} tokens; "
                  f"attention bounded by --cache {args.cache}]")
     avail = available_memory()
@@ -197,7 +200,7 @@ def add_parsers(sub):
     a.add_argument("-m", "--model", default="default")
     a.add_argument("--context", nargs="+", required=True, help="text files to read")
     a.add_argument("-p", "--prompt", required=True, help="the question")
-    a.add_argument("--cache", default="dense", help='cache policy: dense, "streaming=4,1024", "recursive=B2048"')
+    a.add_argument("--cache", default="dense", help='cache policy: dense, streaming=4+1020, recursive=B2048 (see minisparse/cache/spec.py)')
     a.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
     add_sampling_args(a)

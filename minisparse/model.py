@@ -147,20 +147,22 @@ class KVCache:
         return self.k[:, :, : self.n].nbytes + self.v[:, :, : self.n].nbytes
 
     def state(self, reserve=1024):
-        """(meta, arrays) for minisparse.persist: the held positions plus `reserve` free slots."""
+        """(meta, arrays) for minisparse.persist: the held positions plus `reserve` free slots,
+        so a cache loaded memory-mapped can take new tokens without a copy."""
         cap = self.n + reserve
         pad = lambda a: np.pad(a[:, :, : self.n], ((0, 0), (0, 0), (0, reserve), (0, 0)))  # noqa: E731
-        return ({"n": self.n, "next_pos": self.next_pos},
+        return ({"kind": "KVCache", "n": self.n, "next_pos": self.next_pos},
                 {"k": pad(self.k), "v": pad(self.v), "pos": np.pad(self.pos[: self.n], (0, cap - self.n))})
 
     @classmethod
-    def from_state(cls, cfg, meta, arrays):
+    def from_state(cls, meta, arrays, cfg=None):
+        """Rebuild from `state()`; the arrays are used as given (memory maps stay maps)."""
         c = cls.__new__(cls)
         c.cfg, c.k, c.v, c.pos = cfg, arrays["k"], arrays["v"], arrays["pos"]
         c.dtype = c.k.dtype
-        want = (cfg.n_layers, cfg.n_kv_heads, c.pos.shape[0], cfg.head_dim)
-        if c.k.shape != want or c.v.shape != want:
-            raise ValueError(f"k/v shaped {c.k.shape}, expected {want} for this model")
+        if c.k.ndim != 4 or c.v.shape != c.k.shape or c.k.shape[2] != c.pos.shape[0]:
+            raise ValueError(f"k {c.k.shape}, v {c.v.shape}, pos {c.pos.shape}: expected "
+                             f"(L, Hkv, capacity, d) twice and (capacity,)")
         c.n, c.next_pos = int(meta["n"]), int(meta["next_pos"])
         if not 0 <= c.n <= c.pos.shape[0]:
             raise ValueError(f"n={c.n} outside the {c.pos.shape[0]} saved slots")

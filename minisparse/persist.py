@@ -13,6 +13,7 @@ and a classmethod `from_state(cfg, meta, arrays)`; the dense `KVCache` is the ex
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -31,17 +32,13 @@ class CacheError(MinisparseError):
 
 
 def cache_classes() -> dict:
-    """Every cache class that can be saved: the dense KVCache and the bounded caches exported
-    by `minisparse.cache` that offer `from_state`."""
+    """Every cache class that can be saved: the dense KVCache and the bounded caches of
+    `minisparse.cache` that offer `from_state`."""
+    from . import cache as bounded
     from .model import KVCache
     classes = {"KVCache": KVCache}
-    try:
-        from . import cache as bounded
-    except ImportError:      # pragma: no cover - the package always ships minisparse.cache
-        return classes
-    for name in getattr(bounded, "__all__", []):
-        obj = getattr(bounded, name)
-        if isinstance(obj, type) and hasattr(obj, "from_state"):
+    for obj in vars(bounded).values():
+        if isinstance(obj, type) and hasattr(obj, "from_state") and hasattr(obj, "state"):
             classes[obj.__name__] = obj
     return classes
 
@@ -128,9 +125,16 @@ def load_cache(path, model, key=None, verify=True):
         if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
             raise CacheError(f"{f}: shape {arr.shape} {arr.dtype}; header says {info['shape']} {info['dtype']}")
         arrays[name] = arr
+    cfg = model.config
+    k = arrays.get("k")
+    if k is None or k.ndim != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim):
+        raise CacheError(f"{path}: k is shaped {None if k is None else k.shape}; this model needs "
+                         f"({cfg.n_layers}, {cfg.n_kv_heads}, S, {cfg.head_dim})")
+    kw = {"cfg": cfg} if cls.__name__ == "KVCache" else \
+        ({"model": model} if "model" in inspect.signature(cls.__init__).parameters else {})
     try:
-        return cls.from_state(model.config, header["meta"], arrays)
-    except (KeyError, ValueError) as e:
+        return cls.from_state(header["meta"], arrays, **kw)
+    except (KeyError, ValueError, TypeError) as e:
         raise CacheError(f"{path}: header does not describe a valid {cls.__name__} ({e})") from None
 
 

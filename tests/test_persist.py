@@ -23,8 +23,8 @@ def _cache_factories(model):
         from minisparse.cache import parse_cache_spec
     except ImportError:
         return
-    for spec in ("streaming=4,60", "recursive=B96"):
-        yield spec, lambda spec=spec: parse_cache_spec(spec, model.config)
+    for spec in ("streaming=4+60", "recursive=B96", "recursive=B96/perhead", "press=0.5"):
+        yield spec, lambda spec=spec: parse_cache_spec(spec, model)
 
 
 def test_saved_and_reloaded_cache_gives_identical_logits(model, tmp_path):
@@ -32,7 +32,7 @@ def test_saved_and_reloaded_cache_gives_identical_logits(model, tmp_path):
     for name, make in _cache_factories(model):
         cache = make()
         model.forward(ids[:140], cache)
-        folder = save_cache(cache, tmp_path / name.replace("=", "_").replace(",", "_"), key="k")
+        folder = save_cache(cache, tmp_path / name.replace("=", "_").replace("+", "_").replace("/", "_"), key="k")
         again = load_cache(folder, model, key="k")
         assert len(again) == len(cache) and again.next_pos == cache.next_pos
         a = model.forward(ids[140:], cache)
@@ -59,7 +59,7 @@ def test_key_changes_with_context_model_and_policy(stories_path, tmp_path):
     for changed in (cache_key(stories_path, "doc2", "dense", "dense"),
                     cache_key(other, "doc", "dense", "dense"),
                     cache_key(stories_path, "doc", "window=64", "dense"),
-                    cache_key(stories_path, "doc", "dense", "streaming=4,60")):
+                    cache_key(stories_path, "doc", "dense", "streaming=4+60")):
         assert changed != base
 
 

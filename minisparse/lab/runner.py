@@ -5,7 +5,7 @@ results.json plus a Markdown table.
 Leaves out plotting (plots.py), the pass-key task's generator (needle.py) and the CLI (cli.py).
 The rule for a variant string (docs/lab.md): if its first member's name is a cache policy
 (`recursive=`, `streaming=`, `press=`) the variant is a bounded cache parsed by
-`minisparse.cache.parse_cache_spec` (or this module's fallback); otherwise it is an attention spec
+`minisparse.cache.parse_cache_spec`; otherwise it is an attention spec
 parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
 `uncorrected:` (lab only) reads the same keys with the samplers' log-weights dropped.
 
@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics as M
-
-CACHE_NAMES = ("recursive", "streaming", "press")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -94,45 +92,11 @@ class Uncorrected:
         return "uncorrected:" + self.inner.describe()
 
 
-def parse_cache_spec_fallback(spec: str, model):
-    """`recursive=B512[/n4][/b64][/acc][/perhead]`, `streaming=4+508[/reassigned]` (sinks +
-    window), `press=0.5` -> a zero-argument cache factory. Used when minisparse.cache has no
-    parse_cache_spec of its own."""
-    from ..cache import PressCache, RecursiveCompressor, StreamingCache
-    name, _, val = spec.partition("=")
-    name, parts = name.strip().lower(), [p for p in val.strip().split("/") if p]
-    if not parts:
-        raise ValueError(f"cache spec {spec!r}: needs a value, e.g. recursive=B512, streaming=4+508, press=0.5")
-    try:
-        if name == "recursive":
-            kw = {"budget": int(parts[0].lstrip("Bb"))}
-            for p in parts[1:]:
-                if p[0] == "n":
-                    kw["protection_divisor"] = int(p[1:])
-                elif p[0] == "b":
-                    kw["block"] = int(p[1:])
-                elif p == "acc":
-                    kw["mode"] = "accumulate"
-                elif p == "perhead":
-                    kw["per_head"] = True
-                else:
-                    raise ValueError(f"unknown option {p!r} (n<divisor>, b<block>, acc, perhead)")
-            return lambda: RecursiveCompressor(**kw)
-        if name == "streaming":
-            s, _, w = parts[0].partition("+")
-            mode = "reassigned" if "reassigned" in parts[1:] else "original"
-            return lambda: StreamingCache(int(s), int(w), mode, model=model)
-        if name == "press":
-            return lambda: PressCache(float(parts[0]))
-    except ValueError as e:
-        raise ValueError(f"cache spec {spec!r}: {e}") from None
-    raise ValueError(f"cache spec {spec!r}: unknown cache {name!r}; known: {', '.join(CACHE_NAMES)}")
-
-
 def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
     """Split --variants on ';' and parse each; a variant that fails to parse becomes an error
     row (kind "error") instead of stopping the run."""
     from ..attention import parse_attention_spec
+    from ..cache import CACHE_NAMES, parse_cache_spec
     out = []
     for spec in (s.strip() for s in text.split(";")):
         if not spec:
@@ -140,13 +104,8 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
         name = spec.split(",")[0].split("=")[0].strip().lower().removeprefix("uncorrected:")
         try:
             if name in CACHE_NAMES:
-                try:
-                    from ..cache import parse_cache_spec
-                    make = lambda spec=spec: parse_cache_spec(spec, model.config)  # noqa: E731
-                    make()                                     # fail now, not mid-run
-                except ImportError:
-                    make = parse_cache_spec_fallback(spec, model)
-                probe = make()
+                make = lambda spec=spec: parse_cache_spec(spec, model)  # noqa: E731
+                probe = make()                                 # fail now, not mid-run
                 out.append(Variant(spec, "cache", make_cache=make, nominal={
                     "describe": spec, "keys": getattr(probe, "budget", None) or
                     (getattr(probe, "sinks", 0) + getattr(probe, "window", 0)) or None,
