@@ -22,8 +22,47 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 TIMEOUT = 120
 
 
-def test_the_series_is_there():
-    assert len(NOTEBOOKS) >= 1, f"no notebooks found in {NB_DIR}"
+def test_the_series_has_eight_notebooks_in_order():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 9)], \
+        f"expected notebooks 01..08 in {NB_DIR}, found {[p.name for p in NOTEBOOKS]}"
+
+
+# ---- minisparse.viz: the helpers the notebooks draw with ---------------------------------------
+def test_keys_for_mass_is_the_smallest_prefix_of_sorted_mass():
+    import numpy as np
+    from minisparse.viz import keys_for_mass
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(50, 0.3), size=200)                      # (200, 50) rows sum to 1
+    got = keys_for_mass(p, 0.9)
+    for row, m in zip(p, got):
+        srt = np.sort(row)[::-1]
+        # m keys hold >= 90% and m - 1 do not (1e-12 as in viz: float64 sums of 50 terms)
+        assert srt[:m].sum() >= 0.9 - 1e-12 and srt[:m - 1].sum() < 0.9 - 1e-12
+
+
+def test_selection_image_and_to_dot_agree_with_the_mask():
+    import re
+    import numpy as np
+    from minisparse.attention import parse_attention_spec
+    from minisparse.viz import pattern, selection_image, to_dot
+    T = 24
+    for spec in ("sinks=2,window=3", "strided=4", "logstride", "random=20%x2"):
+        sel = pattern(parse_attention_spec(spec), T)
+        mask, _ = sel.to_mask(1, T, T)                                  # (1, T, T) real keys
+        causal = np.tril(np.ones((T, T), bool))
+        img = selection_image(sel)
+        assert np.array_equal(img > 0, mask[0] & causal), spec
+        edges = {(int(a), int(b)) for a, b in re.findall(r"p(\d+) -> p(\d+);", to_dot(sel))}
+        want = {(j, t) for t in range(T) for j in range(t) if mask[0, t, j]}   # no self-reads
+        assert edges == want, spec
+
+
+def test_to_dot_draws_landmarks_as_boxes_fed_by_their_block():
+    from minisparse.attention import Landmarks
+    from minisparse.viz import pattern, to_dot
+    dot = to_dot(pattern(Landmarks(4), 12))
+    assert 'L0 [shape=box' in dot and "L0 -> p4" in dot                 # query 4 reads block 0's mean
+    assert all(f"p{j} -> L0 [style=dotted" in dot for j in range(4))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
