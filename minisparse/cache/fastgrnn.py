@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 
 EPS = 1e-6                       # RMS floor: an all-zero key normalises to zero, not NaN
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "models" / "fastgrnn_gate.npz"
+DEFAULT_WEIGHTS = "fastgrnn_gate.npz"     # shipped in models/ (minisparse.registry.shipped_file)
 CELLS = ("fastgrnn", "ruvllm")
 PARAM_NAMES = {"fastgrnn": ("W", "U", "b_z", "b_h", "zeta", "nu"),
                "ruvllm": ("W_g", "U_g", "W_u", "U_u", "b_g", "b_u", "zeta", "nu")}
@@ -196,7 +196,12 @@ class FastGRNNGate:
              cell: str = "fastgrnn") -> "FastGRNNGate":
         """A gate from an .npz written by models/train_gate.py (default: models/fastgrnn_gate.npz).
         name picks one gate; else the only `cell` gate with head width d."""
-        path = Path(path) if path is not None else DEFAULT_WEIGHTS
+        if path is None:
+            from ..registry import shipped_file
+            path = shipped_file(DEFAULT_WEIGHTS)
+            if path is None:
+                raise FileNotFoundError(f"{DEFAULT_WEIGHTS} is not in models/ nor in the installed package")
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no gate weights; train them with "
                                     f"`python3 models/train_gate.py` or use mode=untrained")
