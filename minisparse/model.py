@@ -275,9 +275,11 @@ class Model:
             raise ValueError("the prompt encodes to no tokens; pass add_bos=True or a non-empty prompt")
         cache = self.new_cache() if cache is None else cache
         ctx = self.config.context_length
-        if cache.next_pos + len(ids) > ctx:
+        # what attention can see is bounded by what the cache holds: a bounded cache (sinks +
+        # window, recursive) may run past the trained context; its caller labels such answers
+        if len(cache) + len(ids) > ctx:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {ctx} "
-                             f"({cache.next_pos} already used); shorten it or raise -c")
+                             f"({len(cache)} already used); shorten it or raise -c")
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         self.last_seed = sampler.seed
         logits = self.forward(ids, cache, attention, dense_layers)[-1]
@@ -293,7 +295,7 @@ class Model:
             piece = stream.push(nxt) if stream is not None else str(nxt)
             if piece:
                 yield piece
-            if cache.next_pos >= ctx:
+            if len(cache) >= ctx:
                 break
             logits = self.forward([nxt], cache, attention, dense_layers)[-1]
         if stream is not None:

@@ -100,3 +100,18 @@ def test_ask_reuses_the_cache_and_rebuilds_a_damaged_one(stories_path, tmp_path)
     (folder / "k.npy").write_bytes((folder / "k.npy").read_bytes()[:-100])
     again = run()
     assert again.returncode == 0 and "rebuilding" in again.stderr and again.stdout == cold.stdout
+
+
+def test_ask_beyond_the_trained_context_needs_a_bounded_cache_and_says_so(stories_path, tmp_path):
+    doc = tmp_path / "long.txt"
+    doc.write_text("Lily had a red ball. " * 450)          # ~2.3k tokens > stories260K's 2048
+    env = {"MINISPARSE_CACHE": str(tmp_path / "kv"), "PATH": "/usr/bin:/bin"}
+    base = [sys.executable, "-m", "minisparse", "ask", "-m", str(stories_path), "--context", str(doc),
+            "-p", "What did Lily have?", "-n", "4", "--temp", "0"]
+    dense = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert dense.returncode == 2 and "--cache streaming=" in dense.stderr
+    assert dense.stderr.count("\n") == 1 and "Traceback" not in dense.stderr
+    bounded = subprocess.run(base + ["--cache", "streaming=4+60"], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert bounded.returncode == 0, bounded.stderr
+    assert "beyond the trained context" in bounded.stderr

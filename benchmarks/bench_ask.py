@@ -1,0 +1,102 @@
+"""Time to first answer for `minisparse ask`: cold (prefill + save) vs warm (load the saved cache).
+
+Each configuration runs `python -m minisparse ask` in a fresh subprocess (so peak RSS is that
+run's own) with an empty cache folder for the cold run, then again for the warm run. Prints a
+table and writes JSON. Documents are built from the Python docs (pydoc_data) to the requested
+token count. Left out: statistical repeats of the cold run (minutes each); warm runs repeat.
+
+    python3 benchmarks/bench_ask.py --out benchmarks/bench_ask.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_document(tokenizer, n_tokens):
+    import pydoc_data.topics as t
+    text = "\n\n".join(t.topics[k] for k in sorted(t.topics))
+    ids = tokenizer.encode(text, add_bos=False)[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def run(model, doc, attention, cache, cache_dir, n=16):
+    cmd = [sys.executable, "-m", "minisparse", "ask", "-m", model, "--context", doc, "-p",
+           "What does this document describe?", "-n", str(n), "--temp", "0", "--cache", cache]
+    if attention:
+        cmd += ["--attention", attention]
+    env = {**os.environ, "MINISPARSE_CACHE": cache_dir}
+    wrapped = [sys.executable, "-c", "import resource,subprocess,sys;"
+               "r=subprocess.run(sys.argv[1:]);"
+               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr);"
+               "sys.exit(r.returncode)", *cmd]
+    t0 = time.perf_counter()
+    p = subprocess.run(wrapped, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+    first = re.search(r"time to first answer token: ([\d.]+) s", p.stderr)
+    rss = re.search(r"PEAK_RSS_KB (\d+)", p.stderr)
+    return {"wall_s": round(wall, 2), "answer_first_token_s": float(first.group(1)) if first else None,
+            "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None,
+            "prefilled": "prefill [" in p.stderr, "answer": p.stdout.strip()[:80]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/bench_ask.json")
+    ap.add_argument("--quick", action="store_true", help="4k tokens on the embedded model only")
+    args = ap.parse_args()
+    import minisparse
+    from minisparse.registry import resolve
+    configs = [("default", 4096, None, "streaming=4+1020"), ("default", 4096, "sinks=4,window=256", "streaming=4+1020")]
+    if not args.quick:
+        configs += [("default", 8192, None, "streaming=4+1020"), ("smollm2", 4096, None, "dense"),
+                    ("smollm2", 4096, "sinks=4,window=256", "dense")]
+    rows = []
+    for name, n_tok, attention, cache in configs:
+        try:
+            path = str(resolve(name))
+        except Exception as e:     # noqa: BLE001 - an absent optional model is a row, not a crash
+            rows.append({"model": name, "tokens": n_tok, "error": str(e)})
+            continue
+        tok = minisparse.load_tokenizer(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = Path(tmp) / "doc.txt"
+            doc.write_text(make_document(tok, n_tok))
+            cold = run(path, str(doc), attention, cache, str(Path(tmp) / "kv"))
+            warm = [run(path, str(doc), attention, cache, str(Path(tmp) / "kv")) for _ in range(3)]
+        ok = [w for w in warm if "error" not in w]
+        med = sorted(ok, key=lambda w: w["wall_s"])[len(ok) // 2] if ok else {"error": warm[0].get("error")}
+        rows.append({"model": name, "tokens": n_tok, "attention": attention or "dense", "cache": cache,
+                     "cold": cold, "warm_median_of_3": med})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"\n| model | doc tokens | attention | cache | cold wall s | warm wall s | speed-up | cold RSS MiB | warm RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "cold" not in r or "error" in r["cold"] or "error" in r["warm_median_of_3"]:
+            print(f"| {r['model']} | {r['tokens']} | {r.get('attention', '')} | {r.get('cache', '')} | "
+                  f"error: {r.get('error') or r.get('cold', {}).get('error') or r['warm_median_of_3'].get('error')} |||||")
+            continue
+        c, w = r["cold"], r["warm_median_of_3"]
+        print(f"| {r['model']} | {r['tokens']} | {r['attention']} | {r['cache']} | {c['wall_s']} | "
+              f"{w['wall_s']} | {c['wall_s'] / w['wall_s']:.1f}x | {c['peak_rss_mib']} | {w['peak_rss_mib']} |")
+    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "load_average": os.getloadavg()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
