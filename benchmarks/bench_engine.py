@@ -240,7 +240,8 @@ def start_times(repeats):
     """Wall time of `minisparse generate` (8 tokens, pydoc) with an empty Numba cache, then warm."""
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache,
+               "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         cmd = [sys.executable, "-m", "minisparse", "generate", "-m", "default", "-p", "def f", "-n", "8", "--temp", "0"]
         for label in ["cold"] + ["warm"] * repeats:
             t = time.perf_counter()
@@ -290,7 +291,8 @@ def available_engines():
 
 def run(args):
     env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
-           "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
+           "OMP_NUM_THREADS": str(THREADS),
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     prefill = [512] if args.quick else [512, 2048]
     repeats = 1 if args.quick else args.repeats
     decode = 16 if args.quick else args.decode
@@ -300,7 +302,8 @@ def run(args):
               "ceilings": ceilings(repeats), "start": start_times(1 if args.quick else 2),
               "crossover": crossover(), "runs": []}
     engines = available_engines()
-    for mname, path in models().items():
+    extra = dict(g.split("=", 1) for g in args.gguf or [])
+    for mname, path in {**models(), **extra}.items():
         if args.models and mname not in args.models:
             continue
         if path is None or not Path(path).is_file():
@@ -329,6 +332,8 @@ def run(args):
                     _derive(row, path, report["ceilings"])
             report["runs"].append(row)
             print(_line(row), flush=True)
+            if args.out:                                   # after every row: a cut-off run keeps its figures
+                args.out.write_text(json.dumps(report, indent=1))
     report["machine"]["loadavg_end"] = os.getloadavg()
     return report
 
@@ -385,6 +390,7 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=64, help="decode steps per run")
     ap.add_argument("--models", nargs="*", help="subset of: stories260K pydoc smollm2-135M-Q4_1")
     ap.add_argument("--engines", nargs="*", help="subset of: minisparse-quant minisparse-f32 llama.cpp transformers")
+    ap.add_argument("--gguf", nargs="*", help="extra models as NAME=PATH")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine x model")
     ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")
     ap.add_argument("--crossover", action="store_true", help="only time fused vs tiled products for T = 1..12")

@@ -21,8 +21,9 @@ SUBCOMMANDS = {
 }
 
 EXIT_USAGE = 2
-DEQUANT_HELP = ("dequantise the weights to float32 at load (the reference path) instead of computing "
-                "from the GGUF quant blocks (docs/performance.md)")
+DEQUANT_HELP = ("--dequant (default): weights dequantised to float32 at load, the reference path; "
+                "--no-dequant: quantised matrices stay as their GGUF blocks, ~4-8x less memory, "
+                "slower on this 2-core machine (docs/performance.md)")
 
 
 class CLIError(Exception):
@@ -189,7 +190,7 @@ def build_parser():
     g.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     g.add_argument("-p", "--prompt", default="", help="prompt text")
     g.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length")
-    g.add_argument("--dequant", action="store_true", help=DEQUANT_HELP)
+    g.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=True, help=DEQUANT_HELP)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -197,7 +198,7 @@ def build_parser():
     c.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     c.add_argument("-p", "--prompt", default="", help="one message; without it, read turns from stdin")
     c.add_argument("--system", default="", help="system message")
-    c.add_argument("--dequant", action="store_true", help=DEQUANT_HELP)
+    c.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=True, help=DEQUANT_HELP)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 

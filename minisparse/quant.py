@@ -34,7 +34,7 @@ TILE_BYTES = 1 << 21            # float32 tile for prefill: 2 MiB, half of one c
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
 # costs more than the work on a small matrix, and far more on a busy machine (a worker that the OS
 # has descheduled holds up the whole region; OpenBLAS's gemv keeps small problems on one thread too).
-PARALLEL_MIN_WEIGHTS = 1 << 19
+PARALLEL_MIN_WEIGHTS = 1 << 24
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.
