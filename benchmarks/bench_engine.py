@@ -382,6 +382,33 @@ def table(report):
     return "\n".join(lines)
 
 
+def markdown(report):
+    """The report as the markdown tables docs/performance.md carries."""
+    c, m = report["ceilings"], report["machine"]
+    blas = c["threads"]["blas"][0]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; load average "
+           f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f} at end.",
+           f"Ceilings: sgemm {c['sgemm_gflops']:.1f} GFLOP/s (OpenBLAS {blas['version']} {blas['architecture']}, "
+           f"{blas['num_threads']} threads), copy bandwidth {c['copy_gb_s']:.1f} GB/s (read + write). "
+           f"`minisparse generate` start: cold {report['start'].get('cold_s', float('nan')):.1f} s, "
+           f"warm {report['start'].get('warm_s', float('nan')):.1f} s.", "",
+           "| model | engine | threads | prefill 512 tok/s (of sgemm) | prefill 2048 tok/s (of sgemm) | "
+           "decode tok/s (of bandwidth) | RSS decode MB (x GGUF) | runtime MB | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "skipped" in r:
+            out.append(f"| {r['model']} | {r.get('engine', '')} | | skipped: {r['skipped'][:90]} | | | | | |")
+            continue
+        th = r["threads"]
+        pf = [f"{r[f'prefill{n}_tok_s']:.0f} ({r[f'prefill{n}_frac_of_sgemm']:.0%})" if f"prefill{n}_tok_s" in r
+              else "-" for n in (512, 2048)]
+        out.append(f"| {r['model']} | {r['engine']} | {th['engine_threads']} (numba {th['NUMBA_NUM_THREADS']}, "
+                   f"blas {th['OPENBLAS_NUM_THREADS']}) | {pf[0]} | {pf[1]} | {r['decode_tok_s']:.1f} "
+                   f"({r['decode_frac_of_bandwidth']:.0%}) | {r['decode_rss_mb']:.0f} ({r['rss_over_gguf']:.1f}x) | "
+                   f"{r['runtime_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -394,8 +421,12 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine x model")
     ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")
     ap.add_argument("--crossover", action="store_true", help="only time fused vs tiled products for T = 1..12")
+    ap.add_argument("--markdown", type=Path, help="print the tables of a saved report (JSON) as markdown")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.worker:
         return worker(json.loads(args.worker))
     if args.crossover:
