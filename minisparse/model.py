@@ -110,6 +110,7 @@ class KVCache:
         self.pos = np.zeros(capacity, np.int64)               # (cap,) original positions
         self.n = 0                                            # positions held
         self.next_pos = 0                                     # position of the next token
+        self.selector_state = {}                              # per-layer indexes of selectors (IVF, ...)
 
     def __len__(self):
         return self.n
@@ -164,6 +165,7 @@ class KVCache:
             raise ValueError(f"k {c.k.shape}, v {c.v.shape}, pos {c.pos.shape}: expected "
                              f"(L, Hkv, capacity, d) twice and (capacity,)")
         c.n, c.next_pos = int(meta["n"]), int(meta["next_pos"])
+        c.selector_state = {}                                 # indexes are rebuilt, not saved
         if not 0 <= c.n <= c.pos.shape[0]:
             raise ValueError(f"n={c.n} outside the {c.pos.shape[0]} saved slots")
         return c
@@ -221,6 +223,9 @@ class Model:
             rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
             K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                        # (Hkv, >=S, d), (S,)
             sel = Dense() if (selector is None or l in dense_layers) else selector
+            if T == 1:       # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
+                S = len(k_pos)   # in the cache, built at the first step and extended at each one
+                sel = sel.for_layer(l, getattr(cache, "selector_state", None), K[:, :S], Vv[:, :S])
             o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
                            buffer=True)                                                  # (Hq, T, d)
             if stats is not None:

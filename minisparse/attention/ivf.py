@@ -210,6 +210,19 @@ class IVF(Selector):
     def bind(self, index):
         return IVF(self.k, self.fraction, self.nprobe, self.n_lists, self.seed, index)
 
+    def for_layer(self, layer, state, k, v):
+        """Bound to this layer's IVFIndex in the cache's state: built on the first call (after
+        prefill), extended with the keys appended since, rebuilt when `stale`."""
+        if state is None:
+            return self
+        key = (self.describe(), layer)
+        ix = state.get(key)
+        if ix is None or ix.n > k.shape[1] or ix.stale:
+            ix = state[key] = IVFIndex(k, self.n_lists, seed=self.seed)
+        elif ix.n < k.shape[1]:
+            ix.extend(k[:, ix.n:])
+        return self.bind(ix)
+
     def with_options(self, seed=None, mode=None):
         return IVF(self.k, self.fraction, self.nprobe, self.n_lists,
                    self.seed if seed is None else int(seed), self.index)

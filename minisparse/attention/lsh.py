@@ -179,6 +179,12 @@ class LSHIndex:
         self._buf = np.zeros((k.shape[0], self.L, max(1, k.shape[1])), self.dtype)  # (Hkv, L, cap)
         self.n = 0
         self.extend(k)
+        self.n_fit = max(self.n, 1)                                            # keys mu was taken over
+
+    @property
+    def stale(self):
+        """True once the keys have doubled since the mean was taken: time to rebuild."""
+        return self.n > 2 * self.n_fit
 
     @property
     def codes(self):
@@ -246,6 +252,19 @@ class LSH(Ranked):
             raise ValueError(f"LSH.bind: index has K={index.K}, L={index.L}, seed={index.seed}; "
                              f"selector has K={self.K}, L={self.L}, seed={self.seed}")
         return LSH(self.K, self.L, self.seed, self.mode, self.k, self.fraction, index)
+
+    def for_layer(self, layer, state, k, v):
+        """Bound to this layer's LSHIndex in the cache's state: codes computed once, extended
+        with the keys appended since (the mean stays frozen; rebuilt once the keys doubled)."""
+        if state is None:
+            return self
+        key = (self.describe(), layer)
+        ix = state.get(key)
+        if ix is None or ix.n > k.shape[1] or ix.stale:
+            ix = state[key] = LSHIndex(k, self.K, self.L, self.seed)
+        elif ix.n < k.shape[1]:
+            ix.extend(k[:, ix.n:])
+        return self.bind(ix)
 
     def with_options(self, seed=None, mode=None):
         return LSH(self.K, self.L, self.seed if seed is None else int(seed),

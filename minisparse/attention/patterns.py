@@ -214,6 +214,18 @@ class Landmarks(Selector):
             raise ValueError(f"Landmarks.bind: state has block {state.block}, expected {self.block}")
         return Landmarks(self.block, state, self.reach)
 
+    def for_layer(self, layer, state, k, v):
+        """Bound to this layer's RunningLandmarks in the cache's state, fed the appended keys."""
+        if state is None:
+            return self
+        key = (self.describe(), layer)
+        run = state.get(key)
+        if run is None or run.n_keys > k.shape[1]:
+            run = state[key] = RunningLandmarks(self.block)
+        if run.n_keys < k.shape[1]:
+            run.append(k[:, run.n_keys:], v[:, run.n_keys:])
+        return self.bind(run)
+
     def _select(self, q, k, q_pos, k_pos):
         sorted_positions("Landmarks", k_pos)
         B, tk = self.block, k.shape[1]

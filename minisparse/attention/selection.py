@@ -415,6 +415,17 @@ class Selector:
     def _select(self, q, k, q_pos, k_pos) -> Selection:
         raise NotImplementedError
 
+    def for_layer(self, layer, state, k, v) -> "Selector":
+        """This selector for one decode step at one layer of a model. `state` is a dict the cache
+        owns (None for a cache that evicts keys); k, v (Hkv, S, d) are the keys it holds after
+        this step's append. Selectors with per-layer indexes (IVF, LSH, Landmarks) build theirs at
+        the first decode step (from keys all <= the query: causal), keep it in `state` and extend
+        it as keys arrive, as MagicPIG and the top-k paper build theirs after prefill. Prefill
+        runs the selector's per-call rule. An approximate index (IVF, LSH) is the one exception
+        to "decode step i equals prefill row i": its sets depend on when it was built; Landmarks'
+        running means equal the static ones bit for bit. Default: no state, the selector itself."""
+        return self
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -446,6 +457,9 @@ class Union(Selector):
 
     def bind(self, state):
         return Union(*[m.bind(state) if hasattr(m, "bind") else m for m in self.members])
+
+    def for_layer(self, layer, state, k, v):
+        return Union(*[m.for_layer(layer, state, k, v) for m in self.members])
 
 
 def sorted_positions(name, k_pos):
