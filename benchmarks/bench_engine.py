@@ -276,6 +276,37 @@ def crossover(repeats=5):
     return {"rows": rows, "FUSED_MAX_T": saved, "threads": thread_info()}
 
 
+def shape_of(src):
+    """A GGUF's metadata and tensor list (name, GGML shape, type) as JSON-able data, so a file of the
+    same shape can be written on a machine the real file cannot travel to."""
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    kv = [[k, f.contents(), [int(t) for t in f.types]] for k, f in r.fields.items() if not k.startswith("GGUF.")]
+    return {"kv": kv, "tensors": [[t.name, [int(n) for n in t.shape], int(t.tensor_type)] for t in r.tensors]}
+
+
+def write_shaped_like(shape, dst, seed=0):
+    """Write a GGUF with `shape`'s metadata, names, shapes and types and random blocks (finite fp16
+    scales): the same bytes to read per token, so the same speed as the real model."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
+    sys.path.insert(0, str(ROOT / "tests")), sys.path.insert(0, str(ROOT))
+    from test_quant_kernels import random_blocks
+    arch = next(v for k, v, _ in shape["kv"] if k == "general.architecture")
+    w = gguf.GGUFWriter(str(dst), arch)
+    for k, v, types in shape["kv"]:
+        if k != "general.architecture":
+            w.add_key_value(k, v, VT(types[0]), sub_type=VT(types[-1]) if VT(types[0]) == VT.ARRAY else None)
+    rng = np.random.default_rng(seed)
+    for name, ggml_shape, qt in shape["tensors"]:
+        out_in = tuple(reversed(ggml_shape))
+        if QT(qt) == QT.F32:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(out_in)).astype(np.float32))
+        else:
+            w.add_tensor(name, random_blocks(QT(qt), out_in[0], out_in[1], rng, scale=0.05), raw_dtype=QT(qt))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -422,8 +453,17 @@ def main(argv=None):
     ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")
     ap.add_argument("--crossover", action="store_true", help="only time fused vs tiled products for T = 1..12")
     ap.add_argument("--markdown", type=Path, help="print the tables of a saved report (JSON) as markdown")
+    ap.add_argument("--shape-of", nargs=2, metavar=("SRC", "OUT"),
+                    help="SRC.gguf -> OUT.json (its shape), or SRC.json/.gguf -> OUT.gguf (random blocks, same shape)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.shape_of:
+        src, out = args.shape_of
+        if out.endswith(".json"):
+            Path(out).write_text(json.dumps(shape_of(src)))
+        else:
+            write_shaped_like(json.loads(Path(src).read_text()) if src.endswith(".json") else shape_of(src), out)
+        return 0
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0

@@ -30,7 +30,7 @@ _F16 = F16_TO_F32              # a global: Numba freezes it into the compiled co
 # Up to this many tokens, one fused matrix-vector pass per token beats dequantising tiles for
 # sgemm (`python3 benchmarks/bench_engine.py --crossover` measures it).
 FUSED_MAX_T = 8
-TILE_BYTES = 1 << 21            # float32 tile for prefill: 2 MiB, half of one core's L2
+TILE_BYTES = 1 << 23            # float32 tile for prefill: 8 MiB (2 MiB took 1.5-3x longer on the 49152-row head)
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
 # costs more than the work on a small matrix, and far more on a busy machine (a worker that the OS
 # has descheduled holds up the whole region; OpenBLAS's gemv keeps small problems on one thread too).
