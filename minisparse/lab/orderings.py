@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .runner import sparse_density
+
 
 def _by_spec(res):
     return {r["spec"]: r for r in res["text"]["variants"] if r["kind"] != "error"}
@@ -17,7 +19,7 @@ def _by_spec(res):
 
 def _nearest(rows, family, target):
     cands = [r for r in rows if r["family"] == family]
-    return min(cands, key=lambda r: abs(r["density"]["mean"] - target)) if cands else None
+    return min(cands, key=lambda r: abs(sparse_density(r) - target)) if cands else None
 
 
 def check(res) -> list[dict]:
@@ -36,7 +38,7 @@ def check(res) -> list[dict]:
     if s in v:
         lm = v[s]["lm"]
         add("top-k 5% + 4 sinks + 16 window: ppl ratio <= 1.12",
-            f"ratio {lm['ppl_ratio']:.4f} (density {v[s]['density']['mean']:.3f})", lm["ppl_ratio"] <= 1.12)
+            f"ratio {lm['ppl_ratio']:.4f} (density {sparse_density(v[s]):.3f})", lm["ppl_ratio"] <= 1.12)
     if "window=63" in v and "sinks=4,window=59" in v:
         w, sw = v["window=63"]["lm"]["ppl_ratio"], v["sinks=4,window=59"]["lm"]["ppl_ratio"]
         ex = (w - 1) / (sw - 1) if sw != 1 else float("inf")
@@ -48,19 +50,19 @@ def check(res) -> list[dict]:
         if all(fam):
             errs = [r["rel_error"]["mean"] for r in fam]
             add(f"density ~{target:.0%}: error top-k < Quest < sinks+window < random",
-                ", ".join(f"{r['spec']} {e:.4f} @ {r['density']['mean']:.3f}" for r, e in zip(fam, errs)),
+                ", ".join(f"{r['spec']} {e:.4f} @ {sparse_density(r):.3f}" for r, e in zip(fam, errs)),
                 all(a < b for a, b in zip(errs, errs[1:])))
     if "magicpig=K8L75" in v and "uncorrected:magicpig=K8L75" in v:
         c, u = v["magicpig=K8L75"]["rel_error"]["mean"], v["uncorrected:magicpig=K8L75"]["rel_error"]["mean"]
         add("MagicPIG's -log P correction lowers the output error >= 15%",
             f"corrected {c:.4f}, uncorrected {u:.4f}: change {100 * (1 - c / u):+.1f}% "
-            f"(density {v['magicpig=K8L75']['density']['mean']:.3f}; ppl ratio "
+            f"(density {sparse_density(v['magicpig=K8L75']):.3f}; ppl ratio "
             f"{v['magicpig=K8L75']['lm']['ppl_ratio']:.4f} vs {v['uncorrected:magicpig=K8L75']['lm']['ppl_ratio']:.4f})",
             c <= 0.85 * u)
-    for r in sorted((r for r in rows if r["family"] == "random"), key=lambda r: r["density"]["mean"]):
+    for r in sorted((r for r in rows if r["family"] == "random"), key=sparse_density):
         add(f"RIS {r['spec']}: coverage and quality vs nominal density",
             f"{r['budget']['nominal']['describe']}; nominal {r['budget']['nominal']['fraction']:.2f}, "
-            f"realised density {r['density']['mean']:.3f}, recall {r['recall']['mean']:.3f}, "
+            f"realised density {sparse_density(r):.3f}, recall {r['recall']['mean']:.3f}, "
             f"error {r['rel_error']['mean']:.4f}, ppl ratio {r['lm']['ppl_ratio']:.4f}, "
             f"agreement {r['lm']['agreement']:.3f}", None)
     return out
@@ -69,7 +71,9 @@ def check(res) -> list[dict]:
 def main(paths) -> int:
     for p in paths:
         res = json.load(open(p))
-        print(f"## {res['model_name']} ({res['text_name']}, {res['text']['n_tokens']} tokens)\n")
+        print(f"## {res['model_name']} ({res['text_name']}, {res['text']['n_tokens']} tokens, "
+              f"dense layers {res['dense_layers'] or 'none'})\n")
+        print("Densities are over the layers not kept dense; errors and recall pool all layers.\n")
         print("| claim | measured | holds |\n|---|---|---|")
         for c in check(res):
             h = "—" if c["holds"] is None else ("yes" if c["holds"] else "**no**")

@@ -10,6 +10,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .runner import sparse_density
+
 
 def _plt():
     import matplotlib
@@ -35,8 +37,8 @@ def quality_vs_density(res: dict, path) -> None:
     ticks = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
     for ax, (name, get) in zip(axes, panels):
         for i, (f, rows) in enumerate(sorted(fam.items())):
-            rows = sorted(rows, key=lambda r: r["density"]["mean"])
-            ax.plot([r["density"]["mean"] for r in rows], [get(r) for r in rows], "-",
+            rows = sorted(rows, key=sparse_density)
+            ax.plot([sparse_density(r) for r in rows], [get(r) for r in rows], "-",
                     marker="osD^v<>p*h"[i % 10], color=colours[(2 * i) % 20 + (i // 10) % 2],
                     label=f, ms=4)
         ax.set_xscale("log")
@@ -44,7 +46,7 @@ def quality_vs_density(res: dict, path) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticklabels([f"{t:g}" for t in ticks])
-        ax.set_xlabel("realised density")
+        ax.set_xlabel("realised density (sparse layers)")
         ax.set_title(name, fontsize=10)
         if name == "ppl ratio":
             ax.set_yscale("log")

@@ -332,6 +332,13 @@ class Progress:
         self.stream.flush()
 
 
+def sparse_density(r):
+    """Mean realised density over the layers not kept dense (all layers when none are): with
+    --dense-layers the pooled density is dominated by the dense layers."""
+    ls = [l["density"]["mean"] for l in r["layers"] if not l["dense"]]
+    return sum(ls) / len(ls) if ls else r["density"]["mean"]
+
+
 def _f(x, fmt="{:.3f}"):
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
 
@@ -343,16 +350,16 @@ def markdown_table(res: dict) -> str:
              f"rows {t['analysis_rows'][0]}..{t['analysis_rows'][1] - 1}, protocol {t['protocol']}, "
              f"dense layers {res['dense_layers'] or 'none'}, seed {res['seed']}; dense perplexity "
              f"{t['dense']['ppl']:.3f} over those rows.", "",
-             "| variant | keys read | density (mean ± sd) | mass recall | rel. error ‖o_S−o‖/‖o‖ | "
-             "ppl ratio | KL (nats) | agreement | s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | keys read | density (mean ± sd) | density, sparse layers | mass recall | "
+             "rel. error ‖o_S−o‖/‖o‖ | ppl ratio | KL (nats) | agreement | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t["variants"]:
         if r["kind"] == "error":
-            lines.append(f"| `{r['spec']}` | error: {r['error']} |||||||| ")
+            lines.append(f"| `{r['spec']}` | error: {r['error']} ||||||||| ")
             continue
         lm = r["lm"]
         lines.append(
             f"| `{r['spec']}` | {r['budget']['keys_read_mean']:.1f} | {r['density']['mean']:.3f} ± "
-            f"{r['density']['std']:.3f} | {_f(r['recall']['mean'])} | {_f(r['rel_error']['mean'], '{:.4f}')} | "
+            f"{r['density']['std']:.3f} | {sparse_density(r):.3f} | {_f(r['recall']['mean'])} | {_f(r['rel_error']['mean'], '{:.4f}')} | "
             f"{_f(lm['ppl_ratio'], '{:.4f}')} | {_f(lm['kl'], '{:.4f}')} | {_f(lm['agreement'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
