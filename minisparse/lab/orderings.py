@@ -55,7 +55,7 @@ def check(res) -> list[dict]:
     if "magicpig=K8L75" in v and "uncorrected:magicpig=K8L75" in v:
         c, u = v["magicpig=K8L75"]["rel_error"]["mean"], v["uncorrected:magicpig=K8L75"]["rel_error"]["mean"]
         add("MagicPIG's -log P correction lowers the output error >= 15%",
-            f"corrected {c:.4f}, uncorrected {u:.4f}: change {100 * (1 - c / u):+.1f}% "
+            f"corrected {c:.4f}, uncorrected {u:.4f}: error change {100 * (c / u - 1):+.1f}% "
             f"(density {sparse_density(v['magicpig=K8L75']):.3f}; ppl ratio "
             f"{v['magicpig=K8L75']['lm']['ppl_ratio']:.4f} vs {v['uncorrected:magicpig=K8L75']['lm']['ppl_ratio']:.4f})",
             c <= 0.85 * u)
