@@ -142,3 +142,30 @@ def test_needle_dense_retrieves_under_both_protocols():
     assert nd["accuracy"]["window=8"]["B"] == [[0.0]]
     rec = next(r for r in nd["records"] if r["variant"] == "window=8" and r["protocol"] == "B")
     assert rec["keys_read_answer"] == 9.0 and rec["density_answer"] < 0.05
+
+
+def _fake_row(spec, family, dens, err, ratio, agree=0.9):
+    return {"spec": spec, "kind": "attention", "family": family, "density": {"mean": dens},
+            "rel_error": {"mean": err}, "recall": {"mean": 0.5},
+            "lm": {"ppl_ratio": ratio, "agreement": agree},
+            "layers": [{"dense": True, "density": {"mean": 1.0}}, {"dense": False, "density": {"mean": dens}}],
+            "budget": {"nominal": {"describe": spec, "fraction": 0.01}}}
+
+
+def test_orderings_flag_each_claim_on_the_numbers():
+    from minisparse.lab.orderings import check
+    rows = [_fake_row("topk=10%", "topk", 0.10, 0.1, 1.10, 0.90),
+            _fake_row("topk=5%,sinks=4,window=16", "topk+sinks+window", 0.06, 0.1, 1.13),
+            _fake_row("window=63", "window", 0.07, 0.9, 3.0),
+            _fake_row("sinks=4,window=59", "sinks+window", 0.07, 0.5, 1.4),
+            _fake_row("quest=16/10%", "quest", 0.09, 0.3, 1.2),
+            _fake_row("sinks=4,window=85", "sinks+window", 0.10, 0.2, 1.1),   # beats Quest: fails
+            _fake_row("random=1%x8", "random", 0.10, 0.6, 2.0),
+            _fake_row("magicpig=K8L75", "magicpig", 0.07, 0.80, 2.0),
+            _fake_row("uncorrected:magicpig=K8L75", "uncorrected:magicpig", 0.07, 1.0, 3.0)]
+    got = {c["claim"][:12]: c["holds"] for c in check({"text": {"variants": rows}})}
+    assert got["top-k 10%: p"] is True            # 1.10 <= 1.15 and 0.90 >= 0.85
+    assert got["top-k 5% + 4"] is False           # 1.13 > 1.12
+    assert got["64 keys: sin"] is True            # 3.0 / 1.4 >= 2
+    assert got["density ~10%"] is False           # Quest 0.3 > sinks+window 0.2
+    assert got["MagicPIG's -"] is True            # 0.80 <= 0.85 * 1.0
