@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")   # parallel kernels thrash a loaded 2-core box
+if __name__ == "__main__":   # as a script only: importing it (tests, notebook 07) must not
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")   # change Numba's settings mid-process
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
