@@ -56,11 +56,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/bench_ask.json")
     ap.add_argument("--quick", action="store_true", help="4k tokens on the embedded model only")
+    ap.add_argument("--config", action="append", default=[],
+                    help="MODEL:TOKENS:ATTENTION:CACHE (ATTENTION 'dense' = none); replaces the default list")
     args = ap.parse_args()
     import minisparse
     from minisparse.registry import resolve
     configs = [("default", 4096, None, "streaming=4+1020"), ("default", 4096, "sinks=4,window=256", "streaming=4+1020")]
-    if not args.quick:
+    if args.config:
+        configs = [(m, int(n), None if a == "dense" else a, c)
+                   for m, n, a, c in (x.split(":") for x in args.config)]
+    elif not args.quick:
         configs += [("default", 8192, None, "streaming=4+1020"), ("smollm2", 4096, None, "dense"),
                     ("smollm2", 4096, "sinks=4,window=256", "dense")]
     rows = []
@@ -81,7 +86,7 @@ def main():
         rows.append({"model": name, "tokens": n_tok, "attention": attention or "dense", "cache": cache,
                      "cold": cold, "warm_median_of_3": med})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"\n| model | doc tokens | attention | cache | cold wall s | warm wall s | speed-up | cold RSS MiB | warm RSS MiB |")
+    print("\n| model | doc tokens | attention | cache | cold wall s | warm wall s | speed-up | cold RSS MiB | warm RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "cold" not in r or "error" in r["cold"] or "error" in r["warm_median_of_3"]:

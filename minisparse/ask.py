@@ -12,9 +12,9 @@ import os
 import sys
 import time
 
-import numpy as np
 
 from .errors import MinisparseError
+from .progress import Progress
 from .persist import CacheError, cache_dir, cache_key, list_caches, load_cache, save_cache
 
 SENTINEL = "\u0000MINISPARSE-QUESTION\u0000"
@@ -74,24 +74,6 @@ def fmt_bytes(n):
         n /= 1024
 
 
-class Progress:
-    """One-line progress bar on stderr: tokens done, tokens/s, time left."""
-
-    def __init__(self, stream=sys.stderr):
-        self.t0, self.stream = time.perf_counter(), stream
-
-    def __call__(self, done, total):
-        dt = time.perf_counter() - self.t0
-        rate = done / max(dt, 1e-9)
-        left = (total - done) / max(rate, 1e-9)
-        bar = "#" * int(30 * done / max(total, 1))
-        self.stream.write(f"\rprefill [{bar:<30}] {done}/{total} tokens {rate:.0f} tok/s "
-                          f"{left:.0f} s left ")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def cmd_ask(args):
     from . import load_model
     from .attention import parse_attention_spec
@@ -147,7 +129,7 @@ def cmd_ask(args):
         rate = warm / max(time.perf_counter() - t0, 1e-9)
         print(f"estimated prefill time: {len(prefix) / rate:.0f} s (warm-up {rate:.0f} tok/s on "
               f"{warm} tokens; attention grows with length, so this is a lower bound)", file=sys.stderr)
-        model.prefill(prefix, cache, chunk=args.chunk, progress=Progress(), attention=selector)
+        model.prefill(prefix, cache, chunk=args.chunk, progress=Progress("prefill"), attention=selector)
         if not args.no_cache:
             save_cache(cache, folder, key=key, extra={"model": str(model_path), "tokens": len(prefix),
                                                       "files": list(map(str, args.context)),

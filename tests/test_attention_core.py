@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minisparse.attention.kernel import CHUNK
-from minisparse.attention import (Dense, Selection, Sinks, Window, attend, dense_reference,
+from minisparse.attention import (Dense, Sinks, Window, attend, dense_reference,
                                   merge_lse, parse_attention_spec, known_names)
 
 

@@ -52,7 +52,8 @@ def cmd_eval(args):
     from ..cli import CLIError, parse_layers, resolve_model
     from . import needle as N
     from .plots import needle_heatmaps, quality_vs_density
-    from .runner import Progress, markdown_table, parse_variants, run_text
+    from ..progress import Progress
+    from .runner import markdown_table, parse_variants, run_text
     from .texts import builtin_text
     if not (args.text or args.builtin or args.needle):
         raise CLIError("eval: give --text FILE, --builtin NAME and/or --needle")

@@ -13,7 +13,6 @@ Shape legend: T tokens, A analysis rows, Hq / Hkv query / KV heads, d head width
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -219,7 +218,6 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
     """Recall and relative output error of layer l at rows [first, last), on the variant's own
     q/k/v: dense probabilities p (Hq, A, Tk) float64, dense output o = attend(..., Dense())."""
     from ..attention import Dense, attend
-    cfg = model.config
     q, k, v, o_model = trace.get_layer(l)
     qa = np.ascontiguousarray(q[:, first:last])                            # (Hq, A, d)
     k, v = np.ascontiguousarray(k[:, :last]), np.ascontiguousarray(v[:, :last])  # (Hkv, Tk, d)
@@ -312,24 +310,6 @@ def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, pro
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-class Progress:
-    """One-line progress bar on stderr: done/total, rate, time left."""
-
-    def __init__(self, label, unit="tokens", stream=None):
-        self.t0, self.label, self.unit = time.perf_counter(), label, unit
-        self.stream = stream or sys.stderr
-
-    def __call__(self, done, total):
-        dt = time.perf_counter() - self.t0
-        rate = done / max(dt, 1e-9)
-        bar = "#" * int(30 * done / max(total, 1))
-        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{total} {self.unit} "
-                          f"{rate:.1f}/s {(total - done) / max(rate, 1e-9):.0f} s left ")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def sparse_density(r):
