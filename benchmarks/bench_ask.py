@@ -44,7 +44,8 @@ def run(model, doc, attention, cache, cache_dir, n=16):
     p = subprocess.run(wrapped, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
     if p.returncode:
-        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+        lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("PEAK_RSS_KB")]
+        return {"error": lines[-1] if lines else f"exit {p.returncode}"}
     first = re.search(r"time to first answer token: ([\d.]+) s", p.stderr)
     rss = re.search(r"PEAK_RSS_KB (\d+)", p.stderr)
     return {"wall_s": round(wall, 2), "answer_first_token_s": float(first.group(1)) if first else None,
