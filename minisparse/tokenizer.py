@@ -283,14 +283,9 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
     [15043, 3186]
     """
     if isinstance(path_or_reader, (str, Path)):
-        from gguf import GGUFReader
+        from .gguf_io import open_gguf     # the bounds-checked parser runs before GGUFReader
         src = Path(path_or_reader)
-        if not src.exists():
-            raise GGUFError(f"{src}: no such file")
-        try:
-            reader = GGUFReader(src)
-        except Exception as e:
-            raise GGUFError(f"{src}: not a readable GGUF file ({e})") from None
+        reader = open_gguf(src)
     else:
         reader = path_or_reader
         src = getattr(getattr(reader, "data", None), "filename", None) or "<GGUFReader>"

@@ -502,3 +502,14 @@ def test_head_count_kv_must_divide_head_count(tmp_path, tiny):
     buf = tiny[1]
     at = key_at(buf, "llama.attention.head_count_kv") + 4
     expect_error(tmp_path, patch(buf, at, "<I", 3), "head_count_kv", "divisor", model=True)
+
+
+def test_load_tokenizer_checks_the_container_first(tmp_path):
+    # a vocabulary-only file goes through check_gguf too: a truncated copy is a GGUFError that
+    # names the file, never an error from inside GGUFReader
+    from minisparse import load_tokenizer
+    src = shared_fixture("vocab/ggml-vocab-llama-spm.gguf").read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(src[: len(src) // 3])
+    with pytest.raises(GGUFError, match="cut.gguf"):
+        load_tokenizer(bad)
