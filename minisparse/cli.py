@@ -150,27 +150,31 @@ def cmd_chat(args):
 
 
 def cmd_info(args):
-    from .gguf_io import load_gguf
+    """Describe a model from its metadata and tensor table; only --check reads the weights,
+    one tensor at a time."""
+    from .gguf_io import open_gguf, read_config, tensor_to_float32
     from .tokenizer import load_tokenizer
     path = resolve_model(args.model)
-    cfg, weights, reader = load_gguf(path)
+    reader = open_gguf(path, model=True)
+    cfg = read_config(reader, path)
     types = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    n_params = sum(int(w.size) for w in weights.values())
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
     print(f"{'file':<16}{path}")
     for k, v in cfg.__dict__.items():
         print(f"{k:<16}{v}")
-    print(f"parameters    {n_params:,}")
-    print(f"tensor types  {', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}")
+    print(f"{'parameters':<16}{n_params:,}")
+    print(f"{'tensor types':<16}{', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}")
     tok = load_tokenizer(reader)
-    print(f"tokenizer     {tok.model} (pre {tok.pre}), {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}")
+    print(f"{'tokenizer':<16}{tok.model} (pre {tok.pre}), {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}")
     if args.check:
         import numpy as np
-        bad = [name for name, w in weights.items() if not np.all(np.isfinite(w))]
+        bad = [t.name.removesuffix(".weight") for t in reader.tensors
+               if not np.all(np.isfinite(tensor_to_float32(t, path)))]
         if bad:
             raise CLIError(f"{path}: non-finite values (NaN/inf) in tensors: {', '.join(bad)}")
-        print("check         all tensors finite")
+        print(f"{'check':<16}all tensors finite")
     return 0
 
 

@@ -296,7 +296,8 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     if return_lse:
         res += (lse,)
     if return_stats:
-        n_causal = np.searchsorted(np.sort(k_pos), q_pos, side="right")   # (Tq,)
+        kp = k_pos if k_sorted else np.sort(k_pos)          # a cache holds keys in order: no sort
+        n_causal = np.searchsorted(kp, q_pos, side="right")                # (Tq,)
         res += (AttentionStats(natt, np.broadcast_to(n_causal, (Hq, Tq)).copy()),)
     return res[0] if len(res) == 1 else res
 
