@@ -76,15 +76,33 @@ def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype,
         quant.PARALLEL_MIN_WEIGHTS = saved
     exact = x.astype(np.float64) @ w.T
     # Both paths multiply the same float32 weights (dequantisation is exact, test above) and sum
-    # n = cols products in float32, in some order. Any order errs by <= gamma_n * sum|w||x| with
-    # gamma_n = n u / (1 - n u) (Higham, Thm 3.1); the fused kernel may regroup d*q*x, one more
-    # rounding per product: gamma_{n+1}. The reference (BLAS) obeys the same bound, so the two
-    # differ by at most twice it.
-    n = cols + 1
-    bound = n * U / (1 - n * U) * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    # n = cols products in float32, in some order. Any order errs by <= gamma_k * sum|terms| with
+    # gamma_k = k u / (1 - k u) (Higham, Thm 3.1), k the most roundings on one term's path. The
+    # fused Q4_0/Q4_1 kernels split each weight w = d q + m into two terms (d q x and m x, m = -8d
+    # for Q4_0) summed apart (the m x through x's block sums: 32 more additions), so their terms
+    # are |d q| |x| and |m| |x|, not |w| |x|; Q8_0 regroups d*q*x: one more rounding. k = n + 36
+    # covers every path; the reference (BLAS, |w||x| <= the split magnitudes) obeys the same bound,
+    # so the two differ by at most twice it.
+    n = cols + 36
+    bound = n * U / (1 - n * U) * (np.abs(x).astype(np.float64) @ term_magnitudes(raw, qtype, w).T)
     assert np.all(np.abs(y - exact) <= bound)
     ref = x @ w.astype(np.float32).T
     assert np.all(np.abs(y - ref) <= 2 * bound)
+
+
+def term_magnitudes(raw, qtype, w):
+    """|d q| + |m| per weight for the types whose decode kernel splits w = d q + m, else |w|."""
+    if qtype not in (QT.Q4_0, QT.Q4_1):
+        return np.abs(w)
+    block = GGML_QUANT_SIZES[qtype][1]
+    b = raw.reshape(raw.shape[0], -1, block)                                # (rows, blocks, bytes)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)       # (rows, blocks)
+    nib = b[..., block - 16:]
+    q = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.float64)     # (rows, blocks, 32)
+    m = -8 * d if qtype == QT.Q4_0 else b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    mag = np.abs(d)[..., None] * q + np.abs(m)[..., None]
+    assert np.allclose(d[..., None] * q + m[..., None], w.reshape(mag.shape))   # the split is w
+    return mag.reshape(w.shape)
 
 
 def test_quant_matrix_is_a_view_of_the_file_not_a_copy(tmp_path):
