@@ -32,9 +32,12 @@ _F16 = F16_TO_F32              # a global: Numba freezes it into the compiled co
 FUSED_MAX_T = 8
 TILE_BYTES = 1 << 23            # float32 tile for prefill: 8 MiB (2 MiB took 1.5-3x longer on the 49152-row head)
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
-# costs more than the work on a small matrix, and far more on a busy machine (a worker that the OS
-# has descheduled holds up the whole region; OpenBLAS's gemv keeps small problems on one thread too).
-PARALLEL_MIN_WEIGHTS = 1 << 24
+# costs more than the work on a tiny matrix. From 2^16 weights (SmolLM2's 192 x 576 k/v and up)
+# two threads pay on a quiet machine: SmolLM2 decode 18.5 ms/token with every matrix parallel
+# vs 26.8 with only the head (2^24). On a machine busy with other work a descheduled worker holds
+# up each region (one run: 147 ms/token); NUMBA_NUM_THREADS=1 is the setting for such machines.
+PARALLEL_MIN_WEIGHTS = 1 << 16
+ROWS_PER_TASK = 32              # rows per parallel task: 6 tasks for a 192-row matrix on 2 threads
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.
@@ -288,10 +291,10 @@ def _matvec_rows(code, u8, i8, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _matvec(code, u8, i8, x, y):
-    """y (out,) = W x for x (in,), 64 rows per task."""
-    n_out = u8.shape[0]
-    for c in prange((n_out + 63) // 64):
-        _matvec_rows(code, u8, i8, x, y, 64 * c, min(n_out, 64 * c + 64))
+    """y (out,) = W x for x (in,), ROWS_PER_TASK rows per task."""
+    n_out, n = u8.shape[0], ROWS_PER_TASK
+    for c in prange((n_out + n - 1) // n):
+        _matvec_rows(code, u8, i8, x, y, n * c, min(n_out, n * c + n))
 
 
 # ----------------------------------------------------------------------------- the matrix object
