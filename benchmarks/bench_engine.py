@@ -65,6 +65,45 @@ def rss_mb():
             return int(line.split()[1]) / 1024
 
 
+def rss_parts_mb(gguf_path=None):
+    """RssAnon, RssFile and the resident pages of the GGUF file's own mappings (/proc/self/smaps),
+    in MB: what the process holds apart from the shared libraries' pages."""
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("RssAnon:", "RssFile:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    if gguf_path is not None:
+        mine, total = False, 0
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:           # a mapping's header line
+                mine = len(head) >= 6 and head[-1] == str(Path(gguf_path).resolve())
+            elif mine and line.startswith("Rss:"):
+                total += int(head[1])
+        out["gguf_mapped"] = total / 1024
+    return out
+
+
+def warm_minisparse_kernels():
+    """Load (from Numba's cache) the kernels a model run uses, on tiny inputs and no model, so the
+    RSS measured next is the runtime floor: interpreter, NumPy, Numba/LLVM and compiled code."""
+    sys.path.insert(0, str(ROOT))
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import quantize
+    from minisparse.attention import attend, Dense
+    from minisparse.quant import QuantMatrix
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+        W = QuantMatrix(quantize(w, qt), w.shape, qt)
+        for T in (1, 64):
+            W.matmul(rng.standard_normal((T, 256)).astype(np.float32))
+        W[np.arange(3)]
+    for T in (1, 64):
+        q = rng.standard_normal((2, T, 32)).astype(np.float32)
+        attend(q, q[:1], q[:1], Dense(), return_stats=True)
+
+
 def thread_info():
     from threadpoolctl import threadpool_info
     return {"engine_threads": THREADS, "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
@@ -152,6 +191,10 @@ def worker(spec):
     if engine == "transformers":
         import torch  # noqa: F401
     runtime_mb = rss_mb()                      # the interpreter and the engine's imports, no model
+    floor_mb = None
+    if engine.startswith("minisparse"):
+        warm_minisparse_kernels()
+        floor_mb = rss_mb()                    # + Numba/LLVM with the compiled kernels loaded
     t0 = time.perf_counter()
     ctx = max(spec["prefill"] + [0]) + spec["decode"] + 136
     if engine == "minisparse-quant":
@@ -162,7 +205,7 @@ def worker(spec):
         e = LlamaCppEngine(path, ctx)
     else:
         e = HFEngine(path)
-    res = {"load_s": time.perf_counter() - t0, "runtime_rss_mb": runtime_mb}
+    res = {"load_s": time.perf_counter() - t0, "runtime_rss_mb": runtime_mb, "floor_rss_mb": floor_mb}
     rng = np.random.default_rng(0)
     prompt = lambda n: [1] + rng.integers(3, e.vocab, n - 1).tolist()   # noqa: E731  BOS-like id 1 first
     e.prefill(prompt(16))                                                 # warm-up (compiles, allocates)
@@ -175,6 +218,7 @@ def worker(spec):
         rates.append(spec["decode"] / (time.perf_counter() - t))
     res["decode_tok_s"], res["decode_runs_tok_s"] = statistics.median(rates), rates
     res["decode_rss_mb"] = peak_rss_mb()       # load + 128-token prompt + decode
+    res["decode_rss_parts_mb"] = rss_parts_mb(path)   # now (not the peak): anon, file, GGUF pages
     for n in spec["prefill"]:
         ids, times = prompt(n), []
         for _ in range(spec["repeats"]):
@@ -224,16 +268,22 @@ def weight_bytes(path, dequant):
     return total, macs
 
 
-def model_flops(path, T):
+def model_flops(path, T, head_rows=None):
     """FLOPs of one T-token prefill: 2 MACs-per-token x T for the matrices, plus causal attention
-    (QK^T and PV: 2 x 2 x T(T+1)/2 x d x Hq per layer)."""
+    (QK^T and PV: 2 x 2 x T(T+1)/2 x d x Hq per layer). head_rows: rows the output head computes
+    (minisparse and transformers return logits for all T tokens; llama.cpp, with logits_all off,
+    only for the last one, so counting T there would credit it with work it does not do)."""
     import gguf
     r = gguf.GGUFReader(str(path))
     arch = str(r.fields["general.architecture"].contents())
     f = lambda k: int(r.fields[f"{arch}.{k}"].contents())   # noqa: E731
     _, macs = weight_bytes(path, True)
+    head = next(int(np.prod(t.shape)) for t in r.tensors
+                if t.name == ("output.weight" if any(u.name == "output.weight" for u in r.tensors)
+                              else "token_embd.weight"))
     L, D, H = f("block_count"), f("embedding_length"), f("attention.head_count")
-    return 2 * macs * T + 4 * (T * (T + 1) / 2) * D * L * (1 if H else 0)
+    rows = T if head_rows is None else head_rows
+    return 2 * (macs - head) * T + 2 * head * rows + 4 * (T * (T + 1) / 2) * D * L * (1 if H else 0)
 
 
 def start_times(repeats):
@@ -377,10 +427,13 @@ def _derive(row, path, ceil):
     for k in list(row):
         if k.startswith("prefill") and k.endswith("_tok_s"):
             T = int(k[len("prefill"):-len("_tok_s")])
-            gflops = model_flops(path, T) * row[k] / T / 1e9
+            head_rows = 1 if row["engine"].startswith("llama.cpp") else T
+            gflops = model_flops(path, T, head_rows) * row[k] / T / 1e9
             row[f"prefill{T}_gflops"] = gflops
             row[f"prefill{T}_frac_of_sgemm"] = gflops / ceil["sgemm_gflops"]
     row["rss_over_gguf"] = row["decode_rss_mb"] / row["gguf_mb"]
+    if row.get("floor_rss_mb"):                # what the model adds to the runtime floor
+        row["model_rss_over_gguf"] = (row["decode_rss_mb"] - row["floor_rss_mb"]) / row["gguf_mb"]
 
 
 def _cpu():
@@ -397,7 +450,13 @@ def _line(r):
                    for k in r if k.startswith("prefill") and k.endswith("_tok_s"))
     return (f"{r['model']:<18} {r['engine']:<17} {pf}  decode {r['decode_tok_s']:7.1f} "
             f"({r['decode_frac_of_bandwidth']:.0%} bw)  RSS decode {r['decode_rss_mb']:5.0f} MB "
-            f"({r['rss_over_gguf']:.1f}x gguf) peak {r['peak_rss_mb']:5.0f}  {_blas(r['threads'])}")
+            f"({r['rss_over_gguf']:.1f}x gguf{_model_part(r)}) peak {r['peak_rss_mb']:5.0f}  {_blas(r['threads'])}")
+
+
+def _model_part(r):
+    if r.get("model_rss_over_gguf") is None:
+        return ""
+    return f"; floor {r['floor_rss_mb']:.0f} MB, model {r['model_rss_over_gguf']:.2f}x"
 
 
 def _blas(th):
@@ -424,11 +483,12 @@ def markdown(report):
            f"`minisparse generate` start: cold {report['start'].get('cold_s', float('nan')):.1f} s, "
            f"warm {report['start'].get('warm_s', float('nan')):.1f} s.", "",
            "| model | engine | threads | prefill 512 tok/s (of sgemm) | prefill 2048 tok/s (of sgemm) | "
-           "decode tok/s (of bandwidth) | RSS decode MB (x GGUF) | runtime MB | peak MB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "decode tok/s (of bandwidth) | RSS decode MB (x GGUF) | runtime MB | floor MB | "
+           "model = RSS - floor (x GGUF) | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "skipped" in r:
-            out.append(f"| {r['model']} | {r.get('engine', '')} | | skipped: {r['skipped'][:90]} | | | | | |")
+            out.append(f"| {r['model']} | {r.get('engine', '')} | | skipped: {r['skipped'][:90]} | | | | | | | |")
             continue
         th = r["threads"]
         pf = [f"{r[f'prefill{n}_tok_s']:.0f} ({r[f'prefill{n}_frac_of_sgemm']:.0%})" if f"prefill{n}_tok_s" in r
@@ -436,7 +496,9 @@ def markdown(report):
         out.append(f"| {r['model']} | {r['engine']} | {th['engine_threads']} (numba {th['NUMBA_NUM_THREADS']}, "
                    f"blas {th['OPENBLAS_NUM_THREADS']}) | {pf[0]} | {pf[1]} | {r['decode_tok_s']:.1f} "
                    f"({r['decode_frac_of_bandwidth']:.0%}) | {r['decode_rss_mb']:.0f} ({r['rss_over_gguf']:.1f}x) | "
-                   f"{r['runtime_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+                   f"{r['runtime_rss_mb']:.0f} | " + (f"{r['floor_rss_mb']:.0f} | "
+                   f"{r['decode_rss_mb'] - r['floor_rss_mb']:.0f} ({r['model_rss_over_gguf']:.2f}x) | "
+                   if r.get("model_rss_over_gguf") is not None else "- | - | ") + f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(out)
 
 
