@@ -155,22 +155,22 @@ def cmd_info(args):
     from .gguf_io import open_gguf, read_config, tensor_to_float32
     from .tokenizer import load_tokenizer
     path = resolve_model(args.model)
-    reader = open_gguf(path, model=True)
-    cfg = read_config(reader, path)
+    f = open_gguf(path, model=True)
+    cfg = read_config(f, path)
     types = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    for t in f.tensors:
+        types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
+    n_params = sum(t.n_elements for t in f.tensors)
     print(f"{'file':<16}{path}")
     for k, v in cfg.__dict__.items():
         print(f"{k:<16}{v}")
     print(f"{'parameters':<16}{n_params:,}")
     print(f"{'tensor types':<16}{', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}")
-    tok = load_tokenizer(reader)
+    tok = load_tokenizer(f)
     print(f"{'tokenizer':<16}{tok.model} (pre {tok.pre}), {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}")
     if args.check:
         import numpy as np
-        bad = [t.name.removesuffix(".weight") for t in reader.tensors
+        bad = [t.name.removesuffix(".weight") for t in f.tensors
                if not np.all(np.isfinite(tensor_to_float32(t, path)))]
         if bad:
             raise CLIError(f"{path}: non-finite values (NaN/inf) in tensors: {', '.join(bad)}")

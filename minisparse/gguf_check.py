@@ -1,25 +1,29 @@
-"""Bounds-checked GGUF container parser and llama/qwen2 model checks, run before `gguf.GGUFReader`.
+"""minisparse's GGUF reader: a bounds-checked container parser, `GGUFFile`, and llama/qwen2 model checks.
 
 Every count, length and offset is checked against the file size before anything is read or
 allocated, so a truncated or hostile file fails with a `GGUFError` naming the file, the field and
-what was expected. Left out on purpose: big-endian files, GGUF v1, and dequantisation (the loader
-hands the validated file to `gguf.GGUFReader`). Format: GGUF v2/v3 as specified in ggml's
-docs/gguf.md (ggml-org/ggml) and written by `gguf.GGUFWriter`.
+what was expected. `GGUFFile` then reads values straight from one read-only memory map: numeric
+arrays and tensors are NumPy views of it, string arrays one `list[str]` decoded on demand.
+Left out on purpose: big-endian files, GGUF v1, writing, and dequantisation (`gguf.quants` and
+`minisparse.quant` do that). Format: GGUF v2/v3 as specified in ggml's docs/gguf.md
+(ggml-org/ggml) and written by `gguf.GGUFWriter`.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
 
 from .errors import GGUFError
 
-__all__ = ["check_gguf", "check_model_metadata", "GGUFLayout", "TensorInfo", "GGUFArray",
-           "SUPPORTED_ARCHS", "SUPPORTED_TYPES"]
+__all__ = ["GGUFFile", "GGUFTensor", "check_gguf", "check_model_metadata", "GGUFLayout", "TensorInfo",
+           "GGUFArray", "SUPPORTED_ARCHS", "SUPPORTED_TYPES"]
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
@@ -29,17 +33,21 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4                   # GGML_MAX_DIMS
-# GGUFReader files the header under these names in the same dict as the metadata: a key spelled
-# like one of them makes it raise KeyError, so they are refused here
+# gguf-py's GGUFReader files the header under these names in the same dict as the metadata, so a
+# key spelled like one of them makes it raise KeyError. Our reader has no such clash; the names are
+# still refused so that every file minisparse accepts also opens in gguf-py (the tests' oracle).
 RESERVED_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
-# GGUFReader builds Python objects per metadata array item (~700 B each, ~10 us: measured 700 MB
-# and 40 s for one 4 MB array of 1M int32), per key and per tensor, so the counts a small hostile
-# file can declare are capped. Real files stay far below: a 256k vocabulary with scores, types and
-# merges is < 1M items; models have < 10k tensors and < 100 keys.
+# Caps on what a file can make *this* parser do. Walking a string array is a Python loop (~0.3 us
+# per item) and reading it builds one str per item (~60 B), a tensor info one TensorInfo and one
+# NumPy view (~1 KB): all proportional to the file, but a multi-GB model file could declare 100M
+# tiny strings in its metadata and cost minutes and gigabytes before a tensor is read. Real files
+# stay far below: a 256k vocabulary with scores, types and merges is < 1M items; models have < 10k
+# tensors and < 100 keys. (GGUFReader, which the loader used before, spent ~700 B and ~10 us per
+# item: 700 MB and 40 s for one 4 MB array of 1M int32. That is why the cap was first set.)
 MAX_ARRAY_ITEMS = 1 << 21      # in all metadata arrays together, nested items included
 MAX_TENSORS = 1 << 16
 MAX_KV = 1 << 16
-MAX_ARRAY_DEPTH = 8            # nested arrays deeper than this are hostile; GGUFReader recurses per level
+MAX_ARRAY_DEPTH = 8            # nested arrays deeper than this are hostile; both walks recurse per level
 INT64_MAX = 2**63 - 1
 
 # Little-endian struct format and byte width of each scalar value type.
@@ -143,11 +151,11 @@ class _Cursor:
         if n > self.size - self.pos:
             raise self.fail(what, f"a string of at most {self.size - self.pos} bytes (the rest of the file)",
                             f"length {n}")
-        raw = self.buf[self.pos:self.pos + n]
+        raw = self.buf[self.pos:self.pos + n]       # bytes (an mmap) or a memoryview (a GGUFFile's map)
         try:
-            s = raw.decode("utf-8")
+            s = str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            raise self.fail(what, "valid UTF-8", f"{e.reason} at byte {e.start} of {raw[:32]!r}") from None
+            raise self.fail(what, "valid UTF-8", f"{e.reason} at byte {e.start} of {bytes(raw[:32])!r}") from None
         self.pos += n
         return s
 
@@ -199,7 +207,7 @@ def _read_value(cur: _Cursor, vtype: VT, what: str, depth: int = 0):
     cur.skip_count(n, _MIN_VALUE_SIZE[itype], f"{what} (array length)")
     if n > cur.items_left:
         raise cur.fail(f"{what} (array length)", f"at most {cur.max_array_items} array items in all the "
-                       f"metadata (max_array_items: GGUFReader builds an object per item)",
+                       f"metadata (max_array_items: reading builds an object per item)",
                        f"{n} more after {cur.max_array_items - cur.items_left}")
     cur.items_left -= n
     start = cur.pos
@@ -254,34 +262,46 @@ def check_gguf(path, *, max_tensor_bytes: int | None = None,
 
     Reads through a read-only memory map and allocates nothing sized by a declared length, so a
     hostile file costs O(file size) time and memory at most. Returns a `GGUFLayout` whose tensor
-    data ranges are inside the file, aligned, in order and back to back; `gguf.GGUFReader` can then open
-    the file safely. Does not check what a model needs: see `check_model_metadata`.
-    `max_tensor_bytes` caps one tensor's data; `max_array_items` caps the metadata array items
-    (GGUFReader's cost grows per item; counts of tensors and keys are capped at 65536 each).
+    data ranges are inside the file, aligned, in order and back to back. Does not check what a
+    model needs: see `check_model_metadata`. `GGUFFile(path)` runs this same walk and keeps the
+    map open to read values and tensors. `max_tensor_bytes` caps one tensor's data;
+    `max_array_items` caps the metadata array items (reading builds one object per item; counts of
+    tensors and keys are capped at 65536 each).
 
     >>> layout = check_gguf("../shared/fixtures/stories260K.gguf")        # doctest: +SKIP
     >>> layout.metadata["llama.embedding_length"], layout.tensor("output_norm.weight").shape  # doctest: +SKIP
     (64, (64,))
     """
     path = Path(path)
-    try:
-        size = os.stat(path).st_size
-        if not path.is_file():
-            raise GGUFError(f"{path}: expected a regular GGUF file, found something else (a directory?)")
-        if size < 4 + 4 + 8 + 8:
-            raise GGUFError(f"{path}: header: expected at least 24 bytes (magic, version, tensor_count, "
-                            f"kv_count), found a file of {size} bytes")
+    with _file_errors(path):
+        _check_is_gguf_sized(path)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             # len(buf), not the stat size: the file may have changed in between
             return _parse(_Cursor(buf, len(buf), path, max_array_items), max_tensor_bytes)
+
+
+@contextmanager
+def _file_errors(path: Path):
+    """OS errors while opening or mapping `path` -> GGUFError naming it."""
+    try:
+        yield
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except OSError as e:
         raise GGUFError(f"{path}: could not be read: {e.strerror or e}") from None
 
 
+def _check_is_gguf_sized(path: Path) -> None:
+    size = os.stat(path).st_size
+    if not path.is_file():
+        raise GGUFError(f"{path}: expected a regular GGUF file, found something else (a directory?)")
+    if size < 4 + 4 + 8 + 8:
+        raise GGUFError(f"{path}: header: expected at least 24 bytes (magic, version, tensor_count, "
+                        f"kv_count), found a file of {size} bytes")
+
+
 def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
-    magic = cur.buf[0:4]
+    magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         raise cur.fail("header magic", "b'GGUF'", repr(magic))
     cur.pos = 4
@@ -316,7 +336,7 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         alignment = metadata["general.alignment"]
-        # GGUFReader accepts only UINT32 here; match it so both parsers agree on the data offset
+        # the spec types it UINT32 and gguf-py accepts nothing else: both readers agree on the data offset
         if value_types["general.alignment"] != VT.UINT32 or alignment == 0 or alignment & (alignment - 1):
             raise cur.fail("metadata key 'general.alignment'", "a UINT32 power of two",
                            f"{alignment!r} of type {value_types['general.alignment'].name}")
@@ -357,6 +377,150 @@ def _parse(cur: _Cursor, max_tensor_bytes: int | None) -> GGUFLayout:
                        f"a tensor info missing, or bytes appended)")
     return GGUFLayout(cur.path, size, version, alignment, metadata, value_types, tensors, data_offset,
                       info_offset, info_end)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: metadata values and tensors straight from the file's memory map
+# --------------------------------------------------------------------------------------------------
+
+# Item type of a numeric metadata array -> its little-endian NumPy dtype. BOOL items are read as
+# bytes and compared with 0, as struct's "?" reads a scalar BOOL: a stray byte 2 is True both ways.
+_ARRAY_DTYPE = {VT.UINT8: np.dtype("u1"), VT.INT8: np.dtype("i1"), VT.UINT16: np.dtype("<u2"),
+                VT.INT16: np.dtype("<i2"), VT.UINT32: np.dtype("<u4"), VT.INT32: np.dtype("<i4"),
+                VT.UINT64: np.dtype("<u8"), VT.INT64: np.dtype("<i8"), VT.FLOAT32: np.dtype("<f4"),
+                VT.FLOAT64: np.dtype("<f8"), VT.BOOL: np.dtype("u1")}
+# Tensor types stored as plain numbers: their data is viewed with this dtype, shaped (out, in).
+# Every other type (quant blocks, BF16) is uint8 shaped (out, bytes per row). Both are exactly
+# gguf-py's ReaderTensor.data, so QuantMatrix and gguf.quants.dequantize take them unchanged.
+_TENSOR_DTYPE = {QT.F32: np.dtype("<f4"), QT.F16: np.dtype("<f2"), QT.F64: np.dtype("<f8"),
+                 QT.I8: np.dtype("i1"), QT.I16: np.dtype("<i2"), QT.I32: np.dtype("<i4"),
+                 QT.I64: np.dtype("<i8")}
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFTensor(TensorInfo):
+    """A tensor of an open `GGUFFile`: its checked `TensorInfo` and `data`, a read-only view of the
+    file's memory map (nothing copied). `data` is `data_shape` (out, in) of float32/float16/... for
+    plain types, uint8 (out, bytes per row) of raw blocks for quantised types and BF16."""
+    data: np.ndarray = field(repr=False)
+
+
+class GGUFFile:
+    """An open GGUF file: the `check_gguf` layout plus one read-only `np.memmap` of the whole file.
+
+    `get(key)` reads a metadata value when asked for it: scalars as Python values, numeric arrays
+    as read-only NumPy views of the map, string arrays as one `list[str]`, nested arrays as lists.
+    Nothing is cached, so a 49k-entry merge list lives only while its caller holds it. `tensors`
+    (file order) and `tensor(name)` give `GGUFTensor`s viewing the map: opening a 100 MB model
+    costs its metadata walk, and its pages are read when a kernel touches them.
+
+    >>> f = GGUFFile("../shared/fixtures/stories260K.gguf")                       # doctest: +SKIP
+    >>> f.get("llama.embedding_length"), f.get("tokenizer.ggml.tokens")[:3]       # doctest: +SKIP
+    (64, ['<unk>', '<s>', '</s>'])
+    >>> t = f.tensor("blk.0.ffn_up.weight"); t.shape, t.data_shape, t.data.dtype  # doctest: +SKIP
+    ((64, 172), (172, 64), dtype('float32'))
+    """
+
+    def __init__(self, path, *, max_tensor_bytes: int | None = None,
+                 max_array_items: int = MAX_ARRAY_ITEMS):
+        self.path = Path(path)
+        with _file_errors(self.path):
+            _check_is_gguf_sized(self.path)
+            try:
+                self.data = np.memmap(self.path, dtype=np.uint8, mode="r")     # (file bytes,) uint8
+            except ValueError as e:          # emptied since the size check: numpy maps no empty file
+                raise GGUFError(f"{self.path}: could not be mapped: {e}") from None
+        # the walk reads the same map the values and tensors come from: one file state for all
+        self.layout = _parse(_Cursor(memoryview(self.data), len(self.data), self.path, max_array_items),
+                             max_tensor_bytes)
+        self.metadata = self.layout.metadata          # key -> scalar | GGUFArray (a reference)
+        self.value_types = self.layout.value_types    # key -> GGUFValueType
+        self.tensors = [self._tensor(t) for t in self.layout.tensors]
+        self._by_name = {t.name: t for t in self.tensors}
+
+    def __repr__(self) -> str:
+        return (f"GGUFFile({str(self.path)!r}: GGUF v{self.layout.version}, {len(self.metadata)} keys, "
+                f"{len(self.tensors)} tensors)")
+
+    def _fail(self, what: str, expected: str, found) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}: expected {expected}, found {found}")
+
+    def get(self, key: str, default=None):
+        """Metadata value of `key` (arrays read from the map now), or `default` when absent."""
+        value = self.metadata.get(key, default)
+        return self.read_array(value, f"metadata key {key!r}") if isinstance(value, GGUFArray) else value
+
+    def tensor(self, name: str) -> GGUFTensor | None:
+        return self._by_name.get(name)
+
+    def read_array(self, arr: GGUFArray, what: str = "array"):
+        """The items of `arr`: a read-only NumPy view for numbers (bool: a bool copy), a list[str]
+        for strings, a list of such for nested arrays. `what` names the field in errors."""
+        return self._read_array(arr, what, 0)
+
+    def _read_array(self, arr: GGUFArray, what: str, depth: int):
+        end = arr.offset + arr.nbytes
+        if arr.offset < 0 or arr.nbytes < 0 or end > len(self.data):
+            raise self._fail(what, f"bytes [{arr.offset}, {end}) inside the file of {len(self.data)} bytes",
+                            "a range past the end (an array from another file?)")
+        if arr.item_type in _ARRAY_DTYPE:
+            dtype = _ARRAY_DTYPE[arr.item_type]
+            if arr.nbytes != arr.length * dtype.itemsize:
+                raise self._fail(what, f"{arr.length} items of {dtype.itemsize} bytes", f"{arr.nbytes} bytes")
+            items = np.frombuffer(self.data, dtype, arr.length, arr.offset)
+            return items != 0 if arr.item_type == VT.BOOL else items
+        if arr.item_type == VT.STRING:
+            return self._read_strings(bytes(self.data[arr.offset:end]), arr.length, what)
+        # nested: walk the element headers again (bounded by this array's own bytes), then read each
+        cur = _Cursor(memoryview(self.data), end, self.path)
+        cur.pos = arr.offset
+        subs = [_read_value(cur, VT.ARRAY, f"{what}[{i}]", depth + 1) for i in range(arr.length)]
+        if cur.pos != end:
+            raise self._fail(what, f"{arr.length} nested arrays filling its {arr.nbytes} bytes",
+                            f"{end - cur.pos} bytes after them")
+        return [self._read_array(sub, f"{what}[{i}]", depth + 1) for i, sub in enumerate(subs)]
+
+    def _read_strings(self, raw: bytes, n: int, what: str) -> list[str]:
+        """`n` GGUF strings (u64 length, UTF-8 bytes) packed in `raw`, decoded in one pass.
+
+        A vocabulary is 30k-250k of them; the loop keeps to locals (~0.3 us a string) and checks
+        each length against the bytes left before slicing."""
+        out: list[str] = []
+        append, u64, pos, size, i, n_str = out.append, _U64.unpack_from, 0, len(raw), 0, 0
+        try:
+            for i in range(n):
+                (n_str,) = u64(raw, pos)          # struct.error when < 8 bytes are left
+                pos += 8
+                if n_str > size - pos:
+                    raise self._fail(f"{what}[{i}]", f"a string of at most {size - pos} bytes (the rest "
+                                    f"of the array)", f"length {n_str}")
+                append(raw[pos:pos + n_str].decode())
+                pos += n_str
+        except struct.error:
+            raise self._fail(f"{what}[{i}]", "an 8-byte string length inside the array",
+                            f"{size - pos} bytes left") from None
+        except UnicodeDecodeError as e:
+            raise self._fail(f"{what}[{i}]", "valid UTF-8",
+                            f"{e.reason} at byte {e.start} of {raw[pos:pos + min(n_str, 32)]!r}") from None
+        if pos != size:
+            raise self._fail(what, f"{n} strings filling its {size} bytes", f"{size - pos} bytes after them")
+        return out
+
+    def _tensor(self, info: TensorInfo) -> GGUFTensor:
+        start = self.layout.data_offset + info.offset
+        if start + info.n_bytes > len(self.data):         # _parse checked it; kept next to the slice
+            raise self._fail(f"tensor {info.name!r} data", f"bytes [{start}, {start + info.n_bytes}) "
+                            f"inside the file of {len(self.data)} bytes", "a range past the end")
+        raw = self.data[start:start + info.n_bytes]
+        *outer, ne0 = info.data_shape
+        dtype = _TENSOR_DTYPE.get(info.ggml_type)
+        if dtype is not None:
+            data = raw.view(dtype).reshape(info.data_shape)
+        else:
+            block, type_size = GGML_QUANT_SIZES[info.ggml_type]
+            data = raw.reshape(*outer, ne0 // block * type_size)
+        return GGUFTensor(info.name, info.shape, info.ggml_type, info.offset, info.n_elements,
+                          info.n_bytes, data)
 
 
 # --------------------------------------------------------------------------------------------------

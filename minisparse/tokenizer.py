@@ -8,15 +8,17 @@ is exposed). Follows the GGUF spec's `tokenizer.ggml.*` keys and llama.cpp's tok
 from __future__ import annotations
 
 import codecs
+import os
 import re
 import warnings
-from pathlib import Path
 
+from gguf.constants import GGUFValueType as VT
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from .errors import GGUFError
+from .gguf_check import GGUFArray, GGUFFile
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -76,34 +78,34 @@ def _byte_level_table() -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Reading metadata with clear errors
 # ---------------------------------------------------------------------------------------------
-def _field(reader, src, key, expect: str, required=True, default=None):
+_INTS = (VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64)
+_NUMBERS = _INTS + (VT.FLOAT32, VT.FLOAT64)
+# expected kind -> the GGUF value types (or array item types, for 'x[]') that satisfy it
+_ACCEPTS = {"str": (VT.STRING,), "int": _INTS, "bool": (VT.BOOL,), "float": _NUMBERS,
+            "str[]": (VT.STRING,), "int[]": _INTS, "float[]": _NUMBERS}
+_EXPECT = {"str": "a string", "int": "an integer", "bool": "a bool", "float": "a number",
+           "str[]": "an array of strings", "float[]": "an array of float32", "int[]": "an array of int32"}
+
+
+def _field(f: GGUFFile, src, key, expect: str, required=True, default=None):
     """Value of metadata `key`, checked against `expect` ('str', 'int', 'bool', 'float',
-    'str[]', 'float[]', 'int[]'); GGUFError naming file and key when missing or ill-typed."""
-    f = reader.fields.get(key)
-    if f is None:
+    'str[]', 'float[]', 'int[]') by its stored GGUF type before it is read; GGUFError naming file
+    and key when missing or ill-typed. Arrays come back as Python lists (numbers as int/float)."""
+    if key not in f.metadata:
         if required:
             raise GGUFError(f"{src}: field '{key}': missing; expected {_EXPECT[expect]}")
         return default
-    try:
-        val = f.contents()
-    except Exception as e:  # gguf raises assorted errors on odd encodings
-        raise GGUFError(f"{src}: field '{key}': could not be read ({e}); "
-                        f"expected {_EXPECT[expect]}") from None
-    elem_ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-               "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
-    base = expect.rstrip("[]")
-    ok = (isinstance(val, list) and all(elem_ok[base](v) for v in val)) if expect.endswith("[]") \
-        else elem_ok[base](val)
+    vtype, stored = f.value_types[key], f.metadata[key]
+    if isinstance(stored, GGUFArray):
+        ok = expect.endswith("[]") and stored.item_type in _ACCEPTS[expect]
+        got = f"an array of {stored.item_type.name} ({len(stored)} items)"
+    else:
+        ok = not expect.endswith("[]") and vtype in _ACCEPTS[expect]
+        got = f"a {vtype.name} ({stored!r:.40})"
     if not ok:
-        got = f"a {type(val).__name__}" + (f" of {len(val)} items" if isinstance(val, list)
-                                           else f" ({val!r:.40})")
         raise GGUFError(f"{src}: field '{key}': got {got}; expected {_EXPECT[expect]}")
-    return val
-
-
-_EXPECT = {"str": "a string", "int": "an integer", "bool": "a bool", "float": "a number",
-           "str[]": "an array of strings", "float[]": "an array of float32", "int[]": "an array of int32"}
+    val = f.get(key)
+    return val.tolist() if expect in ("int[]", "float[]") else val
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,15 +125,15 @@ def _spm_merges(scores: list[float], vocab: dict[str, int]) -> list[tuple[str, s
     return [(left, right) for *_, left, right in ranked]
 
 
-def _build_spm(src, tokens, reader) -> tuple[HFTokenizer, bool]:
-    scores = _field(reader, src, "tokenizer.ggml.scores", "float[]")
+def _build_spm(src, tokens, f: GGUFFile) -> tuple[HFTokenizer, bool]:
+    scores = _field(f, src, "tokenizer.ggml.scores", "float[]")
     if len(scores) != len(tokens):
         raise GGUFError(f"{src}: field 'tokenizer.ggml.scores': has {len(scores)} entries; "
                         f"expected one per token ({len(tokens)})")
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a duplicated piece keeps its first id, as llama.cpp's token_to_id
-    unk = _field(reader, src, "tokenizer.ggml.unknown_token_id", "int", required=False, default=0)
+    unk = _field(f, src, "tokenizer.ggml.unknown_token_id", "int", required=False, default=0)
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
     if missing:
         raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': lacks byte tokens {missing[:3]}...; "
@@ -142,7 +144,7 @@ def _build_spm(src, tokens, reader) -> tuple[HFTokenizer, bool]:
     # llama.cpp prepends one space to each text fragment (the first, and any after a special token)
     # then writes spaces as "▁"; HF runs the normaliser once per fragment between added tokens, so
     # Prepend reproduces that. No pre-tokeniser: SentencePiece merges across word boundaries.
-    add_space = _field(reader, src, "tokenizer.ggml.add_space_prefix", "bool", required=False, default=True)
+    add_space = _field(f, src, "tokenizer.ggml.add_space_prefix", "bool", required=False, default=True)
     norms = ([normalizers.Prepend("▁")] if add_space else []) + [normalizers.Replace(" ", "▁")]
     hf.normalizer = normalizers.Sequence(norms)
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -150,8 +152,8 @@ def _build_spm(src, tokens, reader) -> tuple[HFTokenizer, bool]:
     return hf, add_space
 
 
-def _build_gpt2(src, tokens, reader, pre: str) -> HFTokenizer:
-    merges_raw = _field(reader, src, "tokenizer.ggml.merges", "str[]")
+def _build_gpt2(src, tokens, f: GGUFFile, pre: str) -> HFTokenizer:
+    merges_raw = _field(f, src, "tokenizer.ggml.merges", "str[]")
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
@@ -275,48 +277,50 @@ class StreamDecoder:
 _BYTE_LEVEL = _byte_level_table()
 
 
-def load_tokenizer(path_or_reader) -> Tokenizer:
-    """Tokenizer of a GGUF file (a path, or an open `gguf.GGUFReader` so the file is parsed once).
+def load_tokenizer(path_or_file) -> Tokenizer:
+    """Tokenizer of a GGUF file: a path, or a `GGUFFile` already open (`gguf_io.open_gguf`), so the
+    file is walked once.
 
     >>> tok = load_tokenizer("../shared/fixtures/vocab/ggml-vocab-llama-spm.gguf")  # doctest: +SKIP
     >>> tok.encode("Hello world", add_bos=False)                                    # doctest: +SKIP
     [15043, 3186]
     """
-    if isinstance(path_or_reader, (str, Path)):
-        from .gguf_io import open_gguf     # the bounds-checked parser runs before GGUFReader
-        src = Path(path_or_reader)
-        reader = open_gguf(src)
+    if isinstance(path_or_file, GGUFFile):
+        f = path_or_file
+    elif isinstance(path_or_file, (str, os.PathLike)):
+        f = GGUFFile(path_or_file)          # the bounds-checked walk, before any value is read
     else:
-        reader = path_or_reader
-        src = getattr(getattr(reader, "data", None), "filename", None) or "<GGUFReader>"
+        raise TypeError(f"load_tokenizer: expected a path or a minisparse GGUFFile (open_gguf(path)), "
+                        f"got {type(path_or_file).__name__}")
+    src = f.path
 
-    model = _field(reader, src, "tokenizer.ggml.model", "str")
+    model = _field(f, src, "tokenizer.ggml.model", "str")
     if model not in SUPPORTED_MODELS:
         raise GGUFError(f"{src}: field 'tokenizer.ggml.model': '{model}' is not supported; "
                         f"expected one of {', '.join(SUPPORTED_MODELS)}")
-    tokens = _field(reader, src, "tokenizer.ggml.tokens", "str[]")
+    tokens = _field(f, src, "tokenizer.ggml.tokens", "str[]")
     if not tokens:
         raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': empty; expected at least one token")
-    types = _field(reader, src, "tokenizer.ggml.token_type", "int[]", required=False,
+    types = _field(f, src, "tokenizer.ggml.token_type", "int[]", required=False,
                    default=[NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise GGUFError(f"{src}: field 'tokenizer.ggml.token_type': has {len(types)} entries; "
                         f"expected one per token ({len(tokens)})")
-    pre = _field(reader, src, "tokenizer.ggml.pre", "str", required=False, default="default")
+    pre = _field(f, src, "tokenizer.ggml.pre", "str", required=False, default="default")
 
     def tok_id(key, default):
-        v = _field(reader, src, key, "int", required=False, default=default)
+        v = _field(f, src, key, "int", required=False, default=default)
         return v if v is not None and 0 <= v < len(tokens) else None  # 2**32-1 means "none"
 
     if model == "llama":
-        hf, add_space = _build_spm(src, tokens, reader)
+        hf, add_space = _build_spm(src, tokens, f)
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2)
         add_bos_default = True
     else:
-        hf, add_space = _build_gpt2(src, tokens, reader, pre), False
+        hf, add_space = _build_gpt2(src, tokens, f, pre), False
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", None), tok_id("tokenizer.ggml.eos_token_id", None)
         add_bos_default = PRE_ALIASES.get(pre) == "llama3"  # llama.cpp turns BOS on for llama3 vocabs
-    add_bos = _field(reader, src, "tokenizer.ggml.add_bos_token", "bool", required=False,
+    add_bos = _field(f, src, "tokenizer.ggml.add_bos_token", "bool", required=False,
                      default=add_bos_default)
 
     types = [CONTROL if t in _EOG_TEXTS else ty for t, ty in zip(tokens, types)]
@@ -328,7 +332,7 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
         eot.add(eos)
     # llama.cpp strips the whitespace after Phi-3's chat tokens (a per-model rule keyed on
     # general.name, since GGUF stores no such attribute); HF's rstrip does the same
-    name = str(_field(reader, src, "general.name", "str", required=False, default="")).lower()
+    name = str(_field(f, src, "general.name", "str", required=False, default="")).lower()
     phi3 = "phi-3" in name or "phi3" in name
 
     def rstrip(t):
@@ -340,6 +344,6 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
                            for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
     hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t))
                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])  # ids already in the vocab: kept
-    template = _field(reader, src, "tokenizer.chat_template", "str", required=False)
+    template = _field(f, src, "tokenizer.chat_template", "str", required=False)
     return Tokenizer(hf, model=model, pre=pre, tokens=tokens, types=types, bos_id=bos, eos_id=eos,
                      eot_ids=eot, add_bos=add_bos, add_space_prefix=add_space, chat_template=template)

@@ -2,8 +2,10 @@
 
 Mutations: bit/byte flips in the header, metadata and tensor infos; truncation at every section and
 field boundary and at random points; counts and lengths inflated to u64 max, 2**63, file size + 1;
-type ids replaced. Mutants that pass are read end to end (GGUFReader + dequantisation, then the
-minisparse loader when the model checks pass), which must work or raise GGUFError. Seeded: SEED.
+type ids replaced. Mutants that pass are read in full by minisparse's GGUFFile (every value, every
+tensor dequantised), which must not raise; for the end-to-end originals every value and tensor must
+also equal what gguf-py's GGUFReader reads, and the minisparse loader must load the file or raise
+GGUFError when the model checks pass. Seeded: SEED.
 `benchmarks/fuzz_gguf.py` runs these same mutators 10,000+ times and records the outcome counts.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType as VT
+from gguf import GGUFValueType as VT
 from gguf.quants import dequantize
 
 from minisparse import gguf_check
 from minisparse.errors import GGUFError
-from minisparse.gguf_check import SUPPORTED_TYPES, check_gguf, check_model_metadata
+from minisparse.gguf_check import SUPPORTED_TYPES, GGUFFile, check_gguf, check_model_metadata
+from test_gguf_reader import assert_reads_like_ggufreader
 
 SEED = 20261123
 U64_MAX = 2**64 - 1
@@ -139,15 +142,16 @@ def rejection_class(msg: str, path) -> str:
     return re.sub(r"\d+", "N", rest.split(": ")[0])
 
 
-def load_end_to_end(path):
-    """Open a mutant that passed check_gguf with GGUFReader, read every field and tensor."""
-    r = GGUFReader(path)
-    for f in r.fields.values():
-        f.contents()
+def read_everything(path, oracle: bool):
+    """Read every value and tensor of a mutant that passed check_gguf with minisparse's GGUFFile;
+    with `oracle`, also compare each with gguf-py's GGUFReader (which must open it too)."""
+    f = assert_reads_like_ggufreader(path) if oracle else GGUFFile(path)
+    for key in f.metadata:
+        f.get(key)
     with np.errstate(all="ignore"):     # flipped data bytes may decode to inf/NaN scales: values, not errors
-        for t in r.tensors:
-            if t.tensor_type in SUPPORTED_TYPES:
-                dequantize(np.asarray(t.data), t.tensor_type)
+        for t in f.tensors:
+            if t.ggml_type in SUPPORTED_TYPES:
+                dequantize(np.asarray(t.data), t.ggml_type)
 
 
 def _model_loader():
@@ -176,8 +180,7 @@ def run_mutant(path: Path, data: bytes, end_to_end: bool, loader=None, timing: l
     finally:
         if timing is not None:
             timing.append(time.perf_counter() - t0)
-    if end_to_end:
-        load_end_to_end(path)      # must not raise at all: check_gguf promised a readable container
+    read_everything(path, oracle=end_to_end)   # must not raise at all: check_gguf promised a readable container
     try:
         check_model_metadata(layout, path)
     except GGUFError as e:
@@ -194,7 +197,8 @@ def run_mutant(path: Path, data: bytes, end_to_end: bool, loader=None, timing: l
 
 def corpus(tmp_dir: Path) -> list[tuple[str, Path, bool]]:
     """(name, path, end_to_end) of the originals: generated tiny model, oracle fixtures, shared files.
-    End to end only for files whose GGUFReader pass is fast (the vocab files take ~2 s each)."""
+    End to end (GGUFReader as oracle, then the loader) only for files whose GGUFReader pass is fast
+    (it takes ~2 s on each vocab file)."""
     from test_gguf_hostile import write_tiny_llama
     items = [("tiny", write_tiny_llama(tmp_dir / "tiny.gguf"), True)]
     items += [(p.stem, p, True) for p in sorted(ORACLE.glob("*.gguf"))]

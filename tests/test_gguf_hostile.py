@@ -286,8 +286,8 @@ def test_deeply_nested_array_is_bounded(tmp_path):
 
 
 def test_metadata_array_items_are_capped(tmp_path, tiny):
-    # GGUFReader spends ~700 B and ~10 us per array item: a 2 MB file of u8 items would cost it
-    # ~1.5 GB, so the total is capped (MAX_ARRAY_ITEMS = 2**21) and the cap is a keyword
+    # reading builds an object per array item (a str: ~60 B; GGUFReader spent ~700 B), so the
+    # total a file can declare is capped (MAX_ARRAY_ITEMS = 2**21) and the cap is a keyword
     n = 2**21 + 1
     data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_str("big") + struct.pack("<IIQ", VT.ARRAY, VT.UINT8, n) \
         + bytes(n)
@@ -504,20 +504,42 @@ def test_head_count_kv_must_divide_head_count(tmp_path, tiny):
     expect_error(tmp_path, patch(buf, at, "<I", 3), "head_count_kv", "divisor", model=True)
 
 
-def test_load_tokenizer_checks_the_container_first(tmp_path, monkeypatch):
-    # a vocabulary-only file goes through check_gguf too, before GGUFReader ever sees it: a
-    # truncated copy is refused by the bounds-checked parser (GGUFReader may misbehave on it)
+class _Called(BaseException):      # not an Exception: no `except Exception` can hide it
+    pass
+
+
+def _forbid_ggufreader(monkeypatch):
     import gguf
+    import gguf.gguf_reader
+
+    def never(*a, **kw):
+        raise _Called("gguf.GGUFReader was called: the load path reads files with minisparse's GGUFFile")
+    monkeypatch.setattr(gguf, "GGUFReader", never)
+    monkeypatch.setattr(gguf.gguf_reader, "GGUFReader", never)
+
+
+def test_load_tokenizer_checks_the_container_first(tmp_path, monkeypatch):
+    # a vocabulary-only file goes through the bounds-checked walk too: a truncated copy is refused
+    # before a single value is read
     from minisparse import load_tokenizer
     src = shared_fixture("vocab/ggml-vocab-llama-spm.gguf").read_bytes()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(src[: len(src) // 3])
-
-    class Called(BaseException):      # not an Exception: no `except Exception` can hide it
-        pass
-
-    def never(*a, **kw):
-        raise Called("GGUFReader was called on a file check_gguf should have refused")
-    monkeypatch.setattr(gguf, "GGUFReader", never)
+    _forbid_ggufreader(monkeypatch)
     with pytest.raises(GGUFError, match="cut.gguf"):
         load_tokenizer(bad)
+
+
+def test_load_path_never_uses_ggufreader(monkeypatch, capsys):
+    # gguf-py's reader builds ~700 B of Python objects per vocabulary item and keeps them: the
+    # loader, the tokenizer and `minisparse info --check` read with GGUFFile only
+    from minisparse import load_model, load_tokenizer
+    from minisparse.cli import main
+    path = Path(__file__).resolve().parent.parent / "models" / "minisparse-pydoc.gguf"
+    _forbid_ggufreader(monkeypatch)
+    for dequant in (True, False):
+        m = load_model(path, dequant=dequant)
+        assert m.tokenizer.vocab_size == m.config.n_vocab == 4096
+    assert load_tokenizer(path).encode("import os") == m.tokenizer.encode("import os")
+    assert main(["info", str(path), "--check"]) == 0
+    assert "all tensors finite" in capsys.readouterr().out

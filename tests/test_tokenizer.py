@@ -372,18 +372,22 @@ def test_unknown_pre_warns_and_uses_gpt2_regex(tmp_path):
     assert t.encode("x 123123 y!") == ref.encode("x 123123 y!")
 
 
-def test_accepts_an_open_reader():
+def test_accepts_an_open_gguf_file():
+    from minisparse.gguf_io import open_gguf
     path = shared_fixture("stories260K.gguf")
-    from_reader = load_tokenizer(gguf.GGUFReader(path))
-    assert from_reader.encode("Once upon") == tok("stories260K.gguf").encode("Once upon")
+    from_file = load_tokenizer(open_gguf(path))
+    assert from_file.encode("Once upon") == tok("stories260K.gguf").encode("Once upon")
+    with pytest.raises(TypeError, match="expected a path or a minisparse GGUFFile"):
+        load_tokenizer(gguf.GGUFReader(path))      # gguf-py's reader is not ours: said, not misread
 
 
 def test_missing_tokenizer_fields_name_the_field(tmp_path):
+    from minisparse.gguf_io import open_gguf
     p = write_gguf(tmp_path / "none.gguf")
     with pytest.raises(GGUFError, match=r"none\.gguf: field 'tokenizer\.ggml\.model': missing"):
         load_tokenizer(p)
     with pytest.raises(GGUFError, match=r"none\.gguf: field 'tokenizer\.ggml\.model'"):
-        load_tokenizer(gguf.GGUFReader(p))     # an open reader: the message still names the file
+        load_tokenizer(open_gguf(p))           # an open file: the message still names the file
     p = write_gguf(tmp_path / "notokens.gguf", model="llama")
     with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': missing; expected an array of strings"):
         load_tokenizer(p)
@@ -391,8 +395,14 @@ def test_missing_tokenizer_fields_name_the_field(tmp_path):
 
 def test_ill_typed_and_unsupported_fields_are_named(tmp_path):
     p = write_gguf(tmp_path / "ints.gguf", model="llama", bad_tokens=[1, 2, 3])
-    with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': got .*expected an array of strings"):
-        load_tokenizer(p)
+    with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.tokens': got an array of INT32 \(3 items\); "
+                                        r"expected an array of strings"):
+        load_tokenizer(p)      # the stored type is checked before the array is read
+    w = gguf.GGUFWriter(str(tmp_path / "intmodel.gguf"), arch="llama")
+    w.add_uint32("tokenizer.ggml.model", 5)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(GGUFError, match=r"field 'tokenizer\.ggml\.model': got a UINT32 \(5\); expected a string"):
+        load_tokenizer(tmp_path / "intmodel.gguf")
     p = write_gguf(tmp_path / "bert.gguf", model="bert", tokens=["a"])
     with pytest.raises(GGUFError, match=r"'bert' is not supported; expected one of llama, gpt2"):
         load_tokenizer(p)
