@@ -312,6 +312,6 @@ class Model:
 def load_model(path, dequant: bool = True) -> Model:
     """Load a GGUF model file: config, weights and tokenizer. Raises GGUFError on a bad file."""
     from .tokenizer import load_tokenizer
-    cfg, weights, reader = load_gguf(path, dequant=dequant)
-    tok = load_tokenizer(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    cfg, weights, f = load_gguf(path, dequant=dequant)
+    tok = load_tokenizer(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Model(cfg, weights, tok, path)
