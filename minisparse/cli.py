@@ -21,9 +21,9 @@ SUBCOMMANDS = {
 }
 
 EXIT_USAGE = 2
-DEQUANT_HELP = ("--dequant (default): weights dequantised to float32 at load, the reference path; "
-                "--no-dequant: quantised matrices stay as their GGUF blocks, ~4-8x less memory, "
-                "slower on this 2-core machine (docs/performance.md)")
+DEQUANT_HELP = ("--no-dequant (default): quantised matrices stay as their GGUF blocks, memory about "
+                "the file size; --dequant: every weight float32 at load, the reference path, 4-8x "
+                "the memory (docs/performance.md)")
 
 
 class CLIError(Exception):
@@ -194,7 +194,7 @@ def build_parser():
     g.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     g.add_argument("-p", "--prompt", default="", help="prompt text")
     g.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length")
-    g.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=True, help=DEQUANT_HELP)
+    g.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=False, help=DEQUANT_HELP)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -202,7 +202,7 @@ def build_parser():
     c.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
     c.add_argument("-p", "--prompt", default="", help="one message; without it, read turns from stdin")
     c.add_argument("--system", default="", help="system message")
-    c.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=True, help=DEQUANT_HELP)
+    c.add_argument("--dequant", action=argparse.BooleanOptionalAction, default=False, help=DEQUANT_HELP)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 

@@ -4,9 +4,10 @@ embedding -> L x [RMSNorm -> q,k,v (+ qwen2 biases) -> RoPE -> cache -> attentio
 -> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> output head. Follows llama.cpp's
 `llama` and `qwen2` graphs (and llama2.c's `forward`). Attention goes through
 `minisparse.attention.attend`, so every sparse selector runs inside the real model.
-Left out on purpose: batching, MoE, sliding-window layers. Weights are float32 arrays, or
-`QuantMatrix` (quant.py) when loaded with dequant=False: `linear` is the one place that dispatches
-to its kernels, and `w["token_embd"][tokens]` dequantises just the rows asked for.
+Left out on purpose: batching, MoE, sliding-window layers. Weights are `QuantMatrix` (quant.py:
+Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks kept in place) or float32 arrays (other types, vectors, and every
+weight with load_model(dequant=True)): `linear` is the one place that dispatches to the kernels,
+and `w["token_embd"][tokens]` dequantises just the rows asked for.
 
 Shape legend: T tokens in this call, S positions held in the cache, D model width,
 Hq / Hkv query / KV heads, G = Hq // Hkv, d head width, F FFN width, V vocabulary, L layers.
@@ -183,8 +184,13 @@ class Model:
     def new_cache(self, dtype=np.float32) -> KVCache:
         return KVCache(self.config, dtype=dtype)
 
-    def forward(self, tokens, cache=None, attention=None, dense_layers=(), stats=None, trace=None):
+    def forward(self, tokens, cache=None, attention=None, dense_layers=(), stats=None, trace=None,
+                last_only=False):
         """Logits (T, V) for tokens (T,) appended at positions cache.next_pos ... .
+
+        last_only: logits (1, V) of the last token only, as generation needs: the output head
+        (V x D, the largest matrix) then runs on one row, not T (SmolLM2 at T = 2048: 116 GFLOP
+        and a 400 MB array saved).
 
         attention: a selector, a spec string ("sinks=4,window=128") or None for dense;
         dense_layers: layer indices that stay dense whatever the selector;
@@ -198,8 +204,9 @@ class Model:
         cache = self.new_cache() if cache is None else cache
         block = getattr(cache, "block", None)
         if block and len(tokens) > block:   # bounded caches compress between blocks of this size
-            return np.concatenate([self.forward(tokens[a:a + block], cache, attention, dense_layers,
-                                                stats, trace) for a in range(0, len(tokens), block)])
+            out = [self.forward(tokens[a:a + block], cache, attention, dense_layers, stats, trace,
+                                last_only) for a in range(0, len(tokens), block)]
+            return out[-1] if last_only else np.concatenate(out)
         selector = parse_attention_spec(attention) if isinstance(attention, str) else attention
         T, Hq, Hkv, d = len(tokens), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pos = cache.next_pos + np.arange(T)                   # (T,)
@@ -239,6 +246,8 @@ class Model:
             x = x + swiglu(h, w[p + "ffn_gate"], w[p + "ffn_up"], w[p + "ffn_down"])  # (T, D)
             rec(p + "out", x)
         cache.advance(T)
+        if last_only:
+            x = x[-1:]                                                               # (1, D)
         x = rms_norm(x, w["output_norm"], cfg.norm_eps)                             # (T, D)
         head = w["token_embd"] if cfg.tied_embeddings else w["output"]               # (V, D)
         logits = linear(x, head)                                                     # (T, V)
@@ -255,7 +264,7 @@ class Model:
         cache = self.new_cache() if cache is None else cache
         logits = None
         for a in range(0, len(ids), chunk):
-            logits = self.forward(ids[a:a + chunk], cache, **kw)[-1]
+            logits = self.forward(ids[a:a + chunk], cache, last_only=True, **kw)[-1]
             if progress is not None:
                 progress(min(a + chunk, len(ids)), len(ids))
         return cache, logits
@@ -287,7 +296,7 @@ class Model:
                              f"({len(cache)} already used); shorten it or raise -c")
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         self.last_seed = sampler.seed
-        logits = self.forward(ids, cache, attention, dense_layers)[-1]
+        logits = self.forward(ids, cache, attention, dense_layers, last_only=True)[-1]
         stream = tok.decode_stream() if tok is not None else None
         for i in ids if stream is not None else ():
             stream.push(i)        # the prompt was printed already; this sets SentencePiece's prefix-space state
@@ -309,8 +318,11 @@ class Model:
                 yield tail
 
 
-def load_model(path, dequant: bool = True) -> Model:
-    """Load a GGUF model file: config, weights and tokenizer. Raises GGUFError on a bad file."""
+def load_model(path, dequant: bool = False) -> Model:
+    """Load a GGUF model file: config, weights and tokenizer. Raises GGUFError on a bad file.
+
+    Quantised matrices stay as their GGUF blocks (`QuantMatrix`: memory about the file size);
+    dequant=True turns every weight into float32 at load, the readable reference path."""
     from .tokenizer import load_tokenizer
     cfg, weights, f = load_gguf(path, dequant=dequant)
     tok = load_tokenizer(f) if "tokenizer.ggml.tokens" in f.metadata else None

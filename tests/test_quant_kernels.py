@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from hypothesis import given, strategies as st
 
 import gguf_factory
+import minisparse
 from gguf_factory import tiny_weights, write_model
 from minisparse import quant
 from minisparse.gguf_io import load_gguf
@@ -184,3 +185,26 @@ def test_smollm2_greedy_golden_holds_with_weights_in_place():
     # (golden["top2_margins"]); the two paths differ by float32 summation order only, ~1e-5 here
     # (test_model_logits_equal_dequantised_reference_within_float32_noise), 1000x smaller.
     assert text == golden["text"]
+
+
+@pytest.mark.parametrize("dequant", [True, False], ids=["float32", "in-place"])
+def test_last_only_logits_equal_the_last_row(tmp_path, dequant):
+    path = write_model(tmp_path / "q.gguf", tiny_weights(dim=64, ffn=64, vocab=300), qtype=QT.Q8_0)
+    m = minisparse.load_model(path, dequant=dequant)
+    ids = np.random.default_rng(0).integers(0, 300, 20)
+    full = m.forward(ids)                                     # (20, V): head as a T-row product
+    last = m.forward(ids, last_only=True)                     # (1, V): head on one row
+    assert last.shape == (1, full.shape[1])
+    # everything before the head is the same computation (row by row); the head's one-row product
+    # (fused matvec, or BLAS gemv) and its T-row product (tiles + sgemm) sum each logit's D = 64
+    # terms in different orders, each within gamma_{D+36} sum_j |w_ij| |h_j| of the exact value
+    # (the bound of the kernel test above), so within twice that of each other; h = the head's
+    # input, the final RMSNorm of the last layer's output.
+    from minisparse.model import rms_norm
+    cfg = m.config
+    h = rms_norm(m.trace(ids)[1][f"blk.{cfg.n_layers - 1}.out"][-1:], m.weights["output_norm"], cfg.norm_eps)
+    w = np.asarray(m.weights["token_embd"], np.float64)       # (V, D), dequantised exactly
+    n = cfg.dim + 36
+    bound = 2 * n * U / (1 - n * U) * (np.abs(w) @ np.abs(h[0]).astype(np.float64))
+    assert np.all(np.abs(last[0] - full[-1]) <= bound)
+    assert not np.array_equal(full[-2], full[-1])              # the rows differ: a wrong row would fail
