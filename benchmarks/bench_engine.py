@@ -122,8 +122,8 @@ class MiniEngine:
         self.vocab = self.m.config.n_vocab
 
     def prefill(self, ids):                       # fresh cache, all tokens in one forward
-        self.cache = self.m.new_cache()
-        return int(np.argmax(self.m.forward(ids, self.cache)[-1]))
+        self.cache = self.m.new_cache()           # logits of the last token only, as generate does
+        return int(np.argmax(self.m.forward(ids, self.cache, last_only=True)[-1]))
 
     def step(self, tok):
         return int(np.argmax(self.m.forward([tok], self.cache)[-1]))
@@ -172,7 +172,7 @@ class HFEngine:
 
     def prefill(self, ids):
         with self.torch.inference_mode():
-            out = self.m(self.torch.tensor([list(ids)]), use_cache=True)
+            out = self.m(self.torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
         self.past = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
@@ -270,9 +270,10 @@ def weight_bytes(path, dequant):
 
 def model_flops(path, T, head_rows=None):
     """FLOPs of one T-token prefill: 2 MACs-per-token x T for the matrices, plus causal attention
-    (QK^T and PV: 2 x 2 x T(T+1)/2 x d x Hq per layer). head_rows: rows the output head computes
-    (minisparse and transformers return logits for all T tokens; llama.cpp, with logits_all off,
-    only for the last one, so counting T there would credit it with work it does not do)."""
+    (QK^T and PV: 2 x 2 x T(T+1)/2 x d x Hq per layer). head_rows: rows the output head computes;
+    every engine here computes the last token's logits only (minisparse `last_only`, llama.cpp
+    `logits_all=False`, transformers `logits_to_keep=1`), so counting T rows would credit them with
+    work they do not do."""
     import gguf
     r = gguf.GGUFReader(str(path))
     arch = str(r.fields["general.architecture"].contents())
@@ -427,8 +428,7 @@ def _derive(row, path, ceil):
     for k in list(row):
         if k.startswith("prefill") and k.endswith("_tok_s"):
             T = int(k[len("prefill"):-len("_tok_s")])
-            head_rows = 1 if row["engine"].startswith("llama.cpp") else T
-            gflops = model_flops(path, T, head_rows) * row[k] / T / 1e9
+            gflops = model_flops(path, T, head_rows=1) * row[k] / T / 1e9
             row[f"prefill{T}_gflops"] = gflops
             row[f"prefill{T}_frac_of_sgemm"] = gflops / ceil["sgemm_gflops"]
     row["rss_over_gguf"] = row["decode_rss_mb"] / row["gguf_mb"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -185,9 +186,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def set_threads(n):
+    """Use n of Numba's worker threads (at most the NUMBA_NUM_THREADS it started with)."""
+    import numba
+    top = numba.config.NUMBA_NUM_THREADS
+    if n > top:
+        raise CLIError(f"--threads {n}: at most {top} (NUMBA_NUM_THREADS; this machine has "
+                       f"{os.cpu_count()} cores)")
+    numba.set_num_threads(n)
+
+
 def build_parser():
     ap = Parser(prog="minisparse", description=__doc__.splitlines()[0])
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("-t", "--threads", type=positive_int, default=None,
+                    help="threads for the Numba kernels (default: all cores). On a machine busy with "
+                         "other work, 1 avoids waiting on descheduled workers (docs/performance.md)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt")
@@ -222,6 +236,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from .errors import MinisparseError
     try:
+        if args.threads is not None:
+            set_threads(args.threads)
         return args.func(args) or 0
     except (CLIError, MinisparseError, ValueError, FileNotFoundError) as e:
         if args.debug:

@@ -92,3 +92,19 @@ def test_invalid_sampling_values_are_refused_before_loading(flag_value):
     err = buf.getvalue()
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert flag.lstrip("-").replace("-", "_").replace("temp", "temperature") in err, err
+
+
+def test_threads_option_sets_numba_threads_and_refuses_too_many(capsys, stories_path):
+    import numba
+    before = numba.get_num_threads()
+    try:
+        assert main(["--threads", "1", "generate", "-m", str(stories_path), "-p", "Once", "-n", "3",
+                     "--temp", "0"]) == 0
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+    capsys.readouterr()
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    assert main(["--threads", str(too_many), "info", str(stories_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--threads {too_many}: at most" in err and "Traceback" not in err
