@@ -1,0 +1,251 @@
+"""attend_tiles (dense causal attention as BLAS matrix products, by query tiles) against the
+float64 reference and against the row kernel, and that `attend` really takes it for Dense.
+
+The row kernel stays the reference path for every selector; the tiles are the same math in a
+different float32 order, so every comparison below carries a tolerance derived from that order.
+"""
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import minisparse.attention.kernel as kernel
+from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense_reference,
+                                  store_kv)
+from minisparse.attention.kernel import TILE_MIN_PAIRS, attend_tiles
+
+from test_attention_properties import kernel_tol
+
+U = 2.0**-24          # float32 unit roundoff
+C_EXP = 6             # NumPy's float32 exp: <= 2.54 ulp measured over [-104, 0] (SIMD
+                      # implementation; an ulp is <= 2u relative), so <= 6u relative budgeted
+
+
+def logit_err(q, k):
+    # One scaled logit: q_i * scale rounded (exact for d = 32, 64: scale is a power of two), a
+    # d-term float32 dot in sgemm's order and the max subtraction (|s - m| <= 2 max|s|):
+    # Higham's gamma_n bound gives <= (d + 3) * u * sum_i |q_i k_i| * scale, with
+    # sum_i |q_i k_i| <= d * max|q| * max|k|. The same e as kernel_tol's.
+    d = q.shape[-1]
+    return (d + 3) * d * U * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
+
+
+def tiles_tol(q, k, v, n_keys):
+    # Per-element |attend_tiles - float64 reference| over rows that read at most n_keys keys:
+    # - logit error e (logit_err) scales every softmax weight by <= e^(2e) after renormalising,
+    #   so the output, a convex combination of the v_j, moves by <= (e^(2e) - 1) * max|v|;
+    # - exp: relative error <= C_EXP * u per weight -> <= 2 * C_EXP * u * max|v| after
+    #   renormalising;
+    # - the numerator sum_j p_j v_j (sgemm) and the normaliser l = sum_j p_j (NumPy's row sum)
+    #   are float32 sums of n_keys terms in any order: gamma_n = n * u relative to
+    #   sum_j p_j |v_j| <= l * max|v| and to l, so <= 2 * n_keys * u * max|v| on the ratio;
+    # - the division: u * max|v|.
+    # Unlike the row kernel (float32 within CHUNK keys, float64 across), nothing here folds
+    # into float64, so the sum term grows with n_keys (the worst case; in practice ~sqrt(n)).
+    e = logit_err(q, k)
+    return (np.expm1(2 * e) + (2 * n_keys + 2 * C_EXP + 1) * U) * np.abs(v).max() + 1e-12
+
+
+def lse_tol(q, k, n_keys):
+    # lse = m + log(l): logits off by <= e move the log-sum-exp by <= e; l carries the exp and
+    # summation errors, (C_EXP + n_keys) * u relative, which log turns into an absolute error
+    # of the same size; the float64 log and the exact float32 -> float64 cast of m add ~1e-16.
+    return logit_err(q, k) + (C_EXP + n_keys) * U + 1e-12
+
+
+def row_lse_tol(q, k):
+    # the row kernel's lse: the same logit error; exp (2u) and float32 chunk sums of CHUNK keys
+    # folded into float64: (CHUNK + 2) * u relative on the normaliser
+    return logit_err(q, k) + (kernel.CHUNK + 2) * U + 1e-12
+
+
+@st.composite
+def prefill_problems(draw):
+    """A chunk of Tq queries appended to a cache of Tk keys (q_pos = the last Tq key positions),
+    GQA groups G = 1, 2, 3, head widths 32 and 64, positions starting anywhere, with gaps (a
+    bounded cache keeps keys at their original positions) or without."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    hkv = draw(st.sampled_from([1, 2]))
+    g = draw(st.sampled_from([1, 2, 3]))
+    d = draw(st.sampled_from([32, 64]))
+    tk = draw(st.integers(1, 160))
+    tq = draw(st.integers(1, tk))
+    gapped = draw(st.booleans())
+    r = np.random.default_rng(seed)
+    f = lambda *s: r.standard_normal(s).astype(np.float32)
+    steps = r.integers(1, 4, tk) if gapped else np.ones(tk, np.int64)
+    k_pos = np.cumsum(steps).astype(np.int64) + draw(st.integers(-1, 5))    # (Tk,) increasing
+    return f(hkv * g, tq, d), f(hkv, tk, d), f(hkv, tk, d), k_pos[tk - tq:].copy(), k_pos
+
+
+@given(prefill_problems(), st.sampled_from([7, 16, 64]))
+def test_tiles_equal_float64_reference_within_derived_bound(prob, block):
+    q, k, v, q_pos, k_pos = prob
+    out, lse, n_att = attend_tiles(q, k, v, q_pos, k_pos, 1 / np.sqrt(q.shape[2]), block=block)
+    ref, ref_lse = dense_reference(q, k, v, q_pos, k_pos, return_lse=True)
+    n_keys = k.shape[1]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, n_keys))
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tol(q, k, n_keys))
+    assert out.dtype == np.float32 and lse.dtype == np.float64
+    assert (n_att == (k_pos[None, None, :] <= q_pos[None, :, None]).sum(-1)).all()
+
+
+@given(prefill_problems())
+def test_tiles_equal_row_kernel_out_lse_and_n_attended(prob):
+    q, k, v, q_pos, k_pos = prob
+    kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True)
+    a, la, sa = attend(q, k, v, Dense(), tiles=True, **kw)
+    b, lb, sb = attend(q, k, v, Dense(), tiles=False, **kw)
+    # both within their bounds of the float64 reference, so within the sum of the two bounds
+    n_keys = k.shape[1]
+    np.testing.assert_allclose(a, b, rtol=0, atol=tiles_tol(q, k, v, n_keys) + kernel_tol(q, k, v))
+    np.testing.assert_allclose(la, lb, rtol=0, atol=lse_tol(q, k, n_keys) + row_lse_tol(q, k))
+    assert (sa.n_attended == sb.n_attended).all()                 # the same visible keys
+    assert (sa.n_causal == sb.n_causal).all()
+
+
+@given(prefill_problems(), st.integers(0, 2**31 - 1))
+def test_tiles_with_keys_out_of_position_order_equal_reference(prob, seed):
+    # attend accepts any k_pos (the caches hand keys over in position order, but nothing in the
+    # interface demands it): the tiles then score all Tk keys and mask by position
+    q, k, v, q_pos, k_pos = prob
+    perm = np.random.default_rng(seed).permutation(k.shape[1])
+    k, v, k_pos = k[:, perm].copy(), v[:, perm].copy(), k_pos[perm].copy()
+    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    ref, ref_lse = dense_reference(q, k, v, q_pos, k_pos, return_lse=True)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, k.shape[1]))
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tol(q, k, k.shape[1]))
+
+
+@given(prefill_problems(), st.data())
+def test_tiled_output_at_i_unchanged_when_later_keys_change(prob, data):
+    q, k, v, q_pos, k_pos = prob
+    i = data.draw(st.integers(0, q.shape[1] - 1))
+    later = k_pos > q_pos[i]                                     # keys query i must not see
+    k2, v2 = k.copy(), v.copy()
+    k2[:, later] = 100.0 * np.random.default_rng(i).standard_normal(k2[:, later].shape)
+    v2[:, later] = -7.0
+    a = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, tiles=True)
+    b = attend(q, k2, v2, Dense(), q_pos=q_pos, k_pos=k_pos, tiles=True)
+    # exact: an invisible key is scored -inf whatever its value, so its weight is exactly 0 and
+    # adds exactly 0 (0 * v_j) to the row's sums, which read the same columns in the same order
+    np.testing.assert_array_equal(a[:, i], b[:, i])
+
+
+@pytest.mark.parametrize("sorted_keys", [True, False])
+def test_rows_without_visible_keys_give_zero_and_minus_inf_as_the_row_kernel(sorted_keys):
+    # keys at positions 10..49; queries at 0..39, so queries 0..9 see no key at all
+    r = np.random.default_rng(3)
+    q = r.standard_normal((4, 40, 32)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, 40, 32)).astype(np.float32)
+    k_pos, q_pos = np.arange(10, 50), np.arange(40)
+    if not sorted_keys:
+        perm = r.permutation(40)
+        k, v, k_pos = k[:, perm], v[:, perm], k_pos[perm]
+    kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True)
+    a, la, sa = attend(q, k, v, Dense(), tiles=True, **kw)
+    b, lb, sb = attend(q, k, v, Dense(), tiles=False, **kw)
+    assert (a[:, :10] == 0).all() and (la[:, :10] == -np.inf).all()   # exactly, as the rows
+    assert (b[:, :10] == 0).all() and (lb[:, :10] == -np.inf).all()
+    assert (sa.n_attended[:, :10] == 0).all() and (sa.n_attended == sb.n_attended).all()
+    assert np.isfinite(a).all() and np.isfinite(la[:, 10:]).all()
+    np.testing.assert_allclose(a, b, rtol=0, atol=tiles_tol(q, k, v, 40) + kernel_tol(q, k, v))
+
+
+@given(prefill_problems(), st.sampled_from([1e4, -1e4]))
+def test_extreme_logits_give_no_nan_in_tiles(prob, big):
+    q, k, v, q_pos, k_pos = prob
+    q = q / np.maximum(np.abs(q).max(), 1e-6) * np.float32(np.sqrt(abs(big)))
+    k = k / np.maximum(np.abs(k).max(), 1e-6) * np.float32(np.sqrt(abs(big)) * np.sign(big))
+    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()     # every query sees a key here
+    # any weights give a convex combination of the values, up to the exp, sum and division
+    # rounding of tiles_tol (relative (2 * Tk + 2 * C_EXP + 1) * u; the logit term does not apply)
+    bound = np.abs(v).max() * (1 + (2 * k.shape[1] + 2 * C_EXP + 1) * U)
+    assert (np.abs(out) <= bound).all()
+
+
+@given(prefill_problems())
+def test_decode_step_equals_tiled_prefill_row_within_bound(prob):
+    # a prefill of many queries runs the tiles, a decode step (Tq = 1) the row kernel:
+    # the same keys, so the rows differ by at most the two paths' bounds added
+    q, k, v, q_pos, k_pos = prob
+    pre, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    tq, tk = q.shape[1], k.shape[1]
+    for i in sorted({0, tq // 2, tq - 1}):
+        n = tk - tq + i + 1                                      # keys up to query i's position
+        dec, dl = attend(q[:, i:i + 1], k[:, :n], v[:, :n], Dense(), q_pos=q_pos[i:i + 1],
+                         k_pos=k_pos[:n], return_lse=True)
+        np.testing.assert_allclose(dec[:, 0], pre[:, i], rtol=0,
+                                   atol=tiles_tol(q, k, v, n) + kernel_tol(q, k, v))
+        np.testing.assert_allclose(dl[:, 0], lse[:, i], rtol=0,
+                                   atol=lse_tol(q, k, n) + row_lse_tol(q, k))
+
+
+def test_float16_cache_buffer_with_spare_rows_takes_tiles_and_matches_rows():
+    # the model hands attend its cache's whole buffers (buffer=True), possibly float16
+    r = np.random.default_rng(5)
+    q = r.standard_normal((6, 48, 64)).astype(np.float32)
+    kb = store_kv(r.standard_normal((2, 100, 64)))                    # (Hkv, capacity, d) f16
+    vb = store_kv(r.standard_normal((2, 100, 64)))
+    k_pos = np.arange(70)                                              # 70 keys held
+    kw = dict(q_pos=k_pos[-48:], k_pos=k_pos, buffer=True, return_lse=True)
+    a, la = attend(q, kb, vb, Dense(), **kw)                           # Tq = 48: the tiles
+    b, lb = attend(q, kb, vb, Dense(), tiles=False, **kw)
+    k32, v32 = kb[:, :70].astype(np.float32), vb[:, :70].astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=0,
+                               atol=tiles_tol(q, k32, v32, 70) + kernel_tol(q, k32, v32))
+    np.testing.assert_allclose(la, lb, rtol=0, atol=lse_tol(q, k32, 70) + row_lse_tol(q, k32))
+
+
+def test_attend_takes_the_tile_path_exactly_when_it_applies(monkeypatch):
+    calls = []
+    real = kernel.attend_tiles
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernel, "attend_tiles", spy)
+    r = np.random.default_rng(0)
+    tk = 64
+    q = r.standard_normal((4, tk, 32)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, tk, 32)).astype(np.float32)
+
+    def path(sel, tq, n_keys=tk, **kw):
+        calls.clear()
+        out = attend(q[:, n_keys - tq:n_keys], k[:, :n_keys], v[:, :n_keys], sel, **kw)
+        return ("tiles" if calls else "rows"), out
+
+    big = TILE_MIN_PAIRS // tk                                # Tq * Tk at the threshold
+    assert path(Dense(), big)[0] == "tiles"
+    assert path(Dense(), big - 1)[0] == "rows"                          # below the threshold
+    assert path(Dense(), 32, n_keys=32)[0] == "tiles"                   # 32 x 32 = 1024
+    assert path(Dense(), 31, n_keys=31)[0] == "rows"
+    assert path(None, tk)[0] == "tiles"                                 # None means Dense
+    assert path("dense", tk)[0] == "tiles"
+    assert path(Sinks(10**6), tk)[0] == "tiles"       # its Selection is "every key": the same
+    assert path(Dense(), 1)[0] == "rows"                                # decode
+    assert path(Dense(), tk, tiles=False)[0] == "rows"                  # the switch
+    assert path(Dense(), 1, tiles=True)[0] == "tiles"
+    assert path(Window(4), tk)[0] == "rows"
+    assert path(Window(4) | Landmarks(8), tk)[0] == "rows"              # pseudo-keys
+    with pytest.raises(ValueError, match="tiles=True"):
+        path(Window(4), tk, tiles=True)
+    # the automatic choice returns exactly what attend_tiles returns (not vacuous)
+    _, auto = path(Dense(), tk)
+    direct = real(q, k, v, np.arange(tk), np.arange(tk), 1 / np.sqrt(32))[0]
+    np.testing.assert_array_equal(auto, direct)
+
+
+def test_tiles_memory_is_per_tile_not_the_full_score_matrix():
+    # Hq = 8 heads at Tq = Tk = 1024: the (Hq, Tq, Tk) float32 scores would take 32 MiB; one
+    # tile's scores take G * B * Tk * 4 = TILE_ROWS * 1024 * 4 = 1 MiB; q, k, v, out 2 MiB each
+    r = np.random.default_rng(1)
+    q, k, v = r.standard_normal((3, 8, 1024, 64)).astype(np.float32)
+    tracemalloc.start()
+    attend_tiles(q, k, v, np.arange(1024), np.arange(1024), 0.125)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak <= 8 * 2**20, peak / 2**20                  # out + lse + per-tile work, not 32 MiB
