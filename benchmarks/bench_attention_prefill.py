@@ -1,6 +1,8 @@
-"""Prefill attention time vs sequence length: dense NumPy, the Numba kernel with Dense(), and the
-ruvllm preset (window 128, block 64, globals [0], log-stride, landmarks). Prints a table, fits the
-scaling exponent (log-log least squares), writes JSON.
+"""Prefill attention time vs sequence length: dense NumPy, the Numba row kernel with Dense(), the
+tiled BLAS path for Dense (attend_tiles, what attend picks for dense prefill), and the ruvllm
+preset (window 128, block 64, globals [0], log-stride, landmarks). Prints a table with the
+GFLOP/s of the dense rows (4 * n(n+1)/2 * heads * d FLOPs: the causal q.k and p.v products),
+fits the scaling exponent (log-log least squares), writes JSON.
 
 Leaves out model layers (attention only). Target (issue 9): ruvllm at n = 8192 (8 heads, d 64)
 under 262.6 ms, the figure ruvllm_sparse_attention publishes for an x86 desktop; exponent <= 1.2.
@@ -60,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--numpy-max", type=int, default=8192, help="largest n for dense NumPy")
     ap.add_argument("--numba-dense-max", type=int, default=16384,
                     help="largest n for the Numba dense kernel (O(n^2))")
+    ap.add_argument("--tiles-max", type=int, default=32768,
+                    help="largest n for the tiled dense path (O(n^2))")
     ap.add_argument("--out", type=str, default=None, help="write results as JSON here")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.ns.split(",")] if a.ns else \
@@ -69,7 +73,7 @@ def main(argv=None):
     ruv = RuvLLM()
     # compile once outside the timings
     x = rng.standard_normal((a.heads, 256, a.d)).astype(np.float32)
-    attend(x, x, x, Dense()); attend(x, x, x, ruv)
+    attend(x, x, x, Dense(), tiles=False); attend(x, x, x, Dense(), tiles=True); attend(x, x, x, ruv)
 
     rows = []
     for n in ns:
@@ -77,9 +81,11 @@ def main(argv=None):
         row = {"n": n}
         if n <= a.numpy_max:
             row["dense_numpy_s"], _ = timed(lambda: dense_numpy(q, k, v), repeats)
-        if n <= a.numba_dense_max:
-            row["numba_dense_s"], _ = timed(lambda: attend(q, k, v, Dense()), max(1, repeats // 2)
-                                            if n > 8192 else repeats)
+        few = max(1, repeats // 2) if n > 8192 else repeats
+        if n <= a.numba_dense_max:                               # the row kernel, forced
+            row["numba_dense_s"], _ = timed(lambda: attend(q, k, v, Dense(), tiles=False), few)
+        if n <= a.tiles_max:                                     # attend's choice for Dense
+            row["dense_tiles_s"], _ = timed(lambda: attend(q, k, v, Dense(), tiles=True), few)
         row["ruvllm_s"], _ = timed(lambda: attend(q, k, v, ruv), repeats)
         t0 = time.perf_counter()
         ruv.select(q, k)
@@ -93,15 +99,20 @@ def main(argv=None):
             for key, val in row.items() if key != "n"), flush=True)
 
     fits = {}
-    for key in ("dense_numpy_s", "numba_dense_s", "ruvllm_s"):
+    for key in ("dense_numpy_s", "numba_dense_s", "dense_tiles_s", "ruvllm_s"):
         pts = [(r["n"], r[key]) for r in rows if key in r]
         fits[key] = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
-    print("\n| n | dense NumPy ms | Numba dense ms | ruvllm ms | ruvllm edges/head | density |")
-    print("|---|---|---|---|---|---|")
+    print("\n| n | dense NumPy ms | Numba dense ms | dense tiles ms | dense GFLOP/s NumPy / Numba / "
+          "tiles | ruvllm ms | ruvllm edges/head | density |")
+    print("|---|---|---|---|---|---|---|---|")
     f = lambda r, key: f"{r[key] * 1e3:.1f}" if key in r else "-"
     for r in rows:
+        flops = 4 * r["n"] * (r["n"] + 1) / 2 * a.heads * a.d      # causal q.k and p.v
+        gf = " / ".join(f"{flops / r[key] / 1e9:.1f}" if key in r else "-"
+                        for key in ("dense_numpy_s", "numba_dense_s", "dense_tiles_s"))
         print(f"| {r['n']} | {f(r, 'dense_numpy_s')} | {f(r, 'numba_dense_s')} | "
-              f"{f(r, 'ruvllm_s')} | {r['ruvllm_edges_per_head']} | {r['ruvllm_density']:.4f} |")
+              f"{f(r, 'dense_tiles_s')} | {gf} | {f(r, 'ruvllm_s')} | "
+              f"{r['ruvllm_edges_per_head']} | {r['ruvllm_density']:.4f} |")
     print("fitted exponents (log t vs log n): " +
           ", ".join(f"{key[:-2]} {val:.3f}" for key, val in fits.items() if val is not None))
     at8k = [r for r in rows if r["n"] == 8192]
