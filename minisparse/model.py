@@ -19,6 +19,7 @@ import numpy as np
 from .attention import Dense, attend, parse_attention_spec
 from .gguf_io import Config, load_gguf
 from .quant import QuantMatrix
+from .threads import matmul_t, prefill_threads
 
 
 # ----------------------------------------------------------------------------- math
@@ -42,7 +43,7 @@ def linear(x, w, b=None):
     if isinstance(w, QuantMatrix):
         y = w.matmul(x)                                       # same product, from quant blocks
     else:
-        y = x @ w.T                                           # (T, in) @ (in, out) -> (T, out)
+        y = matmul_t(x, w)                                    # (T, in) @ (in, out) -> (T, out)
     return y if b is None else y + b
 
 
@@ -215,36 +216,37 @@ class Model:
 
         x = w["token_embd"][tokens]                           # (T, D)
         rec("embed", x)
-        for l in range(cfg.n_layers):
-            p = f"blk.{l}."
-            # ---- attention
-            h = rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                        # (T, D)
-            q = linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))                 # (T, Hq*d)
-            k = linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))                 # (T, Hkv*d)
-            v = linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))                 # (T, Hkv*d)
-            q = q.reshape(T, Hq, d).transpose(1, 0, 2)                               # (Hq, T, d)
-            k = k.reshape(T, Hkv, d).transpose(1, 0, 2)                              # (Hkv, T, d)
-            v = v.reshape(T, Hkv, d).transpose(1, 0, 2)                              # (Hkv, T, d)
-            q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hq, T, d)
-            k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)                # (Hkv, T, d)
-            rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-            K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                        # (Hkv, >=S, d), (S,)
-            sel = Dense() if (selector is None or l in dense_layers) else selector
-            if T == 1:       # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
-                S = len(k_pos)   # in the cache, built at the first step and extended at each one
-                sel = sel.for_layer(l, getattr(cache, "selector_state", None), K[:, :S], Vv[:, :S])
-            o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
-                           buffer=True)                                                  # (Hq, T, d)
-            if stats is not None:
-                stats.append({"layer": l, "q_pos": pos, "n_attended": st.n_attended,
-                              "n_causal": st.n_causal})
-            o = o.transpose(1, 0, 2).reshape(T, Hq * d)                             # (T, Hq*d)
-            rec(p + "attn_out", o)
-            x = x + linear(o, w[p + "attn_output"])                                  # (T, D)
-            # ---- feed-forward
-            h = rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                         # (T, D)
-            x = x + swiglu(h, w[p + "ffn_gate"], w[p + "ffn_up"], w[p + "ffn_down"])  # (T, D)
-            rec(p + "out", x)
+        with prefill_threads(T):   # a long prompt: NumPy work split over the cores (threads.py)
+            for l in range(cfg.n_layers):
+                p = f"blk.{l}."
+                # ---- attention
+                h = rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                    # (T, D)
+                q = linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))             # (T, Hq*d)
+                k = linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))             # (T, Hkv*d)
+                v = linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))             # (T, Hkv*d)
+                q = q.reshape(T, Hq, d).transpose(1, 0, 2)                           # (Hq, T, d)
+                k = k.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
+                v = v.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
+                q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)            # (Hq, T, d)
+                k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)            # (Hkv, T, d)
+                rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
+                K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                    # (Hkv, >=S, d), (S,)
+                sel = Dense() if (selector is None or l in dense_layers) else selector
+                if T == 1:   # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
+                    S = len(k_pos)   # in the cache, built at the first step and extended at each one
+                    sel = sel.for_layer(l, getattr(cache, "selector_state", None), K[:, :S], Vv[:, :S])
+                o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
+                               buffer=True)                                              # (Hq, T, d)
+                if stats is not None:
+                    stats.append({"layer": l, "q_pos": pos, "n_attended": st.n_attended,
+                                  "n_causal": st.n_causal})
+                o = o.transpose(1, 0, 2).reshape(T, Hq * d)                         # (T, Hq*d)
+                rec(p + "attn_out", o)
+                x = x + linear(o, w[p + "attn_output"])                              # (T, D)
+                # ---- feed-forward
+                h = rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                     # (T, D)
+                x = x + swiglu(h, w[p + "ffn_gate"], w[p + "ffn_up"], w[p + "ffn_down"])  # (T, D)
+                rec(p + "out", x)
         cache.advance(T)
         if last_only:
             x = x[-1:]                                                               # (1, D)

@@ -16,6 +16,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
+from .threads import column_blocks, side_by_side
+
 # Types with a kernel here, and those the loader keeps in place with dequant=False. F16/BF16 have
 # kernels but load as float32: their decode matvec (a table lookup per weight) measured 1.2 GMAC/s
 # against NumPy's float32 gemv at 5.0 on one core, and they are only 2x, not 4-8x, smaller.
@@ -258,13 +260,10 @@ def _dot_buf(code, u8, i8, x, buf):
 # ----------------------------------------------------------------------------- whole matrices
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)     # prefill workers dequantise side by side
 def _dequant_rows(code, u8, i8, rows, out):
-    """out[i] = dequantised row rows[i]; out (len(rows), in) float32.
-
-    Serial on purpose: prefill alternates it with a 2-thread sgemm, and Numba's worker threads
-    fighting OpenBLAS's still-spinning ones cost more (measured: 28 vs 58 GMAC/s at T=512) than
-    the dequantisation saves by running on both cores."""
+    """out[i] = dequantised row rows[i]; out (len(rows), in) float32. One thread: a long
+    prefill runs one call per worker, each on its own column block (QuantMatrix.matmul)."""
     for i in range(rows.size):
         _dequant_row(code, u8[rows[i]], i8[rows[i]], out[i])
 
@@ -349,6 +348,10 @@ class QuantMatrix:
     def nbytes(self) -> int:
         return self.raw.nbytes
 
+    @property
+    def size(self) -> int:                                        # weights, as ndarray.size
+        return self.shape[0] * self.shape[1]
+
     def __repr__(self):
         return f"QuantMatrix({self.shape[0]}x{self.shape[1]}, {self.qtype.name}, {self.nbytes} bytes)"
 
@@ -387,10 +390,16 @@ class QuantMatrix:
                 else:
                     _matvec_serial(int(self.qtype), self.raw, self._i8, x[t], y[t])
             return y
+        # prefill: tiles of rows dequantised to float32 and multiplied by sgemm; inside a long
+        # prefill each worker takes its own column block (minisparse.threads). The float32
+        # copies are bounded by one tile per worker.
         rows = max(1, min(n_out, TILE_BYTES // (4 * n_in)))
-        tile = np.empty((rows, n_in), np.float32)                # (rows, in): the only float32 copy
-        for r0 in range(0, n_out, rows):
-            r1 = min(n_out, r0 + rows)
-            _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
-            y[:, r0:r1] = x @ tile[: r1 - r0].T                   # (T, in) @ (in, rows) -> (T, rows)
+
+        def block(ab):
+            tile = np.empty((min(rows, ab[1] - ab[0]), n_in), np.float32)   # (rows, in)
+            for r0 in range(ab[0], ab[1], rows):
+                r1 = min(ab[1], r0 + rows)
+                _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
+                y[:, r0:r1] = x @ tile[: r1 - r0].T               # (T, in) @ (in, rows) -> (T, rows)
+        side_by_side(block, column_blocks(n_out, n_in, T))
         return y

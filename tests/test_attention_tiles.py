@@ -91,6 +91,42 @@ def test_tiles_equal_float64_reference_within_derived_bound(prob, block):
     assert (n_att == (k_pos[None, None, :] <= q_pos[None, :, None]).sum(-1)).all()
 
 
+@given(prefill_problems(), st.sampled_from([7, 16]), st.sampled_from([2, 3]))
+def test_tiles_side_by_side_equal_reference_within_the_same_bound(prob, block, workers):
+    # tiles computed on a thread pool (BLAS limited to one thread meanwhile) write disjoint rows:
+    # the same arithmetic per tile, so the same bound holds, and no tile may be lost or repeated
+    q, k, v, q_pos, k_pos = prob
+    out, lse, n_att = attend_tiles(q, k, v, q_pos, k_pos, 1 / np.sqrt(q.shape[2]), block=block,
+                                   workers=workers)
+    ref, ref_lse = dense_reference(q, k, v, q_pos, k_pos, return_lse=True)
+    n_keys = k.shape[1]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, n_keys))
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tol(q, k, n_keys))
+    assert (n_att == (k_pos[None, None, :] <= q_pos[None, :, None]).sum(-1)).all()
+
+
+def test_tiles_run_side_by_side_only_inside_a_long_prefill(monkeypatch):
+    # attend_tiles' default (workers=None) uses the pool inside threads.prefill_threads, where
+    # BLAS is held to one thread; outside it, one tile at a time on BLAS's own threads
+    from minisparse import threads
+    pools = []
+    real = threads._pool
+    monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
+    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+    r = np.random.default_rng(0)
+    T = 300
+    q, kv = r.standard_normal((2, T, 32)).astype(np.float32), r.standard_normal((1, T, 32)).astype(np.float32)
+    alone = attend_tiles(q, kv, kv, np.arange(T), np.arange(T), 0.125, block=16)[0]
+    assert pools == []
+    with threads.prefill_threads(threads.PREFILL_MIN_T):
+        assert threads.active()
+        split = attend_tiles(q, kv, kv, np.arange(T), np.arange(T), 0.125, block=16)[0]
+    assert pools and not threads.active()
+    # the same tiles and the same element-wise passes; OpenBLAS's threads split a product's rows
+    # and columns, never one dot product's terms, so one or two BLAS threads give the same bits
+    np.testing.assert_array_equal(split, alone)
+
+
 @given(prefill_problems())
 def test_tiles_equal_row_kernel_out_lse_and_n_attended(prob):
     q, k, v, q_pos, k_pos = prob

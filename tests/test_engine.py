@@ -120,3 +120,25 @@ def test_sampling_is_reproducible_with_a_seed(stories_path):
     b = "".join(model.generate([1], max_new_tokens=30, temperature=1.0, seed=123))
     c = "".join(model.generate([1], max_new_tokens=30, temperature=1.0, seed=124))
     assert a == b and model.last_seed == 124 and a != c
+
+
+@pytest.mark.parametrize("dequant", [True, False], ids=["float32", "in-place"])
+def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch, dequant):
+    # A long prompt runs with BLAS on one thread and its products and attention tiles split
+    # over a thread pool (minisparse.threads); lowered thresholds make a 64-token prompt take
+    # that path here. Splitting only moves column blocks and tiles between threads, the same
+    # float32 math per element, so the two agree within the float32 bound of the tests above.
+    from minisparse import threads
+    model = minisparse.load_model(stories_path, dequant=dequant)
+    ids = [1] + list(np.random.default_rng(2).integers(3, 512, size=63))
+    one = model.forward(ids)
+    monkeypatch.setattr(threads, "PREFILL_MIN_T", 8)
+    monkeypatch.setattr(threads, "MIN_MACS", 1)
+    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+    pools = []                                                  # every split asks for the pool
+    real = threads._pool
+    monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
+    split = model.forward(ids)
+    assert pools and set(pools) == {2}                          # the split path really ran
+    assert np.abs(split - one).max() <= 1e-4
+    assert not threads.active()                                 # the mode ends with the call
