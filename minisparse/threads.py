@@ -1,13 +1,16 @@
 """Prefill on every core: independent pieces of NumPy work side by side on a few Python threads.
 
 NumPy releases the GIL inside its products and element-wise passes, so pieces that write
-disjoint outputs can share the cores. For a long prompt `Model.forward` enters `prefill_threads`:
+disjoint outputs can share the cores. A forward of more than one token enters `prefill_threads`:
 BLAS is held to one thread, the weight products split their output columns into one block per
 worker (`matmul_t`, QuantMatrix tiles) and attention runs its tiles side by side, softmax passes
-included. Why not BLAS's own threads: a BLAS worker keeps spinning after its product, so the
-element-wise passes and any other pool that follow share a core with it. Measured on 2 cores,
-SmolLM2, one 2048-token forward: 4.72 s with BLAS's threads, 3.86 s this way (attention 2.21 ->
-1.32 s); at 512 tokens BLAS's threads win (0.75 vs 0.83 s), hence PREFILL_MIN_T.
+included. Why not BLAS's own threads: a BLAS worker keeps spinning for a while after its product,
+so whatever follows shares a core with it: the element-wise passes, and above all the decode
+steps after a prompt, whose Numba kernels then wait on a busy core. Measured on 2 cores (BLAS's
+threads -> this): SmolLM2 2048-token forward 4.72 -> 3.86 s (attention 2.21 -> 1.32 s); the
+32 decode steps after a 128-token prompt 51.7 -> 58.7 tok/s, and 260 -> 841 tok/s on the
+embedded model; a 512-token prompt 629 -> 642 tok/s (128 tokens on the embedded model: 4661 ->
+3577, the one case measured slower).
 Left out: process pools; decode (one token: nothing large enough to split). The thread count
 is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, not re-entrant.
 """
@@ -21,7 +24,7 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-PREFILL_MIN_T = 1024            # tokens in one forward from which prefill_threads splits work
+PREFILL_MIN_T = 2               # tokens in one forward from which prefill_threads splits work
 MIN_MACS = 1 << 24              # products smaller than this stay one BLAS call
 _ACTIVE = [False]               # inside prefill_threads
 
