@@ -19,12 +19,13 @@ import numpy as np
 from .attention import Dense, attend, parse_attention_spec
 from .gguf_io import Config, load_gguf
 from .quant import QuantMatrix
-from .threads import matmul_t, prefill_threads
+from .threads import by_rows, matmul_t, prefill_threads
 
 
 # ----------------------------------------------------------------------------- math
 
 
+@by_rows(0, None, None)   # row t of the output reads row t of x only: split over cores in a prefill
 def rms_norm(x, w, eps):
     """x (T, D) * w (D,) / rms(x): llama's RMSNorm.
 
@@ -61,6 +62,7 @@ def rope_tables(pos, cfg: Config, freq_factors=None):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+@by_rows(1, 0, 0)         # x (H, T, d) and the tables (T, r/2) per position
 def apply_rope(x, cos, sin, style: str, rope_dim: int):
     """Rotate x (H, T, d) in place-free fashion; only the first rope_dim dims of each head rotate.
 
@@ -88,9 +90,15 @@ def silu(x):
         return x / (1.0 + np.exp(-x))
 
 
+@by_rows(0, 0)
+def glu(g, u):
+    """silu(g) * u, element-wise; g, u (T, F)."""
+    return silu(g) * u
+
+
 def swiglu(x, w_gate, w_up, w_down):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); x (T, D) -> (T, D)."""
-    return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)   # (T, F) -> (T, D)
+    return linear(glu(linear(x, w_gate), linear(x, w_up)), w_down)     # (T, F) -> (T, D)
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -17,6 +17,7 @@ is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+import functools
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -98,3 +99,31 @@ def matmul_t(x, w):
         y[:, a:b] = x @ w[a:b].T                                            # (T, in) @ (in, b-a)
     side_by_side(block, blocks)
     return y
+
+
+MIN_ROW_ELEMS = 1 << 18         # element-wise calls smaller than this stay on one thread
+
+
+def by_rows(*axes):
+    """Decorator for a function whose output row t depends only on row t of its arguments (an
+    element-wise or per-token step: RMSNorm, SwiGLU's gate, RoPE). axes[i] is the row axis of
+    positional argument i (None: not per row, passed whole); the output's row axis is axes[0].
+    Inside prefill_threads a large call runs on one block of rows per worker, side by side, and
+    the blocks are joined: the same numbers, as no row reads another."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def split(*args, **kw):
+            n = numba.get_num_threads() if _ACTIVE[0] else 1
+            x, ax = args[0], axes[0]
+            if n <= 1 or x.size < MIN_ROW_ELEMS or x.shape[ax] < n:
+                return fn(*args, **kw)
+            T = x.shape[ax]
+            step = -(-T // n)
+
+            def block(a):
+                rows = lambda arr, axis: arr[(slice(None),) * axis + (slice(a, a + step),)]  # noqa: E731
+                return fn(*(arg if axis is None else rows(arg, axis)
+                            for arg, axis in zip(args, axes + (None,) * len(args))), **kw)
+            return np.concatenate(list(_pool(n)[0].map(block, range(0, T, step))), axis=ax)
+        return split
+    return deco

@@ -134,6 +134,7 @@ def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch,
     one = model.forward(ids)
     monkeypatch.setattr(threads, "PREFILL_MIN_T", 8)
     monkeypatch.setattr(threads, "MIN_MACS", 1)
+    monkeypatch.setattr(threads, "MIN_ROW_ELEMS", 1)
     monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
     pools = []                                                  # every split asks for the pool
     real = threads._pool
@@ -142,3 +143,28 @@ def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch,
     assert pools and set(pools) == {2}                          # the split path really ran
     assert np.abs(split - one).max() <= 1e-4
     assert not threads.active()                                 # the mode ends with the call
+
+
+def test_row_wise_steps_split_over_threads_give_the_same_bits(monkeypatch):
+    # RMSNorm, SwiGLU's gate and RoPE read one row (position) per output row, so running row
+    # blocks side by side (threads.by_rows) must return exactly the one-thread result
+    from minisparse import threads
+    from minisparse.model import apply_rope, glu, rms_norm, rope_tables
+    monkeypatch.setattr(threads, "MIN_ROW_ELEMS", 1)
+    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 3)
+    r = np.random.default_rng(0)
+    x, u = r.standard_normal((2, 37, 24)).astype(np.float32)
+    w = r.standard_normal(24).astype(np.float32)
+    h = r.standard_normal((4, 37, 16)).astype(np.float32)
+    cfg = type("C", (), {"rope_dim": 16, "rope_base": 10000.0, "rope_scale": 1.0})
+    cos, sin = rope_tables(np.arange(5, 42), cfg)
+    one = rms_norm(x, w, 1e-5), glu(x, u), apply_rope(h, cos, sin, "neox", 16)
+    pools = []
+    real = threads._pool
+    with threads.prefill_threads(threads.PREFILL_MIN_T):
+        monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
+        split = rms_norm(x, w, 1e-5), glu(x, u), apply_rope(h, cos, sin, "neox", 16)
+    assert pools == [3, 3, 3]                                   # each call really split
+    for a, b in zip(one, split):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
