@@ -1,5 +1,6 @@
 """minisparse.attention: one Numba kernel over index sets, selectors that choose the sets, and a
-float64 dense reference every selector is tested against.
+float64 dense reference every selector is tested against. A dense prefill (every key, many
+queries) also runs as BLAS products by query tiles (attend_tiles), tested against both.
 
 Leaves out caches (minisparse.cache) and the model. Layout follows FlexAttention without batch:
 q (Hq, Tq, d), k, v (Hkv, Tk, d); query head h reads KV head h // (Hq // Hkv); causal by
@@ -17,7 +18,7 @@ a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then
     each key read once, exact picks win (log-weight 0); a pseudo-key standing for the `span` keys
     of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
     log(span - c), dropped at c = span), so no key is ever counted twice.
-attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
+attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, attend_tiles, merge_lse)
     one jitted kernel: ranges then explicit indices, causality by position, online softmax
     (float32 SIMD within 32-key chunks, float64 across chunks), rows in parallel (prange) for
     big calls, one thread for small ones (decode). k, v may be float16 (store_kv): attend casts.
