@@ -85,23 +85,33 @@ def rss_parts_mb(gguf_path=None):
 
 
 def warm_minisparse_kernels():
-    """Load (from Numba's cache) the kernels a model run uses, on tiny inputs and no model, so the
-    RSS measured next is the runtime floor: interpreter, NumPy, Numba/LLVM and compiled code."""
+    """Load (from Numba's cache) what a model run uses, on small inputs and no model, so the RSS
+    measured next is the runtime floor: interpreter, NumPy, Numba/LLVM, the compiled kernels (the
+    serial and the parallel matvec of each in-place type, dequantisation, both attention paths)
+    and the prefill thread pool with its BLAS controller."""
     sys.path.insert(0, str(ROOT))
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import quantize
-    from minisparse.attention import attend, Dense
+    from minisparse import threads
+    from minisparse.attention import attend, Dense, Window
+    from minisparse.model import apply_rope, glu, rms_norm
     from minisparse.quant import QuantMatrix
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 256)).astype(np.float32)
-    for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-        W = QuantMatrix(quantize(w, qt), w.shape, qt)
-        for T in (1, 64):
-            W.matmul(rng.standard_normal((T, 256)).astype(np.float32))
-        W[np.arange(3)]
+    for shape in ((64, 256), (256, 256)):                  # below / above PARALLEL_MIN_WEIGHTS
+        w = rng.standard_normal(shape).astype(np.float32)
+        for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+            W = QuantMatrix(quantize(w, qt), w.shape, qt)
+            with threads.prefill_threads(64):
+                for T in (1, 64):
+                    W.matmul(rng.standard_normal((T, 256)).astype(np.float32))
+            W[np.arange(3)]
     for T in (1, 64):
         q = rng.standard_normal((2, T, 32)).astype(np.float32)
-        attend(q, q[:1], q[:1], Dense(), return_stats=True)
+        with threads.prefill_threads(T):
+            attend(q, q[:1], q[:1], Dense(), return_stats=True)
+            attend(q, q[:1], q[:1], Window(4), return_stats=True)
+            x = rng.standard_normal((T, 32)).astype(np.float32)
+            rms_norm(x, x[0], 1e-5), glu(x, x)
 
 
 def thread_info():
