@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
-from .threads import column_blocks, side_by_side
+from .threads import row_blocks, side_by_side
 
 # Types with a kernel here, and those the loader keeps in place with dequant=False. F16/BF16 have
 # kernels but load as float32: their decode matvec (a table lookup per weight) measured 1.2 GMAC/s
@@ -262,8 +262,8 @@ def _dot_buf(code, u8, i8, x, buf):
 
 @njit(cache=True, nogil=True)     # prefill workers dequantise side by side
 def _dequant_rows(code, u8, i8, rows, out):
-    """out[i] = dequantised row rows[i]; out (len(rows), in) float32. One thread: a long
-    prefill runs one call per worker, each on its own column block (QuantMatrix.matmul)."""
+    """out[i] = dequantised row rows[i]; out (len(rows), in) float32. Releases the GIL, so a
+    caller's other threads (minisparse.threads) keep working meanwhile."""
     for i in range(rows.size):
         _dequant_row(code, u8[rows[i]], i8[rows[i]], out[i])
 
@@ -390,16 +390,18 @@ class QuantMatrix:
                 else:
                     _matvec_serial(int(self.qtype), self.raw, self._i8, x[t], y[t])
             return y
-        # prefill: tiles of rows dequantised to float32 and multiplied by sgemm; inside a long
-        # prefill each worker takes its own column block (minisparse.threads). The float32
-        # copies are bounded by one tile per worker.
+        # prefill: tiles of weight rows dequantised to float32 and multiplied by sgemm, inside a
+        # long prefill by blocks of x's rows side by side (minisparse.threads); the float32 copy
+        # is bounded by the tile
         rows = max(1, min(n_out, TILE_BYTES // (4 * n_in)))
+        tile = np.empty((rows, n_in), np.float32)                # (rows, in)
+        blocks = row_blocks(T, n_in, n_out)
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
 
-        def block(ab):
-            tile = np.empty((min(rows, ab[1] - ab[0]), n_in), np.float32)   # (rows, in)
-            for r0 in range(ab[0], ab[1], rows):
-                r1 = min(ab[1], r0 + rows)
-                _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
-                y[:, r0:r1] = x @ tile[: r1 - r0].T               # (T, in) @ (in, rows) -> (T, rows)
-        side_by_side(block, column_blocks(n_out, n_in, T))
+            def block(ab):
+                a, b = ab
+                y[a:b, r0:r1] = x[a:b] @ tile[: r1 - r0].T        # (b-a, in) @ (in, rows)
+            side_by_side(block, blocks)
         return y
