@@ -208,7 +208,9 @@ def _dot2_q8_0(u0, u1, s0, s1, x, a0, a1):
 @njit(cache=True, fastmath=_DOT_MATH, inline="always")
 def _dot2_q4_0(u0, u1, x, xs, a0, a1):
     # block of 32: d (f16) | 16 bytes: element j in the low nibble of byte j, j+16 in the high one;
-    # w = d * (nibble - 8), so row . x = sum_b d_b (sum_j nibble_j x_j - 8 xs_b)
+    # w = d * (nibble - 8), so row . x = sum_b d_b (sum_j nibble_j x_j - 8 xs_b). Q4_0 and Q4_1
+    # are two functions on purpose: one taking the block size and minimum as run-time arguments
+    # was not vectorised by LLVM (2.0 vs 7.3 GMAC/s measured).
     a0[:] = 0.0
     a1[:] = 0.0
     m0 = m1 = np.float32(0.0)

@@ -16,8 +16,8 @@ is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, 
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -61,7 +61,7 @@ def prefill_threads(T: int):
 def side_by_side(fn, items, n_workers=None):
     """fn(item) for every item: on the pool inside prefill_threads (or when n_workers > 1 is
     given, BLAS then held to one thread here), else in order on this thread. fn must write
-    disjoint outputs."""
+    disjoint outputs, and must not call side_by_side itself (a full pool waiting on itself)."""
     n = (numba.get_num_threads() if _ACTIVE[0] else 1) if n_workers is None else int(n_workers)
     n = min(len(items), n)
     if n <= 1:
