@@ -31,10 +31,15 @@ _ACTIVE = [False]               # inside prefill_threads
 
 
 @lru_cache(maxsize=None)
-def _pool(workers: int):
-    """(threads, a controller of the loaded BLAS libraries): made once, as inspecting the
-    libraries costs ~0.25 ms and a limit through a kept controller ~7 us."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="minisparse"), ThreadpoolController()
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="minisparse")
+
+
+@lru_cache(maxsize=None)
+def _blas() -> ThreadpoolController:
+    """A controller of the loaded BLAS libraries, made once: inspecting them costs ~0.25 ms, a
+    limit through a kept controller ~7 us."""
+    return ThreadpoolController()
 
 
 def active() -> bool:
@@ -49,10 +54,9 @@ def prefill_threads(T: int):
     if n <= 1 or T < PREFILL_MIN_T or _ACTIVE[0]:
         yield
         return
-    _, blas = _pool(n)
     _ACTIVE[0] = True
     try:
-        with blas.limit(limits=1, user_api="blas"):
+        with _blas().limit(limits=1, user_api="blas"):
             yield
     finally:
         _ACTIVE[0] = False
@@ -68,12 +72,11 @@ def side_by_side(fn, items, n_workers=None):
         for it in items:
             fn(it)
         return
-    pool, blas = _pool(n)
     if _ACTIVE[0]:
-        list(pool.map(fn, items))          # list(): wait for all, and re-raise a worker's error
+        list(_pool(n).map(fn, items))      # list(): wait for all, and re-raise a worker's error
     else:
-        with blas.limit(limits=1, user_api="blas"):
-            list(pool.map(fn, items))
+        with _blas().limit(limits=1, user_api="blas"):
+            list(_pool(n).map(fn, items))
 
 
 def row_blocks(T: int, n_in: int, n_out: int):
@@ -125,6 +128,6 @@ def by_rows(*axes):
                 rows = lambda arr, axis: arr[(slice(None),) * axis + (slice(a, a + step),)]  # noqa: E731
                 return fn(*(arg if axis is None else rows(arg, axis)
                             for arg, axis in zip(args, axes + (None,) * len(args))), **kw)
-            return np.concatenate(list(_pool(n)[0].map(block, range(0, T, step))), axis=ax)
+            return np.concatenate(list(_pool(n).map(block, range(0, T, step))), axis=ax)
         return split
     return deco
