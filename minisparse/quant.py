@@ -403,10 +403,15 @@ class QuantMatrix:
         blocks = row_blocks(T, n_in, n_out)
         for r0 in range(0, n_out, rows):
             r1 = min(n_out, r0 + rows)
-            _dequant_rows(int(self.qtype), self.raw, self._i8, np.arange(r0, r1), tile)
+            # the workers dequantise disjoint rows of the tile, then multiply disjoint rows of x
+            # by all of it; the product lands in y directly (through a temporary and a copy it
+            # cost SmolLM2's 2048-token forward ~0.12 s: 1.61 s of products against 1.43 float32)
+            parts = [p for p in np.array_split(np.arange(r0, r1), len(blocks)) if p.size]
+            side_by_side(lambda idx: _dequant_rows(int(self.qtype), self.raw, self._i8, idx,
+                                                   tile[idx[0] - r0: idx[-1] + 1 - r0]), parts)
 
             def block(ab):
                 a, b = ab
-                y[a:b, r0:r1] = x[a:b] @ tile[: r1 - r0].T        # (b-a, in) @ (in, rows)
+                np.matmul(x[a:b], tile[: r1 - r0].T, out=y[a:b, r0:r1])  # (b-a, in) @ (in, rows)
             side_by_side(block, blocks)
         return y
