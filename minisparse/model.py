@@ -19,7 +19,7 @@ import numpy as np
 from .attention import Dense, attend, parse_attention_spec
 from .gguf_io import Config, load_gguf
 from .quant import QuantMatrix
-from .threads import by_rows, matmul_t, prefill_threads
+from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 
 # ----------------------------------------------------------------------------- math
@@ -237,7 +237,8 @@ class Model:
 
         x = w["token_embd"][tokens]                           # (T, D)
         rec("embed", x)
-        with prefill_threads(T):   # a long prompt: NumPy work split over the cores (threads.py)
+        # a long prompt: NumPy work split over the cores, freed memory reused (threads.py)
+        with prefill_heap(T), prefill_threads(T):
             for l in range(cfg.n_layers):
                 p = f"blk.{l}."
                 # ---- attention

@@ -145,6 +145,59 @@ def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch,
     assert not threads.active()                                 # the mode ends with the call
 
 
+class FakeLibc:
+    """Records mallopt / malloc_trim calls in place of glibc."""
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_prefill_heap_keeps_freed_memory_only_during_a_long_forward_then_trims(stories_path,
+                                                                               monkeypatch):
+    from minisparse import threads
+    libc = FakeLibc()
+    monkeypatch.setattr(threads, "_glibc", lambda: libc)
+    model = minisparse.load_model(stories_path)
+    model.forward(list(range(1, threads.KEEP_HEAP_MIN_T)))          # one token short: untouched
+    assert libc.calls == []
+    model.forward(list(range(1, threads.KEEP_HEAP_MIN_T + 1)))
+    assert libc.calls == [("mallopt", threads._M_MMAP_THRESHOLD, threads._GLIBC_MMAP_MAX),
+                          ("mallopt", threads._M_TRIM_THRESHOLD, 1 << 30),
+                          ("mallopt", threads._M_TRIM_THRESHOLD, threads._GLIBC_TRIM),
+                          ("malloc_trim", 0)]
+    libc.calls.clear()
+    with pytest.raises(RuntimeError):                   # an error inside still restores and trims
+        with threads.prefill_heap(threads.KEEP_HEAP_MIN_T):
+            with threads.prefill_heap(10**6):           # nested: the outer call owns the heap
+                raise RuntimeError
+    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "mallopt", "malloc_trim"]
+    assert libc.calls[2] == ("mallopt", threads._M_TRIM_THRESHOLD, threads._GLIBC_TRIM)
+    assert not threads._HEAP_KEPT[0]
+
+
+def test_prefill_heap_with_the_real_allocator_gives_the_same_logits(stories_path):
+    # where glibc is present this really changes its thresholds: the numbers must not move
+    import platform
+    from minisparse import threads
+    assert (threads._glibc() is not None) == (platform.libc_ver()[0] == "glibc")
+    model = minisparse.load_model(stories_path)
+    ids = [1] + list(np.random.default_rng(4).integers(3, 512, size=threads.KEEP_HEAP_MIN_T))
+    a = model.forward(ids)
+    threads.KEEP_HEAP_MIN_T, keep = 10**9, threads.KEEP_HEAP_MIN_T
+    try:
+        b = model.forward(ids)
+    finally:
+        threads.KEEP_HEAP_MIN_T = keep
+    np.testing.assert_array_equal(a, b)
+
+
 def test_row_wise_steps_split_over_threads_give_the_same_bits(monkeypatch):
     # RMSNorm, SwiGLU's gate and RoPE read one row (position) per output row, so running row
     # blocks side by side (threads.by_rows) must return exactly the one-thread result
