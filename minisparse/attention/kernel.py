@@ -310,7 +310,7 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     kernel does one (row, key) dot at a time; here the G query heads sharing a KV head stack
     their B-row tiles into one (G*B, d) matrix, so both products run as sgemm. Memory is
     O(G * B * Tk), never (Hq, Tq, Tk). Same math as the row kernel: only the float32 rounding
-    differs (scale folded into q, sgemm's summation order, NumPy's exp; bounded in
+    differs (scale folded into q, sgemm's summation order, a float32 exp, _expf; bounded in
     tests/test_attention_tiles.py). It leaves out everything but "every key, causal by
     position": ranges, explicit indices, log-weights and pseudo-keys stay with the row kernel,
     which remains the reference path for every selector. Keys in position order (every cache
