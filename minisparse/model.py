@@ -98,8 +98,8 @@ def silu(x):
 def glu(g, u, out=None):
     """silu(g) * u = g / (1 + exp(-g)) * u, element-wise; g, u (T, F) (into out, if given).
 
-    The same operations as silu(g) * u, in place in one output: five passes over (T, F) and no
-    temporaries (SmolLM2's gate at T = 2048 is 12.6 MB an array)."""
+    The same operations in the same order as silu(g) * u (the same bits), in one output: five
+    passes over (T, F) and no temporaries (SmolLM2's gate at T = 2048 is 12.6 MB an array)."""
     t = np.negative(g, out=out)                               # (T, F)  -g
     with np.errstate(over="ignore"):                          # as in silu
         np.exp(t, out=t)                                      # exp(-g)

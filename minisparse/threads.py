@@ -120,6 +120,7 @@ KEEP_HEAP_MIN_T = 64
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt parameters (malloc.h)
 _GLIBC_MMAP_MAX = 32 << 20                              # the dynamic threshold's own ceiling
 _GLIBC_TRIM = 2 * _GLIBC_MMAP_MAX                       # the trim threshold that goes with it
+_HEAP_KEPT = [False]                                    # inside prefill_heap
 
 
 @lru_cache(maxsize=None)
@@ -150,9 +151,6 @@ def prefill_heap(T: int):
         _HEAP_KEPT[0] = False
 
 
-_HEAP_KEPT = [False]
-
-
 # ---- element-wise steps by rows
 MIN_ROW_ELEMS = 1 << 18         # element-wise calls smaller than this stay on one thread
 
@@ -163,8 +161,7 @@ def by_rows(*axes):
     and dtype of its first argument. axes[i] is the row axis of positional argument i (None: not
     per row, passed whole). Inside prefill_threads a large call runs on one block of rows per
     worker, side by side, each writing its rows of one output: the same numbers, as no row reads
-    another, and no copy to join the blocks (np.concatenate of SwiGLU's (2048, 1536) gate cost
-    SmolLM2's prefill ~2.5 ms a layer)."""
+    another, and no pass to join the blocks (np.concatenate copied each output once more)."""
     def deco(fn):
         @functools.wraps(fn)
         def split(*args, out=None, **kw):

@@ -4,7 +4,7 @@ import pytest
 
 from minisparse.cli import main
 from minisparse.gguf_io import load_gguf
-from minisparse.model import Model, rms_norm
+from minisparse.model import Model, glu, rms_norm, silu
 
 from gguf_factory import tiny_weights, write_model
 
@@ -16,6 +16,20 @@ def test_rms_norm_is_finite_and_unit_rms_at_any_scale(scale):
     assert np.all(np.isfinite(y))
     if scale >= 1.0:   # eps is negligible against the mean square: rms(y) = 1 to float32 rounding
         assert np.allclose(np.sqrt(np.mean(y.astype(np.float64) ** 2, axis=-1)), 1.0, rtol=1e-5)
+
+
+def test_glu_in_place_gives_the_bits_of_silu_times_u_at_every_magnitude():
+    # glu runs silu's operations in place (negate, exp, + 1, divide, times u): the same float32
+    # operations in the same order, so the same bits, including the saturated ends: exp(-g)
+    # overflows to inf for g < -88.7 (silu -> -0) and underflows to 0 for g > 103 (silu -> g)
+    r = np.random.default_rng(0)
+    g = (r.standard_normal((7, 300)) * np.float32(30)).astype(np.float32)
+    g[0, :4] = [-1e30, 1e30, 0.0, -0.0]
+    u = r.standard_normal((7, 300)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(glu(g, u), silu(g) * u)
+    out = np.empty_like(g)
+    assert glu(g, u, out=out) is out
 
 
 def test_extreme_embeddings_do_not_produce_nan(tmp_path):
