@@ -135,7 +135,10 @@ def _glibc():
 @contextmanager
 def prefill_heap(T: int):
     """Keep freed memory in glibc's heap during a forward of T >= KEEP_HEAP_MIN_T tokens, and
-    return it to the kernel afterwards; else (or without glibc, or when nested) a no-op."""
+    return it to the kernel afterwards; else (or without glibc, or when nested) a no-op.
+    Process-wide and left behind: the mmap threshold stays at 32 MiB (glibc's own dynamic
+    threshold reaches that value once a 32 MiB block has been freed) and the trim threshold
+    at 64 MiB, its usual pair."""
     libc = _glibc() if T >= KEEP_HEAP_MIN_T and not _HEAP_KEPT[0] else None
     if libc is None:
         yield
