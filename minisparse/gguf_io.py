@@ -15,11 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from .errors import GGUFError
-from .gguf_check import GGUFFile, GGUFTensor, check_model_metadata
-
-SUPPORTED_ARCHS = ("llama", "qwen2")
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-                   QT.Q4_K, QT.Q5_K, QT.Q6_K)
+from .gguf_check import SUPPORTED_ARCHS, SUPPORTED_TYPES, GGUFFile, GGUFTensor, check_model_metadata
 
 
 @dataclass(frozen=True)
