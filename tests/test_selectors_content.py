@@ -13,6 +13,7 @@ from minisparse.attention import (IVF, LSH, Hybrid, IVFIndex, LSHIndex, Quest, S
                                   Window, attend, dense_reference, merge_lse,
                                   parse_attention_spec)
 from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
+from minisparse.attention.selection import append_along
 from minisparse.attention.quest import page_bound, page_minmax
 
 
@@ -335,6 +336,63 @@ def test_ivf_bound_index_decode_step_equals_prefill_row(seed, tk):
     for i in range(tk):
         dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i])
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
+
+
+@given(seeds, st.integers(0, 2), st.lists(st.integers(0, 9), max_size=6))
+def test_append_along_equals_concatenation_whatever_the_growth(seed, axis, sizes):
+    # a buffer of capacity 3 along `axis` takes appends of any size: what it holds in use must
+    # be exactly the concatenation of everything appended, however often it grew
+    r = np.random.default_rng(seed)
+    shape = [2, 3, 4]
+    buf, n, parts = np.zeros(shape, np.int64), 0, []
+    for T in sizes:
+        shape[axis] = T
+        new = r.integers(1, 100, shape)
+        buf = append_along(buf, n, new, axis)
+        n += T
+        parts.append(new)
+        shape[axis] = 3
+    held = buf[(slice(None),) * axis + (slice(0, n),)]
+    want = np.concatenate(parts, axis) if parts else held[(slice(None),) * axis + (slice(0, 0),)]
+    np.testing.assert_array_equal(held, want)
+    assert buf.shape[axis] >= n
+
+
+@given(seeds, st.integers(8, 20), st.lists(st.integers(1, 30), min_size=1, max_size=4))
+def test_extended_indexes_keep_every_earlier_key(seed, n0, steps):
+    # IVF's assignments and LSH's codes grow by doubling as keys arrive: the entries of the
+    # keys held before an extension must come through it unchanged
+    k = rand(seed, 2, n0 + sum(steps), 8)
+    ivf, lsh = IVFIndex(k[:, :n0], n_lists=3, seed=1), LSHIndex(k[:, :n0], bits=3, tables=4, seed=5)
+    n = n0
+    for t in steps:
+        a, c = ivf.assign.copy(), lsh.codes.copy()
+        ivf.extend(k[:, n:n + t])
+        lsh.extend(k[:, n:n + t])
+        np.testing.assert_array_equal(ivf.assign[:, :n], a)
+        np.testing.assert_array_equal(lsh.codes[:, :, :n], c)
+        n += t
+        assert ivf.n == lsh.n == n and ivf.assign.shape[1] == n and lsh.codes.shape[2] == n
+
+
+@pytest.mark.parametrize("sel", [IVF(4, nprobe=2), LSH(3, 4, seed=5, k=4)], ids=["ivf", "lsh"])
+def test_for_layer_extends_its_index_then_rebuilds_it_once_stale(sel):
+    # a layer's index is built at the first decode step, extended while the keys at most double
+    # (the centroids / the mean were fitted on the first n_fit keys), rebuilt after that; another
+    # layer, or a fresh cache holding fewer keys, gets its own
+    k = rand(0, 2, 40, 8)
+    state = {}
+    ix = sel.for_layer(0, state, k[:, :10], None).index
+    assert ix.n == 10 and ix.n_fit == 10
+    for S in range(11, 21):
+        assert sel.for_layer(0, state, k[:, :S], None).index is ix and ix.n == S   # extended
+    same = sel.for_layer(0, state, k[:, :21], None).index      # held 20 = 2 x 10: not stale yet
+    assert same is ix and ix.n == 21 and ix.stale               # 21 > 2 x 10: stale from now on
+    fresh = sel.for_layer(0, state, k[:, :22], None).index
+    assert fresh is not ix and fresh.n == fresh.n_fit == 22 and state[(sel.describe(), 0)] is fresh
+    assert sel.for_layer(1, state, k[:, :22], None).index is not fresh   # one index per layer
+    assert sel.for_layer(0, state, k[:, :5], None).index.n == 5          # fewer keys: a new cache
+    assert sel.for_layer(0, None, k[:, :5], None) is sel                 # no state: unbound
 
 
 def test_ivf_extend_assigns_nearest_centroid_and_touches_fewer_keys():

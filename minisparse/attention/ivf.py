@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import Q, Selection, Selector
+from .selection import Q, Selection, Selector, append_along
 from .topk import _dot, _take_top, budget_text, check_budget, parse_budget, row_budgets
 
 
@@ -112,13 +112,8 @@ class IVFIndex:
         re-sorted (O(n), no refit)."""
         a = np.stack([_nearest(np.asarray(k_new[g], np.float32), self.centroids[g])
                       for g in range(self.centroids.shape[0])])               # (Hkv, T)
-        T = a.shape[1]
-        if self.n + T > self._buf.shape[1]:             # grow by doubling: O(1) amortised per key
-            buf = np.zeros((a.shape[0], max(2 * self._buf.shape[1], self.n + T)), np.int64)
-            buf[:, :self.n] = self.assign
-            self._buf = buf
-        self._buf[:, self.n:self.n + T] = a
-        self.n += T
+        self._buf = append_along(self._buf, self.n, a, axis=1)                # (Hkv, cap)
+        self.n += a.shape[1]
         if self.n - self.n_csr > max(1024, self.n // 16):
             self._reindex()
 
@@ -213,15 +208,8 @@ class IVF(Selector):
     def for_layer(self, layer, state, k, v):
         """Bound to this layer's IVFIndex in the cache's state: built on the first call (after
         prefill), extended with the keys appended since, rebuilt when `stale`."""
-        if state is None:
-            return self
-        key = (self.describe(), layer)
-        ix = state.get(key)
-        if ix is None or ix.n > k.shape[1] or ix.stale:
-            ix = state[key] = IVFIndex(k, self.n_lists, seed=self.seed)
-        elif ix.n < k.shape[1]:
-            ix.extend(k[:, ix.n:])
-        return self.bind(ix)
+        return self._indexed_for_layer(layer, state, k,
+                                       lambda: IVFIndex(k, self.n_lists, seed=self.seed))
 
     def with_options(self, seed=None, mode=None):
         return IVF(self.k, self.fraction, self.nprobe, self.n_lists,

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .selection import Q, Selection
+from .selection import Q, Selection, append_along
 from .topk import Ranked, budget_text, check_budget, parse_budget
 
 
@@ -202,15 +202,9 @@ class LSHIndex:
             bits = x @ self.W.T > off.T[:, None, :]                            # (Hkv, T', KL)
             c = (bits.reshape(*bits.shape[:2], self.L, self.K) * w).sum(-1)    # (Hkv, T', L)
             parts.append(c.astype(self.dtype).transpose(0, 2, 1))             # (Hkv, L, T')
-        T = k_new.shape[1]
-        if self.n + T > self._buf.shape[2]:             # grow by doubling: O(1) amortised per key
-            buf = np.zeros(self._buf.shape[:2] + (max(2 * self._buf.shape[2], self.n + T),),
-                           self.dtype)
-            buf[:, :, :self.n] = self.codes
-            self._buf = buf
-        if T:
-            self._buf[:, :, self.n:self.n + T] = np.concatenate(parts, axis=2)
-        self.n += T
+        if parts:
+            self._buf = append_along(self._buf, self.n, np.concatenate(parts, axis=2), axis=2)
+        self.n += k_new.shape[1]
 
 
 class LSH(Ranked):
@@ -256,15 +250,8 @@ class LSH(Ranked):
     def for_layer(self, layer, state, k, v):
         """Bound to this layer's LSHIndex in the cache's state: codes computed once, extended
         with the keys appended since (the mean stays frozen; rebuilt once the keys doubled)."""
-        if state is None:
-            return self
-        key = (self.describe(), layer)
-        ix = state.get(key)
-        if ix is None or ix.n > k.shape[1] or ix.stale:
-            ix = state[key] = LSHIndex(k, self.K, self.L, self.seed)
-        elif ix.n < k.shape[1]:
-            ix.extend(k[:, ix.n:])
-        return self.bind(ix)
+        return self._indexed_for_layer(layer, state, k,
+                                       lambda: LSHIndex(k, self.K, self.L, self.seed))
 
     def with_options(self, seed=None, mode=None):
         return LSH(self.K, self.L, self.seed if seed is None else int(seed),

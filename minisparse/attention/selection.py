@@ -396,6 +396,23 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
 
 
 # ---- selectors ---------------------------------------------------------------------------
+def append_along(buf, n, new, axis):
+    """buf, whose first n entries along `axis` are in use, with `new` written after them: in
+    place when it fits, else into a zeroed buffer of twice the capacity (O(1) amortised per
+    entry appended). Returns the buffer to keep. The growing key indexes (IVF's assignments,
+    LSH's codes) append with it."""
+    T, cap = new.shape[axis], buf.shape[axis]
+    at = lambda a, b: (slice(None),) * axis + (slice(a, b),)     # noqa: E731
+    if n + T > cap:
+        shape = list(buf.shape)
+        shape[axis] = max(2 * cap, n + T)
+        grown = np.zeros(shape, buf.dtype)
+        grown[at(0, n)] = buf[at(0, n)]
+        buf = grown
+    buf[at(n, n + T)] = new
+    return buf
+
+
 class Selector:
     """Base class. Subclasses implement `_select(q, k, q_pos, k_pos) -> Selection` and `describe()`.
 
@@ -425,6 +442,21 @@ class Selector:
         to "decode step i equals prefill row i": its sets depend on when it was built; Landmarks'
         running means equal the static ones bit for bit. Default: no state, the selector itself."""
         return self
+
+    def _indexed_for_layer(self, layer, state, k, build) -> "Selector":
+        """for_layer of a selector with a growing key index (IVF, LSH): the index kept in `state`
+        under (describe(), layer) is made by build() at first use, when it holds more keys than k
+        (a new cache) or reports itself `stale`; otherwise the keys appended since are added to
+        it (`extend`). Returns this selector bound to it."""
+        if state is None:
+            return self
+        key = (self.describe(), layer)
+        ix = state.get(key)
+        if ix is None or ix.n > k.shape[1] or ix.stale:
+            ix = state[key] = build()
+        elif ix.n < k.shape[1]:
+            ix.extend(k[:, ix.n:])
+        return self.bind(ix)
 
     def describe(self) -> str:
         raise NotImplementedError
