@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-
 from .errors import MinisparseError
 from .progress import Progress
 from .persist import CacheError, cache_dir, cache_key, list_caches, load_cache, save_cache
@@ -59,12 +58,9 @@ def make_cache(model, spec):
     """A cache for the --cache spec: 'dense' or a bounded policy parsed by minisparse.cache."""
     if spec in (None, "", "dense"):
         return model.new_cache(), None
-    from .cache import parse_cache_spec
+    from .cache import max_keys, parse_cache_spec
     cache = parse_cache_spec(spec, model)
-    bound = getattr(cache, "budget", None)
-    if bound is None and hasattr(cache, "sinks") and hasattr(cache, "window"):
-        bound = cache.sinks + cache.window
-    return cache, bound
+    return cache, max_keys(cache)
 
 
 def fmt_bytes(n):

@@ -115,3 +115,16 @@ def test_ask_beyond_the_trained_context_needs_a_bounded_cache_and_says_so(storie
                              env=env, timeout=300)
     assert bounded.returncode == 0, bounded.stderr
     assert "beyond the trained context" in bounded.stderr
+
+
+def test_max_keys_is_the_bound_a_cache_keeps(model):
+    # what `ask` and the lab report as a bounded cache's size: the recursive budget, sinks +
+    # window for streaming, nothing for a ratio (press) or the dense cache
+    from minisparse.cache import max_keys, parse_cache_spec
+    assert max_keys(parse_cache_spec("recursive=B96", model)) == 96
+    assert max_keys(parse_cache_spec("press=0.5", model)) is None
+    assert max_keys(model.new_cache()) is None
+    streaming = parse_cache_spec("streaming=4+60", model)
+    assert max_keys(streaming) == 64
+    model.forward([1] + list(np.random.default_rng(1).integers(3, 512, size=149)), streaming)
+    assert len(streaming) == 64                                 # 150 tokens seen, 64 kept

@@ -6,4 +6,4 @@ from .scorers import (H2O, ExactAttention, Hybrid, LSHFrequency, QuestionAware, 
                       Scorer, ScoreContext, SnapKV, attention_mass, question_queries,
                       scorer_from_config)
 from .streaming import StreamingCache
-from .spec import CACHE_NAMES, parse_cache_spec
+from .spec import CACHE_NAMES, max_keys, parse_cache_spec

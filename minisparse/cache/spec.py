@@ -47,3 +47,12 @@ def parse_cache_spec(spec: str, model):
         return PressCache(float(parts[0]))
     except ValueError as e:
         raise ValueError(f"cache spec {spec!r}: {e}") from None
+
+
+def max_keys(cache):
+    """The most positions `cache` keeps: its budget (recursive), sinks + window (streaming), or
+    None when no fixed number bounds it (the dense KVCache; press, which keeps a ratio)."""
+    budget = getattr(cache, "budget", None)
+    if budget is None and hasattr(cache, "sinks") and hasattr(cache, "window"):
+        return cache.sinks + cache.window
+    return budget

@@ -95,7 +95,7 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
     """Split --variants on ';' and parse each; a variant that fails to parse becomes an error
     row (kind "error") instead of stopping the run."""
     from ..attention import parse_attention_spec
-    from ..cache import CACHE_NAMES, parse_cache_spec
+    from ..cache import CACHE_NAMES, max_keys, parse_cache_spec
     out = []
     for spec in (s.strip() for s in text.split(";")):
         if not spec:
@@ -106,9 +106,7 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
                 make = lambda spec=spec: parse_cache_spec(spec, model)  # noqa: E731
                 probe = make()                                 # fail now, not mid-run
                 out.append(Variant(spec, "cache", make_cache=make, nominal={
-                    "describe": spec, "keys": getattr(probe, "budget", None) or
-                    (getattr(probe, "sinks", 0) + getattr(probe, "window", 0)) or None,
-                    "fraction": None}))
+                    "describe": spec, "keys": max_keys(probe) or None, "fraction": None}))
             else:
                 body = spec[len("uncorrected:"):] if spec.startswith("uncorrected:") else spec
                 sel = parse_attention_spec(body)
