@@ -15,12 +15,16 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 from minisparse.attention import Dense, RuvLLM, attend
+from minisparse.fast.attention import kernel
+
+ROWS, TILES = partial(kernel, tiles=False), partial(kernel, tiles=True)   # the fast row kernel, the tiles
 
 
 def dense_numpy(q, k, v):
@@ -73,7 +77,7 @@ def main(argv=None):
     ruv = RuvLLM()
     # compile once outside the timings
     x = rng.standard_normal((a.heads, 256, a.d)).astype(np.float32)
-    attend(x, x, x, Dense(), tiles=False); attend(x, x, x, Dense(), tiles=True); attend(x, x, x, ruv)
+    attend(x, x, x, Dense(), kernel=ROWS); attend(x, x, x, Dense(), kernel=TILES); attend(x, x, x, ruv)
 
     rows = []
     for n in ns:
@@ -83,9 +87,9 @@ def main(argv=None):
             row["dense_numpy_s"], _ = timed(lambda: dense_numpy(q, k, v), repeats)
         few = max(1, repeats // 2) if n > 8192 else repeats
         if n <= a.numba_dense_max:                               # the row kernel, forced
-            row["numba_dense_s"], _ = timed(lambda: attend(q, k, v, Dense(), tiles=False), few)
+            row["numba_dense_s"], _ = timed(lambda: attend(q, k, v, Dense(), kernel=ROWS), few)
         if n <= a.tiles_max:                                     # attend's choice for Dense
-            row["dense_tiles_s"], _ = timed(lambda: attend(q, k, v, Dense(), tiles=True), few)
+            row["dense_tiles_s"], _ = timed(lambda: attend(q, k, v, Dense(), kernel=TILES), few)
         row["ruvllm_s"], _ = timed(lambda: attend(q, k, v, ruv), repeats)
         t0 = time.perf_counter()
         ruv.select(q, k)

@@ -92,9 +92,8 @@ def warm_minisparse_kernels():
     sys.path.insert(0, str(ROOT))
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import quantize
-    from minisparse import threads
     from minisparse.attention import attend, Dense, Window
-    from minisparse.model import apply_rope, glu, rms_norm
+    from minisparse.fast import FAST, quant as fast_quant, threads
     from minisparse.quant import QuantMatrix
     rng = np.random.default_rng(0)
     for shape in ((64, 256), (256, 256)):                  # below / above PARALLEL_MIN_WEIGHTS
@@ -103,7 +102,7 @@ def warm_minisparse_kernels():
             W = QuantMatrix(quantize(w, qt), w.shape, qt)
             with threads.prefill_threads(64):
                 for T in (1, 64):
-                    W.matmul(rng.standard_normal((T, 256)).astype(np.float32))
+                    fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
             W[np.arange(3)]
     for T in (1, 64):
         q = rng.standard_normal((2, T, 32)).astype(np.float32)
@@ -111,7 +110,7 @@ def warm_minisparse_kernels():
             attend(q, q[:1], q[:1], Dense(), return_stats=True)
             attend(q, q[:1], q[:1], Window(4), return_stats=True)
             x = rng.standard_normal((T, 32)).astype(np.float32)
-            rms_norm(x, x[0], 1e-5), glu(x, x)
+            FAST.rms_norm(x, x[0], 1e-5), FAST.glu(x, x)
 
 
 def thread_info():
@@ -320,19 +319,20 @@ def crossover(repeats=5):
     matvec passes vs dequantised tiles + sgemm; quant.FUSED_MAX_T should sit where they cross."""
     sys.path.insert(0, str(ROOT)), sys.path.insert(0, str(ROOT / "tests"))
     from gguf import GGMLQuantizationType as QT
-    from minisparse import quant
+    from minisparse.fast import quant
+    from minisparse.quant import QuantMatrix
     from test_quant_kernels import random_blocks
-    W = quant.QuantMatrix(random_blocks(QT.Q4_1, 1536, 576, np.random.default_rng(0)), (1536, 576), QT.Q4_1)
+    W = QuantMatrix(random_blocks(QT.Q4_1, 1536, 576, np.random.default_rng(0)), (1536, 576), QT.Q4_1)
     saved, rows = quant.FUSED_MAX_T, []
     for T in range(1, 13):
         x = np.ones((T, 576), np.float32)
         row = {"T": T}
         for name, limit in (("fused_ms", 10**9), ("tiled_ms", 0)):
             quant.FUSED_MAX_T = limit
-            W.matmul(x)
+            quant.matmul(x, W)
             ts = []
             for _ in range(repeats):
-                t = time.perf_counter(); W.matmul(x); ts.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter(); quant.matmul(x, W); ts.append((time.perf_counter() - t) * 1e3)
             row[name] = statistics.median(ts)
         rows.append(row)
     quant.FUSED_MAX_T = saved

@@ -5,7 +5,8 @@
     >>> print("".join(model.generate("def ", max_new_tokens=20, temperature=0)))  # doctest: +SKIP
 """
 from .errors import GGUFError, MinisparseError
-from .model import KVCache, Model, load_model
+from .loader import load_model
+from .model import KVCache, Model
 from .tokenizer import load_tokenizer
 
 __all__ = ["GGUFError", "MinisparseError", "KVCache", "Model", "load_model", "load_tokenizer"]

@@ -1,54 +1,63 @@
-"""The forward pass of a Llama-family model, top to bottom, in NumPy.
+"""The forward pass of a Llama-family model, top to bottom, in NumPy: the plain path.
 
 embedding -> L x [RMSNorm -> q,k,v (+ qwen2 biases) -> RoPE -> cache -> attention -> out proj
 -> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> output head. Follows llama.cpp's
 `llama` and `qwen2` graphs (and llama2.c's `forward`). Attention goes through
 `minisparse.attention.attend`, so every sparse selector runs inside the real model.
-Left out on purpose: batching, MoE, sliding-window layers. Weights are `QuantMatrix` (quant.py:
-Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks kept in place) or float32 arrays (other types, vectors, and every
-weight with load_model(dequant=True)): `linear` is the one place that dispatches to the kernels,
-and `w["token_embd"][tokens]` dequantises just the rows asked for.
+Left out on purpose: batching, MoE, sliding-window layers, and speed: the functions here are
+the textbook, and a forward calls them through `Ops`, the one seam where the fast path
+(minisparse/fast/) puts its own versions of the same functions. Weights are `QuantMatrix` (GGUF
+blocks kept in place, quant.py) or float32 arrays; `linear` dequantises a QuantMatrix and
+multiplies, and `w["token_embd"][tokens]` dequantises just the rows asked for.
 
 Shape legend: T tokens in this call, S positions held in the cache, D model width,
 Hq / Hkv query / KV heads, G = Hq // Hkv, d head width, F FFN width, V vocabulary, L layers.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
 import numpy as np
 
 from .attention import Dense, attend, parse_attention_spec
-from .gguf_io import Config, load_gguf
+from .attention.kernel import reference_kernel
+from .gguf_io import Config
 from .quant import QuantMatrix
-from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 
 # ----------------------------------------------------------------------------- math
 
 
-@by_rows(0, None, None)   # row t of the output reads row t of x only: split over cores in a prefill
 def rms_norm(x, w, eps, out=None):
     """x (T, D) * w (D,) / rms(x): llama's RMSNorm (into out, if given).
 
     The mean square is summed in float64 as ggml does (its sum is a ggml_float = double), which
     also keeps extreme activations finite: x*x overflows float32 above |x| ~ 1.8e19. einsum
-    squares and sums each row in one pass without a float64 copy of x (np.mean(np.square(x,
-    dtype=float64)) took 40% longer).
+    squares and sums each row in one pass, without a float64 copy of x.
+
+    >>> rms_norm(np.array([[3.0, 4.0]], np.float32), np.ones(2, np.float32), 0.0).round(4)
+    array([[0.8485, 1.1314]], dtype=float32)
     """
     ms = np.einsum("...d,...d->...", x, x, dtype=np.float64)[..., None] / x.shape[-1]  # (T, 1)
     out = np.multiply(x, (1.0 / np.sqrt(ms + eps)).astype(np.float32), out=out)       # (T, D)
-    out *= w
+    out *= w                                                                          # (T, D)
     return out
 
 
 def linear(x, w, b=None):
-    """x (T, in) @ w.T with w (out, in) in GGUF data order -> (T, out).
+    """x (T, in) @ w.T with w (out, in) in GGUF data order (+ b (out,)) -> (T, out).
 
-    w is a float32 array, or a `QuantMatrix` whose kernels read the GGUF blocks directly.
+    w is a float32 array, or a `QuantMatrix`, dequantised here to float32 first.
+
+    >>> linear(np.ones((1, 2), np.float32), np.eye(2, dtype=np.float32), np.ones(2, np.float32))
+    array([[2., 2.]], dtype=float32)
     """
     if isinstance(w, QuantMatrix):
-        y = w.matmul(x)                                       # same product, from quant blocks
-    else:
-        y = matmul_t(x, w)                                    # (T, in) @ (in, out) -> (T, out)
+        w = w.dequantize()                                    # (out, in) float32
+    y = x @ w.T                                               # (T, in) @ (in, out) -> (T, out)
     return y if b is None else y + b
 
 
@@ -66,7 +75,6 @@ def rope_tables(pos, cfg: Config, freq_factors=None):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-@by_rows(1, 0, 0)         # x (H, T, d) and the tables (T, r/2) per position
 def apply_rope(x, cos, sin, style: str, rope_dim: int, out=None):
     """Rotate x (H, T, d) into a new array (or out); only the first rope_dim dims of each head rotate.
 
@@ -79,13 +87,13 @@ def apply_rope(x, cos, sin, style: str, rope_dim: int, out=None):
     else:
         a, b = r[..., : rope_dim // 2], r[..., rope_dim // 2:]
     ra = a * cos - b * sin                                    # (H, T, r/2)
-    rb = a * sin + b * cos
-    out = np.empty_like(x) if out is None else out
+    rb = a * sin + b * cos                                    # (H, T, r/2)
+    out = np.empty_like(x) if out is None else out            # (H, T, d)
     if style == "interleaved":
         out[..., 0:rope_dim:2], out[..., 1:rope_dim:2] = ra, rb
     else:
         out[..., : rope_dim // 2], out[..., rope_dim // 2: rope_dim] = ra, rb
-    out[..., rope_dim:] = x[..., rope_dim:]
+    out[..., rope_dim:] = x[..., rope_dim:]                   # (H, T, d - r) pass through
     return out
 
 
@@ -94,24 +102,51 @@ def silu(x):
         return x / (1.0 + np.exp(-x))
 
 
-@by_rows(0, 0)
 def glu(g, u, out=None):
     """silu(g) * u = g / (1 + exp(-g)) * u, element-wise; g, u (T, F) (into out, if given).
 
-    The same operations in the same order as silu(g) * u (the same bits), in one output: five
-    passes over (T, F) and no temporaries (SmolLM2's gate at T = 2048 is 12.6 MB an array)."""
+    The same operations in the same order as silu(g) * u (the same bits), in one output array:
+    no temporaries the size of the FFN's activations."""
     t = np.negative(g, out=out)                               # (T, F)  -g
     with np.errstate(over="ignore"):                          # as in silu
-        np.exp(t, out=t)                                      # exp(-g)
-    t += 1.0
-    np.divide(g, t, out=t)                                    # silu(g)
-    t *= u
+        np.exp(t, out=t)                                      # (T, F)  exp(-g)
+    t += 1.0                                                  # (T, F)
+    np.divide(g, t, out=t)                                    # (T, F)  silu(g)
+    t *= u                                                    # (T, F)
     return t
 
 
 def swiglu(x, w_gate, w_up, w_down):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); x (T, D) -> (T, D)."""
     return linear(glu(linear(x, w_gate), linear(x, w_up)), w_down)     # (T, F) -> (T, D)
+
+
+# ----------------------------------------------------------------------------- the seam
+
+
+def _as_is(T):
+    """The plain path runs a forward of any length as it is."""
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The functions a forward calls, so that one model runs on the plain path or the fast one.
+
+    rms_norm, linear, rope (apply_rope's signature), glu and attend (minisparse.attention.attend's)
+    must give what the functions above give, to the bit or within a tested float32 bound;
+    forward_context(T) is a context manager a T-token forward runs inside. `PLAIN` holds this
+    module's functions and the reference attention kernel; minisparse/fast/ builds `FAST`."""
+    rms_norm: Callable
+    linear: Callable
+    rope: Callable
+    glu: Callable
+    attend: Callable
+    forward_context: Callable = _as_is
+
+
+PLAIN = Ops(rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=glu,
+            attend=partial(attend, kernel=reference_kernel))
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -198,28 +233,35 @@ class KVCache:
 
 
 class Model:
-    """A loaded model: config, float32 weights named after GGUF tensors, tokenizer."""
+    """A loaded model: config, weights named after GGUF tensors, tokenizer, and the `Ops` its
+    forward runs with (PLAIN here; minisparse.load_model picks the fast ones by default)."""
 
-    def __init__(self, cfg: Config, weights: dict, tokenizer=None, path=None):
+    def __init__(self, cfg: Config, weights: dict, tokenizer=None, path=None, ops: Ops = PLAIN):
         self.config, self.weights, self.tokenizer, self.path = cfg, weights, tokenizer, path
+        self.ops = ops
 
     def new_cache(self, dtype=np.float32) -> KVCache:
         return KVCache(self.config, dtype=dtype)
+
+    def rope(self, x, pos):
+        """This model's RoPE applied to x (H, T, d) at positions pos (T,) -> a new (H, T, d)."""
+        cfg = self.config
+        cos, sin = rope_tables(pos, cfg, self.weights.get("rope_freqs"))  # (T, r/2)
+        return self.ops.rope(x, cos, sin, cfg.rope_style, cfg.rope_dim)    # (H, T, d)
 
     def forward(self, tokens, cache=None, attention=None, dense_layers=(), stats=None, trace=None,
                 last_only=False):
         """Logits (T, V) for tokens (T,) appended at positions cache.next_pos ... .
 
         last_only: logits (1, V) of the last token only, as generation needs: the output head
-        (V x D, the largest matrix) then runs on one row, not T (SmolLM2 at T = 2048: 116 GFLOP
-        and a 400 MB array saved).
+        (V x D, the largest matrix) then runs on one row, not T.
 
         attention: a selector, a spec string ("sinks=4,window=128") or None for dense;
         dense_layers: layer indices that stay dense whatever the selector;
         stats: a list that receives per layer {layer, q_pos, n_attended, n_causal};
         trace: a dict that receives named intermediates ("embed", "blk.0.q", ...) for teaching.
         """
-        cfg, w = self.config, self.weights
+        cfg, w, ops = self.config, self.weights, self.ops
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.n_vocab):
             raise ValueError(f"token ids must be in [0, {cfg.n_vocab}); got {tokens.min()}..{tokens.max()}")
@@ -237,44 +279,45 @@ class Model:
 
         x = w["token_embd"][tokens]                           # (T, D)
         rec("embed", x)
-        # a long prompt: NumPy work split over the cores, freed memory reused (threads.py)
-        with prefill_heap(T), prefill_threads(T):
+        with ops.forward_context(T):
             for l in range(cfg.n_layers):
                 p = f"blk.{l}."
                 # ---- attention
-                h = rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                    # (T, D)
-                q = linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))             # (T, Hq*d)
-                k = linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))             # (T, Hkv*d)
-                v = linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))             # (T, Hkv*d)
+                h = ops.rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                # (T, D)
+                q = ops.linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))         # (T, Hq*d)
+                k = ops.linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))         # (T, Hkv*d)
+                v = ops.linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))         # (T, Hkv*d)
                 q = q.reshape(T, Hq, d).transpose(1, 0, 2)                           # (Hq, T, d)
                 k = k.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
                 v = v.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
-                q = apply_rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)            # (Hq, T, d)
-                k = apply_rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)            # (Hkv, T, d)
+                q = ops.rope(q, cos, sin, cfg.rope_style, cfg.rope_dim)              # (Hq, T, d)
+                k = ops.rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)              # (Hkv, T, d)
                 rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
                 K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                    # (Hkv, >=S, d), (S,)
                 sel = Dense() if (selector is None or l in dense_layers) else selector
                 if T == 1:   # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
                     S = len(k_pos)   # in the cache, built at the first step and extended at each one
                     sel = sel.for_layer(l, getattr(cache, "selector_state", None), K[:, :S], Vv[:, :S])
-                o, st = attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
-                               buffer=True)                                              # (Hq, T, d)
+                o, st = ops.attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
+                                   buffer=True)                                      # (Hq, T, d)
                 if stats is not None:
                     stats.append({"layer": l, "q_pos": pos, "n_attended": st.n_attended,
                                   "n_causal": st.n_causal})
                 o = o.transpose(1, 0, 2).reshape(T, Hq * d)                         # (T, Hq*d)
                 rec(p + "attn_out", o)
-                x = x + linear(o, w[p + "attn_output"])                              # (T, D)
-                # ---- feed-forward
-                h = rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                     # (T, D)
-                x = x + swiglu(h, w[p + "ffn_gate"], w[p + "ffn_up"], w[p + "ffn_down"])  # (T, D)
+                x = x + ops.linear(o, w[p + "attn_output"])                          # (T, D)
+                # ---- feed-forward: SwiGLU, down(silu(gate(h)) * up(h))
+                h = ops.rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                 # (T, D)
+                g = ops.linear(h, w[p + "ffn_gate"])                                 # (T, F)
+                u = ops.linear(h, w[p + "ffn_up"])                                   # (T, F)
+                x = x + ops.linear(ops.glu(g, u), w[p + "ffn_down"])                 # (T, D)
                 rec(p + "out", x)
         cache.advance(T)
         if last_only:
             x = x[-1:]                                                               # (1, D)
-        x = rms_norm(x, w["output_norm"], cfg.norm_eps)                             # (T, D)
+        x = ops.rms_norm(x, w["output_norm"], cfg.norm_eps)                         # (T, D)
         head = w["token_embd"] if cfg.tied_embeddings else w["output"]               # (V, D)
-        logits = linear(x, head)                                                     # (T, V)
+        logits = ops.linear(x, head)                                                 # (T, V)
         rec("logits", logits)
         return logits
 
@@ -301,10 +344,11 @@ class Model:
 
     def generate(self, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95,
                  min_p=0.05, repeat_penalty=1.0, seed=None, attention=None, dense_layers=(),
-                 cache=None, add_bos=None, stop_at_eos=True):
+                 cache=None, add_bos=None, stop_at_eos=True, stats=None):
         """Yield text pieces of a continuation of `prompt` (str, or a list of token ids).
 
-        Greedy when temperature <= 0. The seed is recorded in `self.last_seed`.
+        Greedy when temperature <= 0. The seed is recorded in `self.last_seed`. stats: a list
+        that receives every forward's per-layer attention counts (see forward).
         """
         from .sampling import Sampler   # local: sampling is optional for forward-only users
         tok = self.tokenizer
@@ -320,7 +364,7 @@ class Model:
                              f"({len(cache)} already used); shorten it or raise -c")
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         self.last_seed = sampler.seed
-        logits = self.forward(ids, cache, attention, dense_layers, last_only=True)[-1]
+        logits = self.forward(ids, cache, attention, dense_layers, stats, last_only=True)[-1]
         stream = tok.decode_stream() if tok is not None else None
         for i in ids if stream is not None else ():
             stream.push(i)        # the prompt was printed already; this sets SentencePiece's prefix-space state
@@ -335,19 +379,9 @@ class Model:
                 yield piece
             if len(cache) >= ctx:
                 break
-            logits = self.forward([nxt], cache, attention, dense_layers)[-1]
+            logits = self.forward([nxt], cache, attention, dense_layers, stats)[-1]
         if stream is not None:
             tail = stream.flush()
             if tail:
                 yield tail
 
-
-def load_model(path, dequant: bool = False) -> Model:
-    """Load a GGUF model file: config, weights and tokenizer. Raises GGUFError on a bad file.
-
-    Quantised matrices stay as their GGUF blocks (`QuantMatrix`: memory about the file size);
-    dequant=True turns every weight into float32 at load, the readable reference path."""
-    from .tokenizer import load_tokenizer
-    cfg, weights, f = load_gguf(path, dequant=dequant)
-    tok = load_tokenizer(f) if "tokenizer.ggml.tokens" in f.metadata else None
-    return Model(cfg, weights, tok, path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minisparse.attention.kernel import CHUNK
+from minisparse.fast.attention import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RuvLLM, Sinks, Strided, Window, attend, dense_reference)
 from minisparse.attention.gated import Gated

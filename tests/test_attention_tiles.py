@@ -1,19 +1,25 @@
 """attend_tiles (dense causal attention as BLAS matrix products, by query tiles) against the
-float64 reference and against the row kernel, and that `attend` really takes it for Dense.
+float64 reference and against the fast row kernel, and that the fast path's kernel really takes
+it for Dense.
 
-The row kernel stays the reference path for every selector; the tiles are the same math in a
+The row kernels stay the path for every other selection; the tiles are the same math in a
 different float32 order, so every comparison below carries a tolerance derived from that order.
 """
 import tracemalloc
+from functools import partial
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import minisparse.attention.kernel as kernel
+import minisparse.fast.attention as kernel
 from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense_reference,
-                                  store_kv)
-from minisparse.attention.kernel import TILE_MIN_PAIRS, _exp_rows, attend_tiles
+                                  parse_attention_spec, store_kv)
+from minisparse.fast import threads
+from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, attend_tiles
+
+TILES = partial(kernel.kernel, tiles=True)     # the fast path's kernels, each forced
+ROWS = partial(kernel.kernel, tiles=False)
 
 from test_attention_properties import kernel_tol
 
@@ -109,7 +115,6 @@ def test_tiles_side_by_side_equal_reference_within_the_same_bound(prob, block, w
 def test_tiles_run_side_by_side_only_inside_a_long_prefill(monkeypatch):
     # attend_tiles' default (workers=None) uses the pool inside threads.prefill_threads, where
     # BLAS is held to one thread; outside it, one tile at a time on BLAS's own threads
-    from minisparse import threads
     pools = []
     real = threads._pool
     monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
@@ -132,8 +137,8 @@ def test_tiles_run_side_by_side_only_inside_a_long_prefill(monkeypatch):
 def test_tiles_equal_row_kernel_out_lse_and_n_attended(prob):
     q, k, v, q_pos, k_pos = prob
     kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True)
-    a, la, sa = attend(q, k, v, Dense(), tiles=True, **kw)
-    b, lb, sb = attend(q, k, v, Dense(), tiles=False, **kw)
+    a, la, sa = attend(q, k, v, Dense(), kernel=TILES, **kw)
+    b, lb, sb = attend(q, k, v, Dense(), kernel=ROWS, **kw)
     # both within their bounds of the float64 reference, so within the sum of the two bounds
     n_keys = k.shape[1]
     np.testing.assert_allclose(a, b, rtol=0, atol=tiles_tol(q, k, v, n_keys) + kernel_tol(q, k, v))
@@ -149,7 +154,7 @@ def test_tiles_with_keys_out_of_position_order_equal_reference(prob, seed):
     q, k, v, q_pos, k_pos = prob
     perm = np.random.default_rng(seed).permutation(k.shape[1])
     k, v, k_pos = k[:, perm].copy(), v[:, perm].copy(), k_pos[perm].copy()
-    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, kernel=TILES)
     ref, ref_lse = dense_reference(q, k, v, q_pos, k_pos, return_lse=True)
     np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, k.shape[1]))
     np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tol(q, k, k.shape[1]))
@@ -163,8 +168,8 @@ def test_tiled_output_at_i_unchanged_when_later_keys_change(prob, data):
     k2, v2 = k.copy(), v.copy()
     k2[:, later] = 100.0 * np.random.default_rng(i).standard_normal(k2[:, later].shape)
     v2[:, later] = -7.0
-    a = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, tiles=True)
-    b = attend(q, k2, v2, Dense(), q_pos=q_pos, k_pos=k_pos, tiles=True)
+    a = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, kernel=TILES)
+    b = attend(q, k2, v2, Dense(), q_pos=q_pos, k_pos=k_pos, kernel=TILES)
     # exact: an invisible key is scored -inf whatever its value, so its weight is exactly 0 and
     # adds exactly 0 (0 * v_j) to the row's sums, which read the same columns in the same order
     np.testing.assert_array_equal(a[:, i], b[:, i])
@@ -181,8 +186,8 @@ def test_rows_without_visible_keys_give_zero_and_minus_inf_as_the_row_kernel(sor
         perm = r.permutation(40)
         k, v, k_pos = k[:, perm], v[:, perm], k_pos[perm]
     kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True)
-    a, la, sa = attend(q, k, v, Dense(), tiles=True, **kw)
-    b, lb, sb = attend(q, k, v, Dense(), tiles=False, **kw)
+    a, la, sa = attend(q, k, v, Dense(), kernel=TILES, **kw)
+    b, lb, sb = attend(q, k, v, Dense(), kernel=ROWS, **kw)
     assert (a[:, :10] == 0).all() and (la[:, :10] == -np.inf).all()   # exactly, as the rows
     assert (b[:, :10] == 0).all() and (lb[:, :10] == -np.inf).all()
     assert (sa.n_attended[:, :10] == 0).all() and (sa.n_attended == sb.n_attended).all()
@@ -195,7 +200,7 @@ def test_extreme_logits_give_no_nan_in_tiles(prob, big):
     q, k, v, q_pos, k_pos = prob
     q = q / np.maximum(np.abs(q).max(), 1e-6) * np.float32(np.sqrt(abs(big)))
     k = k / np.maximum(np.abs(k).max(), 1e-6) * np.float32(np.sqrt(abs(big)) * np.sign(big))
-    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    out, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, kernel=TILES)
     assert np.isfinite(out).all() and np.isfinite(lse).all()     # every query sees a key here
     # any weights give a convex combination of the values, up to the exp, sum and division
     # rounding of tiles_tol (relative (2 * Tk + 2 * C_EXP + 1) * u; the logit term does not apply)
@@ -208,7 +213,7 @@ def test_decode_step_equals_tiled_prefill_row_within_bound(prob):
     # a prefill of many queries runs the tiles, a decode step (Tq = 1) the row kernel:
     # the same keys, so the rows differ by at most the two paths' bounds added
     q, k, v, q_pos, k_pos = prob
-    pre, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, tiles=True)
+    pre, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, kernel=TILES)
     tq, tk = q.shape[1], k.shape[1]
     for i in sorted({0, tq // 2, tq - 1}):
         n = tk - tq + i + 1                                      # keys up to query i's position
@@ -228,8 +233,8 @@ def test_float16_cache_buffer_with_spare_rows_takes_tiles_and_matches_rows():
     vb = store_kv(r.standard_normal((2, 100, 64)))
     k_pos = np.arange(70)                                              # 70 keys held
     kw = dict(q_pos=k_pos[-48:], k_pos=k_pos, buffer=True, return_lse=True)
-    a, la = attend(q, kb, vb, Dense(), **kw)                           # Tq = 48: the tiles
-    b, lb = attend(q, kb, vb, Dense(), tiles=False, **kw)
+    a, la = attend(q, kb, vb, Dense(), kernel=kernel.kernel, **kw)     # Tq = 48: the tiles
+    b, lb = attend(q, kb, vb, Dense(), kernel=ROWS, **kw)
     k32, v32 = kb[:, :70].astype(np.float32), vb[:, :70].astype(np.float32)
     np.testing.assert_allclose(a, b, rtol=0,
                                atol=tiles_tol(q, k32, v32, 70) + kernel_tol(q, k32, v32))
@@ -250,9 +255,10 @@ def test_attend_takes_the_tile_path_exactly_when_it_applies(monkeypatch):
     q = r.standard_normal((4, tk, 32)).astype(np.float32)
     k, v = r.standard_normal((2, 2, tk, 32)).astype(np.float32)
 
-    def path(sel, tq, n_keys=tk, **kw):
+    def path(sel, tq, n_keys=tk, tiles=None):
         calls.clear()
-        out = attend(q[:, n_keys - tq:n_keys], k[:, :n_keys], v[:, :n_keys], sel, **kw)
+        out = attend(q[:, n_keys - tq:n_keys], k[:, :n_keys], v[:, :n_keys], sel,
+                     kernel=partial(kernel.kernel, tiles=tiles))
         return ("tiles" if calls else "rows"), out
 
     big = TILE_MIN_PAIRS // tk                                # Tq * Tk at the threshold
@@ -261,7 +267,7 @@ def test_attend_takes_the_tile_path_exactly_when_it_applies(monkeypatch):
     assert path(Dense(), 32, n_keys=32)[0] == "tiles"                   # 32 x 32 = 1024
     assert path(Dense(), 31, n_keys=31)[0] == "rows"
     assert path(None, tk)[0] == "tiles"                                 # None means Dense
-    assert path("dense", tk)[0] == "tiles"
+    assert path(parse_attention_spec("dense"), tk)[0] == "tiles"
     assert path(Sinks(10**6), tk)[0] == "tiles"       # its Selection is "every key": the same
     assert path(Dense(), 1)[0] == "rows"                                # decode
     assert path(Dense(), tk, tiles=False)[0] == "rows"                  # the switch

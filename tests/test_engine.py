@@ -128,7 +128,7 @@ def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch,
     # over a thread pool (minisparse.threads); lowered thresholds make a 64-token prompt take
     # that path here. Splitting only moves row blocks and tiles between threads, the same
     # float32 math per element, so the two agree within the float32 bound of the tests above.
-    from minisparse import threads
+    from minisparse.fast import threads
     model = minisparse.load_model(stories_path, dequant=dequant)
     ids = [1] + list(np.random.default_rng(2).integers(3, 512, size=63))
     one = model.forward(ids)
@@ -161,7 +161,7 @@ class FakeLibc:
 
 def test_prefill_heap_keeps_freed_memory_only_during_a_long_forward_then_trims(stories_path,
                                                                                monkeypatch):
-    from minisparse import threads
+    from minisparse.fast import threads
     libc = FakeLibc()
     monkeypatch.setattr(threads, "_glibc", lambda: libc)
     model = minisparse.load_model(stories_path)
@@ -185,7 +185,7 @@ def test_prefill_heap_keeps_freed_memory_only_during_a_long_forward_then_trims(s
 def test_prefill_heap_with_the_real_allocator_gives_the_same_logits(stories_path):
     # where glibc is present this really changes its thresholds: the numbers must not move
     import platform
-    from minisparse import threads
+    from minisparse.fast import threads
     assert (threads._glibc() is not None) == (platform.libc_ver()[0] == "glibc")
     model = minisparse.load_model(stories_path)
     ids = [1] + list(np.random.default_rng(4).integers(3, 512, size=threads.KEEP_HEAP_MIN_T))
@@ -196,28 +196,3 @@ def test_prefill_heap_with_the_real_allocator_gives_the_same_logits(stories_path
     finally:
         threads.KEEP_HEAP_MIN_T = keep
     np.testing.assert_array_equal(a, b)
-
-
-def test_row_wise_steps_split_over_threads_give_the_same_bits(monkeypatch):
-    # RMSNorm, SwiGLU's gate and RoPE read one row (position) per output row, so running row
-    # blocks side by side (threads.by_rows) must return exactly the one-thread result
-    from minisparse import threads
-    from minisparse.model import apply_rope, glu, rms_norm, rope_tables
-    monkeypatch.setattr(threads, "MIN_ROW_ELEMS", 1)
-    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 3)
-    r = np.random.default_rng(0)
-    x, u = r.standard_normal((2, 37, 24)).astype(np.float32)
-    w = r.standard_normal(24).astype(np.float32)
-    h = r.standard_normal((4, 37, 16)).astype(np.float32)
-    cfg = type("C", (), {"rope_dim": 16, "rope_base": 10000.0, "rope_scale": 1.0})
-    cos, sin = rope_tables(np.arange(5, 42), cfg)
-    one = rms_norm(x, w, 1e-5), glu(x, u), apply_rope(h, cos, sin, "neox", 16)
-    pools = []
-    real = threads._pool
-    with threads.prefill_threads(threads.PREFILL_MIN_T):
-        monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
-        split = rms_norm(x, w, 1e-5), glu(x, u), apply_rope(h, cos, sin, "neox", 16)
-    assert pools == [3, 3, 3]                                   # each call really split
-    for a, b in zip(one, split):
-        assert a.shape == b.shape
-        np.testing.assert_array_equal(a, b)

@@ -1,6 +1,8 @@
-"""Quantised-in-place weights (minisparse/quant.py) against the float32 reference path.
+"""Quantised-in-place weights (minisparse/quant.py) and the fast path's kernels on them
+(minisparse/fast/quant.py) against the float32 reference path.
 
-For every type with a kernel: rows dequantise bit for bit as `gguf.quants.dequantize`; the fused
+For every type with a kernel: the kernels' rows dequantise bit for bit as
+`gguf.quants.dequantize` (what the plain path's QuantMatrix calls); the fused
 decode product and the tiled prefill product equal dequantise-then-matmul within the float32
 summation bound; a whole model loaded with dequant=False gives the logits of dequant=True.
 Blocks are random bytes (every code of every field occurs) with their fp16 scales set to finite
@@ -16,7 +18,7 @@ from hypothesis import given, strategies as st
 import gguf_factory
 import minisparse
 from gguf_factory import tiny_weights, write_model
-from minisparse import quant
+from minisparse.fast import FAST, quant
 from minisparse.gguf_io import load_gguf
 from minisparse.model import Model
 from minisparse.quant import IN_PLACE_TYPES, KERNEL_TYPES, QuantMatrix
@@ -54,6 +56,7 @@ def test_dequantised_rows_equal_gguf_dequantize_bit_for_bit(qtype):
     raw = random_blocks(qtype, rows, cols, rng)
     ref = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
     W = QuantMatrix(raw, (rows, cols), qtype)
+    assert np.array_equal(quant.rows(W, np.arange(rows)).view(np.uint32), ref.view(np.uint32))
     assert np.array_equal(W.dequantize().view(np.uint32), ref.view(np.uint32))
     pick = rng.integers(0, rows, (2, 5))                  # an embedding lookup: (2, 5) ids
     assert np.array_equal(W[pick], ref[pick])
@@ -72,7 +75,7 @@ def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype,
     saved = quant.PARALLEL_MIN_WEIGHTS
     quant.PARALLEL_MIN_WEIGHTS = 0 if parallel else saved  # these small matrices: serial by default
     try:
-        y = W.matmul(x)                                    # fused (T <= FUSED_MAX_T) or tiled sgemm
+        y = quant.matmul(x, W)                             # fused (T <= FUSED_MAX_T) or tiled sgemm
     finally:
         quant.PARALLEL_MIN_WEIGHTS = saved
     exact = x.astype(np.float64) @ w.T
@@ -145,7 +148,7 @@ def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path,
     cfg, w_ref, _ = load_gguf(path, dequant=True)
     _, w_q, _ = load_gguf(path, dequant=False)
     assert isinstance(w_q["blk.0.ffn_down"], QuantMatrix) and isinstance(w_q["token_embd"], QuantMatrix)
-    ref, qm = Model(cfg, w_ref), Model(cfg, w_q)
+    ref, qm = Model(cfg, w_ref), Model(cfg, w_q, ops=FAST)   # plain float32, fast from blocks
     ids = rng.integers(0, 64, 12)
     # prefill (T=12 > FUSED_MAX_T: tiles + sgemm), then decode steps (T=1: the fused kernel)
     c_ref, c_q = ref.new_cache(), qm.new_cache()

@@ -1,6 +1,7 @@
 """minisparse.attention: one Numba kernel over index sets, selectors that choose the sets, and a
-float64 dense reference every selector is tested against. A dense prefill (every key, many
-queries) also runs as BLAS products by query tiles (attend_tiles), tested against both.
+float64 dense reference every selector is tested against. The kernel here is the readable
+reference; the fast path (minisparse/fast/attention.py: a chunked float32 row kernel, and BLAS
+products by query tiles for a dense prefill) plugs into `attend` and is tested against it.
 
 Leaves out caches (minisparse.cache) and the model. Layout follows FlexAttention without batch:
 q (Hq, Tq, d), k, v (Hkv, Tk, d); query head h reads KV head h // (Hq // Hkv); causal by
@@ -18,10 +19,10 @@ a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then
     each key read once, exact picks win (log-weight 0); a pseudo-key standing for the `span` keys
     of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
     log(span - c), dropped at c = span), so no key is ever counted twice.
-attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, attend_tiles, merge_lse)
-    one jitted kernel: ranges then explicit indices, causality by position, online softmax
-    (float32 SIMD within 32-key chunks, float64 across chunks), rows in parallel (prange) for
-    big calls, one thread for small ones (decode). k, v may be float16 (store_kv): attend casts.
+attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
+    one jitted kernel: ranges then explicit indices, causality by position, online softmax in
+    float64; `attend(..., kernel=)` or `use_kernel` runs another (the fast path's). Callers
+    parse spec strings. k, v may be float16 (store_kv): attend casts.
 dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
 Selectors here: Dense, Window, Sinks, Globals, BlockLocal, Strided, LogStride, Landmarks,
 RuvLLM (patterns.py), RandomMask (random_mask.py); spec strings: spec.py.
@@ -45,7 +46,8 @@ A selector needing per-layer state (a running landmark cache) exposes `bind(stat
 >>> stats.n_attended[0].tolist()
 [1, 2, 3, 4, 4]
 """
-from .kernel import AttentionStats, attend, attend_rows, merge_lse, store_kv
+from .kernel import (AttentionStats, Inputs, Rows, attend, attend_rows, merge_lse,
+                     reference_kernel, store_kv, use_kernel)
 from .patterns import (BlockLocal, Dense, Globals, Landmarks, LogStride, RunningLandmarks,
                        RuvLLM, Sinks, Strided, Window)
 from .random_mask import RandomMask
@@ -59,7 +61,7 @@ from .selection import KV, Q, SHARED, Selection, Selector, Union, union
 from .spec import known_names, parse_attention_spec
 
 __all__ = [
-    "attend", "attend_rows", "merge_lse", "AttentionStats", "dense_reference",
+    "attend", "attend_rows", "reference_kernel", "use_kernel", "Inputs", "Rows", "merge_lse", "AttentionStats", "dense_reference",
     "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
     "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "parse_attention_spec", "known_names",

@@ -1,369 +1,159 @@
-"""The one attention kernel: every query row reads its key ranges then its explicit indices,
-causal by position, with an online (running-max) softmax; plus `attend` and `merge_lse`, and
-`attend_tiles`, the same dense causal math as BLAS matrix products for long prefills.
+"""The reference attention kernel: every query row reads its key ranges then its explicit
+indices, causal by position, with a plain online (running-max) softmax; plus `attend`, which
+turns a Selection into the kernel's arguments, `merge_lse` and `store_kv`.
 
-Leaves out choosing keys (selectors) and any batching. Online softmax as in Milakov & Gimelshein
-(2018) / FlashAttention; log-sum-exp merging of partial results as in FlashDecoding; query tiles
-against every visible key as in FlashAttention-2's outer loop.
+Written to be read and to be the floor every faster kernel is tested against: one key at a time,
+scores and accumulators in float64, no chunking and no compiler licence to reorder sums. The fast
+path (minisparse/fast/attention.py) plugs its own kernel into `attend` through `kernel=` or
+`use_kernel`. Leaves out choosing keys (selectors), spec strings (callers parse them) and any
+batching. Online softmax as in Milakov & Gimelshein (2018) / FlashAttention; log-sum-exp merging
+of partial results as in FlashDecoding.
 
 Shape legend: Hq / Hkv query / KV heads, G = Hq // Hkv, Tq queries, Tk keys, d head width,
-B query rows per tile (b <= B in the last one), S keys a tile reads, E pseudo-keys.
+E pseudo-keys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import numba
 import numpy as np
-from llvmlite import ir as llvm_ir
-from numba import njit, prange, types
-from numba.core.extending import intrinsic
-
-from ..threads import side_by_side
+from numba import njit
 
 from .selection import KV, Q, SHARED, Selection, default_positions, span_means
 
 
-# Reassociation and FMA contraction let LLVM vectorise the d-loops and the chunk sums. Every
-# error bound used here (|fl(sum x_i) - sum x_i| <= n * 2^-24 * sum |x_i|) holds for any summation
-# order, and one compiled order is deterministic run to run. No finite-math or approximate-exp
-# flags: infinities (-inf running max, empty rows) must keep their meaning.
-_FM = {"reassoc", "contract", "nsz"}
+class Inputs(NamedTuple):
+    """What attention reads, as one argument of the kernels.
+
+    q (Hq, Tq, d) float32; k, v (Hkv, >= Tk, d) float32 (a cache's buffers may hold spare rows
+    after the Tk keys); extra_k, extra_v (Hkv, E, d) float32 pseudo-keys; q_pos (Tq,),
+    k_pos (Tk,), extra_pos (E,) int64 positions."""
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    extra_k: np.ndarray
+    extra_v: np.ndarray
+    q_pos: np.ndarray
+    k_pos: np.ndarray
+    extra_pos: np.ndarray
 
 
-@njit(cache=True, fastmath=_FM)
-def _dot(q, h, t, k, g, j):
-    """q[h, t] . k[g, j] in float32."""
-    s = np.float32(0.0)
-    for i in range(q.shape[2]):
-        s += q[h, t, i] * k[g, j, i]
-    return s
+class Rows(NamedTuple):
+    """A normalised Selection's CSR arrays, as one argument of the kernels (see Selection):
+    row r = s * Tq + t of row head s reads keys [range_lo[a], range_hi[a]) for a in
+    range_ptr[r] .. range_ptr[r+1], then idx[a] (>= Tk: pseudo-key idx - Tk) with log-weight
+    logw[a] for a in idx_ptr[r] .. idx_ptr[r+1]. head_kind: SHARED, KV or Q."""
+    head_kind: int
+    range_ptr: np.ndarray
+    range_lo: np.ndarray
+    range_hi: np.ndarray
+    idx_ptr: np.ndarray
+    idx: np.ndarray
+    logw: np.ndarray
 
 
-CHUNK = 32      # keys scored together: one running-max update and one float64 fold per chunk
-
-
-@njit(cache=True, fastmath=_FM)
-def _flush(q, h, t, k, v, ek, ev, Tk, g, j0, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml):
-    """Fold n keys (j0 >= 0: the contiguous real keys j0 .. j0+n-1 with log-weight 0; else the
-    buffered js[:n], lws[:n], where js >= Tk are pseudo-keys) into the running softmax state
-    ml = [max, normaliser] (float64) and acc (d,) float64.
-
-    Inside a chunk everything is float32 (8-wide SIMD, expf): scores, exp(s - max) and the
-    chunk's weighted value sum; the chunk result is folded into the float64 row state, so float32
-    rounding never accumulates over more than CHUNK terms (error <= CHUNK * 2^-24 relative)."""
-    d = q.shape[2]
-    cm = np.float32(-np.inf)
-    if j0 >= 0:
-        for c in range(n):
-            sc = np.float32(0.0)
-            for i in range(d):                                   # q[h, t] . k[g, j0 + c]
-                sc += q[h, t, i] * k[g, j0 + c, i]
-            sc *= scale
-            sbuf[c] = sc
-            cm = max(cm, sc)
-    else:
-        for c in range(n):
-            j = js[c]
-            if j < Tk:
-                sc = _dot(q, h, t, k, g, j) * scale + lws[c]
-            else:
-                sc = _dot(q, h, t, ek, g, j - Tk) * scale + lws[c]
-            sbuf[c] = sc
-            cm = max(cm, sc)
-    m = ml[0]
-    if cm > m:                                                   # rescale old terms to new max
-        alpha = np.exp(m - cm)
-        ml[1] *= alpha
-        for i in range(d):
-            acc[i] *= alpha
-        m = np.float64(cm)
-        ml[0] = m
-    mf = np.float32(m)
-    for c in range(n):
-        pbuf[c] = np.exp(sbuf[c] - mf)                           # in (0, 1]
-    for i in range(d):
-        cacc[i] = 0.0
-    lsum = np.float32(0.0)
-    for c in range(n):
-        p = pbuf[c]
-        lsum += p
-        j = j0 + c if j0 >= 0 else js[c]
-        if j < Tk:
-            for i in range(d):
-                cacc[i] += p * v[g, j, i]
-        else:
-            for i in range(d):
-                cacc[i] += p * ev[g, j - Tk, i]
-    ml[1] += lsum
-    for i in range(d):
-        acc[i] += cacc[i]
+# ---- the reference kernel -----------------------------------------------------------------
 
 
 @njit(cache=True)
-def _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
-                scale, k_sorted, out, lse, natt, js, lws, sbuf, pbuf, cacc, acc, ml):
-    """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax
-    (Milakov & Gimelshein 2018) in chunks of CHUNK keys: float32 within a chunk, float64 across
-    chunks (see _flush)."""
-    Hq, Tq, d = q.shape
-    Hkv = k.shape[0]
-    Tk = k_pos.shape[0]             # k may hold spare rows beyond Tk (a cache's capacity)
-    h = r // Tq
-    u = r % Tq
-    # interleave short and long causal rows so the static prange chunks balance
-    t = u // 2 if u % 2 == 0 else Tq - 1 - u // 2
-    g = h // (Hq // Hkv)
-    s = 0 if kind == 0 else (g if kind == 1 else h)
-    row = s * Tq + t
-    qp = q_pos[t]
-    kend = Tk
-    if k_sorted:
-        kend = np.searchsorted(k_pos, qp, side="right")          # keys [0, kend) are causal
-    acc[:] = 0.0
-    ml[0] = -np.inf
-    ml[1] = 0.0
+def _fold(score, vrow, state, acc):
+    """Fold one key of score `score` (float64) and value vrow (d,) into the running softmax:
+    state = [max m, normaliser l], acc (d,) = sum of exp(score - m) * value, all float64."""
+    if score == -np.inf:                   # weight 0 (a -inf log-weight): nothing to add
+        return
+    if score > state[0]:                   # a new max: rescale what is summed so far
+        alpha = np.exp(state[0] - score)   # exp(-inf) = 0 for the first key
+        state[1] *= alpha
+        acc *= alpha
+        state[0] = score
+    p = np.exp(score - state[0])           # in (0, 1]
+    state[1] += p
+    for i in range(acc.size):
+        acc[i] += p * vrow[i]
+
+
+@njit(cache=True)
+def _score(q, k, scale):
+    """scale * q . k in float64; q, k (d,)."""
+    s = 0.0
+    for i in range(q.size):
+        s += np.float64(q[i]) * np.float64(k[i])
+    return s * scale
+
+
+@njit(cache=True)
+def attend_row(x, rows, h, t, scale, out, lse, natt):
+    """Query (h, t): read its row's ranges then its explicit indices, skip keys after q_pos[t],
+    and write out[h, t] (d,), lse[h, t] (-inf and a zero row when it reads nothing) and
+    natt[h, t], the keys and pseudo-keys it read."""
+    Hq, Tq, d = x.q.shape
+    Tk = x.k_pos.shape[0]
+    g = h // (Hq // x.k.shape[0])                                 # the KV head query head h reads
+    s = 0 if rows.head_kind == SHARED else (g if rows.head_kind == KV else h)
+    r = s * Tq + t                                                # its Selection row
+    qp = x.q_pos[t]
+    state = np.array([-np.inf, 0.0])                              # running max, normaliser
+    acc = np.zeros(d)                                             # (d,) float64
     n = 0
-    cnt = 0
-    for a in range(rptr[row], rptr[row + 1]):
-        if k_sorted:                                             # causal part is a prefix
-            j = rlo[a]
-            hi = min(rhi[a], kend)
-            while j < hi:
-                nc = min(CHUNK, hi - j)
-                _flush(q, h, t, k, v, ek, ev, Tk, g, j, js, lws, nc, scale, sbuf, pbuf, cacc, acc, ml)
-                cnt += nc
-                j += nc
-            continue
-        for j in range(rlo[a], rhi[a]):
-            if k_pos[j] > qp:
-                continue
-            js[n] = j
-            lws[n] = 0.0
+    for a in range(rows.range_ptr[r], rows.range_ptr[r + 1]):
+        for j in range(rows.range_lo[a], rows.range_hi[a]):
+            if x.k_pos[j] <= qp:                                  # causal by position
+                _fold(_score(x.q[h, t], x.k[g, j], scale), x.v[g, j], state, acc)
+                n += 1
+    for a in range(rows.idx_ptr[r], rows.idx_ptr[r + 1]):
+        j = rows.idx[a]
+        if j < Tk:                                                # a real key
+            if x.k_pos[j] <= qp:
+                _fold(_score(x.q[h, t], x.k[g, j], scale) + rows.logw[a], x.v[g, j], state, acc)
+                n += 1
+        elif x.extra_pos[j - Tk] <= qp:                           # a pseudo-key
+            e = j - Tk
+            _fold(_score(x.q[h, t], x.extra_k[g, e], scale) + rows.logw[a], x.extra_v[g, e],
+                  state, acc)
             n += 1
-            if n == CHUNK:
-                _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
-                cnt += n
-                n = 0
-    for a in range(iptr[row], iptr[row + 1]):
-        j = idx[a]
-        if (k_pos[j] if j < Tk else e_pos[j - Tk]) > qp:
-            continue
-        js[n] = j
-        lws[n] = logw[a]
-        n += 1
-        if n == CHUNK:
-            _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
-            cnt += n
-            n = 0
-    if n > 0:
-        _flush(q, h, t, k, v, ek, ev, Tk, g, -1, js, lws, n, scale, sbuf, pbuf, cacc, acc, ml)
-        cnt += n
-    natt[h, t] = cnt
-    if cnt > 0 and ml[1] > 0.0:
+    natt[h, t] = n
+    if state[1] > 0.0:
         for i in range(d):
-            out[h, t, i] = acc[i] / ml[1]
-        lse[h, t] = ml[0] + np.log(ml[1])
-
-
-ROWS_PER_TASK = 16
+            out[h, t, i] = acc[i] / state[1]
+        lse[h, t] = state[0] + np.log(state[1])
 
 
 @njit(cache=True)
-def _buffers(d):
-    return (np.empty(CHUNK, np.int64), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32),
-            np.empty(CHUNK, np.float32), np.empty(d, np.float32), np.zeros(d, np.float64),
-            np.array([-np.inf, 0.0]))
+def attend_rows(x, rows, scale):
+    """Every (query head, query) row of x (Inputs) over its Selection row (Rows).
 
-
-@njit(cache=True, parallel=True)
-def attend_rows(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx, logw,
-                scale, k_sorted):
-    """Attend every (query head, query) row over its Selection row, rows in parallel.
-
-    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32; ek, ev (Hkv, E, d) f32 pseudo-keys; positions int64.
-    Returns out (Hq, Tq, d) f32, lse (Hq, Tq) f64 (-inf for an empty row), n_attended (Hq, Tq).
-    Rows are independent, so the result does not depend on the thread count.
-    """
-    Hq, Tq, d = q.shape
+    Returns out (Hq, Tq, d) float32, lse (Hq, Tq) float64 (-inf for a row that reads nothing,
+    whose out is 0) and n_attended (Hq, Tq) int64."""
+    Hq, Tq, d = x.q.shape
     out = np.zeros((Hq, Tq, d), np.float32)
     lse = np.full((Hq, Tq), -np.inf)
     natt = np.zeros((Hq, Tq), np.int64)
-    R = Hq * Tq
-    nb = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for b in prange(nb):
-        js, lws, sbuf, pbuf, cacc, acc, ml = _buffers(d)         # one set per task, not per row
-        for r in range(b * ROWS_PER_TASK, min(R, (b + 1) * ROWS_PER_TASK)):
-            _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
-                        logw, np.float32(scale), k_sorted, out, lse, natt, js, lws, sbuf, pbuf,
-                        cacc, acc, ml)
+    for h in range(Hq):
+        for t in range(Tq):
+            attend_row(x, rows, h, t, scale, out, lse, natt)
     return out, lse, natt
 
 
-@njit(cache=True)
-def attend_rows_serial(q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
-                       logw, scale, k_sorted):
-    """attend_rows on one thread: for small calls (decode) where waking threads costs more."""
-    Hq, Tq, d = q.shape
-    out = np.zeros((Hq, Tq, d), np.float32)
-    lse = np.full((Hq, Tq), -np.inf)
-    natt = np.zeros((Hq, Tq), np.int64)
-    js, lws, sbuf, pbuf, cacc, acc, ml = _buffers(d)
-    for r in range(Hq * Tq):
-        _attend_row(r, q, k, v, ek, ev, q_pos, k_pos, e_pos, kind, rptr, rlo, rhi, iptr, idx,
-                    logw, np.float32(scale), k_sorted, out, lse, natt, js, lws, sbuf, pbuf, cacc,
-                    acc, ml)
-    return out, lse, natt
+def reference_kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool):
+    """The kernel `attend` runs unless told otherwise: attend_rows. k_sorted (keys in position
+    order) is for kernels that stop at the last causal key; this one checks every key."""
+    return attend_rows(x, rows, float(scale))
 
 
-# Below this many (row, key) reads a call runs on one thread (waking the pool costs ~0.1-2 ms).
-PARALLEL_MIN_WORK = 1 << 16
+# The kernel attend uses when none is passed: the reference, until a faster one is installed
+# (minisparse.fast does, unless MINISPARSE_FAST=0).
+_DEFAULT = [reference_kernel]
 
 
-# ---- dense causal prefill as matrix products ---------------------------------------------
-# The softmax of a tile is the memory-bound part: NumPy takes four passes over the (G*B, S)
-# scores (max, subtract, exp, sum). `_exp_rows` does subtract, exp and sum in one pass. Its exp
-# must vectorise, and Numba's np.exp/math.exp call libm's scalar expf here (no SVML: 2.3 ns per
-# element against NumPy's SIMD exp at 0.44), so `_expf` writes out the classic float32 recipe:
-# x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split in two, the high part exact in 9 bits),
-# exp(r) by the Cephes expf polynomial, and 2^n built from its exponent bits. Measured over
-# 2^24 points of [-87, 0]: <= 1.02 ulp from exp in float64 (NumPy's SIMD exp: <= 2.52 ulp).
-# Subtract + exp + sum on (255, 2048) scores: 487 us in NumPy's passes (max included), 64 +
-# 209 us as NumPy max + _exp_rows.
+def use_kernel(kernel) -> None:
+    """Make kernel(x: Inputs, rows: Rows, scale, k_sorted) -> (out, lse, n_attended) the one
+    `attend` runs when called without kernel=; reference_kernel restores the reference."""
+    _DEFAULT[0] = kernel
 
 
-@intrinsic
-def _as_f32(typingctx, i):
-    """The float32 whose bits are the int32 i (a register bitcast, which LLVM vectorises)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvm_ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@njit(cache=True, fastmath={"contract"}, inline="always")   # no reassociation: it would undo
-def _expf(x):                                                # the two-part ln2 reduction
-    """exp(x) in float32 for x <= 0 (what a max-subtracted score is): 0 for x < -87 and -inf
-    (the true value is below 1.7e-38 there), NaN for NaN."""
-    xc = max(x, np.float32(-87.0))                       # keeps 2^n normal: n >= -126
-    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))   # round(x / ln2)
-    r = (xc - n * np.float32(0.693359375)) + n * np.float32(2.12194440e-4)  # x - n ln2
-    p = np.float32(1.9875691500e-4)                      # exp(r) - 1 - r = r^2 P(r)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)                  # exp(r), in [0.7, 1.42]
-    e = p * _as_f32((np.int32(n) + np.int32(127)) << np.int32(23))   # * 2^n
-    return e if x >= np.float32(-87.0) else (np.float32(0.0) if x < np.float32(-87.0) else x)
-
-
-@njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
-def _exp_rows(s, m, l):
-    """In place s[r] = exp(s[r] - m[r]) and l[r] = its sum; s (R, S) f32 scores (-inf where
-    hidden), m (R,) f32 row max (0 for a row seeing nothing), l (R,) f32. The sum runs in 16
-    float32 lanes (the loop vectorises without reassociation flags): a float32 sum of S terms in
-    another order than NumPy's, so its error is within the same gamma_S bound."""
-    R, S = s.shape
-    lanes = np.empty(16, np.float32)
-    for r in range(R):
-        row, mr = s[r], m[r]
-        lanes[:] = 0.0
-        for b in range(S // 16):
-            for u in range(16):
-                e = _expf(row[16 * b + u] - mr)
-                row[16 * b + u] = e
-                lanes[u] += e
-        tail = np.float32(0.0)
-        for j in range(S // 16 * 16, S):
-            e = _expf(row[j] - mr)
-            row[j] = e
-            tail += e
-        l[r] = lanes.sum() + tail
-
-
-# Rows of one product (G * B): measured on 2 cores at T = 2048-8192, G * B = 192-256 is the
-# best (within 5%) for G = 3 and for G = 1, where B = 32 is 15-30% slower.
-TILE_ROWS = 256
-# attend takes the tiles for an every-key selection when Tq >= TILE_MIN_TQ and Tq * Tk >=
-# TILE_MIN_PAIRS. The tiles cost ~0.1 ms more to set up (Python, one product per KV head and
-# tile) but then run 2-3x faster; measured break-even (2 cores, OpenBLAS, min of 120 runs):
-# SmolLM2 heads (9/3, d 64) Tq = Tk = 20-24, Tq x Tk = 3 x 256, 8 x 64-128; stories260K heads
-# (8/4, d 8) Tq = Tk = 32, 4 x 256, 8 x 128. Decode (Tq = 1) stays with the row kernel.
-TILE_MIN_TQ = 2
-TILE_MIN_PAIRS = 1024
-
-
-def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, workers=None):
-    """Dense causal attention (key j visible to query t iff k_pos[j] <= q_pos[t]) as BLAS
-    matrix products, one tile of B queries at a time: what attend_rows gives for Dense.
-
-    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32 (each head's rows contiguous: a cache buffer's
-    first Tk rows are); q_pos (Tq,), k_pos (Tk,) int64; scale float. Returns out (Hq, Tq, d)
-    f32, lse (Hq, Tq) f64 (log-sum-exp of the scaled scores, -inf for a query that sees no key,
-    whose out row is 0, as in the row kernel) and n_attended (Hq, Tq) int64 (its visible keys).
-    block: B, query rows per tile (default TILE_ROWS // G, so G * B ~ TILE_ROWS rows a product).
-    workers: tiles computed side by side (default: all threads inside minisparse.threads'
-    prefill_threads, else one).
-
-    Why it exists: the dense T^2 part of a long prefill is matrix-product work, which the row
-    kernel does one (row, key) dot at a time; here the G query heads sharing a KV head stack
-    their B-row tiles into one (G*B, d) matrix, so both products run as sgemm. Memory is
-    O(G * B * Tk), never (Hq, Tq, Tk). Same math as the row kernel: only the float32 rounding
-    differs (scale folded into q, sgemm's summation order, a float32 exp, _expf; bounded in
-    tests/test_attention_tiles.py). It leaves out everything but "every key, causal by
-    position": ranges, explicit indices, log-weights and pseudo-keys stay with the row kernel,
-    which remains the reference path for every selector. Keys in position order (every cache
-    holds them so) let a tile stop at its last visible key; otherwise it scores all Tk and masks.
-
-    >>> x = np.ones((2, 3, 4), np.float32); kv = np.ones((1, 3, 4), np.float32)
-    >>> out, lse, n = attend_tiles(x, kv, kv, np.arange(3), np.arange(3), 0.5)
-    >>> out.shape, n[0].tolist(), np.round(lse[0], 4).tolist()
-    ((2, 3, 4), [1, 2, 3], [2.0, 2.6931, 3.0986])
-    """
-    Hq, Tq, d = q.shape
-    Hkv, Tk = k.shape[0], k_pos.shape[0]
-    G = Hq // Hkv
-    block = max(1, TILE_ROWS // G) if block is None else int(block)
-    if k_sorted is None:
-        k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
-    n_vis = np.searchsorted(k_pos if k_sorted else np.sort(k_pos), q_pos, side="right")  # (Tq,)
-    out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
-    lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
-    sc = np.float32(scale)
-
-    def tile(t0, g):
-        """Query rows [t0, t0 + B) of the G heads sharing KV head g: writes out, lse there."""
-        t1 = min(t0 + block, Tq)
-        b = t1 - t0
-        qp = q_pos[t0:t1]                                        # (b,)
-        # keys [0, S) hold every key the tile sees; keys [0, S0) are seen by all its rows
-        S, S0 = (int(n_vis[t0:t1].max()), int(n_vis[t0:t1].min())) if k_sorted else (Tk, 0)
-        if S == 0:
-            return                                               # no key visible: 0, -inf
-        h0, h1 = g * G, (g + 1) * G
-        qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
-        s = qt @ k[g, :S].T                                             # (G*b, d) @ (d, S)
-        if S0 < S:
-            hidden = k_pos[S0:S] > qp[:, None]                          # (b, S - S0) not yet causal
-            np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
-        m = s.max(axis=1)                                               # (G*b,) row max
-        m[m == -np.inf] = 0.0                                           # rows seeing no key
-        l = np.empty(G * b, np.float32)                                 # (G*b,)
-        _exp_rows(s, m, l)               # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
-        m, l = m[:, None], l[:, None]                                   # (G*b, 1)
-        o = s @ v[g, :S]                                                # (G*b, S) @ (S, d)
-        o /= np.where(l > 0, l, 1)                                      # (G*b, d)
-        out[h0:h1, t0:t1] = o.reshape(G, b, d)                          # (G, b, d)
-        with np.errstate(divide="ignore"):                              # log 0 = -inf: no key
-            lse[h0:h1, t0:t1] = (m + np.log(l.astype(np.float64))).reshape(G, b)  # (G, b)
-
-    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
-    # Tiles write disjoint rows of out and lse, so inside a long prefill they run side by side
-    # (minisparse.threads), softmax pass included (_exp_rows releases the GIL). SmolLM2 layer
-    # at T = 2048 on 2 cores: 47 ms one tile at a time, 37.6 ms side by side.
-    side_by_side(lambda item: tile(*item), items, workers)
-    return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
+def default_kernel():
+    return _DEFAULT[0]
 
 
 @dataclass
@@ -397,18 +187,24 @@ def _every_key(sel):
             and not sel.range_lo.any() and bool(np.all(sel.range_hi == sel.tk)))
 
 
+def _f32(name, x):
+    # Conversion point for FP16 KV storage: the cache may hold float16, the kernel computes
+    # in float32 (one cast here keeps a single jitted signature).
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float16, np.float64):
+        raise ValueError(f"{name}: expected a float32 or float16 array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
-           return_stats=False, scale=None, buffer=False, tiles=None):
+           return_stats=False, scale=None, buffer=False, kernel=None):
     """Sparse (or dense) causal attention over the keys `selector` picks.
 
     q (Hq, Tq, d), k, v (Hkv, Tk, d) float32 (k, v may be float16: computed in float32);
-    selector: a Selector, a spec string ("sinks=4,window=128"), a precomputed Selection, or
-    None (dense). buffer=True: k, v may hold spare rows after the len(k_pos) keys (a KV cache's
-    capacity), read in place. Returns out (Hq, Tq, d) float32 [, lse (Hq, Tq) float64] [, AttentionStats].
-    scale defaults to 1/sqrt(d). tiles: None takes attend_tiles (BLAS products) when the
-    selection is "every key" (Dense), Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS, else the
-    row kernel; False always the row kernel; True attend_tiles at any size (a ValueError unless
-    the selection is "every key").
+    selector: a Selector, a precomputed Selection, or None (every key). buffer=True: k, v may
+    hold spare rows after the len(k_pos) keys (a KV cache's capacity), read in place. Returns
+    out (Hq, Tq, d) float32 [, lse (Hq, Tq) float64] [, AttentionStats]. scale defaults to
+    1/sqrt(d). kernel: the function that computes (see use_kernel); None takes the default.
 
     >>> import numpy as np
     >>> from minisparse.attention import attend, Window
@@ -416,8 +212,9 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     >>> attend(q, k, v, Window(1)).shape
     (2, 3, 4)
     """
-    from .patterns import Dense
-    from .spec import parse_attention_spec
+    if isinstance(selector, str):
+        raise TypeError(f"attend: selector {selector!r} is a string; parse it first with "
+                        f"minisparse.attention.parse_attention_spec")
     q, k, v = _f32("q", q), np.asarray(k), np.asarray(v)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: expected q (Hq, Tq, d), k = v (Hkv, Tk, d); got q {q.shape}, "
@@ -432,15 +229,16 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     # strided view that Numba either copies or reads without SIMD: O(S) per decode step).
     kk, vv = (k, v) if k.dtype == np.float32 else (k[:, :Tk], v[:, :Tk])
     kk, vv = _f32("k", kk), _f32("v", vv)
-    k, v = kk[:, :Tk], vv[:, :Tk]                                 # (Hkv, Tk, d) views for selectors
+    k = kk[:, :Tk]                                                # (Hkv, Tk, d) view for selectors
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attend: Hq={Hq} must be a multiple of Hkv={Hkv}")
     q_pos, k_pos = default_positions(Tq, Tk, q_pos, k_pos)
-    if selector is None:
-        selector = Dense()
-    elif isinstance(selector, str):
-        selector = parse_attention_spec(selector)
-    sel = selector if isinstance(selector, Selection) else selector.select(q, k, q_pos, k_pos)
+    if selector is None:                                          # every key: one range a row
+        sel = Selection.from_ranges(np.zeros(Tq, np.int64), np.full(Tq, Tk, np.int64), Tk)
+    elif isinstance(selector, Selection):
+        sel = selector
+    else:
+        sel = selector.select(q, k, q_pos, k_pos)
     sel = sel.normalize()
     want = {SHARED: 1, KV: Hkv, Q: Hq}[sel.head_kind]
     if sel.n_heads != want or sel.tq != Tq or sel.tk != Tk:
@@ -455,18 +253,10 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
         ek = ev = np.zeros((Hkv, 0, d), np.float32)              # (Hkv, 0, d)
     k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    if tiles is True and not _every_key(sel):
-        raise ValueError(f"attend: tiles=True needs a selection of every key (Dense), got {sel}")
-    if tiles or (tiles is None and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS
-                 and _every_key(sel)):
-        out, lse, natt = attend_tiles(q, k, v, q_pos, k_pos, scale, k_sorted=k_sorted)
-    else:
-        # work estimate: entries listed per row times the query heads sharing each row
-        work = (int((sel.range_hi - sel.range_lo).sum()) + sel.idx.size) * (Hq // sel.n_heads)
-        run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
-        out, lse, natt = run(q, kk, vv, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
-                             sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
-                             sel.logw, scale, k_sorted)
+    x = Inputs(q, kk, vv, ek, ev, q_pos, k_pos, sel.extra_pos)
+    rows = Rows(sel.head_kind, sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
+                sel.logw)
+    out, lse, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)
     res = (out,)
     if return_lse:
         res += (lse,)

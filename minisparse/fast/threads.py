@@ -6,11 +6,8 @@ BLAS is held to one thread, the weight products split their rows (tokens) into o
 worker (`matmul_t`, QuantMatrix tiles) and attention runs its tiles side by side, softmax passes
 included. Why not BLAS's own threads: a BLAS worker keeps spinning for a while after its product,
 so whatever follows shares a core with it: the element-wise passes, and above all the decode
-steps after a prompt, whose Numba kernels then wait on a busy core. Measured on 2 cores (BLAS's
-threads -> this): SmolLM2 2048-token forward 4.72 -> 3.86 s (attention 2.21 -> 1.32 s); the
-32 decode steps after a 128-token prompt 51.7 -> 58.7 tok/s, and 260 -> 841 tok/s on the
-embedded model; a 512-token prompt 629 -> 642 tok/s (128 tokens on the embedded model: 4661 ->
-3577, the one case measured slower).
+steps after a prompt, whose Numba kernels then wait on a busy core (docs/performance.md has
+the measurements). Part of the fast path: the plain path (model.py) runs each step as one call.
 Left out: process pools; decode (one token: nothing large enough to split). The thread count
 is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, not re-entrant.
 """
@@ -38,8 +35,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 @lru_cache(maxsize=None)
 def _blas() -> ThreadpoolController:
-    """A controller of the loaded BLAS libraries, made once: inspecting them costs ~0.25 ms, a
-    limit through a kept controller ~7 us."""
+    """A controller of the loaded BLAS libraries, made once: inspecting the libraries costs far
+    more than setting a limit through a kept controller."""
     return ThreadpoolController()
 
 
@@ -83,8 +80,7 @@ def side_by_side(fn, items, n_workers=None):
 def row_blocks(T: int, n_in: int, n_out: int):
     """The rows [a, b) of x for a (T, n_in) @ (n_in, n_out) product: one block per worker inside
     prefill_threads when the product is large, else one block. Rows, not columns: each worker
-    packs only its own rows of x, where column blocks each pack all of x (SmolLM2's products at
-    T = 2048 on 2 cores: 317-339 GFLOP/s by rows, 127-233 by columns, 298-328 on BLAS's threads)."""
+    packs only its own rows of x, where column blocks each pack all of x."""
     n = numba.get_num_threads() if _ACTIVE[0] else 1
     if n <= 1 or T < 2 * n or T * n_in * n_out < MIN_MACS:
         return [(0, T)]
@@ -110,10 +106,8 @@ def matmul_t(x, w):
 # NumPy allocates each intermediate of a forward afresh. glibc's malloc serves blocks above its
 # mmap threshold (128 KiB, raised as such blocks are freed, to 32 MiB at most) by mmap, and gives
 # the top of its heaps back to the kernel once more than its trim threshold (2x that) is free:
-# in a long prefill, arrays of 2-13 MB then page-fault their memory in again and again (a fresh
-# page costs a fault and zeroing). Measured on SmolLM2's 2048-token forward: 3.24 -> 3.10 s
-# (SwiGLU's gate 0.21 -> 0.14 s, weight products 1.62 -> 1.52 s) with the heap kept during the
-# call. prefill_heap keeps freed memory in the heap while a forward of >= KEEP_HEAP_MIN_T tokens
+# in a long prefill, arrays of a few MB then page-fault their memory in again and again (a fresh
+# page costs a fault and zeroing). prefill_heap keeps freed memory in the heap while a forward of >= KEEP_HEAP_MIN_T tokens
 # runs, then hands it all back (malloc_trim), so what stays resident afterwards is no more than
 # before. Other C libraries (macOS, musl): a no-op.
 KEEP_HEAP_MIN_T = 64

@@ -1,0 +1,68 @@
+"""The fast path: the same forward as minisparse/model.py, with every step that costs time
+replaced by a faster computation of the same numbers.
+
+What is here, and which plain function each piece must equal (tests/test_fast_path.py):
+- threads.py: a long forward's NumPy work split into row blocks on a few threads, BLAS held to
+  one thread meanwhile (`by_rows` for rms_norm, rope and glu: the same bits; `matmul_t` for a
+  float32 `linear`), and glibc's allocator kept from returning memory mid-forward
+  (`prefill_heap`); both enter through `long_forward`.
+- quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
+  QuantMatrix), bit-exact in their dequantisation, float32 sums in another order.
+- attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
+  BLAS products, with a vectorised exp), against the reference kernel in
+  minisparse/attention/kernel.py.
+
+The seam: a forward calls its model's `Ops` (model.py); `FAST` here holds the functions above,
+`model.PLAIN` the textbook ones. `minisparse.load_model(path, fast=None)` picks FAST unless
+fast=False or the environment variable MINISPARSE_FAST=0. Importing this package (minisparse's
+own __init__ does) also makes the fast attention kernel the one `minisparse.attention.attend`
+runs by default, again unless MINISPARSE_FAST=0, so the lab and the selectors follow the same
+switch.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from functools import partial
+
+from ..attention.kernel import attend, use_kernel
+from ..model import Ops, apply_rope, glu, rms_norm
+from ..quant import QuantMatrix
+from . import attention, quant
+from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
+
+ENV = "MINISPARSE_FAST"
+
+
+def enabled() -> bool:
+    """False when the environment sets MINISPARSE_FAST=0, True when it is unset or 1."""
+    value = os.environ.get(ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV}={value!r}: expected 0 (the plain path) or 1 (the fast path)")
+    return value == "1"
+
+
+def linear(x, w, b=None):
+    """model.linear: x (T, in) @ w.T (+ b) -> (T, out), from quant blocks or by row blocks."""
+    y = quant.matmul(x, w) if isinstance(w, QuantMatrix) else matmul_t(x, w)   # (T, out)
+    return y if b is None else y + b
+
+
+@contextmanager
+def long_forward(T: int):
+    """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
+    with prefill_heap(T), prefill_threads(T):
+        yield
+
+
+FAST = Ops(
+    rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
+    linear=linear,
+    rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
+    glu=by_rows(0, 0)(glu),
+    attend=partial(attend, kernel=attention.kernel),
+    forward_context=long_forward,
+)
+
+if enabled():
+    use_kernel(attention.kernel)

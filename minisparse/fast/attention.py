@@ -1,0 +1,399 @@
+"""The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
+rows in parallel; and `attend_tiles`, dense causal attention as BLAS products by query tiles,
+with a vectorised float32 exp. `kernel` picks between them and is what the fast path installs
+into `minisparse.attention.attend`.
+
+Both compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
+rounding differs, bounded in tests/test_fast_path.py and tests/test_attention_tiles.py. Query
+tiles against every visible key as in FlashAttention-2's outer loop.
+
+Shape legend: Hq / Hkv query / KV heads, G = Hq // Hkv, Tq queries, Tk keys, d head width,
+B query rows per tile (b <= B in the last one), S keys a tile reads, E pseudo-keys.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import njit, prange, types
+from numba.core.extending import intrinsic
+
+from ..attention.kernel import Inputs, Rows
+from .threads import side_by_side
+
+
+# ---- the row kernel, in chunks ------------------------------------------------------------
+# Reassociation and FMA contraction let LLVM vectorise the d-loops and the chunk sums. Every
+# error bound used here (|fl(sum x_i) - sum x_i| <= n * 2^-24 * sum |x_i|) holds for any summation
+# order, and one compiled order is deterministic run to run. No finite-math or approximate-exp
+# flags: infinities (-inf running max, empty rows) must keep their meaning.
+_FM = {"reassoc", "contract", "nsz"}
+
+CHUNK = 32      # keys scored together: one running-max update and one float64 fold per chunk
+
+
+@njit(cache=True, fastmath=_FM)
+def _dot(q, h, t, k, g, j):
+    """q[h, t] . k[g, j] in float32."""
+    s = np.float32(0.0)
+    for i in range(q.shape[2]):
+        s += q[h, t, i] * k[g, j, i]
+    return s
+
+
+class Scratch(NamedTuple):
+    """One worker's buffers for the row kernel: a chunk's key indices js, log-weights lws,
+    scores sbuf and weights pbuf (CHUNK,); the chunk's value sum cacc (d,) float32; the row's
+    value sum acc (d,) float64 and softmax state ml = [max, normaliser] float64."""
+    js: np.ndarray
+    lws: np.ndarray
+    sbuf: np.ndarray
+    pbuf: np.ndarray
+    cacc: np.ndarray
+    acc: np.ndarray
+    ml: np.ndarray
+
+
+@njit(cache=True)
+def _scratch(d):
+    return Scratch(np.empty(CHUNK, np.int64), np.empty(CHUNK, np.float32),
+                   np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32),
+                   np.empty(d, np.float32), np.zeros(d, np.float64), np.array([-np.inf, 0.0]))
+
+
+@njit(cache=True, fastmath=_FM)
+def _flush(x, h, t, g, j0, n, scale, w):
+    """Fold n keys (j0 >= 0: the contiguous real keys j0 .. j0+n-1 with log-weight 0; else the
+    buffered w.js[:n], w.lws[:n], where js >= Tk are pseudo-keys) into the running softmax state
+    w.ml = [max, normaliser] (float64) and w.acc (d,) float64.
+
+    Inside a chunk everything is float32 (8-wide SIMD, expf): scores, exp(s - max) and the
+    chunk's weighted value sum; the chunk result is folded into the float64 row state, so float32
+    rounding never accumulates over more than CHUNK terms (error <= CHUNK * 2^-24 relative)."""
+    q, k, v, ek, ev = x.q, x.k, x.v, x.extra_k, x.extra_v
+    Tk = x.k_pos.shape[0]
+    d = q.shape[2]
+    sbuf, pbuf, cacc, acc, ml = w.sbuf, w.pbuf, w.cacc, w.acc, w.ml
+    cm = np.float32(-np.inf)
+    if j0 >= 0:
+        for c in range(n):
+            sc = np.float32(0.0)
+            for i in range(d):                                   # q[h, t] . k[g, j0 + c]
+                sc += q[h, t, i] * k[g, j0 + c, i]
+            sc *= scale
+            sbuf[c] = sc
+            cm = max(cm, sc)
+    else:
+        for c in range(n):
+            j = w.js[c]
+            if j < Tk:
+                sc = _dot(q, h, t, k, g, j) * scale + w.lws[c]
+            else:
+                sc = _dot(q, h, t, ek, g, j - Tk) * scale + w.lws[c]
+            sbuf[c] = sc
+            cm = max(cm, sc)
+    m = ml[0]
+    if cm > m:                                                   # rescale old terms to new max
+        alpha = np.exp(m - cm)
+        ml[1] *= alpha
+        for i in range(d):
+            acc[i] *= alpha
+        m = np.float64(cm)
+        ml[0] = m
+    mf = np.float32(m)
+    for c in range(n):
+        pbuf[c] = np.exp(sbuf[c] - mf)                           # in (0, 1]
+    for i in range(d):
+        cacc[i] = 0.0
+    lsum = np.float32(0.0)
+    for c in range(n):
+        p = pbuf[c]
+        lsum += p
+        j = j0 + c if j0 >= 0 else w.js[c]
+        if j < Tk:
+            for i in range(d):
+                cacc[i] += p * v[g, j, i]
+        else:
+            for i in range(d):
+                cacc[i] += p * ev[g, j - Tk, i]
+    ml[1] += lsum
+    for i in range(d):
+        acc[i] += cacc[i]
+
+
+@njit(cache=True)
+def _attend_row(x, rows, r, scale, k_sorted, out, lse, natt, w):
+    """Row r of Hq * Tq: ranges, then explicit indices, causal by position, online softmax
+    in chunks of CHUNK keys: float32 within a chunk, float64 across chunks (see _flush)."""
+    Hq, Tq, d = x.q.shape
+    Hkv = x.k.shape[0]
+    Tk = x.k_pos.shape[0]           # k may hold spare rows beyond Tk (a cache's capacity)
+    k_pos, e_pos = x.k_pos, x.extra_pos
+    h = r // Tq
+    u = r % Tq
+    # interleave short and long causal rows so the static prange chunks balance
+    t = u // 2 if u % 2 == 0 else Tq - 1 - u // 2
+    g = h // (Hq // Hkv)
+    s = 0 if rows.head_kind == 0 else (g if rows.head_kind == 1 else h)
+    row = s * Tq + t
+    qp = x.q_pos[t]
+    kend = Tk
+    if k_sorted:
+        kend = np.searchsorted(k_pos, qp, side="right")          # keys [0, kend) are causal
+    w.acc[:] = 0.0
+    w.ml[0] = -np.inf
+    w.ml[1] = 0.0
+    n = 0
+    cnt = 0
+    for a in range(rows.range_ptr[row], rows.range_ptr[row + 1]):
+        if k_sorted:                                             # causal part is a prefix
+            j = rows.range_lo[a]
+            hi = min(rows.range_hi[a], kend)
+            while j < hi:
+                nc = min(CHUNK, hi - j)
+                _flush(x, h, t, g, j, nc, scale, w)
+                cnt += nc
+                j += nc
+            continue
+        for j in range(rows.range_lo[a], rows.range_hi[a]):
+            if k_pos[j] > qp:
+                continue
+            w.js[n] = j
+            w.lws[n] = 0.0
+            n += 1
+            if n == CHUNK:
+                _flush(x, h, t, g, -1, n, scale, w)
+                cnt += n
+                n = 0
+    for a in range(rows.idx_ptr[row], rows.idx_ptr[row + 1]):
+        j = rows.idx[a]
+        if (k_pos[j] if j < Tk else e_pos[j - Tk]) > qp:
+            continue
+        w.js[n] = j
+        w.lws[n] = rows.logw[a]
+        n += 1
+        if n == CHUNK:
+            _flush(x, h, t, g, -1, n, scale, w)
+            cnt += n
+            n = 0
+    if n > 0:
+        _flush(x, h, t, g, -1, n, scale, w)
+        cnt += n
+    natt[h, t] = cnt
+    if cnt > 0 and w.ml[1] > 0.0:
+        for i in range(d):
+            out[h, t, i] = w.acc[i] / w.ml[1]
+        lse[h, t] = w.ml[0] + np.log(w.ml[1])
+
+
+ROWS_PER_TASK = 16
+
+
+@njit(cache=True, parallel=True)
+def attend_rows(x, rows, scale, k_sorted):
+    """Attend every (query head, query) row of x (Inputs) over its Selection row (Rows), rows in
+    parallel. Returns out (Hq, Tq, d) f32, lse (Hq, Tq) f64 (-inf for an empty row),
+    n_attended (Hq, Tq). Rows are independent, so the result does not depend on the thread
+    count."""
+    Hq, Tq, d = x.q.shape
+    out = np.zeros((Hq, Tq, d), np.float32)
+    lse = np.full((Hq, Tq), -np.inf)
+    natt = np.zeros((Hq, Tq), np.int64)
+    R = Hq * Tq
+    nb = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for b in prange(nb):
+        w = _scratch(d)                                          # one set per task, not per row
+        for r in range(b * ROWS_PER_TASK, min(R, (b + 1) * ROWS_PER_TASK)):
+            _attend_row(x, rows, r, np.float32(scale), k_sorted, out, lse, natt, w)
+    return out, lse, natt
+
+
+@njit(cache=True)
+def attend_rows_serial(x, rows, scale, k_sorted):
+    """attend_rows on one thread: for small calls (decode) where waking threads costs more."""
+    Hq, Tq, d = x.q.shape
+    out = np.zeros((Hq, Tq, d), np.float32)
+    lse = np.full((Hq, Tq), -np.inf)
+    natt = np.zeros((Hq, Tq), np.int64)
+    w = _scratch(d)
+    for r in range(Hq * Tq):
+        _attend_row(x, rows, r, np.float32(scale), k_sorted, out, lse, natt, w)
+    return out, lse, natt
+
+
+# Below this many (row, key) reads a call runs on one thread: waking the pool costs more.
+PARALLEL_MIN_WORK = 1 << 16
+
+
+# ---- dense causal prefill as matrix products ---------------------------------------------
+# The softmax of a tile is the memory-bound part: NumPy takes four passes over the (G*B, S)
+# scores (max, subtract, exp, sum). `_exp_rows` does subtract, exp and sum in one pass. Its exp
+# must vectorise, and Numba's np.exp/math.exp call libm's scalar expf (no SVML), so `_expf`
+# writes out the classic float32 recipe: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split
+# in two, the high part exact in 9 bits), exp(r) by the Cephes expf polynomial, and 2^n built
+# from its exponent bits: within about 1 ulp of exp in float64 over [-87, 0]
+# (docs/performance.md has the measurements).
+
+
+@intrinsic
+def _as_f32(typingctx, i):
+    """The float32 whose bits are the int32 i (a register bitcast, which LLVM vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")   # no reassociation: it would undo
+def _expf(x):                                                # the two-part ln2 reduction
+    """exp(x) in float32 for x <= 0 (what a max-subtracted score is): 0 for x < -87 and -inf
+    (the true value is below 1.7e-38 there), NaN for NaN."""
+    xc = max(x, np.float32(-87.0))                       # keeps 2^n normal: n >= -126
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))   # round(x / ln2)
+    r = (xc - n * np.float32(0.693359375)) + n * np.float32(2.12194440e-4)  # x - n ln2
+    p = np.float32(1.9875691500e-4)                      # exp(r) - 1 - r = r^2 P(r)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)                  # exp(r), in [0.7, 1.42]
+    e = p * _as_f32((np.int32(n) + np.int32(127)) << np.int32(23))   # * 2^n
+    return e if x >= np.float32(-87.0) else (np.float32(0.0) if x < np.float32(-87.0) else x)
+
+
+@njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
+def _exp_rows(s, m, l):
+    """In place s[r] = exp(s[r] - m[r]) and l[r] = its sum; s (R, S) f32 scores (-inf where
+    hidden), m (R,) f32 row max (0 for a row seeing nothing), l (R,) f32. The sum runs in 16
+    float32 lanes (the loop vectorises without reassociation flags): a float32 sum of S terms in
+    another order than NumPy's, so its error is within the same gamma_S bound."""
+    R, S = s.shape
+    lanes = np.empty(16, np.float32)
+    for r in range(R):
+        row, mr = s[r], m[r]
+        lanes[:] = 0.0
+        for b in range(S // 16):
+            for u in range(16):
+                e = _expf(row[16 * b + u] - mr)
+                row[16 * b + u] = e
+                lanes[u] += e
+        tail = np.float32(0.0)
+        for j in range(S // 16 * 16, S):
+            e = _expf(row[j] - mr)
+            row[j] = e
+            tail += e
+        l[r] = lanes.sum() + tail
+
+
+# Rows of one product (G * B): large enough for sgemm to run near its peak, small enough that
+# a tile's scores (G * B, S) stay in cache-sized pieces (docs/performance.md: the measurement).
+TILE_ROWS = 256
+# `kernel` takes the tiles for an every-key selection when Tq >= TILE_MIN_TQ and Tq * Tk >=
+# TILE_MIN_PAIRS: the tiles cost more to set up (Python, one product per KV head and tile) but
+# then run faster; these are the measured break-even points. Decode (Tq = 1) stays with the
+# row kernel.
+TILE_MIN_TQ = 2
+TILE_MIN_PAIRS = 1024
+
+
+def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, workers=None):
+    """Dense causal attention (key j visible to query t iff k_pos[j] <= q_pos[t]) as BLAS
+    matrix products, one tile of B queries at a time: what the row kernels give for every key.
+
+    q (Hq, Tq, d) f32; k, v (Hkv, Tk, d) f32 (each head's rows contiguous: a cache buffer's
+    first Tk rows are); q_pos (Tq,), k_pos (Tk,) int64; scale float. Returns out (Hq, Tq, d)
+    f32, lse (Hq, Tq) f64 (log-sum-exp of the scaled scores, -inf for a query that sees no key,
+    whose out row is 0, as in the row kernel) and n_attended (Hq, Tq) int64 (its visible keys).
+    block: B, query rows per tile (default TILE_ROWS // G, so G * B ~ TILE_ROWS rows a product).
+    workers: tiles computed side by side (default: all threads inside threads.py's
+    prefill_threads, else one).
+
+    Why it exists: the dense T^2 part of a long prefill is matrix-product work, which the row
+    kernel does one (row, key) dot at a time; here the G query heads sharing a KV head stack
+    their B-row tiles into one (G*B, d) matrix, so both products run as sgemm. Memory is
+    O(G * B * Tk), never (Hq, Tq, Tk). Same math as the row kernel: only the float32 rounding
+    differs (scale folded into q, sgemm's summation order, a float32 exp, _expf; bounded in
+    tests/test_attention_tiles.py). It leaves out everything but "every key, causal by
+    position": ranges, explicit indices, log-weights and pseudo-keys stay with the row kernel,
+    which remains the reference path for every selector. Keys in position order (every cache
+    holds them so) let a tile stop at its last visible key; otherwise it scores all Tk and masks.
+
+    >>> x = np.ones((2, 3, 4), np.float32); kv = np.ones((1, 3, 4), np.float32)
+    >>> out, lse, n = attend_tiles(x, kv, kv, np.arange(3), np.arange(3), 0.5)
+    >>> out.shape, n[0].tolist(), np.round(lse[0], 4).tolist()
+    ((2, 3, 4), [1, 2, 3], [2.0, 2.6931, 3.0986])
+    """
+    Hq, Tq, d = q.shape
+    Hkv, Tk = k.shape[0], k_pos.shape[0]
+    G = Hq // Hkv
+    block = max(1, TILE_ROWS // G) if block is None else int(block)
+    if k_sorted is None:
+        k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
+    n_vis = np.searchsorted(k_pos if k_sorted else np.sort(k_pos), q_pos, side="right")  # (Tq,)
+    out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
+    lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
+    sc = np.float32(scale)
+
+    def tile(t0, g):
+        """Query rows [t0, t0 + B) of the G heads sharing KV head g: writes out, lse there."""
+        t1 = min(t0 + block, Tq)
+        b = t1 - t0
+        qp = q_pos[t0:t1]                                        # (b,)
+        # keys [0, S) hold every key the tile sees; keys [0, S0) are seen by all its rows
+        S, S0 = (int(n_vis[t0:t1].max()), int(n_vis[t0:t1].min())) if k_sorted else (Tk, 0)
+        if S == 0:
+            return                                               # no key visible: 0, -inf
+        h0, h1 = g * G, (g + 1) * G
+        qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
+        s = qt @ k[g, :S].T                                             # (G*b, d) @ (d, S)
+        if S0 < S:
+            hidden = k_pos[S0:S] > qp[:, None]                          # (b, S - S0) not yet causal
+            np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
+        m = s.max(axis=1)                                               # (G*b,) row max
+        m[m == -np.inf] = 0.0                                           # rows seeing no key
+        l = np.empty(G * b, np.float32)                                 # (G*b,)
+        _exp_rows(s, m, l)               # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
+        m, l = m[:, None], l[:, None]                                   # (G*b, 1)
+        o = s @ v[g, :S]                                                # (G*b, S) @ (S, d)
+        o /= np.where(l > 0, l, 1)                                      # (G*b, d)
+        out[h0:h1, t0:t1] = o.reshape(G, b, d)                          # (G, b, d)
+        with np.errstate(divide="ignore"):                              # log 0 = -inf: no key
+            lse[h0:h1, t0:t1] = (m + np.log(l.astype(np.float64))).reshape(G, b)  # (G, b)
+
+    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
+    # Tiles write disjoint rows of out and lse, so inside a long prefill they run side by side
+    # (threads.py), softmax pass included (_exp_rows releases the GIL).
+    side_by_side(lambda item: tile(*item), items, workers)
+    return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
+
+
+def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:
+    """True when the normalised selection reads every real key in every row and nothing else:
+    one range [0, Tk) per row, no explicit indices (so no log-weights), no pseudo-keys. Decided
+    from the arrays, not a selector's class, so a Union covering all keys qualifies too."""
+    R = rows.range_ptr.size - 1
+    return (rows.idx.size == 0 and n_extra == 0 and rows.range_lo.size == R and R > 0
+            and not rows.range_lo.any() and bool(np.all(rows.range_hi == Tk)))
+
+
+def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
+    """The fast path's attention kernel, for `minisparse.attention.attend(kernel=...)`.
+
+    tiles: None takes attend_tiles (BLAS products) when the selection reads every key,
+    Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS, else the chunked row kernel, in parallel
+    when the call is large; False always the row kernel; True attend_tiles at any size (a
+    ValueError unless the selection reads every key)."""
+    Hq, Tq, d = x.q.shape
+    Tk = x.k_pos.shape[0]
+    every = _every_key(rows, Tk, x.extra_pos.size)
+    if tiles is True and not every:
+        raise ValueError("attend: tiles=True needs a selection of every key (Dense)")
+    if tiles or (tiles is None and every and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS):
+        return attend_tiles(x.q, x.k[:, :Tk], x.v[:, :Tk], x.q_pos, x.k_pos, scale,
+                            k_sorted=k_sorted)
+    # work estimate: entries listed per row times the query heads sharing each row
+    n_row_heads = (rows.range_ptr.size - 1) // max(Tq, 1)
+    work = (int((rows.range_hi - rows.range_lo).sum()) + rows.idx.size) * (Hq // max(n_row_heads, 1))
+    run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
+    return run(x, rows, scale, k_sorted)
