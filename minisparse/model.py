@@ -8,7 +8,7 @@ Left out on purpose: batching, MoE, sliding-window layers, and speed: the functi
 the textbook, and a forward calls them through `Ops`, the one seam where the fast path
 (minisparse/fast/) puts its own versions of the same functions. Weights are `QuantMatrix` (GGUF
 blocks kept in place, quant.py) or float32 arrays; `linear` dequantises a QuantMatrix and
-multiplies, and `w["token_embd"][tokens]` dequantises just the rows asked for.
+multiplies, and `embed` dequantises just the rows asked for.
 
 Shape legend: T tokens in this call, S positions held in the cache, D model width,
 Hq / Hkv query / KV heads, G = Hq // Hkv, d head width, F FFN width, V vocabulary, L layers.
@@ -29,6 +29,12 @@ from .quant import QuantMatrix
 
 
 # ----------------------------------------------------------------------------- math
+
+
+def embed(table, tokens):
+    """Rows tokens (T,) of the embedding table (V, D) -> (T, D) float32; a QuantMatrix
+    dequantises just those rows."""
+    return table[tokens]                                      # (T, D)
 
 
 def rms_norm(x, w, eps, out=None):
@@ -133,10 +139,12 @@ def _as_is(T):
 class Ops:
     """The functions a forward calls, so that one model runs on the plain path or the fast one.
 
-    rms_norm, linear, rope (apply_rope's signature), glu and attend (minisparse.attention.attend's)
-    must give what the functions above give, to the bit or within a tested float32 bound;
+    embed, rms_norm, linear, rope (apply_rope's signature), glu and attend
+    (minisparse.attention.attend's) must give what the functions above give, to the bit or
+    within a tested float32 bound;
     forward_context(T) is a context manager a T-token forward runs inside. `PLAIN` holds this
     module's functions and the reference attention kernel; minisparse/fast/ builds `FAST`."""
+    embed: Callable
     rms_norm: Callable
     linear: Callable
     rope: Callable
@@ -145,7 +153,7 @@ class Ops:
     forward_context: Callable = _as_is
 
 
-PLAIN = Ops(rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=glu,
+PLAIN = Ops(embed=embed, rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=glu,
             attend=partial(attend, kernel=reference_kernel))
 
 
@@ -277,7 +285,7 @@ class Model:
         cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))  # (T, r/2)
         rec = trace.__setitem__ if trace is not None else (lambda name, value: None)
 
-        x = w["token_embd"][tokens]                           # (T, D)
+        x = ops.embed(w["token_embd"], tokens)                # (T, D)
         rec("embed", x)
         with ops.forward_context(T):
             for l in range(cfg.n_layers):

@@ -242,6 +242,19 @@ def test_fast_quant_linear_equals_plain_dequantise_then_matmul(qtype, T):
     assert np.all(np.abs(fast - plain) <= 2 * gamma(n) * mag)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_1, QT.F16], ids=lambda t: t.name)
+def test_fast_embedding_lookup_gives_the_plain_bits(qtype):
+    # dequantisation has no sums: the Numba rows and gguf's NumPy rows are the same numbers
+    r = np.random.default_rng(int(qtype))
+    w = r.standard_normal((50, 64)).astype(np.float32)
+    W = QuantMatrix(quantize(w, qtype), w.shape, qtype)
+    tokens = r.integers(0, 50, 17)
+    np.testing.assert_array_equal(FAST.embed(W, tokens), PLAIN.embed(W, tokens))
+    np.testing.assert_array_equal(FAST.embed(w, tokens), PLAIN.embed(w, tokens))
+    with pytest.raises(IndexError, match="out of range"):
+        FAST.embed(W, np.array([50]))
+
+
 # ----------------------------------------------------------------------------- whole models
 
 

@@ -7,7 +7,7 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   float32 `linear`), and glibc's allocator kept from returning memory mid-forward
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
-  QuantMatrix), bit-exact in their dequantisation, float32 sums in another order.
+  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
 - attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
   BLAS products, with a vectorised exp), against the reference kernel in
   minisparse/attention/kernel.py.
@@ -42,6 +42,11 @@ def enabled() -> bool:
     return value == "1"
 
 
+def embed(table, tokens):
+    """model.embed: rows tokens (T,) of table -> (T, D), a QuantMatrix's by the Numba kernels."""
+    return quant.rows(table, tokens) if isinstance(table, QuantMatrix) else table[tokens]
+
+
 def linear(x, w, b=None):
     """model.linear: x (T, in) @ w.T (+ b) -> (T, out), from quant blocks or by row blocks."""
     y = quant.matmul(x, w) if isinstance(w, QuantMatrix) else matmul_t(x, w)   # (T, out)
@@ -56,6 +61,7 @@ def long_forward(T: int):
 
 
 FAST = Ops(
+    embed=embed,
     rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
     linear=linear,
     rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position

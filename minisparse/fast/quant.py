@@ -313,8 +313,10 @@ def _matvec(code, u8, i8, x, y):
 
 def rows(w: QuantMatrix, idx) -> np.ndarray:
     """Dequantised rows idx (n,) of w -> (n, in) float32 by the Numba kernels: what
-    `QuantMatrix.rows` gives (bit-equal), for tests and benchmarks of the kernels."""
+    `QuantMatrix.rows` gives, bit for bit (the fast path's embedding lookup)."""
     idx = np.asarray(idx, np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= w.shape[0]):
+        raise IndexError(f"row index out of range [0, {w.shape[0]})")
     out = np.empty((idx.size, w.shape[1]), np.float32)           # (n, in)
     _dequant_rows(int(w.qtype), w.raw, w.raw.view(np.int8), idx, out)
     return out
