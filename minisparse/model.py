@@ -141,9 +141,9 @@ class Ops:
 
     embed, rms_norm, linear, rope (apply_rope's signature), glu and attend
     (minisparse.attention.attend's) must give what the functions above give, to the bit or
-    within a tested float32 bound;
-    forward_context(T) is a context manager a T-token forward runs inside. `PLAIN` holds this
-    module's functions and the reference attention kernel; minisparse/fast/ builds `FAST`."""
+    within a tested float32 bound; forward_context(T) is a context manager a T-token forward
+    runs inside. `PLAIN` holds this module's functions and the reference attention kernel;
+    minisparse/fast/ builds `FAST` (tests/test_fast_path.py holds it to PLAIN)."""
     embed: Callable
     rms_norm: Callable
     linear: Callable
