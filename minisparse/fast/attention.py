@@ -314,9 +314,9 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     their B-row tiles into one (G*B, d) matrix, so both products run as sgemm. Memory is
     O(G * B * Tk), never (Hq, Tq, Tk). Same math as the row kernel: only the float32 rounding
     differs (scale folded into q, sgemm's summation order, a float32 exp, _expf; bounded in
-    tests/test_attention_tiles.py). It leaves out everything but "every key, causal by
-    position": ranges, explicit indices, log-weights and pseudo-keys stay with the row kernel,
-    which remains the reference path for every selector. Keys in position order (every cache
+    tests/test_attention_tiles.py and against the reference kernel in tests/test_fast_path.py).
+    It leaves out everything but "every key, causal by position": ranges, explicit indices,
+    log-weights and pseudo-keys stay with the row kernels. Keys in position order (every cache
     holds them so) let a tile stop at its last visible key; otherwise it scores all Tk and masks.
 
     >>> x = np.ones((2, 3, 4), np.float32); kv = np.ones((1, 3, 4), np.float32)
@@ -386,10 +386,10 @@ def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
     ValueError unless the selection reads every key)."""
     Hq, Tq, d = x.q.shape
     Tk = x.k_pos.shape[0]
-    every = _every_key(rows, Tk, x.extra_pos.size)
-    if tiles is True and not every:
+    if tiles is True and not _every_key(rows, Tk, x.extra_pos.size):
         raise ValueError("attend: tiles=True needs a selection of every key (Dense)")
-    if tiles or (tiles is None and every and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS):
+    if tiles or (tiles is None and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS
+                 and _every_key(rows, Tk, x.extra_pos.size)):            # decode skips the check
         return attend_tiles(x.q, x.k[:, :Tk], x.v[:, :Tk], x.q_pos, x.k_pos, scale,
                             k_sorted=k_sorted)
     # work estimate: entries listed per row times the query heads sharing each row
