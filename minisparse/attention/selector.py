@@ -148,8 +148,9 @@ class Union(Selector):
     def describe(self):
         return ",".join(m.describe() for m in self.members)
 
+    # type(self): a named composition (RuvLLM's preset) keeps its name, hence its spec
     def bind(self, state):
-        return Union(*[m.bind(state) for m in self.members])
+        return type(self)(*[m.bind(state) for m in self.members])
 
     def for_layer(self, layer, state, k, v):
-        return Union(*[m.for_layer(layer, state, k, v) for m in self.members])
+        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
