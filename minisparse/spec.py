@@ -35,13 +35,15 @@ OPTIONS = ("seed", "mode")
 class Family:
     """One registry line. `build(value)` makes the selector (kind "attention") from the text after
     '=' (None when there is none); a cache's `build(value, model)` makes an empty cache for the
-    model. `example` is a spec that parses (error messages and the round-trip test use it)."""
+    model. `example` is a spec that parses (the round-trip test uses it); `small`, a spec that
+    24 keys already exercise (the shared property suite runs it; default: the example)."""
     kind: str
     build: Callable
     example: str
+    small: str | None = None
 
 
-def _none(name, make):
+def no_value(name, make):
     """A family that takes no value: 'dense', 'logstride', 'ruvllm'."""
     def build(val):
         if val is not None:
@@ -50,7 +52,7 @@ def _none(name, make):
     return build
 
 
-def _int(name, make):
+def int_value(name, make):
     """A family whose value is one integer: 'window=128'."""
     def build(val):
         if val is None:
@@ -124,26 +126,29 @@ def _press(val, model):
 
 # ---- the registry: one line per family ----------------------------------------------------
 REGISTRY: dict[str, Family] = {
-    "dense": Family("attention", _none("dense", P.Dense), "dense"),
-    "window": Family("attention", _int("window", P.Window), "window=128"),
-    "sinks": Family("attention", _int("sinks", P.Sinks), "sinks=4"),
+    "dense": Family("attention", no_value("dense", P.Dense), "dense"),
+    "window": Family("attention", int_value("window", P.Window), "window=128", "window=3"),
+    "sinks": Family("attention", int_value("sinks", P.Sinks), "sinks=4", "sinks=2"),
     "globals": Family("attention", _globals, "globals=0/5"),
-    "blocks": Family("attention", _int("blocks", P.BlockLocal), "blocks=64"),
-    "strided": Family("attention", _int("strided", P.Strided), "strided=16"),
-    "fixed": Family("attention", _int("fixed", lambda l: P.Strided(l, "fixed")), "fixed=16"),
-    "logstride": Family("attention", _none("logstride", P.LogStride), "logstride"),
-    "landmarks": Family("attention", _int("landmarks", P.Landmarks), "landmarks=32"),
-    "loglandmarks": Family("attention", _int("loglandmarks", lambda b: P.Landmarks(b, reach="log")),
-                           "loglandmarks=32"),
-    "ruvllm": Family("attention", _none("ruvllm", P.RuvLLM), "ruvllm"),
-    "random": Family("attention", parse_random, "random=1%x70,seed=3,mode=structural"),
-    "gate": Family("attention", Gated.from_spec, "gate=8/16/2,mode=untrained,seed=5"),
-    "topk": Family("attention", TopK.from_spec, "topk=64/kv/r16"),
-    "ivf": Family("attention", IVF.from_spec, "ivf=64/p8/c256,seed=2"),
-    "lsh": Family("attention", LSH.from_spec, "lsh=K8L75/5%,seed=1"),
-    "magicpig": Family("attention", LSH.magicpig_from_spec, "magicpig=K8L75,seed=0"),
-    "quest": Family("attention", Quest.from_spec, "quest=16/5%"),
-    "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5"),
+    "blocks": Family("attention", int_value("blocks", P.BlockLocal), "blocks=64", "blocks=4"),
+    "strided": Family("attention", int_value("strided", P.Strided), "strided=16", "strided=3"),
+    "fixed": Family("attention", int_value("fixed", lambda l: P.Strided(l, "fixed")), "fixed=16", "fixed=3"),
+    "logstride": Family("attention", no_value("logstride", P.LogStride), "logstride"),
+    "landmarks": Family("attention", int_value("landmarks", P.Landmarks), "landmarks=32", "landmarks=4"),
+    "loglandmarks": Family("attention", int_value("loglandmarks", lambda b: P.Landmarks(b, reach="log")),
+                           "loglandmarks=32", "loglandmarks=3"),
+    "ruvllm": Family("attention", no_value("ruvllm", P.RuvLLM), "ruvllm"),
+    "random": Family("attention", parse_random, "random=1%x70,seed=3,mode=structural",
+                     "random=20%x3,seed=7"),
+    "gate": Family("attention", Gated.from_spec, "gate=8/16/2,mode=untrained,seed=5",
+                   "gate=3/2/1,mode=untrained"),
+    "topk": Family("attention", TopK.from_spec, "topk=64/kv/r16", "topk=3/r2"),
+    "ivf": Family("attention", IVF.from_spec, "ivf=64/p8/c256,seed=2", "ivf=4/p64/c4"),
+    "lsh": Family("attention", LSH.from_spec, "lsh=K8L75/5%,seed=1", "lsh=K4L8/4,seed=1"),
+    "magicpig": Family("attention", LSH.magicpig_from_spec, "magicpig=K8L75,seed=0",
+                       "magicpig=K3L10,seed=1"),
+    "quest": Family("attention", Quest.from_spec, "quest=16/5%", "quest=4/6"),
+    "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
@@ -177,6 +182,17 @@ def known_names(kind: str = "attention") -> list[str]:
 
 
 CACHE_NAMES = ("recursive", "streaming", "press")     # the bounded ones; "dense" = KVCache
+
+
+def suite_selectors() -> list[tuple[str, Callable[[], Selector]]]:
+    """(spec, make) for every registered attention family, from its `small` spec: the list the
+    shared property suite runs, so a family registered here (or by `register`) joins it."""
+    out = []
+    for name, fam in sorted(REGISTRY.items()):
+        if fam.kind == "attention":
+            spec = fam.small or fam.example
+            out.append((spec, lambda spec=spec: parse_attention_spec(spec)))
+    return out
 
 
 def _tokens(spec: str, what: str):

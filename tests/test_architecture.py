@@ -158,3 +158,57 @@ def test_every_cache_follows_the_cache_contract(model, spec):
     assert (cache.max_keys is None) == (spec in ("dense", "press=0.5", "recursive=B24/b8/acc"))
     meta, arrays = cache.state()
     assert meta["kind"] == type(cache).__name__
+
+
+# ---- docs/design.md's worked example: a new selector joins by one file and one line ----------
+def test_design_md_worked_example_new_selector_joins_registry_and_suite(tmp_path, monkeypatch):
+    """Write the file shown in docs/design.md, add the registry line shown there (through the
+    public `register` hook), and check that the registry, the spec grammar and the shared
+    property suite all see the new family; then run the suite's properties on it."""
+    import importlib.util
+    import inspect
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    code = text.split("<!-- worked-example: every_nth.py -->", 1)[1]
+    code = code.split("```python\n", 1)[1].split("```", 1)[0]
+    pkg = tmp_path / "plugin_demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "every_nth.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from plugin_demo.every_nth import EveryNth
+
+    line = re.search(r'`("everynth": Family\(.*\)),`', text).group(1)      # the doc's registry line
+    ((name, family),) = eval("{" + line + "}", {"Family": S.Family, "int_value": S.int_value,
+                                                "EveryNth": EveryNth}).items()
+    assert name not in S.REGISTRY
+    S.register(name, family)
+    try:
+        assert "everynth" in S.known_names()
+        sel = S.parse_attention_spec("sinks=1,everynth=3")
+        assert S.parse_attention_spec(str(sel)) == sel and str(sel) == "sinks=1,everynth=3"
+        with pytest.raises(ValueError, match="'seed'"):
+            S.parse_attention_spec("everynth=3,seed=1")
+        suite = dict(S.suite_selectors())
+        assert "everynth=3" in suite and suite["everynth=3"]() == EveryNth(3)
+
+        # the shared property suite, run on the new family: every property test taking `make`
+        spec = importlib.util.spec_from_file_location("shared_suite", ROOT / "tests" / "test_attention_properties.py")
+        suite_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(suite_mod)
+        props = [f for n, f in vars(suite_mod).items()
+                 if n.startswith("test_") and "make" in inspect.signature(f).parameters]
+        assert len(props) >= 5
+        for prop in props:
+            prop(make=suite["everynth=3"])
+    finally:
+        S.unregister("everynth")
+    assert "everynth" not in S.known_names()
+
+
+def test_register_refuses_a_taken_name():
+    with pytest.raises(ValueError, match="already"):
+        S.register("window", S.Family("attention", S.int_value("window", lambda n: None), "window=1"))
+    with pytest.raises(ValueError, match="already"):
+        S.register("seed", S.Family("attention", S.int_value("seed", lambda n: None), "seed=1"))
