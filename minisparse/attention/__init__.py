@@ -34,8 +34,8 @@ Where does a new selector go?
 1. One file `minisparse/attention/<name>.py` with a `Selector` subclass implementing
    `_select(q, k, q_pos, k_pos) -> Selection` (build rows with Selection.from_ranges /
    Selection.from_lists; per-query-head choices use head_kind=Q, n_heads=Hq), `describe()`
-   returning its spec, and `budget` when it has one. Set `deterministic = False` for samplers
-   and `exact_subset = False` when it reads pseudo-keys or non-zero log-weights.
+   returning its spec, and `budget` when it has one. Set `options = ("seed",)` when a seed
+   fixes its choice, and `exact_subset = False` when it reads pseudo-keys or non-zero log-weights.
 2. One line in `minisparse/spec.py`'s REGISTRY (e.g. "topk": Family("attention", ...)), or
    `minisparse.spec.register(...)` from outside the package.
 3. The shared property suite (tests/test_attention_properties.py) runs every registered

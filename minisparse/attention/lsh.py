@@ -236,8 +236,7 @@ class LSH(Ranked):
             self.k, self.fraction = check_budget("LSH(mode='rank')", k, fraction)
         else:
             self.k = self.fraction = None
-            self.deterministic = False          # the set depends on the seed, and is weighted
-            self.exact_subset = False
+            self.exact_subset = False           # weighted by -log P(sampled)
         self.index = index
 
     def bind(self, index):

@@ -16,8 +16,8 @@ Every selector has:
               of its causal keys, summed over a union; None for rules that fix neither
     exact_subset    True when it reads only real keys with log-weight 0 (the coverage bound of
                     the shared property suite applies); False for landmarks and samplers
-    deterministic   False when the set depends on a seed drawn per call (samplers); a seeded
-                    selector records its seed in its spec (",seed=N")
+    deterministic   False when its choice depends on a seed ("seed" in options); the seed is
+                    then part of its spec (",seed=N"), so a spec names one fixed set
     options, with_options(**opts)   the trailing spec options it takes and a copy with them
                     set; an option it does not take is a ValueError naming it
     covers_all_causal   True when it reads every causal key (Dense): the suite compares it to dense
@@ -44,9 +44,14 @@ class Selector:
     implement `_select(q, k, q_pos, k_pos) -> Selection` and `describe()`, and override the
     class attributes below where they differ."""
     covers_all_causal = False
-    deterministic = True
     exact_subset = True
     options = ()             # names of the trailing spec options it takes (",seed=N", ",mode=M")
+
+    @property
+    def deterministic(self) -> bool:
+        """False when its choice depends on a seed (random masks, LSH planes, IVF's k-means, an
+        untrained gate): the seed is then an option and part of its spec."""
+        return "seed" not in self.options
 
     def select(self, q, k, q_pos=None, k_pos=None) -> Selection:
         """Index sets for q (Hq, Tq, d) against k (Hkv, Tk, d) at the given positions."""
@@ -133,8 +138,11 @@ class Union(Selector):
             flat.extend(m.members if isinstance(m, Union) else [m])
         self.members = tuple(flat)
         self.covers_all_causal = any(m.covers_all_causal for m in flat)
-        self.deterministic = all(m.deterministic for m in flat)
         self.exact_subset = all(m.exact_subset for m in flat)
+
+    @property
+    def deterministic(self):
+        return all(m.deterministic for m in self.members)
 
     def _select(self, q, k, q_pos, k_pos):
         hq = k.shape[0] if q is None else q.shape[0]

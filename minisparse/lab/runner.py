@@ -59,7 +59,7 @@ def _with_seed(sel, seed):
     from ..attention import Union
     if isinstance(sel, Union):
         return type(sel)(*[_with_seed(m, seed) for m in sel.members])
-    return sel.with_options(seed=seed) if "seed" in sel.options else sel
+    return sel if sel.deterministic else sel.with_options(seed=seed)
 
 
 class Uncorrected:
