@@ -198,8 +198,8 @@ def suite_selectors() -> list[tuple[str, Callable[[], Selector]]]:
 def _tokens(spec: str, what: str):
     """[(name, value or None, {option: value})] for "name[=value][,option=value]..."."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{what} spec: expected a non-empty string like "
-                         f"{'sinks=4,window=128' if what == 'attention' else 'streaming=4+508'}, got {spec!r}")
+        like = "sinks=4,window=128" if what == "attention" else "streaming=4+508"
+        raise ValueError(f"{what} spec: expected a non-empty string like {like!r}, got {spec!r}")
     members = []
     for tok in spec.split(","):
         tok = tok.strip()
@@ -249,10 +249,10 @@ def parse_cache_spec(spec: str, model):
     """A new, empty cache for `spec` and `model` (a Model: the dense cache takes its shapes,
     streaming re-assignment its RoPE).
 
-    >>> parse_cache_spec("press=0.5/x", model=None)
+    >>> parse_cache_spec("press=0.5/x", model=None)                     # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: cache spec 'press=0.5/x': 'press=0.5/x': expected one compression ratio, e.g. press=0.5; unknown part 'x'
+    ValueError: cache spec 'press=0.5/x': ...; unknown part 'x'
     """
     members = _tokens(spec, "cache")
     if len(members) != 1:

@@ -194,7 +194,8 @@ def test_design_md_worked_example_new_selector_joins_registry_and_suite(tmp_path
         assert "everynth=3" in suite and suite["everynth=3"]() == EveryNth(3)
 
         # the shared property suite, run on the new family: every property test taking `make`
-        spec = importlib.util.spec_from_file_location("shared_suite", ROOT / "tests" / "test_attention_properties.py")
+        path = ROOT / "tests" / "test_attention_properties.py"
+        spec = importlib.util.spec_from_file_location("shared_suite", path)
         suite_mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(suite_mod)
         props = [f for n, f in vars(suite_mod).items()
