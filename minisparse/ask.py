@@ -58,7 +58,8 @@ def make_cache(model, spec):
     """A cache for the --cache spec: 'dense' or a bounded policy parsed by minisparse.cache."""
     if spec in (None, "", "dense"):
         return model.new_cache(), None
-    from .cache import max_keys, parse_cache_spec
+    from .cache import max_keys
+    from .spec import parse_cache_spec
     cache = parse_cache_spec(spec, model)
     return cache, max_keys(cache)
 
@@ -72,7 +73,7 @@ def fmt_bytes(n):
 
 def cmd_ask(args):
     from . import load_model
-    from .attention import parse_attention_spec
+    from .spec import parse_attention_spec
     from .cli import CLIError, check_sampling, resolve_model
     check_sampling(args)
     selector = parse_attention_spec(args.attention) if args.attention else None
@@ -178,7 +179,7 @@ def add_parsers(sub):
     a.add_argument("-m", "--model", default="default")
     a.add_argument("--context", nargs="+", required=True, help="text files to read")
     a.add_argument("-p", "--prompt", required=True, help="the question")
-    a.add_argument("--cache", default="dense", help='cache policy: dense, streaming=4+1020, recursive=B2048 (see minisparse/cache/spec.py)')
+    a.add_argument("--cache", default="dense", help='cache policy: dense, streaming=4+1020, recursive=B2048 (see minisparse/spec.py)')
     a.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
     add_sampling_args(a)

@@ -72,7 +72,7 @@ def check_sampling(args):
 
 
 def cmd_generate(args):
-    from .attention import parse_attention_spec
+    from .spec import parse_attention_spec
     from . import load_model
     check_sampling(args)
     selector = None

@@ -5,7 +5,8 @@ from hypothesis import given, strategies as st
 
 from minisparse.attention.kernel import CHUNK
 from minisparse.attention import (Dense, Sinks, Window, attend, dense_reference,
-                                  merge_lse, parse_attention_spec, known_names)
+                                  merge_lse)
+from minisparse.spec import known_names, parse_attention_spec
 
 
 def qkv(seed, hq=4, hkv=2, tq=7, tk=7, d=8):
@@ -84,7 +85,7 @@ def test_attend_rejects_bad_shapes_and_selection():
 
 def test_stats_count_keys_read_after_causality():
     q, k, v = qkv(2, tq=6, tk=6)
-    _, st_ = attend(q, k, v, "sinks=1,window=2", return_stats=True)
+    _, st_ = attend(q, k, v, parse_attention_spec("sinks=1,window=2"), return_stats=True)
     # row t (position t) reads key 0 plus positions t-2..t, deduplicated
     assert st_.n_attended[0].tolist() == [1, 2, 3, 4, 4, 4]
     assert st_.n_causal[0].tolist() == [1, 2, 3, 4, 5, 6]

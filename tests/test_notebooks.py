@@ -42,7 +42,7 @@ def test_keys_for_mass_is_the_smallest_prefix_of_sorted_mass():
 def test_selection_image_and_to_dot_agree_with_the_mask():
     import re
     import numpy as np
-    from minisparse.attention import parse_attention_spec
+    from minisparse.spec import parse_attention_spec
     from minisparse.viz import pattern, selection_image, to_dot
     T = 24
     for spec in ("sinks=2,window=3", "strided=4", "logstride", "random=20%x2"):

@@ -417,7 +417,6 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     (2, 3, 4)
     """
     from .patterns import Dense
-    from .spec import parse_attention_spec
     q, k, v = _f32("q", q), np.asarray(k), np.asarray(v)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: expected q (Hq, Tq, d), k = v (Hkv, Tk, d); got q {q.shape}, "
@@ -439,7 +438,8 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     if selector is None:
         selector = Dense()
     elif isinstance(selector, str):
-        selector = parse_attention_spec(selector)
+        raise ValueError(f"attend: selector {selector!r} is a spec string; parse it first "
+                         f"(minisparse.spec.parse_attention_spec)")
     sel = selector if isinstance(selector, Selection) else selector.select(q, k, q_pos, k_pos)
     sel = sel.normalize()
     want = {SHARED: 1, KV: Hkv, Q: Hq}[sel.head_kind]

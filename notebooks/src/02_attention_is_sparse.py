@@ -44,7 +44,7 @@ try:
 except ImportError:                                  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     import minisparse
-from minisparse.cache.fastgrnn import attention_maps
+from minisparse.gate.fastgrnn import attention_maps
 from minisparse.viz import entropy, keys_for_mass, mass_curve, show_map, pattern
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -211,7 +211,7 @@ if smol_path is not None:
 
 # %%
 B = 36
-from minisparse.attention import parse_attention_spec
+from minisparse.spec import parse_attention_spec
 mask, _ = pattern(parse_attention_spec("sinks=4,window=31"), T).to_mask(1, T, T)   # (1, T, T) bool
 rec_pattern = [float((p * mask)[:, t0:].sum(-1).mean()) for _, _, p in maps]
 rec_oracle = [float(mass_curve(p[:, t0:])[B - 1]) for _, _, p in maps]

@@ -44,7 +44,7 @@ except ImportError:                                  # a checkout without `pip i
     import minisparse
 from minisparse.attention import IVF, IVFIndex, Q, Dense, Selection, TopK, Window, attend, merge_lse
 from minisparse.lab.metrics import mass_recall
-from minisparse.cache.fastgrnn import attention_maps
+from minisparse.gate.fastgrnn import attention_maps
 from minisparse.lab.runner import selection_mask
 from minisparse.viz import mass_curve
 

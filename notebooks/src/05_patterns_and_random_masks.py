@@ -50,7 +50,8 @@ except ImportError:                                  # a checkout without `pip i
     sys.path.insert(0, str(ROOT))
     import minisparse
 from minisparse.attention import (BlockLocal, Dense, Landmarks, LogStride, RandomMask, Sinks, Strided,
-                                  Window, attend, parse_attention_spec)
+                                  Window, attend)
+from minisparse.spec import parse_attention_spec
 from minisparse.viz import draw_topology, pattern, render_dot, selection_image, to_dot
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -234,7 +235,7 @@ specs = ["window=16", "window=64", "sinks=4,window=16", "blocks=32", "strided=16
          "logstride", "landmarks=16", "sinks=4,window=16,logstride", "random=5%x4", "random=5%x16"]
 res = []
 for spec in specs:
-    o_s, st = attend(q, k, v, spec, return_stats=True)
+    o_s, st = attend(q, k, v, parse_attention_spec(spec), return_stats=True)
     err = np.linalg.norm(o_s - o, axis=-1) / np.linalg.norm(o, axis=-1)               # (Hq, T)
     res.append((spec, st.attended_fraction[:, 128:].mean(), err[:, 128:].mean()))
     print(f"{spec:28s} density {res[-1][1]:.3f}   rel. error {res[-1][2]:.3f}")

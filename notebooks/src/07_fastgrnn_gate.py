@@ -46,8 +46,8 @@ try:
 except ImportError:                                  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     import minisparse
-from minisparse.attention.gated import Gated
-from minisparse.cache.fastgrnn import FastGRNNGate, RandomGate, attention_maps, future_mass, mass_recall
+from minisparse.gate.gated import Gated
+from minisparse.gate.fastgrnn import FastGRNNGate, RandomGate, attention_maps, future_mass, mass_recall
 from minisparse.viz import selection_image
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
