@@ -212,7 +212,8 @@ def load_cache(path, model, key=None, verify=True, next_pos=None):
         raise CacheError(f"{path}/header.json: field 'meta': expected an object")
     try:
         cache = cls.from_state(header["meta"], arrays, **kw)
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, ArithmeticError) as e:
+        # what a header edited under a valid checksum can make from_state raise
         raise CacheError(f"{path}: header does not describe a valid {cls.__name__} ({e!r})") from None
     if next_pos is not None and cache.next_pos != next_pos:
         raise CacheError(f"{path}: the cache has taken in {cache.next_pos} positions; the document "
