@@ -98,19 +98,37 @@ def read_documents(paths) -> str:
     return "\n\n".join(docs)
 
 
-def answer(model, model_path, document, question, *, files=(), cache_spec="dense", chunk=256,
-           attention=None, dense_layers=(), sampling=None, use_saved=True, stats=None, log=None):
-    """Yield the answer's text pieces; the cost, the cache used and the notes go to `log`.
+def answer(model, model_path, document, question, *, sampling=None, **kw):
+    """Yield the answer's text pieces (prepare, then Model.generate from the prepared cache).
+
+    sampling: Model.generate's keyword arguments (max_new_tokens, temperature, top_k, ...);
+    the others are prepare's.
+    """
+    sampling = sampling or {}
+    cache, suffix = prepare(model, model_path, document, question,
+                            n_predict=sampling.get("max_new_tokens", 128), **kw)
+    yield from model.generate(suffix, **sampling, attention=kw.get("attention"),
+                              dense_layers=cache_layers(kw.get("attention"), kw.get("dense_layers", ())),
+                              cache=cache, add_bos=False, stats=kw.get("stats"))
+
+
+def cache_layers(attention, dense_layers):
+    """The dense layers that matter: none without a sparse attention."""
+    return tuple(sorted(set(dense_layers))) if attention is not None else ()
+
+
+def prepare(model, model_path, document, question, *, n_predict=128, files=(), cache_spec="dense",
+            chunk=256, attention=None, dense_layers=(), use_saved=True, stats=None, log=None):
+    """(cache holding the document, the question's token ids): the saved cache when it is
+    whole and for this key, else a prefill (saved unless use_saved is False). The cost, the
+    cache used and the notes go to `log` (stderr).
 
     attention: a selector or None (dense); its spec string is part of the cache key, as
-    str(attention). sampling: Model.generate's keyword arguments (temperature, top_k, ...).
-    stats: a list that receives forward's per-layer attention records (prefill and answer).
+    str(attention). stats: a list that receives forward's per-layer attention records.
     """
     log = log or sys.stderr
     if chunk < 1:
         raise MinisparseError(f"--chunk: expected a positive number of tokens, got {chunk}")
-    sampling = sampling or {}
-    n_predict = sampling.get("max_new_tokens", 128)
     cfg = model.config
     prefix, suffix = split_prompt(model.tokenizer, document, question)
     n = len(prefix) + len(suffix) + n_predict
@@ -132,7 +150,7 @@ def answer(model, model_path, document, question, *, files=(), cache_spec="dense
         raise MinisparseError(f"the KV cache would need {fmt_bytes(need)} but {fmt_bytes(avail)} is "
                               f"available; use a bounded cache such as --cache recursive=B{fit}")
     attn_label = str(attention) if attention is not None else "dense"
-    dense_layers = tuple(sorted(set(dense_layers))) if attention is not None else ()
+    dense_layers = cache_layers(attention, dense_layers)
     key = cache_key(model_path, document, attn_label, cache_spec or "dense", dense_layers)
     folder = cache_dir() / key
     loaded = None
@@ -163,9 +181,4 @@ def answer(model, model_path, document, question, *, files=(), cache_spec="dense
         loaded = cache
     if label:
         print(label, file=log)
-    t0, first = time.perf_counter(), None
-    for piece in model.generate(suffix, **sampling, attention=attention, dense_layers=dense_layers,
-                                cache=loaded, add_bos=False, stats=stats):
-        first = first or time.perf_counter()
-        yield piece
-    print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=log)
+    return loaded, suffix

@@ -3,6 +3,7 @@ cache on disk, answer questions about it)."""
 from __future__ import annotations
 
 import sys
+import time
 
 from . import flags
 
@@ -23,7 +24,7 @@ def add_parser(sub):
 
 def run(args):
     from .. import load_model
-    from ..ask import answer, read_documents
+    from ..ask import cache_layers, prepare, read_documents
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
     document = read_documents(args.context)
@@ -31,13 +32,18 @@ def run(args):
     model = load_model(model_path)
     flags.check_layers(dense_layers, model.config.n_layers)
     stats = [] if selector is not None else None
-    for piece in answer(model, model_path, document, args.prompt, files=args.context,
-                        cache_spec=args.cache, chunk=args.chunk, attention=selector,
-                        dense_layers=dense_layers, sampling=sampling, use_saved=not args.no_cache,
-                        stats=stats):
+    cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
+                            files=args.context, cache_spec=args.cache, chunk=args.chunk,
+                            attention=selector, dense_layers=dense_layers,
+                            use_saved=not args.no_cache, stats=stats)
+    t0, first = time.perf_counter(), None
+    for piece in model.generate(suffix, **sampling, attention=selector, cache=cache, add_bos=False,
+                                dense_layers=cache_layers(selector, dense_layers), stats=stats):
+        first = first or time.perf_counter()
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
     if stats is not None:
         print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)
     return 0
