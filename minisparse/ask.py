@@ -7,7 +7,7 @@ chunks with a progress bar -> save the cache (minisparse.persist) -> answer, str
 prefill. Left out on purpose: retrieval/chunk ranking (the whole document is read), batching.
 
 The saved cache's key covers everything its K/V depend on: the model file, the document, the
-attention spec, the layers it keeps dense, the cache policy. Two `ask` runs on the same document
+attention spec, the layers it keeps dense, the cache policy, the prefill chunk. Two `ask` runs on the same document
 at once both prefill and both answer; each writes its own temporary folder and renames it into
 place (minisparse.persist), so one complete cache ends up on disk, the last to land, and nothing
 half-written is ever loaded. No lock: waiting on another process's prefill would save nothing
@@ -151,7 +151,7 @@ def prepare(model, model_path, document, question, *, n_predict=128, files=(), c
                               f"available; use a bounded cache such as --cache recursive=B{fit}")
     attn_label = str(attention) if attention is not None else "dense"
     dense_layers = cache_layers(attention, dense_layers)
-    key = cache_key(model_path, document, attn_label, cache_spec or "dense", dense_layers)
+    key = cache_key(model_path, document, attn_label, cache_spec or "dense", dense_layers, chunk)
     folder = cache_dir() / key
     loaded = None
     if folder.exists() and use_saved:
@@ -177,7 +177,8 @@ def prepare(model, model_path, document, question, *, n_predict=128, files=(), c
         if use_saved:
             save_cache(cache, folder, key=key, extra={
                 "model": str(model_path), "tokens": len(prefix), "files": list(map(str, files)),
-                "attention": attn_label, "dense_layers": list(dense_layers), "cache": cache_spec or "dense"})
+                "attention": attn_label, "dense_layers": list(dense_layers), "cache": cache_spec or "dense",
+                "chunk": chunk})
         loaded = cache
     if label:
         print(label, file=log)

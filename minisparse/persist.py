@@ -70,16 +70,18 @@ def file_sha256(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_path, text_or_tokens, attention="dense", cache_policy="dense", dense_layers=()) -> str:
+def cache_key(model_path, text_or_tokens, attention="dense", cache_policy="dense", dense_layers=(),
+              chunk=None) -> str:
     """Hash of what the saved K/V depend on: the model file's bytes, the context, the attention
     spec and the layers it leaves dense (a layer's K/V come from the earlier layers' attention
-    outputs), the cache policy, and the format."""
+    outputs), the cache policy, the prefill's chunk (a bounded cache compresses between chunks,
+    and the matrix products round differently by chunk), and the format."""
     h = hashlib.sha256()
     h.update(f"minisparse-kv-v{FORMAT_VERSION}\0".encode())
     h.update(file_sha256(model_path).encode())
     ctx = text_or_tokens if isinstance(text_or_tokens, str) else " ".join(map(str, text_or_tokens))
     layers = ",".join(map(str, sorted(set(dense_layers))))
-    for part in (ctx, str(attention), str(cache_policy), layers):
+    for part in (ctx, str(attention), str(cache_policy), layers, str(chunk)):
         h.update(b"\0" + part.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:32]
 
