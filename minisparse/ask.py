@@ -7,10 +7,10 @@ chunks with a progress bar -> save the cache (minisparse.persist) -> answer, str
 prefill. Left out on purpose: retrieval/chunk ranking (the whole document is read), batching.
 
 The saved cache's key covers everything its K/V depend on: the model file, the document, the
-attention spec, the layers it keeps dense, the cache policy, the prefill chunk. Two `ask` runs on the same document
-at once both prefill and both answer; each writes its own temporary folder and renames it into
-place (minisparse.persist), so one complete cache ends up on disk, the last to land, and nothing
-half-written is ever loaded. No lock: waiting on another process's prefill would save nothing
+attention spec, the layers it keeps dense, the cache policy, the prefill chunk. Two `ask` runs
+on the same document at once both prefill and both answer; each writes its own temporary folder
+and renames it into place (minisparse.persist), so one complete cache ends up on disk, the last
+to land, and nothing half-written is ever loaded. No lock: waiting on another process's prefill would save nothing
 when it is killed, and two prefills of one document are rare. The command line is in
 minisparse/cli/ask.py.
 """

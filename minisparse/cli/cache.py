@@ -24,9 +24,11 @@ def run(args):
         if args.keys or args.all:
             raise CLIError("cache ls: takes no keys and no --all")
         return ls()
-    if bool(args.keys) == bool(args.all):
-        raise CLIError("cache rm: give the keys to remove (see `minisparse cache ls`) or --all, "
-                       "not both")
+    if not args.keys and not args.all:
+        raise CLIError("cache rm: nothing named to remove; give keys (see `minisparse cache ls`) "
+                       "or --all")
+    if args.keys and args.all:
+        raise CLIError("cache rm: give keys or --all, not both")
     return rm(set(args.keys))   # an empty set: --all
 
 
