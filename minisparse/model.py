@@ -223,10 +223,11 @@ class Model:
 
     def generate(self, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95,
                  min_p=0.05, repeat_penalty=1.0, seed=None, attention=None, dense_layers=(),
-                 cache=None, add_bos=None, stop_at_eos=True):
+                 cache=None, add_bos=None, stop_at_eos=True, stats=None):
         """Yield text pieces of a continuation of `prompt` (str, or a list of token ids).
 
         Greedy when temperature <= 0. The seed is recorded in `self.last_seed`.
+        stats: a list that receives forward's per-layer attention records of every step.
         """
         from .sampling import Sampler   # local: sampling is optional for forward-only users
         tok = self.tokenizer
@@ -242,7 +243,7 @@ class Model:
                              f"({len(cache)} already used); shorten it or raise -c")
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         self.last_seed = sampler.seed
-        logits = self.forward(ids, cache, attention, dense_layers, last_only=True)[-1]
+        logits = self.forward(ids, cache, attention, dense_layers, stats, last_only=True)[-1]
         stream = tok.decode_stream() if tok is not None else None
         for i in ids if stream is not None else ():
             stream.push(i)        # the prompt was printed already; this sets SentencePiece's prefix-space state
@@ -257,7 +258,7 @@ class Model:
                 yield piece
             if len(cache) >= ctx:
                 break
-            logits = self.forward([nxt], cache, attention, dense_layers)[-1]
+            logits = self.forward([nxt], cache, attention, dense_layers, stats)[-1]
         if stream is not None:
             tail = stream.flush()
             if tail:

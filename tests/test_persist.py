@@ -59,7 +59,9 @@ def test_key_changes_with_context_model_and_policy(stories_path, tmp_path):
     for changed in (cache_key(stories_path, "doc2", "dense", "dense"),
                     cache_key(other, "doc", "dense", "dense"),
                     cache_key(stories_path, "doc", "window=64", "dense"),
-                    cache_key(stories_path, "doc", "dense", "streaming=4+60")):
+                    cache_key(stories_path, "doc", "dense", "streaming=4+60"),
+                    cache_key(stories_path, "doc", "window=64", "dense", dense_layers=(0,)),
+                    cache_key(stories_path, "doc", "dense", "dense", chunk=64)):
         assert changed != base
 
 

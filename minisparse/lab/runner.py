@@ -5,8 +5,8 @@ results.json plus a Markdown table.
 Leaves out plotting (plots.py), the pass-key task's generator (needle.py) and the CLI (cli.py).
 The rule for a variant string (docs/lab.md): if its first member's name is a cache policy
 (`recursive=`, `streaming=`, `press=`) the variant is a bounded cache parsed by
-`minisparse.cache.parse_cache_spec`; otherwise it is an attention spec
-parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
+`minisparse.spec.parse_cache_spec`; otherwise it is an attention spec
+parsed by `minisparse.spec.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
 `uncorrected:` (lab only) reads the same keys with the samplers' log-weights dropped.
 
 Shape legend: T tokens, A analysis rows, Hq / Hkv query / KV heads, d head width, V vocabulary.
