@@ -4,7 +4,7 @@ frequency rank over frozen codes), with recall@k against exact top-k. Prints a t
 
 Leaves out the model (attention only) and index build time from the step time (reported apart:
 an index is built once after prefill). Keys have structure so top-k means something: a
-mixture of Gaussian clusters; each query sits near one cluster's centre. Target (issue 9): IVF
+mixture of Gaussian clusters; each query sits near one cluster's centre. Target: IVF
 top-k decode at T = 256k >= 10x faster than the dense scan with recall@k >= 0.9.
 
     python3 benchmarks/bench_attention_decode.py --quick --out bench_attention_decode.json
@@ -119,7 +119,7 @@ def main():
                        for p in args.nprobe) +
               f" {r['lsh_ms']:>7.1f}/{r['lsh_recall']:.3f} {r['ivf_build_s']:>11.1f} "
               f"{r['lsh_build_s']:>11.1f}", flush=True)
-    # issue 9: at the largest T, the fastest nprobe with recall >= 0.9 against the dense scan
+    # the target: at the largest T, the fastest nprobe with recall >= 0.9 against the dense scan
     last = rows[-1]
     ok = [(v["ms"], p) for p, v in last["ivf"].items() if v["recall"] >= 0.9]
     target = {"T": last["T"], "met": False}
@@ -133,7 +133,7 @@ def main():
             x = np.log([r["T"] for r in rows])
             y = np.log([r["ivf"][p]["touched"] for r in rows])
             target[f"touched_slope_p{p}"] = float(np.polyfit(x, y, 1)[0])
-    print("issue 9 target (IVF >= 10x dense at T = 256k, recall@k >= 0.9):", target)
+    print("target (IVF >= 10x dense at T = 256k, recall@k >= 0.9):", target)
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "numba_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count()))},
            "heads": args.heads, "d": args.d, "k": args.k, "lsh": args.lsh, "seed": args.seed,

@@ -4,7 +4,7 @@ preset (window 128, block 64, globals [0], log-stride, landmarks). Prints a tabl
 GFLOP/s of the dense rows (4 * n(n+1)/2 * heads * d FLOPs: the causal q.k and p.v products),
 fits the scaling exponent (log-log least squares), writes JSON.
 
-Leaves out model layers (attention only). Target (issue 9): ruvllm at n = 8192 (8 heads, d 64)
+Leaves out model layers (attention only). Target: ruvllm at n = 8192 (8 heads, d 64)
 under 262.6 ms, the figure ruvllm_sparse_attention publishes for an x86 desktop; exponent <= 1.2.
 
     python3 benchmarks/bench_attention_prefill.py --quick --out bench_attention.json

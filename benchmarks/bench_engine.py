@@ -261,8 +261,8 @@ def ceilings(repeats):
 
 
 def _gguf(path):
-    """The file through minisparse's own reader (metadata walk only: ~0.04 s for SmolLM2, where
-    gguf.GGUFReader parses the whole vocabulary, ~3.6 s)."""
+    """The file through minisparse's own reader: it walks the metadata only, where
+    gguf.GGUFReader parses the whole vocabulary, so start-up figures measure the engine."""
     sys.path.insert(0, str(ROOT))
     from minisparse.gguf_check import GGUFFile
     return GGUFFile(path)
@@ -397,7 +397,7 @@ def run(args):
               "crossover": crossover(), "runs": []}
     # Numba's cache is filled in a throwaway process first: a kernel whose source file changed
     # since its last compile would otherwise compile inside the first measured worker, and that
-    # worker's RSS would carry LLVM's compile-time memory (one such run: floor 222 vs 178 MB)
+    # worker's RSS would carry LLVM's compile-time memory and overstate the runtime floor
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--warm-numba-cache"], env=env, cwd=ROOT, check=True)
     report["numba_cache_warm_s"] = time.perf_counter() - t

@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minisparse.attention import Dense, attend  # noqa: E402
-from minisparse.attention.gated import Gated, gate_rows  # noqa: E402
-from minisparse.cache.fastgrnn import DEFAULT_WEIGHTS, FastGRNNGate, GateState  # noqa: E402
+from minisparse.gate.gated import Gated, gate_rows  # noqa: E402
+from minisparse.gate.fastgrnn import DEFAULT_WEIGHTS, FastGRNNGate, GateState  # noqa: E402
 from minisparse.registry import shipped_file  # noqa: E402
 
 

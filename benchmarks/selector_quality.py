@@ -4,7 +4,7 @@ and 10% realised density; checks the ordering top-k < top-k/kv < Quest < sinks+w
 
 Leaves out end-to-end effects (perplexity, generation): the q/k/v are the dense model's, taken
 from `Model.forward(..., trace=...)` (post-RoPE), and each selector runs on them as a decode
-query against the cache prefix. Issue 4's evaluation protocol.
+query against the cache prefix.
 
     python3 benchmarks/selector_quality.py --out benchmarks/selector_quality.json
 """

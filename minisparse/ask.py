@@ -5,16 +5,23 @@ KV bytes for the chosen cache policy, time estimated from a measured warm-up) ->
 chunks with a progress bar -> save the cache (minisparse.persist) -> answer, streaming. The next
 `ask` about the same document, model and policies loads the cache memory-mapped and skips the
 prefill. Left out on purpose: retrieval/chunk ranking (the whole document is read), batching.
+
+The saved cache's key covers everything its K/V depend on: the model file, the document, the
+attention spec, the layers it keeps dense, the cache policy, the prefill chunk. Two `ask` runs
+on the same document at once both prefill and both answer; each writes its own temporary folder
+and renames it into place (minisparse.persist), so one complete cache ends up on disk, the last
+to land, and nothing half-written is ever loaded. No lock: waiting on another process's prefill would save nothing
+when it is killed, and two prefills of one document are rare. The command line is in
+minisparse/cli/ask.py.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from .errors import MinisparseError
 from .progress import Progress
-from .persist import CacheError, cache_dir, cache_key, list_caches, load_cache, save_cache
+from .persist import CacheError, cache_dir, cache_key, load_cache, save_cache
 
 SENTINEL = "\u0000MINISPARSE-QUESTION\u0000"
 
@@ -58,7 +65,8 @@ def make_cache(model, spec):
     """A cache for the --cache spec: 'dense' or a bounded policy parsed by minisparse.cache."""
     if spec in (None, "", "dense"):
         return model.new_cache(), None
-    from .cache import max_keys, parse_cache_spec
+    from .cache import max_keys
+    from .spec import parse_cache_spec
     cache = parse_cache_spec(spec, model)
     return cache, max_keys(cache)
 
@@ -70,121 +78,109 @@ def fmt_bytes(n):
         n /= 1024
 
 
-def cmd_ask(args):
-    from . import load_model
-    from .attention import parse_attention_spec
-    from .cli import CLIError, check_sampling, resolve_model
-    check_sampling(args)
-    selector = parse_attention_spec(args.attention) if args.attention else None
+def beyond_context_warning(n, trained, why) -> str:
+    """The one wording of the note printed when a run goes past the context a model was trained on."""
+    return f"[beyond the trained context: {n} > {trained} tokens; {why}]"
+
+
+def read_documents(paths) -> str:
+    """The files' text joined by blank lines; a file that is missing or not UTF-8 is refused,
+    named (replacing its bytes would answer about a text nobody wrote)."""
     docs = []
-    for f in args.context:
+    for f in paths:
         try:
-            with open(f, encoding="utf-8", errors="replace") as fh:
+            with open(f, encoding="utf-8") as fh:
                 docs.append(fh.read())
         except OSError as e:
-            raise CLIError(f"--context {f}: {e.strerror}") from None
-    document = "\n\n".join(docs)
-    model_path = resolve_model(args.model)
-    model = load_model(model_path)
+            raise MinisparseError(f"--context {f}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise MinisparseError(f"--context {f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                  f"offset {e.start}); convert it first, e.g. iconv -t utf-8") from None
+    return "\n\n".join(docs)
+
+
+def answer(model, model_path, document, question, *, sampling=None, **kw):
+    """Yield the answer's text pieces (prepare, then Model.generate from the prepared cache).
+
+    sampling: Model.generate's keyword arguments (max_new_tokens, temperature, top_k, ...);
+    the others are prepare's.
+    """
+    sampling = sampling or {}
+    cache, suffix = prepare(model, model_path, document, question,
+                            n_predict=sampling.get("max_new_tokens", 128), **kw)
+    yield from model.generate(suffix, **sampling, attention=kw.get("attention"),
+                              dense_layers=cache_layers(kw.get("attention"), kw.get("dense_layers", ())),
+                              cache=cache, add_bos=False, stats=kw.get("stats"))
+
+
+def cache_layers(attention, dense_layers):
+    """The dense layers that matter: none without a sparse attention."""
+    return tuple(sorted(set(dense_layers))) if attention is not None else ()
+
+
+def prepare(model, model_path, document, question, *, n_predict=128, files=(), cache_spec="dense",
+            chunk=256, attention=None, dense_layers=(), use_saved=True, stats=None, log=None):
+    """(cache holding the document, the question's token ids): the saved cache when it is
+    whole and for this key, else a prefill (saved unless use_saved is False). The cost, the
+    cache used and the notes go to `log` (stderr).
+
+    attention: a selector or None (dense); its spec string is part of the cache key, as
+    str(attention). stats: a list that receives forward's per-layer attention records.
+    """
+    log = log or sys.stderr
+    if chunk < 1:
+        raise MinisparseError(f"--chunk: expected a positive number of tokens, got {chunk}")
     cfg = model.config
-    prefix, suffix = split_prompt(model.tokenizer, document, args.prompt)
-    n = len(prefix) + len(suffix) + args.n_predict
-    cache, bound = make_cache(model, args.cache)
+    prefix, suffix = split_prompt(model.tokenizer, document, question)
+    n = len(prefix) + len(suffix) + n_predict
+    cache, bound = make_cache(model, cache_spec)
     held = n if bound is None else min(n, bound)
     need = kv_bytes(cfg, held)
     label = ""
     if n > cfg.context_length:
         if bound is None:
-            raise CLIError(f"the document and question take {n} tokens but {model_path} was trained "
-                           f"on {cfg.context_length}; run with a bounded cache, e.g. --cache "
-                           f"streaming=4+{cfg.context_length // 2}")
-        label = (f"[beyond the trained context: {n} > {cfg.context_length} tokens; "
-                 f"attention bounded by --cache {args.cache}]")
+            raise MinisparseError(f"the document and question take {n} tokens but {model_path} was "
+                                  f"trained on {cfg.context_length}; run with a bounded cache, e.g. "
+                                  f"--cache streaming=4+{cfg.context_length // 2}")
+        label = beyond_context_warning(n, cfg.context_length, f"attention bounded by --cache {cache_spec}")
     avail = available_memory()
     print(f"document: {len(prefix)} tokens, question: {len(suffix)} tokens; KV cache "
-          f"({args.cache or 'dense'}): {fmt_bytes(need)}", file=sys.stderr)
+          f"({cache_spec or 'dense'}): {fmt_bytes(need)}", file=log)
     if avail is not None and need > 0.8 * avail:
         fit = int(0.5 * avail / kv_bytes(cfg, 1))
-        raise CLIError(f"the KV cache would need {fmt_bytes(need)} but {fmt_bytes(avail)} is available; "
-                       f"use a bounded cache such as --cache recursive=B{fit}")
-    attn_label = args.attention or "dense"
-    key = cache_key(model_path, document, attn_label, args.cache or "dense")
+        raise MinisparseError(f"the KV cache would need {fmt_bytes(need)} but {fmt_bytes(avail)} is "
+                              f"available; use a bounded cache such as --cache recursive=B{fit}")
+    attn_label = str(attention) if attention is not None else "dense"
+    dense_layers = cache_layers(attention, dense_layers)
+    key = cache_key(model_path, document, attn_label, cache_spec or "dense", dense_layers, chunk)
     folder = cache_dir() / key
     loaded = None
-    if folder.exists() and not args.no_cache:
+    if folder.exists() and use_saved:
         try:
-            loaded = load_cache(folder, model, key=key)
-            print(f"using the saved cache {folder} ({len(loaded)} positions; no prefill)", file=sys.stderr)
+            loaded = load_cache(folder, model, key=key, next_pos=len(prefix))
+            print(f"using the saved cache {folder} ({len(loaded)} positions; no prefill)", file=log)
         except CacheError as e:
-            print(f"saved cache rejected, rebuilding: {e}", file=sys.stderr)
+            print(f"saved cache rejected, rebuilding: {e}", file=log)
     if loaded is None:
         warm = min(64, len(prefix))
-        model.forward(prefix[:8], model.new_cache(), attention=selector)     # compile/load kernels
+        model.forward(prefix[:8], model.new_cache(), attention=attention)     # compile/load kernels
         t0 = time.perf_counter()
-        model.forward(prefix[:warm], model.new_cache(), attention=selector)
+        model.forward(prefix[:warm], model.new_cache(), attention=attention)
         rate = warm / max(time.perf_counter() - t0, 1e-9)
         print(f"estimated prefill time: {len(prefix) / rate:.0f} s (warm-up {rate:.0f} tok/s on "
-              f"{warm} tokens; attention grows with length, so this is a lower bound)", file=sys.stderr)
-        model.prefill(prefix, cache, chunk=args.chunk, progress=Progress("prefill"), attention=selector)
-        if not args.no_cache:
-            save_cache(cache, folder, key=key, extra={"model": str(model_path), "tokens": len(prefix),
-                                                      "files": list(map(str, args.context)),
-                                                      "attention": attn_label, "cache": args.cache or "dense"})
+              f"{warm} tokens; attention grows with length, so this is a lower bound)", file=log)
+        with Progress("prefill", stream=log) as bar:
+            model.prefill(prefix, cache, chunk=chunk, progress=bar, attention=attention,
+                          dense_layers=dense_layers, stats=stats)
+        if cache.next_pos != len(prefix):    # never save (and later answer from) a partial cache
+            raise MinisparseError(f"the prefill took in {cache.next_pos} of {len(prefix)} tokens; "
+                                  f"nothing saved")
+        if use_saved:
+            save_cache(cache, folder, key=key, extra={
+                "model": str(model_path), "tokens": len(prefix), "files": list(map(str, files)),
+                "attention": attn_label, "dense_layers": list(dense_layers), "cache": cache_spec or "dense",
+                "chunk": chunk})
         loaded = cache
     if label:
-        print(label, file=sys.stderr)
-    t0 = time.perf_counter()
-    first = None
-    for piece in model.generate(suffix, max_new_tokens=args.n_predict, temperature=args.temp,
-                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repeat_penalty=args.repeat_penalty, seed=args.seed,
-                                attention=selector, cache=loaded, add_bos=False):
-        first = first or time.perf_counter()
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
-    return 0
-
-
-def cmd_cache(args):
-    rows = list_caches()
-    if args.action == "ls":
-        total = 0
-        for folder, header, size in rows:
-            total += size
-            extra = (header or {}).get("extra", {})
-            what = (f"{extra.get('tokens', '?')} tokens of {', '.join(extra.get('files', [])) or '?'} "
-                    f"with {os.path.basename(extra.get('model', '?'))}, cache {extra.get('cache', '?')}"
-                    if header else "unreadable header")
-            print(f"{folder.name}  {fmt_bytes(size):>10}  {what}")
-        print(f"{len(rows)} cached documents, {fmt_bytes(total)} in {cache_dir()}")
-    else:
-        import shutil
-        names = set(args.keys)
-        for folder, _, size in rows:
-            if args.all or folder.name in names:
-                shutil.rmtree(folder)
-                names.discard(folder.name)
-                print(f"removed {folder.name} ({fmt_bytes(size)})")
-        if names:
-            raise MinisparseError(f"no cached document named {', '.join(sorted(names))} in {cache_dir()}")
-    return 0
-
-
-def add_parsers(sub):
-    from .cli import add_sampling_args
-    a = sub.add_parser("ask", help="prefill documents once, then answer questions about them")
-    a.add_argument("-m", "--model", default="default")
-    a.add_argument("--context", nargs="+", required=True, help="text files to read")
-    a.add_argument("-p", "--prompt", required=True, help="the question")
-    a.add_argument("--cache", default="dense", help='cache policy: dense, streaming=4+1020, recursive=B2048 (see minisparse/cache/spec.py)')
-    a.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
-    a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
-    add_sampling_args(a)
-    a.set_defaults(func=cmd_ask)
-    c = sub.add_parser("cache", help="list or remove saved document caches")
-    c.add_argument("action", choices=["ls", "rm"])
-    c.add_argument("keys", nargs="*")
-    c.add_argument("--all", action="store_true", help="with rm: remove every cached document")
-    c.set_defaults(func=cmd_cache)
+        print(label, file=log)
+    return loaded, suffix

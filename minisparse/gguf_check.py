@@ -37,13 +37,12 @@ MAX_DIMS = 4                   # GGML_MAX_DIMS
 # key spelled like one of them makes it raise KeyError. Our reader has no such clash; the names are
 # still refused so that every file minisparse accepts also opens in gguf-py (the tests' oracle).
 RESERVED_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
-# Caps on what a file can make *this* parser do. Walking a string array is a Python loop (~0.3 us
-# per item) and reading it builds one str per item (~60 B), a tensor info one TensorInfo and one
-# NumPy view (~1 KB): all proportional to the file, but a multi-GB model file could declare 100M
-# tiny strings in its metadata and cost minutes and gigabytes before a tensor is read. Real files
-# stay far below: a 256k vocabulary with scores, types and merges is < 1M items; models have < 10k
-# tensors and < 100 keys. (GGUFReader, which the loader used before, spent ~700 B and ~10 us per
-# item: 700 MB and 40 s for one 4 MB array of 1M int32. That is why the cap was first set.)
+# Caps on what a file can make *this* parser do. Walking a string array is a Python loop that
+# builds one str per item, and a tensor info costs one TensorInfo and one NumPy view: all
+# proportional to the file, but a multi-GB model file could declare 100M tiny strings in its
+# metadata and cost minutes and gigabytes before a tensor is read. The caps sit well above real
+# files (a 256k vocabulary with scores, types and merges is < 1M items; models have < 10k tensors
+# and < 100 keys), so they refuse only files whose counts no model needs.
 MAX_ARRAY_ITEMS = 1 << 21      # in all metadata arrays together, nested items included
 MAX_TENSORS = 1 << 16
 MAX_KV = 1 << 16
@@ -411,8 +410,8 @@ class GGUFFile:
     `get(key)` reads a metadata value when asked for it: scalars as Python values, numeric arrays
     as read-only NumPy views of the map, string arrays as one `list[str]`, nested arrays as lists.
     Nothing is cached, so a 49k-entry merge list lives only while its caller holds it. `tensors`
-    (file order) and `tensor(name)` give `GGUFTensor`s viewing the map: opening a 100 MB model
-    costs its metadata walk, and its pages are read when a kernel touches them.
+    (file order) and `tensor(name)` give `GGUFTensor`s viewing the map: opening a model of any size
+    costs only its metadata walk, and its pages are read when a kernel touches them.
 
     >>> f = GGUFFile("../shared/fixtures/stories260K.gguf")                       # doctest: +SKIP
     >>> f.get("llama.embedding_length"), f.get("tokenizer.ggml.tokens")[:3]       # doctest: +SKIP
@@ -483,8 +482,9 @@ class GGUFFile:
     def _read_strings(self, raw: bytes, n: int, what: str) -> list[str]:
         """`n` GGUF strings (u64 length, UTF-8 bytes) packed in `raw`, decoded in one pass.
 
-        A vocabulary is 30k-250k of them; the loop keeps to locals (~0.3 us a string) and checks
-        each length against the bytes left before slicing."""
+        A vocabulary is 30k-250k of them, so the loop keeps to locals (an attribute lookup per
+        string would cost as much as the decode) and checks each length against the bytes left
+        before slicing."""
         out: list[str] = []
         append, u64, pos, size, i, n_str = out.append, _U64.unpack_from, 0, len(raw), 0, 0
         try:

@@ -22,10 +22,12 @@ from typing import Callable
 
 import numpy as np
 
-from .attention import Dense, attend, parse_attention_spec
+from .attention import Dense, attend
 from .attention.kernel import reference_kernel
+from .cache import KVCache
 from .gguf_io import Config
 from .quant import QuantMatrix
+from .spec import parse_attention_spec
 
 
 # ----------------------------------------------------------------------------- math
@@ -157,86 +159,6 @@ PLAIN = Ops(embed=embed, rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=
             attend=partial(attend, kernel=reference_kernel))
 
 
-# ----------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Dense KV cache: every position is kept. State lives here, math stays in free functions.
-
-    k, v are (L, Hkv, capacity, d); capacity doubles when full, so decode does no per-step
-    allocation proportional to the context. Keys are stored after RoPE, with their positions.
-    `dtype=np.float16` stores K/V in half precision (attention still computes in float32).
-    """
-
-    def __init__(self, cfg: Config, capacity: int = 256, dtype=np.float32):
-        self.cfg, self.dtype = cfg, np.dtype(dtype)
-        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = np.zeros(shape, self.dtype)                  # (L, Hkv, cap, d)
-        self.v = np.zeros(shape, self.dtype)
-        self.pos = np.zeros(capacity, np.int64)               # (cap,) original positions
-        self.n = 0                                            # positions held
-        self.next_pos = 0                                     # position of the next token
-        self.selector_state = {}                              # per-layer indexes of selectors (IVF, ...)
-
-    def __len__(self):
-        return self.n
-
-    def _grow(self, need):
-        cap = self.k.shape[2]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap)
-        pad = ((0, 0), (0, 0), (0, new - cap), (0, 0))
-        self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
-        self.pos = np.pad(self.pos, (0, new - cap))
-
-    def update(self, layer, k_new, v_new, pos, q=None):
-        """Append k_new, v_new (Hkv, T, d) at positions pos (T,); return what attention reads:
-        k_pos (S,) with S = n + T, and this layer's whole buffers k, v (Hkv, capacity, d) whose
-        first S rows are the keys. Handing over the contiguous buffer rather than the strided
-        view k[:, :S] lets the kernel read the cache in place: no O(S) copy per decode step.
-        q (Hq, T, d), this call's queries, is for bounded caches that score keys by attention
-        (minisparse.cache); this one keeps all."""
-        T = k_new.shape[1]
-        self._grow(self.n + T)
-        self.k[layer, :, self.n:self.n + T] = k_new
-        self.v[layer, :, self.n:self.n + T] = v_new
-        self.pos[self.n:self.n + T] = pos
-        S = self.n + T
-        return self.k[layer], self.v[layer], self.pos[:S]
-
-    def advance(self, T):
-        """Called once all layers have seen the T new tokens."""
-        self.n += T
-        self.next_pos += T
-
-    def nbytes(self):
-        return self.k[:, :, : self.n].nbytes + self.v[:, :, : self.n].nbytes
-
-    def state(self, reserve=1024):
-        """(meta, arrays) for minisparse.persist: the held positions plus `reserve` free slots,
-        so a cache loaded memory-mapped can take new tokens without a copy."""
-        cap = self.n + reserve
-        pad = lambda a: np.pad(a[:, :, : self.n], ((0, 0), (0, 0), (0, reserve), (0, 0)))  # noqa: E731
-        return ({"kind": "KVCache", "n": self.n, "next_pos": self.next_pos},
-                {"k": pad(self.k), "v": pad(self.v), "pos": np.pad(self.pos[: self.n], (0, cap - self.n))})
-
-    @classmethod
-    def from_state(cls, meta, arrays, cfg=None):
-        """Rebuild from `state()`; the arrays are used as given (memory maps stay maps)."""
-        c = cls.__new__(cls)
-        c.cfg, c.k, c.v, c.pos = cfg, arrays["k"], arrays["v"], arrays["pos"]
-        c.dtype = c.k.dtype
-        if c.k.ndim != 4 or c.v.shape != c.k.shape or c.k.shape[2] != c.pos.shape[0]:
-            raise ValueError(f"k {c.k.shape}, v {c.v.shape}, pos {c.pos.shape}: expected "
-                             f"(L, Hkv, capacity, d) twice and (capacity,)")
-        c.n, c.next_pos = int(meta["n"]), int(meta["next_pos"])
-        c.selector_state = {}                                 # indexes are rebuilt, not saved
-        if not 0 <= c.n <= c.pos.shape[0]:
-            raise ValueError(f"n={c.n} outside the {c.pos.shape[0]} saved slots")
-        return c
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -355,8 +277,8 @@ class Model:
                  cache=None, add_bos=None, stop_at_eos=True, stats=None):
         """Yield text pieces of a continuation of `prompt` (str, or a list of token ids).
 
-        Greedy when temperature <= 0. The seed is recorded in `self.last_seed`. stats: a list
-        that receives every forward's per-layer attention counts (see forward).
+        Greedy when temperature <= 0. The seed is recorded in `self.last_seed`.
+        stats: a list that receives forward's per-layer attention records of every step.
         """
         from .sampling import Sampler   # local: sampling is optional for forward-only users
         tok = self.tokenizer

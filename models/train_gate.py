@@ -2,7 +2,7 @@
 
 Leaves out PyTorch: NumPy forward and hand-written backpropagation through time (checked
 against finite differences in tests/test_fastgrnn.py), full-batch Adam. Follows Kusupati et al.
-2018's cell (minisparse/cache/fastgrnn.py); the target is each key's mean future attention.
+2018's cell (minisparse/gate/fastgrnn.py); the target is each key's mean future attention.
 
 Data: texts the model samples itself from BOS (temperature 1, seeds 0..n-1 for training,
 1000.. held out). For every layer and KV head the cell reads the RMS-normalised keys in order;
@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minisparse import load_model  # noqa: E402
-from minisparse.attention.gated import Gated  # noqa: E402
-from minisparse.cache.fastgrnn import (EPS, FastGRNNGate, RandomGate, attention_maps,  # noqa: E402
+from minisparse.gate.gated import Gated  # noqa: E402
+from minisparse.gate.fastgrnn import (EPS, FastGRNNGate, RandomGate, attention_maps,  # noqa: E402
                                        future_mass, mass_recall, save_gates)
 
 sig = lambda x: 1.0 / (1.0 + np.exp(-x))

@@ -5,7 +5,8 @@ from hypothesis import given, strategies as st
 
 from minisparse.fast.attention import CHUNK
 from minisparse.attention import (Dense, Sinks, Window, attend, dense_reference,
-                                  merge_lse, parse_attention_spec, known_names)
+                                  merge_lse)
+from minisparse.spec import known_names, parse_attention_spec
 
 
 def qkv(seed, hq=4, hkv=2, tq=7, tk=7, d=8):

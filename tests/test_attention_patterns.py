@@ -8,8 +8,8 @@ from hypothesis import given, strategies as st
 from minisparse.fast.attention import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RunningLandmarks, RuvLLM, Selection, Sinks, Strided, Window,
-                                  attend, dense_reference, merge_lse, parse_attention_spec,
-                                  store_kv, union)
+                                  attend, dense_reference, merge_lse, store_kv, union)
+from minisparse.spec import parse_attention_spec
 
 
 def rows_of(sel, t, tk):

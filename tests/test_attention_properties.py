@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from minisparse.fast.attention import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RuvLLM, Sinks, Strided, Window, attend, dense_reference)
-from minisparse.attention.gated import Gated
+from minisparse.gate import Gated
 from minisparse.attention import IVF, LSH, Hybrid, Quest, TopK   # content-based (issue 4)
 
 SELECTORS = [

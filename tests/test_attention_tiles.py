@@ -14,9 +14,10 @@ from hypothesis import given, strategies as st
 
 import minisparse.fast.attention as kernel
 from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense_reference,
-                                  parse_attention_spec, store_kv)
+                                  store_kv)
 from minisparse.fast import threads
 from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, attend_tiles
+from minisparse.spec import parse_attention_spec
 
 TILES = partial(kernel.kernel, tiles=True)     # the fast path's kernels, each forced
 ROWS = partial(kernel.kernel, tiles=False)
@@ -267,7 +268,7 @@ def test_attend_takes_the_tile_path_exactly_when_it_applies(monkeypatch):
     assert path(Dense(), 32, n_keys=32)[0] == "tiles"                   # 32 x 32 = 1024
     assert path(Dense(), 31, n_keys=31)[0] == "rows"
     assert path(None, tk)[0] == "tiles"                                 # None means Dense
-    assert path(parse_attention_spec("dense"), tk)[0] == "tiles"
+    assert path(parse_attention_spec("dense"), tk)[0] == "tiles"       # specs are parsed by callers
     assert path(Sinks(10**6), tk)[0] == "tiles"       # its Selection is "every key": the same
     assert path(Dense(), 1)[0] == "rows"                                # decode
     assert path(Dense(), tk, tiles=False)[0] == "rows"                  # the switch

@@ -11,7 +11,7 @@ import minisparse
 from minisparse.attention import attend
 from minisparse.cache import (H2O, ExactAttention, Hybrid, LSHFrequency, PressCache, RandomKeep,
                               RecursiveCompressor, SnapKV, accumulate_size)
-from minisparse.model import KVCache
+from minisparse.cache import KVCache
 
 SCORERS = {"exact": ExactAttention, "h2o": H2O, "snapkv": lambda: SnapKV(window=3),
            "lsh": lambda: LSHFrequency(n_bits=4, n_tables=4, seed=1), "random": RandomKeep,

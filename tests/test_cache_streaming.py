@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minisparse
-from minisparse.cache import StreamingCache
-from minisparse.model import KVCache, apply_rope, rope_tables
+from minisparse.cache import KVCache, StreamingCache
+from minisparse.cache.streaming import rope
+from minisparse.model import apply_rope, rope_tables
 
 
 @given(sinks=st.integers(0, 5), window=st.integers(1, 9),
@@ -28,6 +29,19 @@ def test_streaming_keeps_exactly_the_sinks_and_the_last_window_after_every_call(
         want = np.arange(t) if t <= sinks + window else \
             np.concatenate([np.arange(sinks), np.arange(t - window, t)])
         assert len(c) <= sinks + window and np.array_equal(c.positions(0)[0], want)
+
+
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+@pytest.mark.parametrize("factors", [None, np.array([1.0, 2.0, 4.0, 8.0], np.float32)])
+def test_cache_rope_equals_the_models_rope_bit_for_bit(style, factors):
+    """The cache rotates through the model object it is given (it never imports model.py):
+    the same float32 operations as model.apply_rope over model.rope_tables, so the same bits."""
+    cfg = SimpleNamespace(rope_dim=8, rope_base=10000.0, rope_scale=2.0, rope_style=style)
+    model = SimpleNamespace(config=cfg, weights={} if factors is None else {"rope_freqs": factors})
+    x = np.random.default_rng(2).standard_normal((3, 11, 10)).astype(np.float32)   # (H, T, d)
+    pos = np.arange(-3, 8)                                                      # (T,) may be < 0
+    cos, sin = rope_tables(pos, cfg, factors)
+    assert np.array_equal(rope(model, x, pos), apply_rope(x, cos, sin, style, 8))
 
 
 @pytest.mark.parametrize("style", ["interleaved", "neox"])

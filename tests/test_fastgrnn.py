@@ -11,11 +11,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 import minisparse
-from minisparse.attention import attend, parse_attention_spec
-from minisparse.attention.gated import Gated
+from minisparse.attention import attend
+from minisparse.gate import Gated
+from minisparse.spec import parse_attention_spec
 from minisparse.registry import shipped_file
-from minisparse.cache.fastgrnn import (DEFAULT_WEIGHTS, FastGRNNGate, GateCache, GateState,
-                                       RandomGate, attention_maps, mass_recall)
+from minisparse.cache import GateCache
+from minisparse.gate.fastgrnn import (DEFAULT_WEIGHTS, FastGRNNGate, GateState, RandomGate,
+                                      attention_maps, mass_recall)
 
 ROOT = Path(__file__).resolve().parent.parent
 U = 2.0**-53                                             # float64 unit roundoff
@@ -206,7 +208,7 @@ def test_gate_keys_are_added_to_the_base_and_counted():
 
 def test_spec_round_trip_and_labels():
     sel = parse_attention_spec("gate=8/16/2,mode=untrained,seed=5")
-    assert (sel.budget, sel.window, sel.sinks, sel.seed) == (8, 16, 2, 5)
+    assert (sel.top, sel.window, sel.sinks, sel.seed) == (8, 16, 2, 5)
     assert parse_attention_spec(sel.describe()).describe() == sel.describe()
     assert "untrained" in sel.gate_for(4).label
     un = parse_attention_spec("gate=8,mode=ruvllm-untrained")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_fixture
-from minisparse.attention import dense_reference, parse_attention_spec
+from minisparse.attention import dense_reference
+from minisparse.spec import parse_attention_spec
 from minisparse.lab import metrics as M
 from minisparse.lab.runner import parse_variants, selection_mask
 

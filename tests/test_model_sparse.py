@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minisparse
-from minisparse.attention import parse_attention_spec
+from minisparse.spec import parse_attention_spec
 
 
 @pytest.fixture(scope="module")

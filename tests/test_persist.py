@@ -20,7 +20,7 @@ def _cache_factories(model):
     """Every cache class that can be saved, built for this model (bounded ones when present)."""
     yield "dense", model.new_cache
     try:
-        from minisparse.cache import parse_cache_spec
+        from minisparse.spec import parse_cache_spec
     except ImportError:
         return
     for spec in ("streaming=4+60", "recursive=B96", "recursive=B96/perhead", "press=0.5"):
@@ -59,7 +59,9 @@ def test_key_changes_with_context_model_and_policy(stories_path, tmp_path):
     for changed in (cache_key(stories_path, "doc2", "dense", "dense"),
                     cache_key(other, "doc", "dense", "dense"),
                     cache_key(stories_path, "doc", "window=64", "dense"),
-                    cache_key(stories_path, "doc", "dense", "streaming=4+60")):
+                    cache_key(stories_path, "doc", "dense", "streaming=4+60"),
+                    cache_key(stories_path, "doc", "window=64", "dense", dense_layers=(0,)),
+                    cache_key(stories_path, "doc", "dense", "dense", chunk=64)):
         assert changed != base
 
 
@@ -120,7 +122,8 @@ def test_ask_beyond_the_trained_context_needs_a_bounded_cache_and_says_so(storie
 def test_max_keys_is_the_bound_a_cache_keeps(model):
     # what `ask` and the lab report as a bounded cache's size: the recursive budget, sinks +
     # window for streaming, nothing for a ratio (press) or the dense cache
-    from minisparse.cache import max_keys, parse_cache_spec
+    from minisparse.cache import max_keys
+    from minisparse.spec import parse_cache_spec
     assert max_keys(parse_cache_spec("recursive=B96", model)) == 96
     assert max_keys(parse_cache_spec("press=0.5", model)) is None
     assert max_keys(model.new_cache()) is None

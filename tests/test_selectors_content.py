@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minisparse.attention import (IVF, LSH, Hybrid, IVFIndex, LSHIndex, Quest, Sinks, TopK,
-                                  Window, attend, dense_reference, merge_lse,
-                                  parse_attention_spec)
+                                  Window, attend, dense_reference, merge_lse)
+from minisparse.spec import parse_attention_spec
 from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
 from minisparse.attention.selection import append_along
 from minisparse.attention.quest import page_bound, page_minmax

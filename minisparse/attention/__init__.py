@@ -25,24 +25,28 @@ attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows
     parse spec strings. k, v may be float16 (store_kv): attend casts.
 dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
 Selectors here: Dense, Window, Sinks, Globals, BlockLocal, Strided, LogStride, Landmarks,
-RuvLLM (patterns.py), RandomMask (random_mask.py); spec strings: spec.py.
+RuvLLM (patterns.py), RandomMask (random_mask.py), TopK (topk.py), Quest, LSH / MagicPIG, IVF,
+Hybrid; the contract they follow is selector.py. Spec strings ("sinks=4,window=128") are parsed
+one layer up, by minisparse.spec.parse_attention_spec, which also knows the gated selector
+(minisparse.gate): this package imports nothing above itself, and the kernel imports no selector.
 
 Where does a new selector go?
 -----------------------------
 1. One file `minisparse/attention/<name>.py` with a `Selector` subclass implementing
    `_select(q, k, q_pos, k_pos) -> Selection` (build rows with Selection.from_ranges /
-   Selection.from_lists; per-query-head choices use head_kind=Q, n_heads=Hq) and `describe()`
-   returning its spec token. Set `deterministic = False` for samplers and
-   `exact_subset = False` when it reads pseudo-keys or non-zero log-weights.
-2. Register its spec token: one line in `spec.py`'s `_registry()` (e.g. "topk": ...).
-3. Test it: add one line to `SELECTORS` in `tests/test_attention_properties.py`; the shared
-   suite then checks causality, decode == prefill, GQA, the coverage bound and no-NaN.
-A selector needing per-layer state (a running landmark cache) exposes `bind(state)`.
+   Selection.from_lists; per-query-head choices use head_kind=Q, n_heads=Hq), `describe()`
+   returning its spec, and `budget` when it has one. Set `options = ("seed",)` when a seed
+   fixes its choice, and `exact_subset = False` when it reads pseudo-keys or non-zero log-weights.
+2. One line in `minisparse/spec.py`'s REGISTRY (e.g. "topk": Family("attention", ...)), or
+   `minisparse.spec.register(...)` from outside the package.
+3. The shared property suite (tests/test_attention_properties.py) runs every registered
+   family's example spec; the round-trip test checks parse_attention_spec(str(sel)) == sel.
+docs/design.md walks through it.
 
 >>> import numpy as np
->>> from minisparse.attention import attend, parse_attention_spec
+>>> from minisparse.attention import attend, Sinks, Window
 >>> q = np.ones((2, 5, 4), np.float32); k = v = np.ones((1, 5, 4), np.float32)
->>> out, stats = attend(q, k, v, parse_attention_spec("sinks=1,window=2"), return_stats=True)
+>>> out, stats = attend(q, k, v, Sinks(1) | Window(2), return_stats=True)
 >>> stats.n_attended[0].tolist()
 [1, 2, 3, 4, 4]
 """
@@ -57,13 +61,13 @@ from .lsh import LSH, LSHIndex
 from .ivf import IVF, IVFIndex
 from .hybrid import Hybrid
 from .reference import dense_reference
-from .selection import KV, Q, SHARED, Selection, Selector, Union, union
-from .spec import known_names, parse_attention_spec
+from .selection import KV, Q, SHARED, Selection, union
+from .selector import Budget, Selector, Union
 
 __all__ = [
     "attend", "attend_rows", "reference_kernel", "use_kernel", "Inputs", "Rows", "merge_lse", "AttentionStats", "dense_reference",
     "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
-    "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "parse_attention_spec", "known_names",
+    "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "Budget",
     "TopK", "Quest", "LSH", "LSHIndex", "IVF", "IVFIndex", "Hybrid",
 ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .lsh import LSH
-from .selection import KV, Q, Selection, Selector, union
+from .selection import KV, Q, Selection, union
+from .selector import Budget, Selector
 from .topk import Ranked, TopK, budget_text, check_budget, parse_budget, row_budgets, top_rows
 
 
@@ -65,6 +66,10 @@ class Hybrid(Selector):
         if q is None:
             raise ValueError("Hybrid: needs the queries (content-based), got q=None")
         return union(list(self.parts(q, k, q_pos, k_pos)), q.shape[0], k.shape[0])
+
+    @property
+    def budget(self):
+        return Budget(self.k, self.fraction)
 
     def describe(self):
         a, b = self.primary, self.secondary

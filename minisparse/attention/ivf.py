@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import Q, Selection, Selector, append_along
-from .topk import _dot, _take_top, budget_text, check_budget, parse_budget, row_budgets
+from .selection import Q, Selection, append_along
+from .selector import Budget, Selector
+from .topk import dot, take_top, budget_text, check_budget, parse_budget, row_budgets
 
 
 # ---- the index ---------------------------------------------------------------------------------
@@ -143,9 +144,9 @@ def ivf_rows(q, k, q_pos, k_pos, cents, order, ptr, n_csr, assign, nprobe, budge
         qp = q_pos[t]
         cs = np.empty(C, np.float64)
         for c in range(C):
-            cs[c] = _dot(q[h, t], cents[g, c])
+            cs[c] = dot(q[h, t], cents[g, c])
         probe = np.empty(P, np.int64)
-        _take_top(cs, np.ones(C, np.bool_), P, probe, 0)
+        take_top(cs, np.ones(C, np.bool_), P, probe, 0)
         want = np.zeros(C, np.bool_)
         n = 0
         for a in range(P):
@@ -166,10 +167,10 @@ def ivf_rows(q, k, q_pos, k_pos, cents, order, ptr, n_csr, assign, nprobe, budge
         cand = np.sort(cand[:m])                  # key order: ties resolve as in TopK
         sc = np.empty(m, np.float64)
         for a in range(m):
-            sc[a] = _dot(q[h, t], k[g, cand[a]])
+            sc[a] = dot(q[h, t], k[g, cand[a]])
         b = min(budget[r], m)
         sel = np.empty(b, np.int64)
-        _take_top(sc, np.ones(m, np.bool_), b, sel, 0)
+        take_top(sc, np.ones(m, np.bool_), b, sel, 0)
         for a in range(b):
             picks[r, a] = cand[sel[a]]
         cnt[r] = b
@@ -211,7 +212,9 @@ class IVF(Selector):
         return self._indexed_for_layer(layer, state, k,
                                        lambda: IVFIndex(k, self.n_lists, seed=self.seed))
 
-    def with_options(self, seed=None, mode=None):
+    options = ("seed",)
+
+    def _with_options(self, seed=None):
         return IVF(self.k, self.fraction, self.nprobe, self.n_lists,
                    self.seed if seed is None else int(seed), self.index)
 
@@ -230,6 +233,10 @@ class IVF(Selector):
         np.cumsum(cnt, out=ptr[1:])
         return Selection.from_lists(ptr, picks[picks >= 0], k.shape[1], head_kind=Q,
                                     n_heads=q.shape[0], tq=q_pos.size, normalized=True)
+
+    @property
+    def budget(self):
+        return Budget(self.k, self.fraction)
 
     def describe(self):
         s = f"ivf={budget_text(self.k, self.fraction)}/p{self.nprobe}"

@@ -213,8 +213,8 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     (2, 3, 4)
     """
     if isinstance(selector, str):
-        raise TypeError(f"attend: selector {selector!r} is a string; parse it first with "
-                        f"minisparse.attention.parse_attention_spec")
+        raise ValueError(f"attend: selector {selector!r} is a spec string; parse it first "
+                         f"(minisparse.spec.parse_attention_spec)")
     q, k, v = _f32("q", q), np.asarray(k), np.asarray(v)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: expected q (Hq, Tq, d), k = v (Hkv, Tk, d); got q {q.shape}, "

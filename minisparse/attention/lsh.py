@@ -236,8 +236,7 @@ class LSH(Ranked):
             self.k, self.fraction = check_budget("LSH(mode='rank')", k, fraction)
         else:
             self.k = self.fraction = None
-            self.deterministic = False          # the set depends on the seed, and is weighted
-            self.exact_subset = False
+            self.exact_subset = False           # weighted by -log P(sampled)
         self.index = index
 
     def bind(self, index):
@@ -253,9 +252,11 @@ class LSH(Ranked):
         return self._indexed_for_layer(layer, state, k,
                                        lambda: LSHIndex(k, self.K, self.L, self.seed))
 
-    def with_options(self, seed=None, mode=None):
+    options = ("seed",)
+
+    def _with_options(self, seed=None):
         return LSH(self.K, self.L, self.seed if seed is None else int(seed),
-                   mode or self.mode, self.k, self.fraction, self.index)
+                   self.mode, self.k, self.fraction, self.index)
 
     def collisions(self, q, k, q_pos, k_pos, want_logw=False):
         """(counts (Hq*Tq, Tk) float64 with -inf where not causal, logw (Hq*Tq, Tk) float32)."""

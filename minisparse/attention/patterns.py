@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .selection import SHARED, Selection, Selector, Union, sorted_positions, span_means
+from .selection import SHARED, Selection, sorted_positions, span_means
+from .selector import Budget, Selector, Union
 
 
 def _range_rows(lo, hi, tk):
@@ -45,6 +46,10 @@ class Window(Selector):
         hi = np.searchsorted(k_pos, q_pos, side="right")             # (Tq,)
         return _range_rows(lo, hi, k.shape[1])
 
+    @property
+    def budget(self):
+        return Budget(self.w)
+
     def describe(self):
         return f"window={self.w}"
 
@@ -62,6 +67,10 @@ class Sinks(Selector):
         hi = np.searchsorted(k_pos, self.n, side="left")              # keys with position < n
         return _range_rows(np.zeros(q_pos.size, np.int64), np.full(q_pos.size, hi), k.shape[1])
 
+    @property
+    def budget(self):
+        return Budget(self.n)
+
     def describe(self):
         return f"sinks={self.n}"
 
@@ -77,6 +86,10 @@ class Globals(Selector):
         cols = np.flatnonzero(np.isin(k_pos, self.positions)).astype(np.int64)   # (n,)
         ptr = np.arange(q_pos.size + 1, dtype=np.int64) * cols.size
         return Selection.from_lists(ptr, np.tile(cols, q_pos.size), k.shape[1], normalized=True)
+
+    @property
+    def budget(self):
+        return Budget(len(self.positions))
 
     def describe(self):
         return "globals=" + "/".join(str(p) for p in self.positions)
@@ -122,6 +135,10 @@ class BlockLocal(Selector):
         lo = np.searchsorted(k_pos, (q_pos // self.b) * self.b, side="left")
         hi = np.searchsorted(k_pos, q_pos, side="right")
         return _range_rows(lo, hi, k.shape[1])
+
+    @property
+    def budget(self):
+        return Budget(self.b)
 
     def describe(self):
         return f"blocks={self.b}"

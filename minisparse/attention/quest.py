@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import Q, Selection, Selector, sorted_positions
-from .topk import _take_top, budget_text, check_budget, parse_budget, row_budgets
+from .selection import Q, Selection, sorted_positions
+from .selector import Budget, Selector
+from .topk import take_top, budget_text, check_budget, parse_budget, row_budgets
 
 
 @njit(cache=True)
@@ -93,7 +94,7 @@ def quest_rows(q, k, hi, page, n_pages, mn, mx):
                     b[i] = max(b[i], k[g, j, i])
             ub[nfull] = page_bound(q[h, t], a, b)
         pick = np.empty(cnt[r], np.int64)
-        _take_top(ub, np.ones(npg, np.bool_), cnt[r], pick, 0)
+        take_top(ub, np.ones(npg, np.bool_), cnt[r], pick, 0)
         for c in range(cnt[r]):
             rlo[ptr[r] + c] = pick[c] * page
             rhi[ptr[r] + c] = min((pick[c] + 1) * page, hi[t])
@@ -134,6 +135,10 @@ class Quest(Selector):
         return Selection.from_lists(z, np.zeros(0, np.int64), k.shape[1], head_kind=Q,
                                     n_heads=q.shape[0], tq=q_pos.size, r_ptr=ptr, r_lo=lo,
                                     r_hi=rhi)
+
+    @property
+    def budget(self):
+        return Budget(self.k, self.fraction)
 
     def describe(self):
         return f"quest={self.page}/" + budget_text(self.k, self.fraction)

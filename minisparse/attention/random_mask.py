@@ -15,7 +15,8 @@ import numpy as np
 from numba import njit
 
 from .patterns import Sinks, Window
-from .selection import Selection, Selector, union
+from .selection import Selection, union
+from .selector import Budget, Selector
 
 
 @njit(cache=True)
@@ -109,7 +110,9 @@ class RandomMask(Selector):
         self.density, self.seeds, self.mode = float(density), int(seeds), mode
         self.seed, self.sinks, self.window = int(seed), int(sinks), int(window)
 
-    def with_options(self, seed=None, mode=None):
+    options = ("seed", "mode")
+
+    def _with_options(self, seed=None, mode=None):
         return RandomMask(self.density, self.seeds, mode or self.mode,
                           self.seed if seed is None else int(seed), self.sinks, self.window)
 
@@ -149,6 +152,10 @@ class RandomMask(Selector):
         if self.sinks:
             parts.append(Sinks(self.sinks)._select(q, k, q_pos, k_pos))
         return union(parts, hq, k.shape[0])
+
+    @property
+    def budget(self):
+        return Budget(self.sinks + self.window, self.density * self.seeds)
 
     def describe(self):
         return f"random={100 * self.density:g}%x{self.seeds},seed={self.seed},mode={self.mode}"

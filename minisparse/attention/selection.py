@@ -1,5 +1,6 @@
 """Selection (which keys each query row reads, as CSR lists of key ranges plus explicit
-indices), the Selector interface every pattern implements, and their union (`a | b`).
+indices), the union of selections, and the small helpers selectors share (`reserve`,
+`append_along`, `sorted_positions`, `span_means`). The Selector contract is in selector.py.
 
 Deliberately leaves out any choice of keys (selectors in patterns.py etc. make those) and the
 arithmetic (kernel.py). The layout is O(rows + ranges + indices), never O(Tq * Tk), so a window
@@ -395,103 +396,34 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
     return o_rptr, o_lo, o_hi, o_iptr, o_idx, o_w, o_ex
 
 
-# ---- selectors ---------------------------------------------------------------------------
-def append_along(buf, n, new, axis):
-    """buf, whose first n entries along `axis` are in use, with `new` written after them: in
-    place when it fits, else into a zeroed buffer of twice the capacity (O(1) amortised per
-    entry appended). Returns the buffer to keep. The growing key indexes (IVF's assignments,
-    LSH's codes) append with it."""
-    T, cap = new.shape[axis], buf.shape[axis]
-    at = lambda a, b: (slice(None),) * axis + (slice(a, b),)     # noqa: E731
-    if n + T > cap:
-        shape = list(buf.shape)
-        shape[axis] = max(2 * cap, n + T)
-        grown = np.zeros(shape, buf.dtype)
-        grown[at(0, n)] = buf[at(0, n)]
-        buf = grown
-    buf[at(n, n + T)] = new
-    return buf
+# ---- helpers selectors share ---------------------------------------------------------------
+def reserve(buf, n, need, axis):
+    """buf with room for `need` entries along `axis`, its first n kept: buf itself when it is
+    big enough, else a zeroed buffer of max(need, twice the capacity) (so appending one entry at
+    a time costs O(1) amortised). The one growth-by-doubling rule of the package: the dense KV
+    cache, the gate's running state and the growing key indexes (IVF, LSH) all grow with it.
 
-
-class Selector:
-    """Base class. Subclasses implement `_select(q, k, q_pos, k_pos) -> Selection` and `describe()`.
-
-    covers_all_causal: True when the selector reads every causal key (tests compare it to dense).
-    deterministic: False for samplers (excluded from the deterministic-bound property).
+    >>> reserve(np.zeros((2, 3)), 3, 4, axis=1).shape
+    (2, 6)
     """
-    covers_all_causal = False
-    deterministic = True
-    exact_subset = True      # reads only real keys with log-weight 0 (the coverage bound applies)
-
-    def select(self, q, k, q_pos=None, k_pos=None) -> Selection:
-        """Index sets for q (Hq, Tq, d) against k (Hkv, Tk, d) at the given positions."""
-        tq = len(q_pos) if q is None else q.shape[1]
-        q_pos, k_pos = default_positions(tq, k.shape[1], q_pos, k_pos)
-        return self._select(q, k, q_pos, k_pos)
-
-    def _select(self, q, k, q_pos, k_pos) -> Selection:
-        raise NotImplementedError
-
-    def for_layer(self, layer, state, k, v) -> "Selector":
-        """This selector for one decode step at one layer of a model. `state` is a dict the cache
-        owns (None for a cache that evicts keys); k, v (Hkv, S, d) are the keys it holds after
-        this step's append. Selectors with per-layer indexes (IVF, LSH, Landmarks) build theirs at
-        the first decode step (from keys all <= the query: causal), keep it in `state` and extend
-        it as keys arrive, as MagicPIG and the top-k paper build theirs after prefill. Prefill
-        runs the selector's per-call rule. An approximate index (IVF, LSH) is the one exception
-        to "decode step i equals prefill row i": its sets depend on when it was built; Landmarks'
-        running means equal the static ones bit for bit. Default: no state, the selector itself."""
-        return self
-
-    def _indexed_for_layer(self, layer, state, k, build) -> "Selector":
-        """for_layer of a selector with a growing key index (IVF, LSH): the index kept in `state`
-        under (describe(), layer) is made by build() at first use, when it holds more keys than k
-        (a new cache) or reports itself `stale`; otherwise the keys appended since are added to
-        it (`extend`). Returns this selector bound to it."""
-        if state is None:
-            return self
-        key = (self.describe(), layer)
-        ix = state.get(key)
-        if ix is None or ix.n > k.shape[1] or ix.stale:
-            ix = state[key] = build()
-        elif ix.n < k.shape[1]:
-            ix.extend(k[:, ix.n:])
-        return self.bind(ix)
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def __repr__(self):
-        return f"{type(self).__name__}<{self.describe()}>"
-
-    def __or__(self, other: "Selector") -> "Union":
-        return Union(self, other)
+    cap = buf.shape[axis]
+    if need <= cap:
+        return buf
+    shape = list(buf.shape)
+    shape[axis] = max(2 * cap, need)
+    grown = np.zeros(shape, buf.dtype)
+    keep = (slice(None),) * axis + (slice(0, n),)
+    grown[keep] = buf[keep]
+    return grown
 
 
-class Union(Selector):
-    """Keys read by any member, each once (exact picks win over weighted ones)."""
-
-    def __init__(self, *members: Selector):
-        flat = []
-        for m in members:
-            flat.extend(m.members if isinstance(m, Union) else [m])
-        self.members = tuple(flat)
-        self.covers_all_causal = any(m.covers_all_causal for m in flat)
-        self.deterministic = all(m.deterministic for m in flat)
-        self.exact_subset = all(m.exact_subset for m in flat)
-
-    def _select(self, q, k, q_pos, k_pos):
-        hq = k.shape[0] if q is None else q.shape[0]
-        return union([m._select(q, k, q_pos, k_pos) for m in self.members], hq, k.shape[0])
-
-    def describe(self):
-        return ",".join(m.describe() for m in self.members)
-
-    def bind(self, state):
-        return Union(*[m.bind(state) if hasattr(m, "bind") else m for m in self.members])
-
-    def for_layer(self, layer, state, k, v):
-        return Union(*[m.for_layer(layer, state, k, v) for m in self.members])
+def append_along(buf, n, new, axis):
+    """buf, whose first n entries along `axis` are in use, with `new` written after them (in
+    place when it fits, else in a buffer grown by `reserve`). Returns the buffer to keep."""
+    T = new.shape[axis]
+    buf = reserve(buf, n, n + T, axis)
+    buf[(slice(None),) * axis + (slice(n, n + T),)] = new
+    return buf
 
 
 def sorted_positions(name, k_pos):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import KV, Q, Selection, Selector
+from .selection import KV, Q, Selection
+from .selector import Budget, Selector
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _dot(a, b):
+def dot(a, b):
     # float32 dot as the kernel computes logits; reassociation lets LLVM vectorise, and one
     # compiled order is deterministic, so a row's scores do not depend on the call
     s = np.float32(0.0)
@@ -51,15 +52,15 @@ def score_rows(q, k, q_pos, k_pos, per_kv):
             elif per_kv:
                 acc = 0.0
                 for h in range(s * G, (s + 1) * G):
-                    acc += np.float64(_dot(q[h, t], k[s, j]))
+                    acc += np.float64(dot(q[h, t], k[s, j]))
                 out[r, j] = acc
             else:
-                out[r, j] = np.float64(_dot(q[s, t], k[s // G, j]))
+                out[r, j] = np.float64(dot(q[s, t], k[s // G, j]))
     return out
 
 
 @njit(cache=True)
-def _take_top(row, elig, b, out, o):
+def take_top(row, elig, b, out, o):
     """Write the b eligible indices of highest row[j] into out[o:o+b], ascending; ties at the
     threshold go to the LATER keys (a rule of the row alone, so decode == prefill)."""
     n = 0
@@ -132,7 +133,7 @@ def top_rows(S, budget, q_pos, k_pos, recent, exclude):
                 elig[j] = True
         b = cnt[r] - np.sum(rec)
         tmp = np.empty(b, np.int64)
-        _take_top(S[r], elig, b, tmp, 0)
+        take_top(S[r], elig, b, tmp, 0)
         # merge the top-b (ascending) with the recent keys (ascending)
         o = ptr[r]
         a = 0
@@ -198,6 +199,13 @@ class Ranked(Selector):
     with -inf for non-causal keys; Hybrid combines two of them.
     """
     recent = 0
+
+    @property
+    def budget(self):
+        """k (plus the `recent` keys) or the fraction; None for a sampler (LSH mode="sample")."""
+        if self.k is None and self.fraction is None:
+            return None
+        return Budget((self.k or 0) + self.recent or None, self.fraction)
 
     def row_scores(self, q, k, q_pos, k_pos):
         raise NotImplementedError

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..attention import store_kv
+from .base import Cache
 from .scorers import ExactAttention, ScoreContext, Scorer, scorer_from_config
 
 
-class SlotCache:
+class SlotCache(Cache):
     """Storage shared by the bounded caches: per layer k, v (Hkv, S, d), pos (Hkv, S) original
     positions, acc (Hkv, S) accumulated attention (only for scorers that need history).
 
@@ -33,8 +34,6 @@ class SlotCache:
     Subclasses define `_plan(S, T) -> (lo, hi, k) | None`: keep k of the slots [lo, hi), every
     slot outside, after this call's S slots (held + T new).
     """
-    block = None     # Model.forward splits longer calls into blocks of this many tokens
-
     def __init__(self, scorer=None, per_head=False, dtype=np.float32):
         self.scorer = ExactAttention() if scorer is None else scorer
         if not isinstance(self.scorer, Scorer):
@@ -185,6 +184,11 @@ class RecursiveCompressor(SlotCache):
         self.anchors = self.window = self.budget // self.protection_divisor
         self.selected = self.budget - 2 * self.anchors
         self.memory = 0          # accumulate mode: slots in the never-rescored memory
+
+    @property
+    def max_keys(self):
+        """The budget in recursive mode; accumulate mode grows past it (see accumulate_size)."""
+        return self.budget if self.mode == "recursive" else None
 
     def _plan(self, S, T):
         A, W, K = self.anchors, self.window, self.selected

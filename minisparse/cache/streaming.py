@@ -11,6 +11,34 @@ import numpy as np
 from .recursive import SlotCache
 
 
+def rope(model, x, pos):
+    """x (H, T, d) rotated by RoPE to positions pos (T,) with `model`'s settings: model.rope.
+
+    Until Model has a `rope(x, pos)` method (the fast-path branch adds it), the rotation is
+    written out here from model.config, the same formula as model.apply_rope, so this package
+    never imports the model (the model imports the caches). Drop the fallback when it lands."""
+    if hasattr(type(model), "rope"):
+        return model.rope(x, pos)
+    cfg, r = model.config, model.config.rope_dim
+    inv_freq = cfg.rope_base ** (-np.arange(r // 2, dtype=np.float64) * 2.0 / r)   # (r/2,)
+    factors = model.weights.get("rope_freqs")
+    if factors is not None:
+        inv_freq = inv_freq / factors[: r // 2]
+    ang = (np.asarray(pos, np.float64) / cfg.rope_scale)[:, None] * inv_freq[None, :]  # (T, r/2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    if cfg.rope_style == "interleaved":
+        a, b = x[..., 0:r:2], x[..., 1:r:2]                                   # (H, T, r/2) each
+    else:
+        a, b = x[..., : r // 2], x[..., r // 2: r]
+    out = x.copy()
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if cfg.rope_style == "interleaved":
+        out[..., 0:r:2], out[..., 1:r:2] = ra, rb
+    else:
+        out[..., : r // 2], out[..., r // 2: r] = ra, rb
+    return out
+
+
 class StreamingCache(SlotCache):
     """Sinks + recent window: after every call, slots beyond the first `sinks` and the last
     `window` are dropped, so len(cache) <= sinks + window. sinks=0 is the plain sliding window.
@@ -47,18 +75,19 @@ class StreamingCache(SlotCache):
         self.sinks, self.window, self.positions_mode = int(sinks), int(window), positions
         self.model = model
 
+    @property
+    def max_keys(self):
+        return self.sinks + self.window
+
     def _plan(self, S, T):
         return (self.sinks, S - self.window, 0) if S > self.sinks + self.window else None
 
     def _view(self, layer, k, pos, T):
         if self.positions_mode == "original":
             return k, pos[0]                                                 # (Hkv, S, d), (S,)
-        from ..model import apply_rope, rope_tables   # model imports nothing from cache
         S = pos.shape[1]
         target = np.arange(S) + (int(pos[0, -1]) + 1 - S)                    # (S,) slot + delta
-        cfg = self.model.config
-        cos, sin = rope_tables(target - pos[0], cfg, self.model.weights.get("rope_freqs"))  # (S, r/2)
-        return apply_rope(np.asarray(k, np.float32), cos, sin, cfg.rope_style, cfg.rope_dim), target
+        return rope(self.model, np.asarray(k, np.float32), target - pos[0]), target
 
     def _meta(self):
         return {"sinks": self.sinks, "window": self.window, "positions": self.positions_mode,

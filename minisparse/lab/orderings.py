@@ -1,9 +1,9 @@
-"""Check issue 7's orderings on lab results: `python3 -m minisparse.lab.orderings DIR/results.json ...`
+"""Check the literature's orderings on lab results: `python3 -m minisparse.lab.orderings DIR/results.json ...`
 prints, per results file, each claim with the measured numbers and whether it holds.
 
 Leaves out running anything (it reads results.json) and any tolerance: a claim holds or not on the
-numbers as measured. The claims are the ones issue 7 quotes from the sparse-attention literature
-(oracle top-k, StreamingLLM sinks, Quest, MagicPIG, RIS-Kernel random masks).
+numbers as measured. The claims are orderings the sparse-attention literature reports (oracle
+top-k, StreamingLLM sinks, Quest, MagicPIG, RIS-Kernel random masks); docs/lab.md lists them.
 """
 from __future__ import annotations
 

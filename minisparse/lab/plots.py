@@ -13,6 +13,16 @@ import numpy as np
 from .runner import sparse_density
 
 
+def unavailable():
+    """Why plots cannot be drawn in this environment (matplotlib is an optional dependency), or
+    None: asked before a run, so a missing package costs a note, not the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install 'minisparse[lab]')"
+    return None
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")

@@ -5,8 +5,8 @@ results.json plus a Markdown table.
 Leaves out plotting (plots.py), the pass-key task's generator (needle.py) and the CLI (cli.py).
 The rule for a variant string (docs/lab.md): if its first member's name is a cache policy
 (`recursive=`, `streaming=`, `press=`) the variant is a bounded cache parsed by
-`minisparse.cache.parse_cache_spec`; otherwise it is an attention spec
-parsed by `minisparse.attention.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
+`minisparse.spec.parse_cache_spec`; otherwise it is an attention spec
+parsed by `minisparse.spec.parse_attention_spec`, the CLI's `--attention` syntax. The prefix
 `uncorrected:` (lab only) reads the same keys with the samplers' log-weights dropped.
 
 Shape legend: T tokens, A analysis rows, Hq / Hkv query / KV heads, d head width, V vocabulary.
@@ -41,34 +41,25 @@ class Variant:
                         if tok.split("=")[0].strip().lower() not in ("seed", "mode"))
 
 
-def _members(sel):
-    return list(getattr(sel, "members", [sel]))
-
-
 def nominal_budget(sel) -> dict:
-    """The budget the spec asks for: absolute keys (k, window, sinks, ...) and/or a fraction."""
-    keys, frac, parts = 0, 0.0, []
-    for m in _members(sel):
-        parts.append(m.describe() if hasattr(m, "describe") else type(m).__name__)
-        for a in ("k", "w", "n"):
-            v = getattr(m, a, None)
-            if isinstance(v, int):
-                keys += v
-        f = getattr(m, "fraction", None)
-        if isinstance(f, float):
-            frac += f
-        if hasattr(m, "density") and hasattr(m, "seeds"):      # RandomMask: per-seed density
-            frac += m.density * m.seeds
-            if hasattr(m, "expected_coverage"):
-                parts[-1] += f" (expected random coverage {m.expected_coverage():.3f})"
+    """The budget the spec asks for (the selector's `budget`: keys and/or a fraction)."""
+    from ..attention import RandomMask, Union
+    parts = []
+    for m in (sel.members if isinstance(sel, Union) else (sel,)):
+        parts.append(m.describe())
+        if isinstance(m, RandomMask):
+            parts[-1] += f" (expected random coverage {m.expected_coverage():.3f})"
+    budget = sel.budget
+    keys, frac = (None, None) if budget is None else budget
     return {"describe": ",".join(parts), "keys": keys or None, "fraction": frac or None}
 
 
 def _with_seed(sel, seed):
     """Give samplers without an explicit `,seed=` the run's --seed (recorded in the result)."""
-    if hasattr(sel, "members"):
+    from ..attention import Union
+    if isinstance(sel, Union):
         return type(sel)(*[_with_seed(m, seed) for m in sel.members])
-    return sel.with_options(seed=seed) if hasattr(sel, "with_options") else sel
+    return sel if sel.deterministic else sel.with_options(seed=seed)
 
 
 class Uncorrected:
@@ -94,8 +85,7 @@ class Uncorrected:
 def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
     """Split --variants on ';' and parse each; a variant that fails to parse becomes an error
     row (kind "error") instead of stopping the run."""
-    from ..attention import parse_attention_spec
-    from ..cache import CACHE_NAMES, max_keys, parse_cache_spec
+    from ..spec import CACHE_NAMES, parse_attention_spec, parse_cache_spec
     out = []
     for spec in (s.strip() for s in text.split(";")):
         if not spec:
@@ -106,7 +96,7 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
                 make = lambda spec=spec: parse_cache_spec(spec, model)  # noqa: E731
                 probe = make()                                 # fail now, not mid-run
                 out.append(Variant(spec, "cache", make_cache=make, nominal={
-                    "describe": spec, "keys": max_keys(probe) or None, "fraction": None}))
+                    "describe": spec, "keys": probe.max_keys, "fraction": None}))
             else:
                 body = spec[len("uncorrected:"):] if spec.startswith("uncorrected:") else spec
                 sel = parse_attention_spec(body)
@@ -144,8 +134,9 @@ def _record_reads(cache):
     calls, update = [], cache.update
 
     def rec(layer, k_new, v_new, pos, q=None):
-        held = getattr(cache, "pos", {})
-        old = np.asarray(held[layer])[0] if isinstance(held, dict) and layer in held else np.zeros(0, np.int64)
+        from ..cache import SlotCache
+        bounded = isinstance(cache, SlotCache) and layer in cache.pos      # held before this call
+        old = cache.positions(layer)[0] if bounded else np.zeros(0, np.int64)
         calls.append((layer, np.asarray(pos).copy(), np.concatenate([old, np.asarray(pos)])))
         return update(layer, k_new, v_new, pos, q=q)
     cache.update = rec

@@ -1,20 +1,34 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 6 · Bounded memory: caches that forget
-
-Sparse attention (notebooks 3–5) reads few keys but still **stores** all of them: the KV cache
-grows by $2 \cdot L \cdot H_{kv} \cdot d$ numbers per token. A bounded cache evicts keys for good,
-so memory stays fixed however long the text. What to keep is the whole question:
-
-1. **StreamingLLM**: the first few tokens (sinks) plus a recent window; no scoring;
-2. **recursive compression** (BMRT / LASER-KV): anchors + recent window + a middle chosen by a
-   **score**, recompressed after every block;
-3. the **scores**: exact attention of the current block, SnapKV's observation window, H2O's
-   accumulated attention, and random keep as the baseline;
-4. **cache size over time**, including the "accumulate" mode that never rescores;
-5. what it costs in next-token loss on a real text.
-
-Every cache here implements the same interface as the dense `KVCache` (`update`, `advance`,
-`len`), so `model.forward(ids, cache)` runs unchanged on top of it.
+# # 6 · Bounded memory: caches that forget
+#
+# Sparse attention (notebooks 3–5) reads few keys but still **stores** all of them: the KV cache
+# grows by $2 \cdot L \cdot H_{kv} \cdot d$ numbers per token. A bounded cache evicts keys for good,
+# so memory stays fixed however long the text. What to keep is the whole question:
+#
+# 1. **StreamingLLM**: the first few tokens (sinks) plus a recent window; no scoring;
+# 2. **recursive compression** (BMRT / LASER-KV): anchors + recent window + a middle chosen by a
+#    **score**, recompressed after every block;
+# 3. the **scores**: exact attention of the current block, SnapKV's observation window, H2O's
+#    accumulated attention, and random keep as the baseline;
+# 4. **cache size over time**, including the "accumulate" mode that never rescores;
+# 5. what it costs in next-token loss on a real text.
+#
+# Every cache here implements the same interface as the dense `KVCache` (`update`, `advance`,
+# `len`), so `model.forward(ids, cache)` runs unchanged on top of it.
 
 # %%
 import copy
@@ -47,15 +61,15 @@ print(f"dense KV cache: {per_token} bytes per token here; SmolLM2-135M: {2 * 30 
       f"Llama-3-8B (fp16): {2 * 32 * 8 * 128 * 2} bytes")
 
 # %% [markdown]
-## 1. Driving a cache by hand
-
-A cache receives, per layer and call, the new keys and values `(Hkv, T, d)` with their positions
-and this call's queries (scorers read them); it returns what attention may read, then evicts.
-`cache.positions(layer)` tells which original positions it still holds. Keys keep the positions
-they were rotated at (RoPE was applied before caching), so a kept key is never moved.
-
-We feed layer 4's real keys through three caches of 64 slots, in calls of 64 tokens (a prefill
-in blocks), and look at which positions survive.
+# ## 1. Driving a cache by hand
+#
+# A cache receives, per layer and call, the new keys and values `(Hkv, T, d)` with their positions
+# and this call's queries (scorers read them); it returns what attention may read, then evicts.
+# `cache.positions(layer)` tells which original positions it still holds. Keys keep the positions
+# they were rotated at (RoPE was applied before caching), so a kept key is never moved.
+#
+# We feed layer 4's real keys through three caches of 64 slots, in calls of 64 tokens (a prefill
+# in blocks), and look at which positions survive.
 
 # %%
 layer = 4
@@ -87,29 +101,29 @@ rc = kinds["recursive B=64, exact scores"]
 print(f"recursive: anchors A = {rc.anchors}, window W = {rc.window}, selected K = {rc.selected} (B = A + W + K)")
 
 # %% [markdown]
-The recursive cache splits its budget $B$ as BMRT does, with protection divisor $n = 4$:
-$A = B/n$ **anchors** (the first tokens, like sinks), $W = B/n$ **recent** tokens, and
-$K = B - 2B/n$ slots **chosen by the score** from everything in between. After each call,
-
-$$\text{State}_N = \text{Compress}(\text{State}_{N-1} + \text{Chunk}_N),$$
-
-so the middle is re-scored every time: an old key must keep earning its slot.
-
-## 2. The scores
-
-A scorer gives each held key one number (higher = keep), from a `ScoreContext` (this call's
-queries, the held keys, their positions, and for H2O the attention accumulated so far):
-
-* **exact**: the attention mass each key receives from this call's queries
-  $\sum_{t}\sum_{h\in g} p_{h,t,j}$ (summed over the G query heads of its KV head);
-* **SnapKV**: the same from only the last `window` queries (the "observation window", which in a
-  chat is the question), smoothed along the keys by a box filter of width 5 so neighbours of a
-  kept key come along;
-* **H2O**: the mass accumulated over **all past** queries (heavy hitters): old keys had more
-  queries, a bias H2O balances with its recent window;
-* **random**: the baseline every scorer must beat.
-
-Here are the scores one call of all 384 queries would give layer 4's keys.
+# The recursive cache splits its budget $B$ as BMRT does, with protection divisor $n = 4$:
+# $A = B/n$ **anchors** (the first tokens, like sinks), $W = B/n$ **recent** tokens, and
+# $K = B - 2B/n$ slots **chosen by the score** from everything in between. After each call,
+#
+# $$\text{State}_N = \text{Compress}(\text{State}_{N-1} + \text{Chunk}_N),$$
+#
+# so the middle is re-scored every time: an old key must keep earning its slot.
+#
+# ## 2. The scores
+#
+# A scorer gives each held key one number (higher = keep), from a `ScoreContext` (this call's
+# queries, the held keys, their positions, and for H2O the attention accumulated so far):
+#
+# * **exact**: the attention mass each key receives from this call's queries
+#   $\sum_{t}\sum_{h\in g} p_{h,t,j}$ (summed over the G query heads of its KV head);
+# * **SnapKV**: the same from only the last `window` queries (the "observation window", which in a
+#   chat is the question), smoothed along the keys by a box filter of width 5 so neighbours of a
+#   kept key come along;
+# * **H2O**: the mass accumulated over **all past** queries (heavy hitters): old keys had more
+#   queries, a bias H2O balances with its recent window;
+# * **random**: the baseline every scorer must beat.
+#
+# Here are the scores one call of all 384 queries would give layer 4's keys.
 
 # %%
 pos_kv = np.broadcast_to(np.arange(T), (cfg.n_kv_heads, T))                 # (Hkv, S) positions
@@ -130,23 +144,23 @@ n0, n1, n2 = list(top)
 print(f"overlap of the top-32 sets: {n0} vs {n2}: {len(top[n0] & top[n2])}/32, {n1} vs {n2}: {len(top[n1] & top[n2])}/32")
 
 # %% [markdown]
-Notice how the mass of all queries spreads over the whole text (key 0 and a few "hub" tokens
-collect the most; every key also had a different number of queries to collect from: early keys
-more), while the last queries' view, and SnapKV's, concentrates on what they need now: the
-recent lines. Section 1's picture showed the consequence: H2O kept many early keys, SnapKV
-almost only recent ones.
-
-## 3. Cache size over time
-
-The same budget gives very different memory curves. We run a prefill of 256 tokens in blocks of
-64, then decode 128 tokens one at a time, and record `len(cache)` after every call:
-
-* dense grows with every token;
-* streaming and recursive stay at their budget;
-* **accumulate** mode (LASER-KV) never re-scores its memory: after each call only the tokens that
-  left the window compete for at most $K$ new memory slots, so it grows. In decode, one token
-  leaves the window per step and always fits: the cache grows like the dense one. Its size is
-  given in closed form by `accumulate_size`.
+# Notice how the mass of all queries spreads over the whole text (key 0 and a few "hub" tokens
+# collect the most; every key also had a different number of queries to collect from: early keys
+# more), while the last queries' view, and SnapKV's, concentrates on what they need now: the
+# recent lines. Section 1's picture showed the consequence: H2O kept many early keys, SnapKV
+# almost only recent ones.
+#
+# ## 3. Cache size over time
+#
+# The same budget gives very different memory curves. We run a prefill of 256 tokens in blocks of
+# 64, then decode 128 tokens one at a time, and record `len(cache)` after every call:
+#
+# * dense grows with every token;
+# * streaming and recursive stay at their budget;
+# * **accumulate** mode (LASER-KV) never re-scores its memory: after each call only the tokens that
+#   left the window compete for at most $K$ new memory slots, so it grows. In decode, one token
+#   leaves the window per step and always fits: the cache grows like the dense one. Its size is
+#   given in closed form by `accumulate_size`.
 
 # %%
 calls = [64] * 4 + [1] * 128                                              # prefill blocks, then decode
@@ -173,12 +187,12 @@ ax.axvline(256, c="gray", ls=":"); ax.text(258, 10, "decode starts", fontsize=7)
 ax.set_xlabel("tokens seen"); ax.set_ylabel("slots held per layer"); ax.legend(fontsize=8); plt.show()
 
 # %% [markdown]
-## 4. What forgetting costs
-
-Finally the whole model: each cache runs under `model.forward` over 256 tokens of the `copy`
-module's source (prefill in blocks of 64, every layer evicting), and we compare the next-token
-loss (NLL, nats) on the last 128 positions with the dense cache's. The budget is 64 slots: a
-quarter of the text by the end.
+# ## 4. What forgetting costs
+#
+# Finally the whole model: each cache runs under `model.forward` over 256 tokens of the `copy`
+# module's source (prefill in blocks of 64, every layer evicting), and we compare the next-token
+# loss (NLL, nats) on the last 128 positions with the dense cache's. The budget is 64 slots: a
+# quarter of the text by the end.
 
 # %%
 n = 256
@@ -203,16 +217,16 @@ ax.barh([r[0] for r in rows], [r[1] for r in rows]); ax.set_xlabel("extra NLL vs
 plt.show()
 
 # %% [markdown]
-The differences are small on this 6 M-parameter model (it uses little long-range context, see
-notebook 2), and the ranking of scorers can flip with the text: treat one run as an anecdote. The
-lab (notebook 8) measures variants over longer texts with more metrics.
-
-## Exercises
-
-1. **Protection divisor.** Rerun section 1 with `RecursiveCompressor(64, protection_divisor=2)`
-   and `=8`. How do anchors, window and selected slots change, and which positions survive?
-2. **Per-head keep sets.** `RecursiveCompressor(64, per_head=True)` lets each KV head keep its own
-   slots. Plot `c.positions(layer)` for both heads: how different are they? Does section 4's loss
-   improve?
-3. **H2O's bias.** Feed H2O in calls of 16 instead of 64 (section 1). Where do the selected slots
-   go, and why? Compare with the exact scorer, which forgets past queries.
+# The differences are small on this 6 M-parameter model (it uses little long-range context, see
+# notebook 2), and the ranking of scorers can flip with the text: treat one run as an anecdote. The
+# lab (notebook 8) measures variants over longer texts with more metrics.
+#
+# ## Exercises
+#
+# 1. **Protection divisor.** Rerun section 1 with `RecursiveCompressor(64, protection_divisor=2)`
+#    and `=8`. How do anchors, window and selected slots change, and which positions survive?
+# 2. **Per-head keep sets.** `RecursiveCompressor(64, per_head=True)` lets each KV head keep its own
+#    slots. Plot `c.positions(layer)` for both heads: how different are they? Does section 4's loss
+#    improve?
+# 3. **H2O's bias.** Feed H2O in calls of 16 instead of 64 (section 1). Where do the selected slots
+#    go, and why? Compare with the exact scorer, which forgets past queries.

@@ -1,9 +1,10 @@
 """FastGRNN salience gate: a tiny recurrent cell runs over the keys of one layer/KV head and
-scores each key by the norm of its hidden state; `Gated` (attention/gated.py) keeps the top-scored.
+scores each key by the norm of its hidden state; `Gated` (gate/gated.py) keeps the top-scored.
 
-Leaves out the choice of keys per query (attention/gated.py) and cache eviction (the rest of
-minisparse.cache). Follows Kusupati et al. 2018, "FastGRNN" (NeurIPS), eq. 3-5, with ruvllm's
-variant (ruvllm_sparse_attention 0.1.1, src/fastgrnn_gate.rs, read on docs.rs) as `cell="ruvllm"`.
+Leaves out the choice of keys per query (gate/gated.py) and caches (minisparse.cache.GateCache
+runs this gate over every key it stores). Follows Kusupati et al. 2018, "FastGRNN" (NeurIPS),
+eq. 3-5, with ruvllm's variant (ruvllm_sparse_attention 0.1.1, src/fastgrnn_gate.rs, read on
+docs.rs) as `cell="ruvllm"`.
 
 The two cells (x the RMS-normalised key, h the running state, sig = logistic sigmoid):
   fastgrnn  a = W x + U h                      one W and one U shared by both branches
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit
+
+from ..attention.selection import reserve
 
 EPS = 1e-6                       # RMS floor: an all-zero key normalises to zero, not NaN
 DEFAULT_WEIGHTS = "fastgrnn_gate.npz"     # shipped in models/ (minisparse.registry.shipped_file)
@@ -238,7 +241,7 @@ def save_gates(path, gates: dict):
 # ----------------------------------------------------------------------------- decode state
 class GateState:
     """One layer's running gate state: hidden h (Hkv, H), salience and position of every key read
-    so far, and per selector configuration the running top-budget heap (attention/gated.py).
+    so far, and per selector configuration the running top-budget heap (gate/gated.py).
     Reading a key is O(H * (d + H)); nothing is ever recomputed."""
 
     def __init__(self, gate: FastGRNNGate, n_kv: int, capacity: int = 256):
@@ -249,58 +252,20 @@ class GateState:
         self.n = 0
         self.heaps = {}                                                # config -> heap arrays
 
+    @property
+    def current(self):
+        """Itself: a Gated selector bound to a GateState reads it as it reads a GateCache's."""
+        return self
+
     def append(self, k_new, pos):
         """Read keys k_new (Hkv, T, d) at positions pos (T,), in order."""
         T = k_new.shape[1]
         s, self.h = self.gate.salience(k_new, self.h)                  # (Hkv, T)
-        if self.n + T > self.pos.size:
-            cap = max(self.n + T, 2 * self.pos.size)
-            self.sal = np.pad(self.sal, ((0, 0), (0, cap - self.pos.size)))
-            self.pos = np.pad(self.pos, (0, cap - self.pos.size))
+        self.sal = reserve(self.sal, self.n, self.n + T, axis=1)       # (Hkv, cap')
+        self.pos = reserve(self.pos, self.n, self.n + T, axis=0)       # (cap',)
         self.sal[:, self.n:self.n + T] = s
         self.pos[self.n:self.n + T] = pos
         self.n += T
-
-
-class GateCache:
-    """A KV cache (any object with the KVCache interface) that also runs the gate over every key
-    it stores, one GateState per layer, so a decode step costs O(1) in the recurrence.
-    Use with a selector bound to it: `sel.bind(cache)` (attention/gated.py).
-
-    The gate reads keys as stored (a float16 cache rounds them first), so the bound selector
-    sees the same salience as an unbound one given the cache's keys.
-    """
-
-    def __init__(self, inner, gate: FastGRNNGate):
-        self.inner, self.gate = inner, gate
-        self.states: dict[int, GateState] = {}
-        self.current: GateState | None = None          # the layer update() saw last
-
-    def __len__(self):
-        return len(self.inner)
-
-    @property
-    def next_pos(self):
-        return self.inner.next_pos
-
-    def update(self, layer, k_new, v_new, pos, **kw):
-        k, v, k_pos = self.inner.update(layer, k_new, v_new, pos, **kw)    # kw: q=, for scorers
-        st = self.states.get(layer)
-        if st is None:
-            st = self.states[layer] = GateState(self.gate, k_new.shape[0])
-        T = k_new.shape[1]
-        stored = np.array_equal(k_pos[len(k_pos) - T:], pos)      # appended at the end (KVCache)
-        S = len(k_pos)                                                # k may be a buffer with spare rows
-        k_read = k[:, S - T:S] if stored else k_new                   # (Hkv, T, d) as stored
-        st.append(np.asarray(k_read, np.float32), pos)
-        self.current = st
-        return k, v, k_pos
-
-    def advance(self, T):
-        self.inner.advance(T)
-
-    def __getattr__(self, name):                      # nbytes, cfg, ... from the wrapped cache
-        return getattr(self.inner, name)
 
 
 # ----------------------------------------------------------------------------- training data

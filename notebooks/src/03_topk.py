@@ -1,15 +1,29 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 3 · Top-k attention and the IVF index
-
-Notebook 2 showed that a few keys hold most of a softmax row's mass. The natural sparse rule is
-then: **read the k keys of highest score** $q\cdot k_j$ (the softmax is monotone in the score, so
-those are exactly the k keys of largest probability). In this notebook:
-
-1. **mass recall vs k**: how much of the dense mass the top-k keys hold, per layer;
-2. the output error that follows;
-3. the **joint softmax with a recent suffix**: top-k of the old context plus every recent key,
-   in one softmax, and why that equals merging two partial softmaxes with `merge_lse`;
-4. the **IVF index**: finding (approximately) the top-k without scoring every key.
+# # 3 · Top-k attention and the IVF index
+#
+# Notebook 2 showed that a few keys hold most of a softmax row's mass. The natural sparse rule is
+# then: **read the k keys of highest score** $q\cdot k_j$ (the softmax is monotone in the score, so
+# those are exactly the k keys of largest probability). In this notebook:
+#
+# 1. **mass recall vs k**: how much of the dense mass the top-k keys hold, per layer;
+# 2. the output error that follows;
+# 3. the **joint softmax with a recent suffix**: top-k of the old context plus every recent key,
+#    in one softmax, and why that equals merging two partial softmaxes with `merge_lse`;
+# 4. the **IVF index**: finding (approximately) the top-k without scoring every key.
 
 # %%
 import copy
@@ -30,7 +44,7 @@ except ImportError:                                  # a checkout without `pip i
     import minisparse
 from minisparse.attention import IVF, IVFIndex, Q, Dense, Selection, TopK, Window, attend, merge_lse
 from minisparse.lab.metrics import mass_recall
-from minisparse.cache.fastgrnn import attention_maps
+from minisparse.gate.fastgrnn import attention_maps
 from minisparse.lab.runner import selection_mask
 from minisparse.viz import mass_curve
 
@@ -48,16 +62,16 @@ late = slice(256, T)                                 # report queries with >= 25
 print(f"{T} tokens, {L} layers, Hq={Hq}, Hkv={Hkv}")
 
 # %% [markdown]
-## 1. Mass recall vs k
-
-`TopK(k)` picks, for every query head and query, the k causal keys of highest $q\cdot k_j$. We turn
-its Selection into a boolean mask (`selection_mask`) and measure
-
-$$\text{recall}_t = \sum_{j \in S_t} p_{t,j}$$
-
-the share of the dense mass the chosen set $S_t$ holds. Because the top-k by score **is** the top-k
-by probability, this equals the oracle curve of notebook 2 (dotted): the selector is exact, the
-question is only how large k must be.
+# ## 1. Mass recall vs k
+#
+# `TopK(k)` picks, for every query head and query, the k causal keys of highest $q\cdot k_j$. We turn
+# its Selection into a boolean mask (`selection_mask`) and measure
+#
+# $$\text{recall}_t = \sum_{j \in S_t} p_{t,j}$$
+#
+# the share of the dense mass the chosen set $S_t$ holds. Because the top-k by score **is** the top-k
+# by probability, this equals the oracle curve of notebook 2 (dotted): the selector is exact, the
+# question is only how large k must be.
 
 # %%
 ks = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -75,12 +89,12 @@ ax.legend(fontsize=7, ncol=2); ax.set_title("top-k keeps the mass of the k large
 print("k = 16 reads", f"{16 / np.arange(257, T + 1).mean():.1%}", "of the causal keys; recall per layer:", recall[:, ks.index(16)])
 
 # %% [markdown]
-### One ranking per KV head
-
-With grouped-query attention, G = 4 query heads share each KV head. `TopK(k, per="kv")` ranks
-keys once per KV head by the group's summed score $\sum_{h \in g} q_h\cdot k_j$, so the cache
-loads each chosen key once for the whole group. Each query head then gets a set chosen partly for
-its neighbours: recall drops a little, memory traffic drops by up to G.
+# ### One ranking per KV head
+#
+# With grouped-query attention, G = 4 query heads share each KV head. `TopK(k, per="kv")` ranks
+# keys once per KV head by the group's summed score $\sum_{h \in g} q_h\cdot k_j$, so the cache
+# loads each chosen key once for the whole group. Each query head then gets a set chosen partly for
+# its neighbours: recall drops a little, memory traffic drops by up to G.
 
 # %%
 for l in (3, 4, 5):
@@ -90,12 +104,12 @@ for l in (3, 4, 5):
     print(f"layer {l}: recall per query head {r_q:.3f}, shared per KV head {r_kv:.3f}")
 
 # %% [markdown]
-## 2. From recall to output error
-
-Missing mass turns into output error. If the chosen keys hold mass $r$, the sparse output is the
-chosen keys' values renormalised by $r$, and one can show
-$\lVert o_S - o\rVert \le 2(1-r)\max_j\lVert v_j\rVert$. We measure the relative error
-$\lVert o_S - o\rVert / \lVert o\rVert$ through the real kernel (`attend`) for each k, on layer 4.
+# ## 2. From recall to output error
+#
+# Missing mass turns into output error. If the chosen keys hold mass $r$, the sparse output is the
+# chosen keys' values renormalised by $r$, and one can show
+# $\lVert o_S - o\rVert \le 2(1-r)\max_j\lVert v_j\rVert$. We measure the relative error
+# $\lVert o_S - o\rVert / \lVert o\rVert$ through the real kernel (`attend`) for each k, on layer 4.
 
 # %%
 l = 4
@@ -113,20 +127,20 @@ ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_xlabel("k"); ax.legen
 ax.set_title(f"layer {l}: top-k error follows the missing mass"); plt.show()
 
 # %% [markdown]
-## 3. The joint softmax with the recent suffix
-
-Decoding reads the newest keys anyway (they are hot in memory, and local context matters). The
-rule `TopK(k, recent=r)` reads **every key of the last r positions plus the top-k of the older
-ones**, in one softmax. Equivalently, compute two partial attentions over disjoint key sets
-$A$ (recent) and $B$ (top-k of the past), each with its log-sum-exp
-$\ell_A = \log\sum_{j\in A} e^{s_j}$, and merge them:
-
-$$o = \frac{e^{\ell_A}\, o_A + e^{\ell_B}\, o_B}{e^{\ell_A} + e^{\ell_B}},\qquad
-\ell = \log\!\big(e^{\ell_A} + e^{\ell_B}\big)$$
-
-This is how FlashDecoding splits a long cache across workers, and how a CPU-side top-k result can
-be combined with a GPU-side recent window. We split the selector's own Selection into the two
-parts, attend to each with `return_lse=True`, merge with `merge_lse`, and compare.
+# ## 3. The joint softmax with the recent suffix
+#
+# Decoding reads the newest keys anyway (they are hot in memory, and local context matters). The
+# rule `TopK(k, recent=r)` reads **every key of the last r positions plus the top-k of the older
+# ones**, in one softmax. Equivalently, compute two partial attentions over disjoint key sets
+# $A$ (recent) and $B$ (top-k of the past), each with its log-sum-exp
+# $\ell_A = \log\sum_{j\in A} e^{s_j}$, and merge them:
+#
+# $$o = \frac{e^{\ell_A}\, o_A + e^{\ell_B}\, o_B}{e^{\ell_A} + e^{\ell_B}},\qquad
+# \ell = \log\!\big(e^{\ell_A} + e^{\ell_B}\big)$$
+#
+# This is how FlashDecoding splits a long cache across workers, and how a CPU-side top-k result can
+# be combined with a GPU-side recent window. We split the selector's own Selection into the two
+# parts, attend to each with `return_lse=True`, merge with `merge_lse`, and compare.
 
 # %%
 kk, r = 16, 16
@@ -149,17 +163,17 @@ w_A = 1 / (1 + np.exp(lse_B - lse_A))                                  # share o
 print(f"share of the joint softmax mass on the {r} recent keys: mean {w_A[:, late].mean():.2f}")
 
 # %% [markdown]
-The agreement is float32 rounding: the kernel itself uses the same online-softmax algebra within
-a row. Notice the weight $e^{\ell_A}/(e^{\ell_A}+e^{\ell_B})$: the recent keys get the share of the
-mass they earn, not a fixed half.
-
-## 4. The IVF index: top-k without scoring every key
-
-Exact top-k still computes $q\cdot k_j$ for every key: the scoring is as expensive as the first
-half of dense attention. An **inverted-file (IVF) index** clusters the keys with k-means into
-$C \approx \sqrt{S}$ lists. A query scores the $C$ centroids, **probes** the `nprobe` lists of
-highest $q\cdot c$, and takes the exact top-k among the keys found there. Cost per query: $C$
-centroid scores plus about $\text{nprobe}\cdot S/C$ key scores.
+# The agreement is float32 rounding: the kernel itself uses the same online-softmax algebra within
+# a row. Notice the weight $e^{\ell_A}/(e^{\ell_A}+e^{\ell_B})$: the recent keys get the share of the
+# mass they earn, not a fixed half.
+#
+# ## 4. The IVF index: top-k without scoring every key
+#
+# Exact top-k still computes $q\cdot k_j$ for every key: the scoring is as expensive as the first
+# half of dense attention. An **inverted-file (IVF) index** clusters the keys with k-means into
+# $C \approx \sqrt{S}$ lists. A query scores the $C$ centroids, **probes** the `nprobe` lists of
+# highest $q\cdot c$, and takes the exact top-k among the keys found there. Cost per query: $C$
+# centroid scores plus about $\text{nprobe}\cdot S/C$ key scores.
 
 # %%
 ix = IVFIndex(k)                                                      # (Hkv, S=T, d) keys of layer 4
@@ -185,15 +199,15 @@ ax.set_xlabel("keys + centroids scored per query"); ax.set_ylim(0, 1.05); ax.leg
 ax.set_title(f"IVF on layer {l}: recall vs work"); plt.show()
 
 # %% [markdown]
-With nprobe = C every list is probed and IVF is exact top-k. The useful regime is in between:
-probing two thirds of the lists already finds ~98 % of the top-k here. At 512 keys the centroids are a large share of the
-work; at 100 k keys ($C \approx 316$) a probe of 16 lists scores about 5 % of the keys.
-
-## Exercises
-
-1. **Where does top-k fail?** Plot the per-query recall at k = 16 for layer 0 against the
-   entropy of its rows (notebook 2). Is low recall explained by high entropy?
-2. **Recent suffix size.** Sweep `r` in `TopK(16, recent=r)` over 0, 4, 16, 64 and plot the error.
-   Is reading the recent window ever worse than spending the same keys on more top-k?
-3. **IVF lists.** Build `IVFIndex(k, n_lists=8)` and `IVFIndex(k, n_lists=64)`. For a fixed work
-   budget (keys touched ≈ 128), which gives the higher recall, and why?
+# With nprobe = C every list is probed and IVF is exact top-k. The useful regime is in between:
+# probing two thirds of the lists already finds ~98 % of the top-k here. At 512 keys the centroids are a large share of the
+# work; at 100 k keys ($C \approx 316$) a probe of 16 lists scores about 5 % of the keys.
+#
+# ## Exercises
+#
+# 1. **Where does top-k fail?** Plot the per-query recall at k = 16 for layer 0 against the
+#    entropy of its rows (notebook 2). Is low recall explained by high entropy?
+# 2. **Recent suffix size.** Sweep `r` in `TopK(16, recent=r)` over 0, 4, 16, 64 and plot the error.
+#    Is reading the recent window ever worse than spending the same keys on more top-k?
+# 3. **IVF lists.** Build `IVFIndex(k, n_lists=8)` and `IVFIndex(k, n_lists=64)`. For a fixed work
+#    budget (keys touched ≈ 128), which gives the higher recall, and why?

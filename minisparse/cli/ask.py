@@ -1,0 +1,49 @@
+"""`minisparse ask`: the command line of minisparse/ask.py (prefill a document once, keep its KV
+cache on disk, answer questions about it)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from . import flags
+
+
+def add_parser(sub):
+    a = sub.add_parser("ask", help="prefill documents once, then answer questions about them")
+    flags.add_model_args(a, dequant=False)
+    a.add_argument("--context", nargs="+", required=True, help="UTF-8 text files to read")
+    a.add_argument("-p", "--prompt", required=True, help="the question")
+    a.add_argument("--cache", default="dense",
+                   help="cache policy: dense, streaming=4+1020, recursive=B2048 (see minisparse/cache/spec.py)")
+    a.add_argument("--chunk", type=flags.positive_int, default=256, help="prefill chunk (tokens)")
+    a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
+    flags.add_sampling_args(a)
+    flags.add_attention_args(a)
+    a.set_defaults(func=run)
+
+
+def run(args):
+    from .. import load_model
+    from ..ask import cache_layers, prepare, read_documents
+    sampling = flags.sampling(args)
+    selector, dense_layers = flags.attention(args)
+    document = read_documents(args.context)
+    model_path = flags.resolve_model(args.model)
+    model = load_model(model_path)
+    flags.check_layers(dense_layers, model.config.n_layers)
+    stats = [] if selector is not None else None
+    cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
+                            files=args.context, cache_spec=args.cache, chunk=args.chunk,
+                            attention=selector, dense_layers=dense_layers,
+                            use_saved=not args.no_cache, stats=stats)
+    t0, first = time.perf_counter(), None
+    for piece in model.generate(suffix, **sampling, attention=selector, cache=cache, add_bos=False,
+                                dense_layers=cache_layers(selector, dense_layers), stats=stats):
+        first = first or time.perf_counter()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
+    if stats is not None:
+        print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)
+    return 0

@@ -1,0 +1,272 @@
+"""Spec strings -> selectors and caches: one grammar, one registry table for both.
+
+    spec    := member ("," member)*            a union of selectors (a cache spec has one member)
+    member  := NAME ["=" VALUE] ("," OPTION "=" VALUE)*
+    VALUE   := the family's own value, parts separated by "/": "64", "2%/kv", "K8L75/5%", "B512/n4"
+    OPTION  := "seed" | "mode"                  modifies the member just before it
+
+"sinks=4,window=128" is a union of two selectors; "random=1%x70,seed=3,mode=structural" is one
+selector with two options; "streaming=4+508/reassigned" is a cache. An option a family does not
+take, a value a family does not take, or a part of a value it does not know is an error naming
+the token: nothing is dropped. Used by attend's callers (the model), the CLI's --attention and
+--cache, and the lab's --variants. Leaves out the selectors and caches themselves; it sits above
+attention/, gate/ and cache/ so that the families of all three can be registered in one table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .attention import patterns as P
+from .attention.hybrid import Hybrid
+from .attention.ivf import IVF
+from .attention.lsh import LSH
+from .attention.quest import Quest
+from .attention.random_mask import parse_random
+from .attention.selector import Selector, Union
+from .attention.topk import TopK
+from .cache import PressCache, RecursiveCompressor, StreamingCache
+from .gate.gated import Gated
+
+OPTIONS = ("seed", "mode")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registry line. `build(value)` makes the selector (kind "attention") from the text after
+    '=' (None when there is none); a cache's `build(value, model)` makes an empty cache for the
+    model. `example` is a spec that parses (the round-trip test uses it); `small`, a spec that
+    24 keys already exercise (the shared property suite runs it; default: the example)."""
+    kind: str
+    build: Callable
+    example: str
+    small: str | None = None
+
+
+def no_value(name, make):
+    """A family that takes no value: 'dense', 'logstride', 'ruvllm'."""
+    def build(val):
+        if val is not None:
+            raise ValueError(f"'{name}={val}': {name} takes no value; write '{name}'")
+        return make()
+    return build
+
+
+def int_value(name, make):
+    """A family whose value is one integer: 'window=128'."""
+    def build(val):
+        if val is None:
+            raise ValueError(f"'{name}' needs a value, e.g. {name}=64")
+        try:
+            return make(int(val))
+        except ValueError as e:
+            raise ValueError(f"'{name}={val}': {e}") from None
+    return build
+
+
+def _globals(val):
+    if val is None:
+        raise ValueError("'globals' needs positions, e.g. globals=0 or globals=0/5/9")
+    try:
+        return P.Globals([int(x) for x in val.split("/")])
+    except ValueError:
+        raise ValueError(f"'globals={val}': expected positions separated by '/', e.g. globals=0/5") from None
+
+
+# ---- caches: build(value, model) --------------------------------------------------------
+def _dense_cache(val, model):
+    if val is not None:
+        raise ValueError(f"'dense={val}': dense takes no value; write 'dense'")
+    return model.new_cache()
+
+
+def _parts(name, val, example):
+    parts = [p for p in (val or "").strip().split("/") if p]
+    if not parts:
+        raise ValueError(f"'{name}' needs a value, e.g. {example}")
+    return parts
+
+
+def _recursive(val, model):
+    parts = _parts("recursive", val, "recursive=B512")
+    kw = {"budget": int(parts[0].removeprefix("B").removeprefix("b"))}
+    for p in parts[1:]:
+        if p[0] == "n" and p[1:].isdigit():
+            kw["protection_divisor"] = int(p[1:])
+        elif p[0] == "b" and p[1:].isdigit():
+            kw["block"] = int(p[1:])
+        elif p == "acc":
+            kw["mode"] = "accumulate"
+        elif p == "perhead":
+            kw["per_head"] = True
+        else:
+            raise ValueError(f"'recursive={val}': unknown part {p!r} (n<divisor>, b<block>, acc, perhead)")
+    return RecursiveCompressor(**kw)
+
+
+def _streaming(val, model):
+    parts = _parts("streaming", val, "streaming=4+508")
+    s, plus, w = parts[0].partition("+")
+    if not plus:
+        raise ValueError(f"'streaming={val}': expected SINKS+WINDOW, e.g. streaming=4+508")
+    for p in parts[1:]:
+        if p != "reassigned":
+            raise ValueError(f"'streaming={val}': unknown part {p!r} (reassigned)")
+    mode = "reassigned" if "reassigned" in parts[1:] else "original"
+    return StreamingCache(int(s), int(w), mode, model=model)
+
+
+def _press(val, model):
+    parts = _parts("press", val, "press=0.5")
+    if len(parts) > 1:
+        raise ValueError(f"'press={val}': expected one compression ratio, e.g. press=0.5; "
+                         f"unknown part {parts[1]!r}")
+    return PressCache(float(parts[0]))
+
+
+# ---- the registry: one line per family ----------------------------------------------------
+REGISTRY: dict[str, Family] = {
+    "dense": Family("attention", no_value("dense", P.Dense), "dense"),
+    "window": Family("attention", int_value("window", P.Window), "window=128", "window=3"),
+    "sinks": Family("attention", int_value("sinks", P.Sinks), "sinks=4", "sinks=2"),
+    "globals": Family("attention", _globals, "globals=0/5"),
+    "blocks": Family("attention", int_value("blocks", P.BlockLocal), "blocks=64", "blocks=4"),
+    "strided": Family("attention", int_value("strided", P.Strided), "strided=16", "strided=3"),
+    "fixed": Family("attention", int_value("fixed", lambda l: P.Strided(l, "fixed")), "fixed=16", "fixed=3"),
+    "logstride": Family("attention", no_value("logstride", P.LogStride), "logstride"),
+    "landmarks": Family("attention", int_value("landmarks", P.Landmarks), "landmarks=32", "landmarks=4"),
+    "loglandmarks": Family("attention", int_value("loglandmarks", lambda b: P.Landmarks(b, reach="log")),
+                           "loglandmarks=32", "loglandmarks=3"),
+    "ruvllm": Family("attention", no_value("ruvllm", P.RuvLLM), "ruvllm"),
+    "random": Family("attention", parse_random, "random=1%x70,seed=3,mode=structural",
+                     "random=20%x3,seed=7"),
+    "gate": Family("attention", Gated.from_spec, "gate=8/16/2,mode=untrained,seed=5",
+                   "gate=3/2/1,mode=untrained"),
+    "topk": Family("attention", TopK.from_spec, "topk=64/kv/r16", "topk=3/r2"),
+    "ivf": Family("attention", IVF.from_spec, "ivf=64/p8/c256,seed=2", "ivf=4/p64/c4"),
+    "lsh": Family("attention", LSH.from_spec, "lsh=K8L75/5%,seed=1", "lsh=K4L8/4,seed=1"),
+    "magicpig": Family("attention", LSH.magicpig_from_spec, "magicpig=K8L75,seed=0",
+                       "magicpig=K3L10,seed=1"),
+    "quest": Family("attention", Quest.from_spec, "quest=16/5%", "quest=4/6"),
+    "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
+    "kv": Family("cache", _dense_cache, "dense"),
+    "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead"),
+    "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
+    "press": Family("cache", _press, "press=0.5"),
+}
+# "dense" names both the dense selector and the dense cache; the cache line is registered as
+# "kv" so that each name has one line, and parse_cache_spec reads "dense" as "kv".
+
+
+def register(name: str, family: Family):
+    """Add a family defined outside this package (a plugin) to the registry; in-package families
+    add their line to REGISTRY above. A name already taken is an error."""
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"register: name {name!r} must be a lower-case identifier")
+    if name in REGISTRY or name in OPTIONS:
+        raise ValueError(f"register: {name!r} is already a family or an option")
+    if family.kind not in ("attention", "cache"):
+        raise ValueError(f"register: kind must be 'attention' or 'cache', got {family.kind!r}")
+    REGISTRY[name] = family
+
+
+def unregister(name: str):
+    """Remove a family added by `register` (tests register one and take it away again)."""
+    REGISTRY.pop(name)
+
+
+def known_names(kind: str = "attention") -> list[str]:
+    """The registered names of one kind, sorted."""
+    names = [n for n, f in REGISTRY.items() if f.kind == kind]
+    return sorted("dense" if n == "kv" else n for n in names)
+
+
+CACHE_NAMES = ("recursive", "streaming", "press")     # the bounded ones; "dense" = KVCache
+
+
+def suite_selectors() -> list[tuple[str, Callable[[], Selector]]]:
+    """(spec, make) for every registered attention family, from its `small` spec: the list the
+    shared property suite runs, so a family registered here (or by `register`) joins it."""
+    out = []
+    for name, fam in sorted(REGISTRY.items()):
+        if fam.kind == "attention":
+            spec = fam.small or fam.example
+            out.append((spec, lambda spec=spec: parse_attention_spec(spec)))
+    return out
+
+
+def _tokens(spec: str, what: str):
+    """[(name, value or None, {option: value})] for "name[=value][,option=value]..."."""
+    if not isinstance(spec, str) or not spec.strip():
+        like = "sinks=4,window=128" if what == "attention" else "streaming=4+508"
+        raise ValueError(f"{what} spec: expected a non-empty string like {like!r}, got {spec!r}")
+    members = []
+    for tok in spec.split(","):
+        tok = tok.strip()
+        name, eq, val = tok.partition("=")
+        name, val = name.strip().lower(), (val.strip() or None) if eq else None
+        if name in OPTIONS:
+            if not members:
+                raise ValueError(f"{what} spec {spec!r}: option '{tok}' must follow the member it "
+                                 f"modifies (e.g. random=1%x70,{name}=...)")
+            if val is None:
+                raise ValueError(f"{what} spec {spec!r}: option '{tok}' needs a value")
+            if name in members[-1][2]:
+                raise ValueError(f"{what} spec {spec!r}: option '{tok}' given twice")
+            members[-1][2][name] = val
+            continue
+        if not name:
+            raise ValueError(f"{what} spec {spec!r}: empty member")
+        members.append((name, val, {}))
+    return members
+
+
+def parse_attention_spec(spec: str) -> Selector:
+    """Parse "name[=value][,option=value],..." into one selector (a Union when several).
+
+    >>> parse_attention_spec("sinks=4,window=128")
+    Union<sinks=4,window=128>
+    >>> parse_attention_spec("ivf=64,mode=sample")
+    Traceback (most recent call last):
+    ...
+    ValueError: attention spec 'ivf=64,mode=sample': ivf=64/p8: takes seed, not 'mode'
+    """
+    members = []
+    for name, val, opts in _tokens(spec, "attention"):
+        fam = REGISTRY.get(name)
+        if fam is None or fam.kind != "attention":
+            raise ValueError(f"attention spec {spec!r}: unknown selector '{name}'; known: "
+                             + ", ".join(known_names("attention")) + "; options: " + ", ".join(OPTIONS))
+        try:
+            sel = fam.build(val).with_options(**opts)
+        except ValueError as e:
+            raise ValueError(f"attention spec {spec!r}: {e}") from None
+        members.append(sel)
+    return members[0] if len(members) == 1 else Union(*members)
+
+
+def parse_cache_spec(spec: str, model):
+    """A new, empty cache for `spec` and `model` (a Model: the dense cache takes its shapes,
+    streaming re-assignment its RoPE).
+
+    >>> parse_cache_spec("press=0.5/x", model=None)                     # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: cache spec 'press=0.5/x': ...; unknown part 'x'
+    """
+    members = _tokens(spec, "cache")
+    if len(members) != 1:
+        raise ValueError(f"cache spec {spec!r}: one cache, e.g. streaming=4+508 (a ',' joins "
+                         f"selectors, not caches)")
+    name, val, opts = members[0]
+    fam = REGISTRY.get("kv" if name == "dense" else name)
+    if fam is None or fam.kind != "cache":
+        raise ValueError(f"cache spec {spec!r}: unknown cache {name!r}; known: "
+                         + ", ".join(known_names("cache")))
+    if opts:
+        raise ValueError(f"cache spec {spec!r}: caches take no options, got "
+                         + ", ".join(f"'{k}={v}'" for k, v in opts.items()))
+    try:
+        return fam.build(val, model)
+    except ValueError as e:
+        raise ValueError(f"cache spec {spec!r}: {e}") from None
