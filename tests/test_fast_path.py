@@ -215,7 +215,7 @@ def test_attend_default_kernel_follows_the_switch():
 
 def test_attend_refuses_a_spec_string():
     x = np.ones((1, 2, 4), np.float32)
-    with pytest.raises(TypeError, match="parse_attention_spec"):
+    with pytest.raises(ValueError, match="parse_attention_spec"):
         attend(x, x, x, "window=1")
 
 
