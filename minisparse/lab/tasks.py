@@ -17,6 +17,8 @@ import importlib
 import inspect
 import re
 import string
+import textwrap
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -129,22 +131,30 @@ def stdlib_functions() -> tuple[tuple[str, str, str], ...]:
     """(module, function name, source) of every module-level function or method with a docstring
     in QA_MODULES, at most 1,500 characters of source; sorted, so a seed picks the same ones."""
     out = []
-    for mod_name in QA_MODULES:
-        mod = importlib.import_module(mod_name)
-        objs = [o for _, o in inspect.getmembers(mod, inspect.isfunction)]
-        for _, cls in inspect.getmembers(mod, inspect.isclass):
-            objs += [o for _, o in inspect.getmembers(cls, inspect.isfunction)]
-        for o in objs:
-            if getattr(o, "__module__", None) != mod.__name__ or not o.__doc__:
-                continue
-            try:
-                src = inspect.getsource(o)
-            except (OSError, TypeError):
-                continue
-            src = inspect.cleandoc("\n" + src) if src.startswith(" ") else src
-            if len(src) <= 1500 and src.startswith("def "):
-                out.append((mod_name, o.__name__, src.rstrip() + "\n"))
+    with warnings.catch_warnings():   # getmembers touches deprecated aliases such as typing.io
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for mod_name in QA_MODULES:
+            out += _functions_of(mod_name)
     return tuple(sorted(set(out)))
+
+
+def _functions_of(mod_name: str) -> list[tuple[str, str, str]]:
+    out = []
+    mod = importlib.import_module(mod_name)
+    objs = [o for _, o in inspect.getmembers(mod, inspect.isfunction)]
+    for _, cls in inspect.getmembers(mod, inspect.isclass):
+        objs += [o for _, o in inspect.getmembers(cls, inspect.isfunction)]
+    for o in objs:
+        if getattr(o, "__module__", None) != mod.__name__ or not o.__doc__:
+            continue
+        try:
+            src = inspect.getsource(o)
+        except (OSError, TypeError):
+            continue
+        src = textwrap.dedent(src)   # methods are indented
+        if len(src) <= 1500 and src.startswith("def "):
+            out.append((mod_name, o.__name__, src.rstrip() + "\n"))
+    return out
 
 
 def long_texts(min_tokens: int = 8192, tokenizer=None) -> dict[str, str]:
@@ -349,10 +359,13 @@ def passkey(tok, n_tokens, depth, seed):
     body = ex["tokens"][1:q_start]                         # BOS is added back by the tokenizer
     context = tok.decode([int(t) for t in body])
     question = PASSKEY_QUESTION
-    needle_text = tok.decode([int(t) for t in kit["needle_pre"]])
+    n_needle = (len(kit["needle_pre"]) + 2 * len(ex["answer"]) + len(kit["needle_mid"])
+                + len(kit["needle_post"]))   # "The pass key is K. Remember it. K is the pass key."
+    needle_ids = ex["tokens"][ex["needle_start"]:ex["needle_start"] + n_needle]
+    needle_text = tok.decode([int(t) for t in needle_ids]).strip()
     char = len(tok.decode([int(t) for t in ex["tokens"][1:ex["needle_start"]]]))
     out = Example("passkey", context + question, context, question, [str(ex["key"])], seed, n_tokens, 0,
-                  depth, [char], [], [needle_text + f" {ex['key']}"], max_new_tokens=8,
+                  depth, [char], [], [needle_text], max_new_tokens=8,
                   meta={"source": "minisparse.lab.needle.make_passkey_example"})
     return _locate(out, tok)
 
