@@ -60,7 +60,7 @@ def bootstrap_ratio(num, den, n_boot: int = 2000, seed: int = 0, block: int = 1,
     """The ratio of means mean(num) / mean(den) of paired samples, with a seeded percentile
     bootstrap interval: pairs are resampled together (block > 1: blocks of consecutive pairs).
 
-    Returns {ratio, lo, hi, n, n_boot, seed, block}.
+    Returns {ratio, lo, hi, n, n_boot, n_undefined, seed, block}.
 
     >>> r = bootstrap_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=100)
     >>> (r["ratio"], r["lo"], r["hi"])
@@ -74,11 +74,16 @@ def bootstrap_ratio(num, den, n_boot: int = 2000, seed: int = 0, block: int = 1,
         raise ValueError(f"bootstrap_ratio: block={block} is longer than the {num.size} samples")
     rng = np.random.default_rng(seed)
     idx = _block_indices(rng, num.size, block, n_boot)                        # (B, n)
-    boots = num[idx].mean(axis=1) / den[idx].mean(axis=1)                    # (B,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = num[idx].mean(axis=1) / den[idx].mean(axis=1)                # (B,)
+        ratio = num.mean() / den.mean()
+    # a resample whose denominator is 0 has no ratio: it is left out and counted, so a reader
+    # sees how often (a dense baseline that is rarely right makes the ratio unstable)
+    ok = np.isfinite(boots)
     a = (1 - level) / 2
-    lo, hi = np.quantile(boots, [a, 1 - a])
-    return {"ratio": float(num.mean() / den.mean()), "lo": float(lo), "hi": float(hi), "n": int(num.size),
-            "n_boot": int(n_boot), "seed": int(seed), "block": int(block)}
+    lo, hi = np.quantile(boots[ok], [a, 1 - a]) if ok.any() else (float("nan"), float("nan"))
+    return {"ratio": float(ratio), "lo": float(lo), "hi": float(hi), "n": int(num.size),
+            "n_boot": int(n_boot), "n_undefined": int((~ok).sum()), "seed": int(seed), "block": int(block)}
 
 
 def perplexity_ratio(nll_sparse, nll_dense, n_boot: int = 2000, seed: int = 0, block: int = 64,
