@@ -160,7 +160,7 @@ def _functions_of(mod_name: str) -> list[tuple[str, str, str]]:
 def long_texts(min_tokens: int = 8192, tokenizer=None) -> dict[str, str]:
     """Long real texts for perplexity, each at least `min_tokens` long when a tokenizer is given
     (checked; None skips the check): prose (the documentation) and code (two modules' source;
-    xmlrpc.client is held out of the pydoc model's training, argparse is not).
+    xmlrpc.client is held out of the pydoc model's training; argparse and the documentation are in it).
 
     >>> sorted(long_texts(tokenizer=None))
     ['code:argparse', 'code:xmlrpc.client', 'prose:pydoc']
@@ -352,7 +352,8 @@ def _doc_line(src: str) -> str | None:
 
 def passkey(tok, n_tokens, depth, seed):
     """needle.py's pass-key example (Mohtashami & Jaggi) as an Example: exactly n_tokens long with
-    the answer, so the prompt fed is n_tokens minus the key's tokens."""
+    the answer, so the prompt fed is n_tokens minus the key's tokens. As in needle.py, exactly the
+    key's tokens are decoded: the pass-key model was trained to write the key, not to stop after it."""
     kit = _kit(tok)
     ex = make_passkey_example(kit, n_tokens, depth, seed)
     q_start = ex["answer_start"] - len(kit["question"])
@@ -365,7 +366,7 @@ def passkey(tok, n_tokens, depth, seed):
     needle_text = tok.decode([int(t) for t in needle_ids]).strip()
     char = len(tok.decode([int(t) for t in ex["tokens"][1:ex["needle_start"]]]))
     out = Example("passkey", context + question, context, question, [str(ex["key"])], seed, n_tokens, 0,
-                  depth, [char], [], [needle_text], max_new_tokens=8,
+                  depth, [char], [], [needle_text], max_new_tokens=len(ex["answer"]),
                   meta={"source": "minisparse.lab.needle.make_passkey_example"})
     return _locate(out, tok)
 
