@@ -100,3 +100,71 @@ def test_perplexity_rows_give_a_ratio_with_an_interval(model):
     # the same variant as dense reads the same keys: a ratio of exactly 1 (same code path)
     (same,) = perplexity_rows(model, texts, ["dense"], n_tokens=256)
     assert same["ratio"] == 1.0
+
+
+class _CharTok:
+    """Characters as ids (BOS = 0), enough for the harness."""
+    bos_id, eot_ids = 0, (0,)
+
+    def encode(self, text, add_bos=None):
+        return ([0] if add_bos is not False else []) + [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i)
+
+
+class _ScriptedModel:
+    """Records each forward call (tokens, attention) and answers with a scripted continuation."""
+
+    def __init__(self, script):
+        self.tokenizer, self.calls, self.script = _CharTok(), [], [ord(c) for c in script]
+        self.config = type("C", (), {"context_length": 1000, "n_layers": 1})()
+
+    def new_cache(self):
+        return []
+
+    def forward(self, tokens, cache, attention=None, dense_layers=(), stats=None, last_only=False):
+        import numpy as np
+        self.calls.append((list(tokens), attention))
+        cache.extend(tokens)
+        if stats is not None:
+            stats.append({"layer": 0, "q_pos": np.array([len(cache) - 1]), "n_attended": np.full((1, 1), 3),
+                          "n_causal": np.full((1, 1), len(cache))})
+        n_gen = len(cache) - 6              # answer tokens fed so far (the toy prompt has 6 ids)
+        logits = np.zeros((1, 256))
+        logits[0, self.script[min(max(n_gen, 0), len(self.script) - 1)]] = 1.0
+        return logits
+
+
+def _toy_example(question="?Q"):
+    from minisparse.lab.tasks import Example
+    return Example("toy", "ctx" + question, "ctx", question, ["42"], 0, 10, 7, 0.5, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_protocols_feed_the_question_before_or_after_the_keys_are_chosen(protocol, monkeypatch):
+    import minisparse.lab.suite as suite
+    monkeypatch.setattr(suite, "parse_attention_spec", lambda spec: f"SEL<{spec}>")
+    m = _ScriptedModel(" 42\nnever")
+    r = suite.run_example(m, _toy_example(), Variant("topk=1", "topk=1"), protocol)
+    ctx, q = [0, ord("c"), ord("t"), ord("x")], [ord("?"), ord("Q")]
+    if protocol == "query-aware":       # context + question prefilled dense in one call
+        assert m.calls[0] == ((ctx + q)[:-1], None) and m.calls[1] == ([q[-1]], "SEL<topk=1>")
+        answer_calls = m.calls[2:]
+    else:                               # the context alone, then the question one token at a time
+        assert m.calls[0] == (ctx[:-1], None)
+        assert m.calls[1:4] == [([ctx[-1]], "SEL<topk=1>"), ([q[0]], "SEL<topk=1>"), ([q[1]], "SEL<topk=1>")]
+        answer_calls = m.calls[4:]
+    # greedy answer " 42" then a newline: decoding stops there, after visible text
+    assert [c[0] for c in answer_calls] == [[ord(" ")], [ord("4")], [ord("2")]]
+    assert r["output"] == " 42\n" and r["correct"] and r["degenerate"] == []
+    assert r["keys_read"] == 3 and r["protocol"] == protocol
+
+
+def test_leading_whitespace_does_not_stop_decoding(monkeypatch):
+    import minisparse.lab.suite as suite
+    monkeypatch.setattr(suite, "parse_attention_spec", lambda spec: spec)
+    r = suite.run_example(_ScriptedModel(" \n\n42\n"), _toy_example(), Variant("x", "x"), "query-aware")
+    assert r["output"] == " \n\n42\n" and r["correct"]
+    r = suite.run_example(_ScriptedModel("\n"), _toy_example(), Variant("x", "x"), "query-aware")
+    assert r["output"] == "\n" * 8 and r["degenerate"] == ["newline-only"] and not r["correct"]

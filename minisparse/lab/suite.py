@@ -145,8 +145,8 @@ def _keys(stats) -> dict:
 def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int = 512) -> dict:
     """Prefill under `protocol`, greedy-decode the answer with `variant`, score and smoke-check it.
 
-    Decoding stops at an end-of-text token, at max_new_tokens, or at a newline once some text was
-    written (answers are one line; leading newlines are kept for the smoke check to see).
+    Decoding stops at an end-of-text token, at max_new_tokens, or at a newline once some visible
+    text was written (answers are one line; leading whitespace is kept for the smoke check to see).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
@@ -178,7 +178,7 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
             break
         gen.append(nxt)
         text = tok.decode(gen)
-        if "\n" in text.lstrip("\n") or len(gen) == ex.max_new_tokens:
+        if "\n" in text.lstrip() or len(gen) == ex.max_new_tokens:
             break
         logits = model.forward([nxt], cache, attention=sel, dense_layers=dl, stats=ans_stats, last_only=True)
     output = tok.decode(gen)
