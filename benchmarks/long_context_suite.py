@@ -46,6 +46,32 @@ def _floats(text, flag):
         raise SystemExit(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
+def plot_rows(rows, path, title):
+    """Accuracy against the share of keys read (log x), one panel per task, one point per
+    variant with its Wilson 95% interval; uninformative panels say so in their title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rs = [r for r in rows if r["task"] == task and r["density"]]
+        for r in rs:
+            ax.errorbar([r["density"]], [r["acc"]], yerr=[[r["acc"] - r["lo"]], [r["hi"] - r["acc"]]],
+                        fmt="o", capsize=3, label=f"{r['variant']} (n={r['n']})")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("share of keys read at the answer")
+        ax.set_ylabel("accuracy")
+        bad = any(r["uninformative"] for r in rs)
+        ax.set_title(task + (" (uninformative: dense < 50%)" if bad else ""), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--dense-layers", default="", help="layers kept dense for variants without @dl=")
     ap.add_argument("--perplexity", action="store_true", help="perplexity ratio table instead of tasks")
     ap.add_argument("--out", help="JSON path (default benchmarks/long_context_<model>_<length>_<protocol>.json)")
+    ap.add_argument("--plot", help="PNG path: accuracy against the share of keys read, Wilson intervals drawn")
     a = ap.parse_args(argv)
 
     dl = tuple(int(x) for x in a.dense_layers.split(",") if x.strip())
@@ -81,6 +108,8 @@ def main(argv=None):
         for r in rows:
             print(f"| {r['text']} | {r['length']} | `{r['variant']}` | {r['ppl_dense']:.3f} | "
                   f"{r['ppl_sparse']:.3f} | {r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] |")
+        if a.plot:
+            raise SystemExit("--plot draws task tables; perplexity rows have no keys-read axis yet")
         result = {"rows": rows}
         out = a.out or ROOT / "benchmarks" / f"long_context_ppl_{stem}_{a.length}.json"
     else:
@@ -97,6 +126,8 @@ def main(argv=None):
         result = run_suite(model, exs, variants, [a.protocol], chunk=512, progress=progress)
         print(file=sys.stderr)
         print(markdown_table(result["rows"]))
+        if a.plot:
+            plot_rows(result["rows"], a.plot, f"{stem}, {a.length} tokens, {a.protocol}")
         out = a.out or ROOT / "benchmarks" / f"long_context_{stem}_{a.length}_{a.protocol}.json"
     result.update({"command": command, "model": str(_model_path(a.model)), "seconds": round(time.time() - t0, 1),
                    "args": vars(a)})
