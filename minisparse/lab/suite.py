@@ -234,7 +234,8 @@ def summarize(records) -> list[dict]:
         row = {"task": task, "length": length, "protocol": protocol, "variant": variant,
                "attention": rs[0]["attention"], "cache": rs[0]["cache"], "dense_layers": rs[0]["dense_layers"],
                **acc, "score": float(np.mean([r["score"] for r in rs])),
-               "seeds": sorted({r["seed"] for r in rs}), "depths": sorted({r["depth"] for r in rs if r["depth"] is not None}),
+               "seeds": sorted({r["seed"] for r in rs}),
+               "depths": sorted({r["depth"] for r in rs if r["depth"] is not None}),
                "n_tokens_mean": float(np.mean([r["n_tokens"] for r in rs]))}
         for k in ("keys_read", "keys_causal", "positions", "density"):
             vals = [r[k] for r in rs if r[k] is not None]
@@ -266,7 +267,8 @@ def markdown_table(rows) -> str:
     out = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         keys = "-" if r["keys_read"] is None else f"{r['keys_read']:.0f} ({r['density']:.1%})"
-        vs = "-" if not r["vs_dense"] else f"{r['vs_dense']['ratio']:.2f} [{r['vs_dense']['lo']:.2f}, {r['vs_dense']['hi']:.2f}]"
+        b = r["vs_dense"]
+        vs = "-" if not b else f"{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]"
         dense = "-" if r["dense_acc"] is None else f"{r['dense_acc']:.2f}"
         deg = str(r["degenerate"]) + (" (" + ", ".join(f"{k} {v}" for k, v in r["degenerate_kinds"].items()) + ")"
                                       if r["degenerate"] else "")

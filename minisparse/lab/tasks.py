@@ -371,13 +371,13 @@ def passkey(tok, n_tokens, depth, seed):
     return _locate(out, tok)
 
 
-_KITS: dict[int, dict] = {}
+_KITS: dict[int, tuple] = {}   # id -> (tokenizer, kit): holding the tokenizer keeps its id unique
 
 
 def _kit(tok):
     if id(tok) not in _KITS:
-        _KITS[id(tok)] = build_kit(tok)
-    return _KITS[id(tok)]
+        _KITS[id(tok)] = (tok, build_kit(tok))
+    return _KITS[id(tok)][1]
 
 
 TASKS = {
