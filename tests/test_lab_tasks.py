@@ -95,15 +95,15 @@ def test_seeds_reproduce_and_differ(task, tok, passkey_tok):
 
 
 @pytest.mark.parametrize("task", ["niah_single_digits", "niah_multivalue", "variable_tracking"])
-@pytest.mark.parametrize("n", [256, 1024])
+@pytest.mark.parametrize("n", [384, 1024])
 def test_length_fits_to_one_haystack_sentence(task, n, tok):
     ex = make_example(task, tok, n, 0.5, seed=7)
-    assert ex.n_tokens <= n
+    assert ex.n_tokens + ex.max_new_tokens <= n          # RULER: the answer's budget is in the length
     sents = prose_sentences()
     refused = sents[(ex.meta["haystack_start"] + ex.meta["haystack_sentences"]) % len(sents)]
     # the fit stopped because the next sentence (joined by a space) would overflow; BPE merges at
     # the two joins and a needle moving to the next boundary change the count by a few tokens (3)
-    assert n - ex.n_tokens <= len(question_ids(tok, " " + refused)) + 3
+    assert n - ex.max_new_tokens - ex.n_tokens <= len(question_ids(tok, " " + refused)) + 3
 
 
 def test_passkey_length_is_exact_with_the_answer(passkey_tok):
@@ -118,11 +118,12 @@ def test_common_words_counts(tok):
     assert all(counts[w] == ex.meta["freq_common"] for w in ex.answers)
     others = [c for w, c in counts.items() if w not in ex.answers]
     assert others and max(others) == ex.meta["freq_rare"] < ex.meta["freq_common"]
-    assert 1024 - 16 <= ex.n_tokens <= 1024   # one more rare word ("N. word", <= 16 tokens) would overflow
+    # one more rare word ("N. word", <= 16 tokens) would overflow the prompt's share
+    assert 1024 - ex.max_new_tokens - 16 <= ex.n_tokens <= 1024 - ex.max_new_tokens
 
 
 def test_task_set_records_seeds_and_depths(tok):
-    exs = make_task_set(["niah_single_word", "common_words"], tok, 256, [0.25, 0.75], n=3, seed=10)
+    exs = make_task_set(["niah_single_word", "common_words"], tok, 384, [0.25, 0.75], n=3, seed=10)
     assert [(e.task, e.seed) for e in exs][:3] == [("niah_single_word", s) for s in (10, 11, 12)]
     assert [e.depth for e in exs[:3]] == [0.25, 0.75, 0.25]
 

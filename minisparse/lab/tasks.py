@@ -38,8 +38,8 @@ class Example:
     question: str
     answers: list[str]            # every one must appear in the output for `correct`
     seed: int
-    target_tokens: int            # the length asked for
-    n_tokens: int                 # the length fed: len(context ids) + len(question ids)
+    target_tokens: int            # the length asked for: prompt + answer budget
+    n_tokens: int                 # the prompt fed: len(context ids) + len(question ids)
     depth: float | None           # the depth asked for (0 = start of the context), None if none
     needle_chars: list[int] = field(default_factory=list)    # where each needle starts in `context`
     needle_tokens: list[int] = field(default_factory=list)   # ... and in the context's ids
@@ -68,13 +68,15 @@ def _count(tok, context: str, question: str) -> int:
     return len(context_ids(tok, context)) + len(question_ids(tok, question))
 
 
-def _fit(build, tok, question: str, n_tokens: int, hi: int):
+def _fit(build, tok, question: str, n_tokens: int, hi: int, max_new: int):
     """The largest m in [0, hi] whose context build(m) fits n_tokens together with the question
-    (token counts grow with m, so a bisection finds it); returns (m, context)."""
-    lo_m, hi_m = 0, hi
-    if _count(tok, build(0), question) > n_tokens:
-        raise ValueError(f"n_tokens={n_tokens} is too short: the task's fixed text alone takes "
-                         f"{_count(tok, build(0), question)} tokens")
+    and max_new answer tokens (token counts grow with m, so a bisection finds it); returns
+    (m, context)."""
+    lo_m, hi_m, fixed = 0, hi, _count(tok, build(0), question)
+    if fixed + max_new > n_tokens:
+        raise ValueError(f"n_tokens={n_tokens} is too short: the task's fixed text takes {fixed} tokens "
+                         f"and its answer {max_new} more")
+    n_tokens -= max_new
     while lo_m < hi_m:
         mid = (lo_m + hi_m + 1) // 2
         if _count(tok, build(mid), question) <= n_tokens:
@@ -249,10 +251,11 @@ def _needle_task(name, tok, n_tokens, depth, seed, *, value_kind, n_keys=1, n_va
                 f"{'are' if n_values > 1 else 'is'}")
     start = int(rng.integers(len(sents)))
     build = _haystack_build(sents, start, order, depths, intro)
-    m, context = _fit(build, tok, question, n_tokens, hi=len(sents))
+    max_new = 16 + 16 * n_values + (24 if value_kind == "uuid" else 0)
+    m, context = _fit(build, tok, question, n_tokens, hi=len(sents), max_new=max_new)
     chars = [_needle_char(context, nd) for nd in target]
     ex = Example(name, context + question, context, question, list(values[keys[0]]), seed, n_tokens,
-                 0, depth, chars, [], target, max_new_tokens=16 + 16 * n_values + (24 if value_kind == "uuid" else 0),
+                 0, depth, chars, [], target, max_new_tokens=max_new,
                  meta={"keys": keys, "distractors": [nd for nd in needles if nd not in target],
                        "haystack_sentences": m, "haystack_start": start})
     return _locate(ex, tok)
@@ -278,7 +281,7 @@ def variable_tracking(tok, n_tokens, depth, seed, n_hops=4):
     sents = prose_sentences()
     start = int(rng.integers(len(sents)))
     build = _haystack_build(sents, start, needles, depths, intro)
-    m, context = _fit(build, tok, question, n_tokens, hi=len(sents))
+    m, context = _fit(build, tok, question, n_tokens, hi=len(sents), max_new=40)
     chars = [_needle_char(context, nd) for nd in needles]
     ex = Example("variable_tracking", context + question, context, question, names, seed, n_tokens, 0,
                  depth, chars, [], needles, max_new_tokens=40,
@@ -304,7 +307,7 @@ def common_words(tok, n_tokens, depth, seed, n_common=10):
         words = common * f_common + [w for w in rare[:m] for _ in range(f_rare)]
         perm = np.random.default_rng([seed, 2, m]).permutation(len(words))
         return intro + " ".join(f"{i + 1}. {words[j]}" for i, j in enumerate(perm))
-    m, context = _fit(build, tok, question, n_tokens, hi=len(rare))
+    m, context = _fit(build, tok, question, n_tokens, hi=len(rare), max_new=60)
     ex = Example("common_words", context + question, context, question, common, seed, n_tokens, 0, None,
                  max_new_tokens=60, meta={"freq_common": f_common, "freq_rare": f_rare, "n_rare": m})
     return _locate(ex, tok)
@@ -335,7 +338,7 @@ def qa_stdlib(tok, n_tokens, depth, seed):
         body = [unit(f) for f in others[:m]]
         body.insert(int(round(depth * m)), unit(gold))
         return intro + "\n".join(body)
-    m, context = _fit(build, tok, question, n_tokens, hi=len(others))
+    m, context = _fit(build, tok, question, n_tokens, hi=len(others), max_new=16)
     ex = Example("qa_stdlib", context + question, context, question, [gold[1]], seed, n_tokens, 0, depth,
                  [_needle_char(context, unit(gold))], [], [unit(gold)], max_new_tokens=16,
                  meta={"module": gold[0], "docstring_line": line, "n_functions": m + 1})
@@ -395,8 +398,10 @@ TASKS = {
 
 
 def make_example(task: str, tokenizer, n_tokens: int, depth: float, seed: int) -> Example:
-    """One example of `task` (a TASKS name), at most n_tokens long in `tokenizer`'s tokens, the
-    needle at `depth` in [0, 1]; the same arguments give the same example."""
+    """One example of `task` (a TASKS name) in at most n_tokens of `tokenizer`'s tokens with its
+    answer budget (as RULER counts: prompt + max_new_tokens <= n_tokens, so a model's whole
+    context can be asked for), the needle at `depth` in [0, 1]; the same arguments give the same
+    example."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
