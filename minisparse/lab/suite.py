@@ -186,7 +186,8 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
     return {"task": ex.task, "protocol": protocol, "variant": variant.name, "attention": variant.attention,
             "cache": variant.cache, "dense_layers": list(dl), "sparse_prefill": variant.sparse_prefill,
             "target_tokens": ex.target_tokens, "n_tokens": ex.n_tokens, "depth": ex.depth,
-            "depth_actual": ex.depth_actual, "seed": ex.seed, "answers": list(ex.answers), "output": output,
+            "depth_actual": ex.depth_actual, "needle_tokens": list(ex.needle_tokens), "seed": ex.seed,
+            "answers": list(ex.answers), "output": output,
             "correct": all(hits), "score": float(np.mean(hits)), "degenerate": smoke_check(output),
             **_keys(ans_stats)}
 
