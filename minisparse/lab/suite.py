@@ -27,8 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 # the spec parsers, imported here only, so a move of the grammar is one line to repoint
-from ..attention import parse_attention_spec
-from ..cache import parse_cache_spec
+from ..spec import parse_attention_spec, parse_cache_spec
 from .stats import accuracy, bootstrap_ratio, perplexity_ratio
 from .tasks import Example, context_ids, question_ids
 
