@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minisparse.attention.kernel import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RuvLLM, Sinks, Strided, Window, attend, dense_reference)
 from minisparse.attention.gated import Gated
+from minisparse.testing import KERNEL_REL, kernel_tol
 from minisparse.attention import IVF, LSH, Hybrid, Quest, TopK   # content-based (issue 4)
 
 SELECTORS = [
@@ -52,22 +52,6 @@ def problems(draw, full_queries=False):
     f = lambda *s: r.standard_normal(s).astype(np.float32)
     k_pos = np.arange(tk, dtype=np.int64) + offset
     return f(hq, tq, d), f(hkv, tk, d), f(hkv, tk, d), k_pos[tk - tq:].copy(), k_pos
-
-
-def kernel_tol(q, k, v):
-    # Per-element |kernel - float64 reference|, from the kernel's float32 steps (u = 2^-24):
-    # - a logit: the d-term dot, the scale multiply and the max subtraction (|s - m| <= 2 max|s|)
-    #   err <= (d + 3) * u * sum_i |q_i k_i| / sqrt(d) <= e = (d + 3) * d * u * max|q| max|k| / sqrt(d);
-    #   a logit error e scales every softmax weight by at most e^(2e) after renormalisation, so the
-    #   output (a convex combination of the v_j) moves by <= (e^(2e) - 1) * max|v|;
-    # - expf: relative error <= 2u per weight -> <= 4u * max|v| after renormalising;
-    # - float32 sums inside a chunk of CHUNK keys (numerator and normaliser): <= 2 * CHUNK * u
-    #   relative -> 2 * CHUNK * u * max|v|; chunks fold into float64 (< 1e-12);
-    # - the final cast to float32: u * max|v|.
-    d = q.shape[-1]
-    u = 2.0**-24
-    e = (d + 3) * d * u * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + (2 * CHUNK + 5) * u) * np.abs(v).max() + 1e-12
 
 
 @pytest.mark.parametrize("make", MAKERS, ids=IDS)
@@ -175,6 +159,6 @@ def test_extreme_logits_give_no_nan(make, prob, big):
     out, lse = attend(q, k, v, make(), q_pos=q_pos, k_pos=k_pos, return_lse=True)
     assert np.isfinite(out).all() and not np.isnan(lse).any()
     # outputs are convex combinations of values, up to the kernel's relative float32 error
-    # (2 * CHUNK + 5) * 2^-24 from kernel_tol (the logit term does not apply: any weights give a
-    # convex combination)
-    assert (np.abs(out) <= np.abs(v).max() * (1 + (2 * CHUNK + 5) * 2.0**-24)).all()
+    # KERNEL_REL (minisparse/testing/bounds.py; the logit term does not apply: any weights give
+    # a convex combination)
+    assert (np.abs(out) <= np.abs(v).max() * (1 + KERNEL_REL)).all()
