@@ -17,6 +17,20 @@ U = 2.0**-24                          # float32 unit roundoff
 KERNEL_REL = (2 * CHUNK + 5) * U
 
 
+def logit_err(q, k, logw=None):
+    """Bound e on the float32 error of one logit s - max (derivation in kernel_tol)."""
+    d = q.shape[-1]
+    terms = d + 3
+    e_logw = 0.0
+    if logw is not None and np.size(logw):
+        w = np.abs(np.asarray(logw, np.float64))
+        w = w[np.isfinite(w)]
+        if w.size and w.max() > 0:
+            terms += 1
+            e_logw = 3 * U * w.max()
+    return terms * d * U * np.abs(q).max() * np.abs(k).max() / np.sqrt(d) + e_logw
+
+
 def kernel_tol(q, k, v, logw=None):
     """Bound on max |attend(q, k, v, sel) - dense_reference(..., mask, logw)| per element.
 
@@ -36,14 +50,13 @@ def kernel_tol(q, k, v, logw=None):
     >>> bool(0 < kernel_tol(x, x, x) < 1e-5)
     True
     """
-    d = q.shape[-1]
-    terms = d + 3
-    e_logw = 0.0
-    if logw is not None and np.size(logw):
-        w = np.abs(np.asarray(logw, np.float64))
-        w = w[np.isfinite(w)]
-        if w.size and w.max() > 0:
-            terms += 1
-            e_logw = 3 * U * w.max()
-    e = terms * d * U * np.abs(q).max() * np.abs(k).max() / np.sqrt(d) + e_logw
+    e = logit_err(q, k, logw)
     return (np.expm1(2 * e) + KERNEL_REL) * np.abs(v).max() + 1e-12
+
+
+def lse_tol(q, k, logw=None):
+    """Bound on |kernel lse - float64 reference lse| per row: lse = max + log(sum of weights);
+    every logit moves by <= e (logit_err), so the lse by <= e; the normaliser's relative float32
+    error (exp and chunk sums, within KERNEL_REL) moves its log by <= KERNEL_REL (log(1 + x) <= x).
+    """
+    return logit_err(q, k, logw) + KERNEL_REL + 1e-12
