@@ -172,3 +172,35 @@ def test_golden_ids_are_the_argmax_of_an_independent_float64_forward(case):
     # the path's margin holds in float64 too, up to the float32-vs-float64 gap recorded
     gap = case["cross_check"]["max_abs_logit_diff_vs_np_reference"]
     assert (top[:, 1] - top[:, 0]).min() >= case["min_top2_margin"] - 2 * gap
+
+
+# ----------------------------------------------------------------------------- the KV cache, on a model every clone has
+CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+
+
+def cache_tol(model, logits):
+    # Both paths do the same float32 operations on the same numbers; only the matmul shapes
+    # differ (matrix-matrix vs matrix-vector), so the sums run in another order. Per dot product
+    # of length n <= F that moves the result by ~sqrt(n) u relative (u = 2^-24); L layers x 7
+    # matmuls add such independent errors to the residual stream: sqrt(7 L) sqrt(F) u relative,
+    # against the largest logit. A cache bug (wrong position, stale key) moves logits by O(1).
+    cfg = model.config
+    return np.sqrt(7 * cfg.n_layers) * np.sqrt(cfg.ffn_dim) * 2.0**-24 * np.abs(logits).max()
+
+
+def test_shipped_model_cached_decode_equals_uncached_recomputation_at_every_step():
+    model = shipped_model("minisparse-pydoc.gguf")
+    ids = model.tokenizer.encode(CODE)
+    full = model.forward(ids)                                  # (T, V) one prefill
+    cache = model.new_cache()
+    steps = np.stack([model.forward([t], cache)[-1] for t in ids])   # (T, V) one decode step each
+    np.testing.assert_allclose(steps, full, rtol=0, atol=cache_tol(model, full))
+
+
+def test_shipped_model_prefill_in_chunks_equals_one_prefill():
+    model = shipped_model("minisparse-pydoc.gguf")
+    ids = model.tokenizer.encode(CODE)
+    full = model.forward(ids)                                  # (T, V)
+    cache = model.new_cache()
+    parts = [model.forward(ids[a:b], cache) for a, b in [(0, 10), (10, 27), (27, len(ids))]]
+    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=cache_tol(model, full))
