@@ -16,7 +16,7 @@ from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense
 from minisparse.attention.kernel import TILE_MIN_PAIRS, _exp_rows, attend_tiles
 from minisparse.spec import parse_attention_spec
 
-from test_attention_properties import kernel_tol
+from minisparse.testing import kernel_tol
 
 U = 2.0**-24          # float32 unit roundoff
 C_EXP = 6             # the tiles' float32 exp (kernel._expf): <= 1.5 ulp asserted below (1.02
