@@ -1,5 +1,10 @@
 """Shared test set-up: Hypothesis profiles and the path to ../shared/fixtures.
 
+Two kinds of fixture: tests/fixtures (LOCAL_FIXTURES) is committed, so every clone runs the
+engine's own goldens (the shipped models' greedy text and vocabulary vectors, the oracle logits);
+../shared/fixtures (FIXTURES: stories260K, llama.cpp's vocab files) is an extra check where it
+sits beside the checkout, and its tests skip, naming the missing file, where it does not.
+
 Numba compiles a kernel on first call (~1.5 s), so Hypothesis runs without a deadline; the
 "ci" profile bounds how many examples each property draws so the whole suite stays in minutes.
 """

@@ -36,7 +36,7 @@ ODD_VALUES = [None, True, False, 0, -1, 1, 7, 2**31, 2**63, 2**64, -2**63, 1e308
 
 def make_original(model, spec, folder) -> Path:
     """A saved cache of `spec` holding 40 positions of the embedded model."""
-    from minisparse.cache import parse_cache_spec
+    from minisparse.spec import parse_cache_spec
     cache = model.new_cache() if spec == "dense" else parse_cache_spec(spec, model)
     model.forward(list(range(1, 41)), cache)
     return save_cache(cache, folder, key="k")

@@ -3,24 +3,16 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minisparse.fast.attention import CHUNK
 from minisparse.attention import (Dense, Sinks, Window, attend, dense_reference,
                                   merge_lse)
 from minisparse.spec import known_names, parse_attention_spec
+from minisparse.testing import kernel_tol
 
 
 def qkv(seed, hq=4, hkv=2, tq=7, tk=7, d=8):
     r = np.random.default_rng(seed)
     f = lambda *s: r.standard_normal(s).astype(np.float32)
     return f(hq, tq, d), f(hkv, tk, d), f(hkv, tk, d)
-
-
-def tol(q, k, v):
-    # kernel vs float64 reference; derivation in tests/test_attention_properties.py::kernel_tol
-    d = q.shape[-1]
-    u = 2.0**-24
-    e = (d + 3) * d * u * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + (2 * CHUNK + 5) * u) * np.abs(v).max() + 1e-12
 
 
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(0, 5), st.sampled_from([(4, 2), (2, 2), (4, 1)]))
@@ -32,7 +24,7 @@ def test_kernel_equals_reference_on_same_sets(seed, tk, w, heads):
         o, lse = attend(q, k, v, sel, return_lse=True)
         mask, _ = sel.select(q, k).to_mask(hq, tq, tk)
         r, rl = dense_reference(q, k, v, mask=mask, return_lse=True)
-        np.testing.assert_allclose(o, r, rtol=0, atol=tol(q, k, v))
+        np.testing.assert_allclose(o, r, rtol=0, atol=kernel_tol(q, k, v))
         np.testing.assert_allclose(lse, rl, rtol=0, atol=1e-5)   # lse error <= max logit error e
 
 

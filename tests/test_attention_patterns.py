@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minisparse.fast.attention import CHUNK
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
                                   RunningLandmarks, RuvLLM, Selection, Sinks, Strided, Window,
                                   attend, dense_reference, merge_lse, store_kv, union)
 from minisparse.spec import parse_attention_spec
+from minisparse.testing import kernel_tol
 
 
 def rows_of(sel, t, tk):
@@ -20,14 +20,6 @@ def rows_of(sel, t, tk):
 
 def rnd(seed, *shape):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def kernel_tol(q, k, v):
-    # the same bound as tests/test_attention_properties.py::kernel_tol (derivation there)
-    d = q.shape[-1]
-    u = 2.0**-24
-    e = (d + 3) * d * u * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + (2 * CHUNK + 5) * u) * np.abs(v).max() + 1e-12
 
 
 # ---- closed forms ---------------------------------------------------------------------------

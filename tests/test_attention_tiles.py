@@ -19,10 +19,10 @@ from minisparse.fast import threads
 from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, attend_tiles
 from minisparse.spec import parse_attention_spec
 
+from minisparse.testing import kernel_tol
+
 TILES = partial(kernel.kernel, tiles=True)     # the fast path's kernels, each forced
 ROWS = partial(kernel.kernel, tiles=False)
-
-from test_attention_properties import kernel_tol
 
 U = 2.0**-24          # float32 unit roundoff
 C_EXP = 6             # the tiles' float32 exp (kernel._expf): <= 1.5 ulp asserted below (1.02

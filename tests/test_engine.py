@@ -125,7 +125,7 @@ def test_sampling_is_reproducible_with_a_seed(stories_path):
 @pytest.mark.parametrize("dequant", [True, False], ids=["float32", "in-place"])
 def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch, dequant):
     # A long prompt runs with BLAS on one thread and its products and attention tiles split
-    # over a thread pool (minisparse.threads); lowered thresholds make a 64-token prompt take
+    # over a thread pool (minisparse.fast.threads); lowered thresholds make a 64-token prompt take
     # that path here. Splitting only moves row blocks and tiles between threads, the same
     # float32 math per element, so the two agree within the float32 bound of the tests above.
     from minisparse.fast import threads

@@ -1,10 +1,13 @@
 """The shipped models in models/: minisparse's logits equal PyTorch's (the training framework's),
-the files stay small, their GGUF tokenizers round-trip text, and the pass-key model retrieves.
+the files stay small, their GGUF tokenizers round-trip text, the pass-key model retrieves, and
+greedy continuations equal the goldens in tests/fixtures/shipped_greedy.json (which need nothing
+outside this repository; tests/fixtures/make_shipped_goldens.py wrote and cross-checked them).
 
 The fixtures were written by models/export.py from the *dequantised* exported weights, so both
 sides compute the same float32 function and the tolerance is float32 rounding, not quantisation.
 """
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(MODELS))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "oracle"))
 import needle  # noqa: E402
+import np_reference  # noqa: E402
 
 NAMES = ["minisparse-pydoc", "minisparse-passkey"]
 MAX_BYTES = 16 * 2**20  # issue 6: each shipped GGUF <= 16 MiB
@@ -128,3 +133,74 @@ def test_llamacpp_tokenizes_fixture_text_to_the_same_ids(shipped):
     name, _, fx = shipped
     llm = llama_cpp.Llama(str(MODELS / f"{name}.gguf"), vocab_only=True, verbose=False)
     assert llm.tokenize(str(fx["text"]).encode(), add_bos=True, special=False) == [int(t) for t in fx["tokens"]]
+
+
+# ----------------------------------------------------------------------------- goldens of our own
+GOLDEN = json.loads((FIXTURES / "shipped_greedy.json").read_text(encoding="utf-8"))["cases"]
+_MODELS = {}
+
+
+def shipped_model(file):
+    if file not in _MODELS:
+        _MODELS[file] = minisparse.load_model(MODELS / file)
+    return _MODELS[file]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=[c["name"] for c in GOLDEN])
+def test_greedy_continuation_equals_golden(case):
+    model = shipped_model(case["model"])
+    prompt = case["prompt"] if case["prompt"] is not None else case["prompt_ids"]
+    if case["prompt"] is not None:
+        assert model.tokenizer.encode(case["prompt"]) == case["prompt_ids"]
+    text = "".join(model.generate(prompt, max_new_tokens=case["max_new_tokens"], temperature=0,
+                                  stop_at_eos=False))
+    # Exact equality is sound: on this path the top-2 logit margin is >= case["min_top2_margin"]
+    # (>= 0.03), over 1000x the float32 gap to a float64 forward (<= 1.5e-5, cross_check), so
+    # only a change of the computed function can flip a token.
+    assert text == case["text"]
+    assert model.tokenizer.decode(case["ids"]) == case["text"]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=[c["name"] for c in GOLDEN])
+def test_golden_ids_are_the_argmax_of_an_independent_float64_forward(case):
+    # tests/oracle/np_reference.py: float64 NumPy over gguf-py's dequantisation, no minisparse
+    # code, so the golden is not merely the engine's own say-so
+    ids = case["prompt_ids"] + case["ids"]
+    ref = np_reference.forward(MODELS / case["model"], ids[:-1])[len(case["prompt_ids"]) - 1:]   # (n, V)
+    assert [int(i) for i in ref.argmax(-1)] == case["ids"]
+    top = np.sort(ref, axis=-1)[:, -2:]
+    # the path's margin holds in float64 too, up to the float32-vs-float64 gap recorded
+    gap = case["cross_check"]["max_abs_logit_diff_vs_np_reference"]
+    assert (top[:, 1] - top[:, 0]).min() >= case["min_top2_margin"] - 2 * gap
+
+
+# ----------------------------------------------------------------------------- the KV cache, on a model every clone has
+CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+
+
+def cache_tol(model, logits):
+    # Both paths do the same float32 operations on the same numbers; only the matmul shapes
+    # differ (matrix-matrix vs matrix-vector), so the sums run in another order. Per dot product
+    # of length n <= F that moves the result by ~sqrt(n) u relative (u = 2^-24); L layers x 7
+    # matmuls add such independent errors to the residual stream: sqrt(7 L) sqrt(F) u relative,
+    # against the largest logit. A cache bug (wrong position, stale key) moves logits by O(1).
+    cfg = model.config
+    return np.sqrt(7 * cfg.n_layers) * np.sqrt(cfg.ffn_dim) * 2.0**-24 * np.abs(logits).max()
+
+
+def test_shipped_model_cached_decode_equals_uncached_recomputation_at_every_step():
+    model = shipped_model("minisparse-pydoc.gguf")
+    ids = model.tokenizer.encode(CODE)
+    full = model.forward(ids)                                  # (T, V) one prefill
+    cache = model.new_cache()
+    steps = np.stack([model.forward([t], cache)[-1] for t in ids])   # (T, V) one decode step each
+    np.testing.assert_allclose(steps, full, rtol=0, atol=cache_tol(model, full))
+
+
+def test_shipped_model_prefill_in_chunks_equals_one_prefill():
+    model = shipped_model("minisparse-pydoc.gguf")
+    ids = model.tokenizer.encode(CODE)
+    full = model.forward(ids)                                  # (T, V)
+    cache = model.new_cache()
+    parts = [model.forward(ids[a:b], cache) for a, b in [(0, 10), (10, 27), (27, len(ids))]]
+    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=cache_tol(model, full))

@@ -15,6 +15,7 @@ from minisparse.spec import parse_attention_spec
 from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
 from minisparse.attention.selection import append_along
 from minisparse.attention.quest import page_bound, page_minmax
+from minisparse.testing import kernel_tol
 
 
 def rand(seed, *shape, scale=1.0):
@@ -25,16 +26,6 @@ def qkv(seed, hq=2, hkv=1, tq=6, tk=20, d=8):
     r = np.random.default_rng(seed)
     f = lambda *s: r.standard_normal(s).astype(np.float32)
     return f(hq, tq, d), f(hkv, tk, d), f(hkv, tk, d)
-
-
-def kernel_tol(q, k, v):
-    # |kernel - float64 reference| per element: the float32 q.k dot errs by <= d*2^-24*sum|q_i k_i|
-    # <= d^2*2^-24*max|q|*max|k| (times 1/sqrt(d)); a logit error e moves each normalised weight by
-    # a factor <= e^(2e), so the output (a convex combination of v) by <= (e^(2e)-1)*max|v|;
-    # plus the final float32 cast (2^-24 relative) and float64 steps (< 1e-12).
-    d = q.shape[-1]
-    e = d * d * 2.0**-24 * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + 2.0**-24) * np.abs(v).max() + 1e-12
 
 
 def sets(sel, hq, tq, tk):

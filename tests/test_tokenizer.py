@@ -1,11 +1,13 @@
 """minisparse.tokenizer against llama.cpp's own tokenizer test vectors, plus round-trip, streaming
-and error properties.
+and error properties. The shipped model's vocabulary is checked without ../shared: committed
+vectors (tests/fixtures/minisparse_pydoc_vocab.json) and a property, both against bpe_reference.
 
 The vectors (`.inp`/`.out` beside each vocab GGUF) are what llama.cpp's test-tokenizer-0 checks:
 inputs separated by "\\n__ggml_vocab_test__\\n" (the newline before the separator is not part of the
 input), one line of expected ids per input, encoded WITHOUT BOS.
 """
 import heapq
+import json
 import re
 import warnings
 
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FIXTURES, shared_fixture
+from conftest import FIXTURES, LOCAL_FIXTURES, ROOT, shared_fixture
 from minisparse.errors import GGUFError
 from minisparse.tokenizer import _BYTE_LEVEL, PRE_REGEXES, load_tokenizer
 
@@ -200,6 +202,34 @@ def test_gpt2_encode_equals_llama_cpp_algorithm(s):
         merges = fields["tokenizer.ggml.merges"].contents()
         _ref_cache["ranks"] = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
     assert t.encode(s) == bpe_reference(t, _ref_cache["ranks"], PRE_REGEXES["gpt2"], s)
+
+
+# ---- the shipped vocabulary: no ../shared needed ----------------------------------------------
+PYDOC = ROOT / "models" / "minisparse-pydoc.gguf"
+PYDOC_VECTORS = json.loads((LOCAL_FIXTURES / "minisparse_pydoc_vocab.json").read_text(encoding="utf-8"))["vectors"]
+
+
+def pydoc_reference():
+    if "pydoc" not in _ref_cache:
+        merges = gguf.GGUFReader(PYDOC).fields["tokenizer.ggml.merges"].contents()
+        _ref_cache["pydoc"] = (load_tokenizer(PYDOC), {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)})
+    return _ref_cache["pydoc"]
+
+
+@pytest.mark.parametrize("i", range(len(PYDOC_VECTORS)))
+def test_shipped_vocab_encodes_to_the_reference_vectors(i):
+    # ids written by tests/fixtures/make_shipped_goldens.py with bpe_reference (not minisparse's
+    # tokenizer) on llama.cpp's test-tokenizer-0 inputs and code-like texts
+    t, _ = pydoc_reference()
+    text, ids = PYDOC_VECTORS[i]["text"], PYDOC_VECTORS[i]["ids"]
+    assert t.encode(text, add_bos=False) == ids
+    assert t.decode(ids) == expected_text(t, text)
+
+
+@given(s=MIXED)
+def test_shipped_vocab_encode_equals_llama_cpp_algorithm(s):
+    t, ranks = pydoc_reference()
+    assert t.encode(s, add_bos=False) == bpe_reference(t, ranks, PRE_REGEXES["gpt2"], s)
 
 
 @pytest.fixture(scope="module")

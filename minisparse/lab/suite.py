@@ -1,0 +1,317 @@
+"""The long-context harness: one variant (attention spec, cache spec, dense layers) on a task set
+under a named protocol, dense beside it as the baseline, every answer smoke-checked.
+
+Protocols (named in every record and row):
+  query-aware     context + question are one prompt: the keys for the answer are chosen with the
+                  question in the cache (RULER's setting; Quest, MagicPIG and top-k at decode).
+  query-agnostic  the context alone is prefilled into the cache (compressed by a bounded cache,
+                  indexed at the first decode step by an indexed selector), then the question is
+                  fed token by token and answered: kvpress's protocol (Devoto et al. 2025), where a
+                  press cannot know the question. A per-query selector such as top-k scores every
+                  key at every step, so it reads the same keys under both; only what the cache keeps
+                  and what an index was built from can differ.
+Leaves out plots and claims (docs/lab.md); scoring is RULER's string match (Hsieh et al. 2024): an
+answer counts when it appears as a whole word in the output, `correct` when all of them do.
+
+    >>> model = minisparse.load_model("models/minisparse-pydoc.gguf")                  # doctest: +SKIP
+    >>> exs = make_task_set(["niah_single_digits"], model.tokenizer, 256, [0.5], n=2)   # doctest: +SKIP
+    >>> out = run_suite(model, exs, ["dense", "topk=16"], ["query-aware"])            # doctest: +SKIP
+    >>> print(markdown_table(out["rows"]))                                            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# the spec parsers, imported here only, so a move of the grammar is one line to repoint
+from ..spec import parse_attention_spec, parse_cache_spec
+from .stats import accuracy, bootstrap_ratio, perplexity_ratio
+from .tasks import Example, context_ids, question_ids
+
+PROTOCOLS = ("query-aware", "query-agnostic")
+DENSE = "dense"
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What runs: `attention` (a spec for Model.forward, None = dense) in a `cache` (a cache spec,
+    None = the full KV cache), `dense_layers` kept dense, and whether the prefill is sparse too
+    (default: dense prefill, sparse decoding, as Quest and MagicPIG run; a bounded cache bounds
+    the prefill whatever this says)."""
+    name: str
+    attention: str | None = None
+    cache: str | None = None
+    dense_layers: tuple[int, ...] = ()
+    sparse_prefill: bool = False
+
+
+def parse_variant(text: str, dense_layers=()) -> Variant:
+    """`SPEC[@cache=CACHE][@dl=0,1][@prefill=sparse|dense]`; SPEC is `dense` or an attention spec.
+    `dense_layers` is the default for entries without `@dl=`.
+
+    >>> parse_variant("quest=16/256@dl=0,1")
+    Variant(name='quest=16/256@dl=0,1', attention='quest=16/256', cache=None, dense_layers=(0, 1), sparse_prefill=False)
+    >>> parse_variant("dense@cache=streaming=4+252").cache
+    'streaming=4+252'
+    """
+    head, *mods = [p.strip() for p in text.strip().split("@")]
+    if not head:
+        raise ValueError(f"variant {text!r}: empty attention spec (write 'dense' for full attention)")
+    kw = {"attention": None if head.lower() == DENSE else head, "dense_layers": tuple(dense_layers)}
+    for m in mods:
+        key, eq, val = m.partition("=")
+        if not eq or not val:
+            raise ValueError(f"variant {text!r}: modifier {m!r} needs a value (cache=..., dl=..., prefill=...)")
+        if key == "cache":
+            kw["cache"] = None if val.lower() == DENSE else val
+        elif key == "dl":
+            try:
+                kw["dense_layers"] = tuple(int(x) for x in val.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"variant {text!r}: dl= takes layer indices like 0,1; got {val!r}") from None
+        elif key == "prefill":
+            if val not in ("sparse", "dense"):
+                raise ValueError(f"variant {text!r}: prefill= takes 'sparse' or 'dense', got {val!r}")
+            kw["sparse_prefill"] = val == "sparse"
+        else:
+            raise ValueError(f"variant {text!r}: unknown modifier {key!r}; known: cache, dl, prefill")
+    if kw["attention"] is not None:
+        parse_attention_spec(kw["attention"])        # a bad spec fails here, before any run
+    return Variant(name=text.strip(), **kw)
+
+
+def _check(variant: Variant, model) -> None:
+    if variant.cache is not None:
+        parse_cache_spec(variant.cache, model)
+    bad = [l for l in variant.dense_layers if not 0 <= l < model.config.n_layers]
+    if bad:
+        raise ValueError(f"variant {variant.name!r}: dense layers {bad} outside 0..{model.config.n_layers - 1}")
+
+
+# ----------------------------------------------------------------------------- smoke check
+
+
+def smoke_check(text: str) -> list[str]:
+    """Flags of degenerate output (kvpress#134: a compressed cache that makes the model loop or
+    print nothing): "empty" (nothing but spaces), "newline-only", "loop" (a word n-gram, n <= 6,
+    four times in a row, or a run of 20+ characters made of one unit of <= 20 repeated).
+
+    >>> smoke_check("12345"), smoke_check("\\n\\n"), smoke_check("the the the the end")
+    ([], ['newline-only'], ['loop'])
+    """
+    if not text.strip():
+        return ["newline-only" if "\n" in text else "empty"]
+    words = text.split()
+    for n in range(1, 7):
+        for i in range(len(words) - 4 * n + 1):
+            if words[i:i + n] * 4 == words[i:i + 4 * n]:
+                return ["loop"]
+    for u in range(1, 21):                     # a unit of u characters, 4+ times and 20+ characters
+        if re.search(rf"(.{{{u}}})\1{{{max(3, -(-20 // u) - 1)},}}", text, flags=re.S):
+            return ["loop"]
+    return []
+
+
+def found(answer: str, output: str) -> bool:
+    """RULER's string match, on whole words: "fall" is not found in "fallback"."""
+    return re.search(r"(?<!\w)" + re.escape(answer.lower()) + r"(?!\w)", output.lower()) is not None
+
+
+# ----------------------------------------------------------------------------- one example
+
+
+def _keys(stats) -> dict:
+    """Keys read per (query, head, layer), the keys causality allowed in the cache, and the
+    positions before the query (what a full cache would hold), averaged over the answer steps."""
+    if not stats:
+        return {"keys_read": None, "keys_causal": None, "positions": None, "density": None, "layer_density": []}
+    read = np.mean([r["n_attended"].mean() for r in stats])
+    causal = np.mean([r["n_causal"].mean() for r in stats])
+    pos = np.mean([(np.asarray(r["q_pos"]) + 1.0).mean() for r in stats])
+    layers = sorted({r["layer"] for r in stats})
+    per = [float(np.mean([r["n_attended"].mean() / (np.asarray(r["q_pos"]) + 1.0).mean()
+                          for r in stats if r["layer"] == l])) for l in layers]
+    return {"keys_read": float(read), "keys_causal": float(causal), "positions": float(pos),
+            "density": float(read / pos), "layer_density": per}
+
+
+def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int = 512) -> dict:
+    """Prefill under `protocol`, greedy-decode the answer with `variant`, score and smoke-check it.
+
+    Decoding stops at an end-of-text token, at max_new_tokens, or at a newline once some visible
+    text was written (answers are one line; leading whitespace is kept for the smoke check to see).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    tok = model.tokenizer
+    ctx, q = context_ids(tok, ex.context), question_ids(tok, ex.question)
+    limit = model.config.context_length
+    if len(ctx) + len(q) + ex.max_new_tokens > limit:
+        raise ValueError(f"{ex.task} at {len(ctx) + len(q)} tokens + {ex.max_new_tokens} to generate exceeds "
+                         f"the model's context of {limit}")
+    cache = parse_cache_spec(variant.cache, model) if variant.cache else model.new_cache()
+    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    pre = sel if variant.sparse_prefill else None
+    dl = variant.dense_layers
+    prefill = ctx + q if protocol == "query-aware" else ctx
+    steps = [] if protocol == "query-aware" else q      # fed one at a time before the answer
+    prefill, steps = prefill[:-1], [prefill[-1]] + list(steps)
+    for a in range(0, len(prefill), chunk):
+        model.forward(prefill[a:a + chunk], cache, attention=pre, dense_layers=dl, last_only=True)
+    for t in steps[:-1]:
+        model.forward([t], cache, attention=sel, dense_layers=dl, last_only=True)
+    ans_stats: list = []
+    logits = model.forward([steps[-1]], cache, attention=sel, dense_layers=dl, stats=ans_stats,
+                           last_only=True)                                          # (1, V)
+    gen: list[int] = []
+    eot = set(getattr(tok, "eot_ids", ()) or ())
+    for _ in range(ex.max_new_tokens):
+        nxt = int(np.argmax(logits[-1]))
+        if nxt in eot:
+            break
+        gen.append(nxt)
+        text = tok.decode(gen)
+        if "\n" in text.lstrip() or len(gen) == ex.max_new_tokens:
+            break
+        logits = model.forward([nxt], cache, attention=sel, dense_layers=dl, stats=ans_stats, last_only=True)
+    output = tok.decode(gen)
+    hits = [found(a, output) for a in ex.answers]
+    return {"task": ex.task, "protocol": protocol, "variant": variant.name, "attention": variant.attention,
+            "cache": variant.cache, "dense_layers": list(dl), "sparse_prefill": variant.sparse_prefill,
+            "target_tokens": ex.target_tokens, "n_tokens": ex.n_tokens, "depth": ex.depth,
+            "depth_actual": ex.depth_actual, "needle_tokens": list(ex.needle_tokens), "seed": ex.seed,
+            "answers": list(ex.answers), "output": output,
+            "correct": all(hits), "score": float(np.mean(hits)), "degenerate": smoke_check(output),
+            **_keys(ans_stats)}
+
+
+# ----------------------------------------------------------------------------- a task set
+
+
+def run_suite(model, examples, variants, protocols=PROTOCOLS, dense_layers=(), chunk: int = 512,
+              progress=None) -> dict:
+    """Every example under every variant (strings or Variants) and protocol; dense is added as
+    the baseline when absent. Returns {"records": [...], "rows": summarize(records)}."""
+    vs = [v if isinstance(v, Variant) else parse_variant(v, dense_layers) for v in variants]
+    if not any(v.attention is None and v.cache is None for v in vs):
+        vs.insert(0, Variant(DENSE))
+    for v in vs:
+        _check(v, model)
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {p!r}")
+    total, done, records = len(examples) * len(vs) * len(protocols), 0, []
+    for ex in examples:
+        for p in protocols:
+            for v in vs:
+                records.append(run_example(model, ex, v, p, chunk))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return {"records": records, "rows": summarize(records)}
+
+
+def summarize(records) -> list[dict]:
+    """One row per (task, length, protocol, variant): n, accuracy with its Wilson interval, seeds,
+    keys read, degenerate outputs, dense's accuracy in the same cell and `uninformative` when dense
+    scores below 50% there (RULER's threshold for a usable cell: the row is kept, and marked),
+    and the accuracy relative to dense with a paired bootstrap interval."""
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["task"], r["target_tokens"], r["protocol"], r["variant"]), []).append(r)
+    dense_names = {r["variant"] for r in records if r["attention"] is None and r["cache"] is None}
+    rows = []
+    for (task, length, protocol, variant), rs in cells.items():
+        base = next((cells[(task, length, protocol, d)] for d in dense_names
+                     if (task, length, protocol, d) in cells), None)
+        acc = accuracy(r["correct"] for r in rs)
+        row = {"task": task, "length": length, "protocol": protocol, "variant": variant,
+               "attention": rs[0]["attention"], "cache": rs[0]["cache"], "dense_layers": rs[0]["dense_layers"],
+               **acc, "score": float(np.mean([r["score"] for r in rs])),
+               "seeds": sorted({r["seed"] for r in rs}),
+               "depths": sorted({r["depth"] for r in rs if r["depth"] is not None}),
+               "n_tokens_mean": float(np.mean([r["n_tokens"] for r in rs]))}
+        for k in ("keys_read", "keys_causal", "positions", "density"):
+            vals = [r[k] for r in rs if r[k] is not None]
+            row[k] = float(np.mean(vals)) if vals else None
+        kinds = Counter(f for r in rs for f in r["degenerate"])
+        row["degenerate"] = sum(bool(r["degenerate"]) for r in rs)
+        row["degenerate_kinds"] = dict(kinds)
+        row["dense_acc"] = row["dense_n"] = row["vs_dense"] = None
+        row["uninformative"] = None
+        if base is not None:
+            dacc = accuracy(r["correct"] for r in base)
+            row["dense_acc"], row["dense_n"] = dacc["acc"], dacc["n"]
+            row["uninformative"] = dacc["acc"] < 0.5
+            pair = {(r["seed"], r["depth"]): r["correct"] for r in base}
+            paired = [(float(r["correct"]), float(pair[(r["seed"], r["depth"])])) for r in rs
+                      if (r["seed"], r["depth"]) in pair]
+            if paired and sum(d for _, d in paired) > 0:
+                num, den = zip(*paired)
+                row["vs_dense"] = bootstrap_ratio(num, den, n_boot=2000, seed=0)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows) -> str:
+    """The rows as a markdown table: accuracy [95% Wilson interval] (n), dense's accuracy in the
+    same cell, keys read per query (and as a share of the positions), degenerate outputs, notes."""
+    head = ("| task | tokens | protocol | variant | n | accuracy [95% CI] | dense | vs dense [95% CI] "
+            "| keys read (share) | degenerate | note |")
+    out = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        keys = "-" if r["keys_read"] is None else f"{r['keys_read']:.0f} ({r['density']:.1%})"
+        b = r["vs_dense"]
+        vs = "-" if not b else f"{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]"
+        dense = "-" if r["dense_acc"] is None else f"{r['dense_acc']:.2f}"
+        deg = str(r["degenerate"]) + (" (" + ", ".join(f"{k} {v}" for k, v in r["degenerate_kinds"].items()) + ")"
+                                      if r["degenerate"] else "")
+        note = "uninformative (dense < 50%)" if r["uninformative"] else ""
+        out.append(f"| {r['task']} | {r['length']} | {r['protocol']} | `{r['variant']}` | {r['n']} | "
+                   f"{r['acc']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] | {dense} | {vs} | {keys} | {deg} | {note} |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def token_nll(model, ids, variant: Variant, chunk: int = 512) -> np.ndarray:
+    """Negative log-likelihood (nats) of ids[1:] given the prefix, under `variant` (its attention
+    in every forward call: perplexity has no separate prefill), shape (len(ids) - 1,)."""
+    ids = list(ids)
+    if len(ids) > model.config.context_length:
+        raise ValueError(f"{len(ids)} tokens exceed the model's context of {model.config.context_length}")
+    cache = parse_cache_spec(variant.cache, model) if variant.cache else model.new_cache()
+    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    out = []
+    for a in range(0, len(ids) - 1, chunk):
+        x = ids[a:min(a + chunk, len(ids) - 1)]
+        logits = model.forward(x, cache, attention=sel, dense_layers=variant.dense_layers)   # (T, V)
+        m = logits.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]             # (T,)
+        tgt = np.asarray(ids[a + 1:a + 1 + len(x)])
+        out.append(lse - logits[np.arange(len(x)), tgt])
+    return np.concatenate(out)
+
+
+def perplexity_rows(model, texts: dict, variants, n_tokens: int, dense_layers=(), seed: int = 0) -> list[dict]:
+    """Perplexity ratio variant / dense over the first n_tokens of each text, with a block
+    bootstrap interval (stats.perplexity_ratio), one row per (text, variant)."""
+    vs = [v if isinstance(v, Variant) else parse_variant(v, dense_layers) for v in variants]
+    rows = []
+    for name, text in texts.items():
+        ids = context_ids(model.tokenizer, text)[:n_tokens]
+        if len(ids) < n_tokens:
+            raise ValueError(f"text {name!r} has {len(ids)} tokens, fewer than {n_tokens}")
+        dense = token_nll(model, ids, Variant(DENSE))
+        for v in vs:
+            _check(v, model)
+            r = perplexity_ratio(token_nll(model, ids, v), dense, seed=seed)
+            rows.append({"text": name, "length": n_tokens, "variant": v.name, **asdict(v), **r})
+    return rows

@@ -1,0 +1,170 @@
+"""The long-context harness: variants parsed, smoke check, rows with every field on the embedded
+model under both protocols, dense as the baseline, uninformative cells marked."""
+from pathlib import Path
+
+import pytest
+
+import minisparse
+from minisparse.lab.stats import wilson
+from minisparse.lab.suite import (PROTOCOLS, Variant, found, markdown_table, parse_variant,
+                                  perplexity_rows, run_suite, smoke_check, summarize)
+from minisparse.lab.tasks import long_texts, make_task_set
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return minisparse.load_model(MODELS / "minisparse-pydoc.gguf")
+
+
+def test_parse_variant_reads_modifiers_and_names_bad_ones():
+    v = parse_variant("topk=16@dl=0,1@prefill=sparse@cache=streaming=4+60")
+    assert v == Variant("topk=16@dl=0,1@prefill=sparse@cache=streaming=4+60", "topk=16",
+                        "streaming=4+60", (0, 1), True)
+    assert parse_variant("dense").attention is None
+    assert parse_variant("topk=8", dense_layers=(2,)).dense_layers == (2,)
+    with pytest.raises(ValueError, match="unknown modifier 'foo'"):
+        parse_variant("topk=8@foo=1")
+    with pytest.raises(ValueError, match="prefill= takes"):
+        parse_variant("topk=8@prefill=half")
+    with pytest.raises(ValueError):
+        parse_variant("nosuchselector=3")
+
+
+def test_smoke_check_flags_degenerate_output():
+    assert smoke_check("") == ["empty"] and smoke_check("   ") == ["empty"]
+    assert smoke_check("\n\n\n") == ["newline-only"]
+    assert smoke_check(" is is is is") == ["loop"]
+    assert smoke_check("a b c a b c a b c a b c") == ["loop"]
+    assert smoke_check("=" * 30) == ["loop"]
+    for ok in (" 4839201.", " cf02df34-d64d-46a8-10dc-d8d57c1417f2", " 1000000 is the number", "\nMNTYA, DVYGI"):
+        assert smoke_check(ok) == [], ok
+
+
+def test_found_matches_whole_words_only():
+    assert found("fall", "Fall, then rise") and not found("fall", "fallback")
+    assert found("4839201", "is 4839201.") and not found("483920", "is 4839201.")
+
+
+def test_suite_rows_have_every_field_on_the_embedded_model(model):
+    exs = make_task_set(["niah_single_digits"], model.tokenizer, 256, [0.25, 0.75], n=2, seed=0)
+    out = run_suite(model, exs, ["topk=16", "dense@cache=streaming=4+60"], PROTOCOLS)
+    recs, rows = out["records"], out["rows"]
+    assert len(recs) == 2 * 3 * 2                       # examples x (dense added + 2) x protocols
+    assert {r["variant"] for r in recs} == {"dense", "topk=16", "dense@cache=streaming=4+60"}
+    for r in recs:
+        assert r["protocol"] in PROTOCOLS and isinstance(r["output"], str) and isinstance(r["degenerate"], list)
+        assert r["keys_read"] is not None and r["keys_read"] <= r["positions"] + 1e-9
+        if r["variant"] == "dense":                     # dense reads every key before the query
+            assert r["keys_read"] == r["keys_causal"] == r["positions"]
+        if r["variant"] == "topk=16":
+            assert r["keys_read"] == 16
+        if r["variant"].startswith("dense@cache"):      # 4 sinks + 60 window (+ the query's own key)
+            assert r["keys_causal"] <= 4 + 60 + 1
+    assert len(rows) == 3 * 2
+    fields = {"task", "length", "protocol", "variant", "n", "k", "acc", "lo", "hi", "seeds", "depths",
+              "keys_read", "keys_causal", "positions", "density", "degenerate", "degenerate_kinds",
+              "dense_acc", "dense_n", "uninformative", "vs_dense", "dense_layers", "cache", "attention"}
+    for row in rows:
+        assert fields <= set(row)
+        assert row["n"] == 2 and row["seeds"] == [0, 1] and (row["lo"], row["hi"]) == wilson(row["k"], 2)
+        assert row["uninformative"] == (row["dense_acc"] < 0.5)
+    table = markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "query-agnostic" in table
+
+
+def _rec(variant, correct, seed, output="x", attention="a"):
+    return {"task": "t", "target_tokens": 256, "protocol": "query-aware", "variant": variant,
+            "attention": None if variant == "dense" else attention, "cache": None, "dense_layers": [],
+            "seed": seed, "depth": 0.5, "correct": correct, "score": float(correct), "n_tokens": 250,
+            "degenerate": smoke_check(output), "keys_read": 10.0, "keys_causal": 100.0,
+            "positions": 100.0, "density": 0.1}
+
+
+def test_summary_marks_uninformative_cells_and_counts_degenerate_output():
+    recs = [_rec("dense", s < 1, s) for s in range(4)]                   # dense 1/4 < 50%
+    recs += [_rec("topk=8", False, s, output="\n\n") for s in range(4)]
+    rows = {r["variant"]: r for r in summarize(recs)}
+    assert rows["dense"]["uninformative"] and rows["topk=8"]["uninformative"]
+    assert rows["topk=8"]["degenerate"] == 4 and rows["topk=8"]["degenerate_kinds"] == {"newline-only": 4}
+    assert rows["topk=8"]["vs_dense"]["ratio"] == 0.0
+    table = markdown_table(list(rows.values()))
+    assert "uninformative (dense < 50%)" in table and "newline-only 4" in table
+
+
+def test_perplexity_rows_give_a_ratio_with_an_interval(model):
+    texts = {"code": long_texts()["code:xmlrpc.client"]}
+    (row,) = perplexity_rows(model, texts, ["sinks=4,window=32"], n_tokens=256)
+    assert row["n"] == 255 and row["lo"] <= row["ratio"] <= row["hi"]
+    # the same variant as dense reads the same keys: a ratio of exactly 1 (same code path)
+    (same,) = perplexity_rows(model, texts, ["dense"], n_tokens=256)
+    assert same["ratio"] == 1.0
+
+
+class _CharTok:
+    """Characters as ids (BOS = 0), enough for the harness."""
+    bos_id, eot_ids = 0, (0,)
+
+    def encode(self, text, add_bos=None):
+        return ([0] if add_bos is not False else []) + [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i)
+
+
+class _ScriptedModel:
+    """Records each forward call (tokens, attention) and answers with a scripted continuation."""
+
+    def __init__(self, script):
+        self.tokenizer, self.calls, self.script = _CharTok(), [], [ord(c) for c in script]
+        self.config = type("C", (), {"context_length": 1000, "n_layers": 1})()
+
+    def new_cache(self):
+        return []
+
+    def forward(self, tokens, cache, attention=None, dense_layers=(), stats=None, last_only=False):
+        import numpy as np
+        self.calls.append((list(tokens), attention))
+        cache.extend(tokens)
+        if stats is not None:
+            stats.append({"layer": 0, "q_pos": np.array([len(cache) - 1]), "n_attended": np.full((1, 1), 3),
+                          "n_causal": np.full((1, 1), len(cache))})
+        n_gen = len(cache) - 6              # answer tokens fed so far (the toy prompt has 6 ids)
+        logits = np.zeros((1, 256))
+        logits[0, self.script[min(max(n_gen, 0), len(self.script) - 1)]] = 1.0
+        return logits
+
+
+def _toy_example(question="?Q"):
+    from minisparse.lab.tasks import Example
+    return Example("toy", "ctx" + question, "ctx", question, ["42"], 0, 10, 7, 0.5, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_protocols_feed_the_question_before_or_after_the_keys_are_chosen(protocol, monkeypatch):
+    import minisparse.lab.suite as suite
+    monkeypatch.setattr(suite, "parse_attention_spec", lambda spec: f"SEL<{spec}>")
+    m = _ScriptedModel(" 42\nnever")
+    r = suite.run_example(m, _toy_example(), Variant("topk=1", "topk=1"), protocol)
+    ctx, q = [0, ord("c"), ord("t"), ord("x")], [ord("?"), ord("Q")]
+    if protocol == "query-aware":       # context + question prefilled dense in one call
+        assert m.calls[0] == ((ctx + q)[:-1], None) and m.calls[1] == ([q[-1]], "SEL<topk=1>")
+        answer_calls = m.calls[2:]
+    else:                               # the context alone, then the question one token at a time
+        assert m.calls[0] == (ctx[:-1], None)
+        assert m.calls[1:4] == [([ctx[-1]], "SEL<topk=1>"), ([q[0]], "SEL<topk=1>"), ([q[1]], "SEL<topk=1>")]
+        answer_calls = m.calls[4:]
+    # greedy answer " 42" then a newline: decoding stops there, after visible text
+    assert [c[0] for c in answer_calls] == [[ord(" ")], [ord("4")], [ord("2")]]
+    assert r["output"] == " 42\n" and r["correct"] and r["degenerate"] == []
+    assert r["keys_read"] == 3 and r["protocol"] == protocol
+
+
+def test_leading_whitespace_does_not_stop_decoding(monkeypatch):
+    import minisparse.lab.suite as suite
+    monkeypatch.setattr(suite, "parse_attention_spec", lambda spec: spec)
+    r = suite.run_example(_ScriptedModel(" \n\n42\n"), _toy_example(), Variant("x", "x"), "query-aware")
+    assert r["output"] == " \n\n42\n" and r["correct"]
+    r = suite.run_example(_ScriptedModel("\n"), _toy_example(), Variant("x", "x"), "query-aware")
+    assert r["output"] == "\n" * 8 and r["degenerate"] == ["newline-only"] and not r["correct"]
