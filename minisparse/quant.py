@@ -44,6 +44,7 @@ class QuantMatrix:
         if raw.dtype != np.uint8:
             raw = raw.view(np.uint8)                              # F16/BF16 tensors arrive as 16-bit
         self.raw = raw.reshape(out, n_in // block * nbytes)       # (out, bytes per row), no copy
+        self.raw_i8 = self.raw.view(np.int8)                      # the same bytes, signed (int8 quants)
         self.shape, self.qtype, self.dtype, self.ndim = (out, n_in), qtype, np.dtype(np.float32), 2
 
     @property

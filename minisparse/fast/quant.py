@@ -318,7 +318,7 @@ def rows(w: QuantMatrix, idx) -> np.ndarray:
     if idx.size and (idx.min() < 0 or idx.max() >= w.shape[0]):
         raise IndexError(f"row index out of range [0, {w.shape[0]})")
     out = np.empty((idx.size, w.shape[1]), np.float32)           # (n, in)
-    _dequant_rows(int(w.qtype), w.raw, w.raw.view(np.int8), idx, out)
+    _dequant_rows(int(w.qtype), w.raw, w.raw_i8, idx, out)
     return out
 
 
@@ -329,7 +329,7 @@ def matmul(x, w: QuantMatrix) -> np.ndarray:
     T, (n_out, n_in) = x.shape[0], w.shape
     if x.shape[1] != n_in:
         raise ValueError(f"x has {x.shape[1]} columns; this matrix takes in={n_in}")
-    code, raw, i8 = int(w.qtype), w.raw, w.raw.view(np.int8)
+    code, raw, i8 = int(w.qtype), w.raw, w.raw_i8
     y = np.empty((T, n_out), np.float32)                          # (T, out)
     if T <= FUSED_MAX_T:
         for t in range(T):
