@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
-from .threads import row_blocks, side_by_side
+from .threads import on_threads, row_blocks, side_by_side, workers
 
 # Types with a kernel here, and those the loader keeps in place with dequant=False. F16/BF16 have
 # kernels but load as float32: their decode matvec (a table lookup per weight) measured 1.2 GMAC/s
@@ -36,8 +36,9 @@ TILE_BYTES = 1 << 23            # float32 tile for prefill: 8 MiB (2 MiB took 1.
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
 # costs more than the work on a tiny matrix. From 2^16 weights (SmolLM2's 192 x 576 k/v and up)
 # two threads pay on a quiet machine: SmolLM2 decode 18.5 ms/token with every matrix parallel
-# vs 26.8 with only the head (2^24). On a machine busy with other work a descheduled worker holds
-# up each region (one run: 147 ms/token); NUMBA_NUM_THREADS=1 is the setting for such machines.
+# vs 26.8 with only the head (2^24). On a machine busy with other work a worker that the other
+# work displaces holds up each region, so the larger ones run on the cores free now
+# (threads.workers, docs/performance.md "A busy machine").
 PARALLEL_MIN_WEIGHTS = 1 << 16
 ROWS_PER_TASK = 32              # rows per parallel task: 6 tasks for a 192-row matrix on 2 threads
 
@@ -389,9 +390,10 @@ class QuantMatrix:
             raise ValueError(f"x has {x.shape[1]} columns; this matrix takes in={n_in}")
         y = np.empty((T, n_out), np.float32)                      # (T, out)
         if T <= FUSED_MAX_T:
+            n = workers() if n_out * n_in >= PARALLEL_MIN_WEIGHTS else 1
             for t in range(T):
-                if n_out * n_in >= PARALLEL_MIN_WEIGHTS:
-                    _matvec(int(self.qtype), self.raw, self._i8, x[t], y[t])
+                if n > 1:
+                    on_threads(n, _matvec, int(self.qtype), self.raw, self._i8, x[t], y[t])
                 else:
                     _matvec_serial(int(self.qtype), self.raw, self._i8, x[t], y[t])
             return y

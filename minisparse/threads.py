@@ -12,19 +12,22 @@ threads -> this): SmolLM2 2048-token forward 4.72 -> 3.86 s (attention 2.21 -> 1
 embedded model; a 512-token prompt 629 -> 642 tok/s (128 tokens on the embedded model: 4661 ->
 3577, the one case measured slower).
 Left out: process pools; decode (one token: nothing large enough to split). The thread count
-is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, not re-entrant.
+is Numba's (`numba.get_num_threads()`, CLI `--threads`), less the cores other processes hold
+now (`free_cores`, "a busy machine" below); one process-wide mode, not re-entrant.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
 import numpy as np
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 PREFILL_MIN_T = 2               # tokens in one forward from which prefill_threads splits work
 MIN_MACS = 1 << 24              # products smaller than this stay one BLAS call
@@ -51,7 +54,7 @@ def active() -> bool:
 def prefill_threads(T: int):
     """Split the large NumPy work of a T-token forward over Numba's thread count, BLAS on one
     thread meanwhile; a no-op for short calls, one thread, or when already inside."""
-    n = numba.get_num_threads()
+    n = numba.get_num_threads()      # not workers(): BLAS stays on one thread while cores are busy
     if n <= 1 or T < PREFILL_MIN_T or _ACTIVE[0]:
         yield
         return
@@ -67,7 +70,7 @@ def side_by_side(fn, items, n_workers=None):
     """fn(item) for every item: on the pool inside prefill_threads (or when n_workers > 1 is
     given, BLAS then held to one thread here), else in order on this thread. fn must write
     disjoint outputs, and must not call side_by_side itself (a full pool waiting on itself)."""
-    n = (numba.get_num_threads() if _ACTIVE[0] else 1) if n_workers is None else int(n_workers)
+    n = (workers() if _ACTIVE[0] else 1) if n_workers is None else int(n_workers)
     n = min(len(items), n)
     if n <= 1:
         for it in items:
@@ -85,7 +88,7 @@ def row_blocks(T: int, n_in: int, n_out: int):
     prefill_threads when the product is large, else one block. Rows, not columns: each worker
     packs only its own rows of x, where column blocks each pack all of x (SmolLM2's products at
     T = 2048 on 2 cores: 317-339 GFLOP/s by rows, 127-233 by columns, 298-328 on BLAS's threads)."""
-    n = numba.get_num_threads() if _ACTIVE[0] else 1
+    n = workers() if _ACTIVE[0] else 1
     if n <= 1 or T < 2 * n or T * n_in * n_out < MIN_MACS:
         return [(0, T)]
     step = -(-T // n)
@@ -168,7 +171,7 @@ def by_rows(*axes):
     def deco(fn):
         @functools.wraps(fn)
         def split(*args, out=None, **kw):
-            n = numba.get_num_threads() if _ACTIVE[0] else 1
+            n = workers() if _ACTIVE[0] else 1
             x, ax = args[0], axes[0]
             if n <= 1 or x.size < MIN_ROW_ELEMS or x.shape[ax] < n:
                 return fn(*args, out=out, **kw)
@@ -185,3 +188,90 @@ def by_rows(*axes):
             return out
         return split
     return deco
+
+
+# ---- a busy machine
+# A Numba parallel region (prange) ends at a barrier that waits for every one of its threads, and
+# a decode step enters one per weight matrix. Between regions Numba's OpenMP workers spin, so
+# when another process wants one of the cores, the worker there is a CPU-bound task like it: the
+# scheduler gives the two alternate turns of milliseconds, and each region waits out the other's
+# turn; decode then runs many times slower than on one thread. Workers that sleep instead of
+# spinning (OMP_WAIT_POLICY=passive) pay a wake-up per region on an idle machine, which made
+# them slower than one thread there. So parallel work here runs on `workers()` threads: the
+# thread count asked for, at most the cores that no other process's runnable task holds now.
+# Those are counted from /proc/loadavg's running tasks less this process's own (its spinning
+# workers are among them), at most once per CHECK_S; where /proc is missing, every core is free.
+# The count is machine-wide, set against this process's CPU set: a process pinned elsewhere
+# still counts as taking a core.
+CHECK_S = 0.05                  # seconds between two looks at the machine
+_FREE = [-1.0, 0]               # when free_cores last looked, and what it found
+
+
+def _own_running() -> int:
+    """This process's threads that are running or runnable now (state R in /proc)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:                     # the thread ended meanwhile
+            continue
+        end = stat.rindex(b")")             # "tid (name) S ...": the name may hold spaces
+        n += stat[end + 2: end + 3] == b"R"
+    return n
+
+
+def _look() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])      # "0.52 0.58 0.59 3/467 1234"
+        others = max(0, running - _own_running())
+    except (OSError, ValueError, IndexError):
+        return cpus
+    return max(1, min(cpus, (os.cpu_count() or cpus) - others))
+
+
+def free_cores() -> int:
+    """Cores of this process's CPU set that no other process is running on now (at least 1);
+    looked up at most once per CHECK_S seconds, else the last answer.
+
+    >>> 1 <= free_cores() <= os.cpu_count()
+    True
+    """
+    now = time.monotonic()
+    if now - _FREE[0] >= CHECK_S:
+        _FREE[0], _FREE[1] = now, _look()
+    return _FREE[1]
+
+
+def workers() -> int:
+    """Threads for a parallel call now: Numba's thread count (CLI --threads), at most free_cores()."""
+    n = numba.get_num_threads()
+    return n if n <= 1 else min(n, free_cores())
+
+
+def on_threads(n: int, kernel, *args):
+    """kernel(*args), a Numba parallel kernel, on n threads; Numba's count is set back after."""
+    m = numba.get_num_threads()
+    if n == m:
+        return kernel(*args)
+    numba.set_num_threads(n)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(m)
+
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def set_threads(n: int):
+    """Run on at most n threads from here on, process-wide: Numba's kernels, the prefill pool
+    (sized by Numba's count) and every BLAS and OpenMP library, those loaded now (threadpoolctl)
+    and those loaded later (Numba's first parallel call loads SciPy's OpenBLAS), which read
+    BLAS_ENV when they load. Without the BLAS limit, BLAS keeps a thread per core and `-t 1`
+    would still wait on one that another process displaced."""
+    numba.set_num_threads(n)
+    os.environ.update({name: str(n) for name in BLAS_ENV})
+    threadpool_limits(limits=n)

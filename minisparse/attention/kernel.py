@@ -19,7 +19,7 @@ from llvmlite import ir as llvm_ir
 from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
-from ..threads import side_by_side
+from ..threads import on_threads, side_by_side, workers
 
 from .selection import KV, Q, SHARED, Selection, default_positions, span_means
 
@@ -463,10 +463,10 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     else:
         # work estimate: entries listed per row times the query heads sharing each row
         work = (int((sel.range_hi - sel.range_lo).sum()) + sel.idx.size) * (Hq // sel.n_heads)
-        run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
-        out, lse, natt = run(q, kk, vv, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind,
-                             sel.range_ptr, sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx,
-                             sel.logw, scale, k_sorted)
+        n = workers() if work >= PARALLEL_MIN_WORK else 1      # cores free now (threads.py)
+        args = (q, kk, vv, ek, ev, q_pos, k_pos, sel.extra_pos, sel.head_kind, sel.range_ptr,
+                sel.range_lo, sel.range_hi, sel.idx_ptr, sel.idx, sel.logw, scale, k_sorted)
+        out, lse, natt = on_threads(n, attend_rows, *args) if n > 1 else attend_rows_serial(*args)
     res = (out,)
     if return_lse:
         res += (lse,)
