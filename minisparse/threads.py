@@ -99,6 +99,7 @@ def matmul_t(x, w):
     """x (T, in) @ w.T for w (out, in) float32 -> (T, out), by row blocks (row_blocks)."""
     blocks = row_blocks(x.shape[0], w.shape[1], w.shape[0])
     if len(blocks) == 1:
+        free_cores()            # BLAS's threads follow the cores free now (a busy machine, below)
         return x @ w.T                                                       # (T, out)
     y = np.empty((x.shape[0], w.shape[0]), np.result_type(x, w))            # (T, out)
 
@@ -202,9 +203,13 @@ def by_rows(*axes):
 # Those are counted from /proc/loadavg's running tasks less this process's own (its spinning
 # workers are among them), at most once per CHECK_S; where /proc is missing, every core is free.
 # The count is machine-wide, set against this process's CPU set: a process pinned elsewhere
-# still counts as taking a core.
+# still counts as taking a core. BLAS's own workers wait on each other the same way (a float32
+# model's decode is all BLAS), so outside a prefill (which holds BLAS to one thread) each look
+# also holds BLAS to the free cores, up to the thread count it had before (or set_threads').
 CHECK_S = 0.05                  # seconds between two looks at the machine
 _FREE = [-1.0, 0]               # when free_cores last looked, and what it found
+_BLAS_TOP = [0]                 # BLAS's thread count to return to (0: not read yet)
+_BLAS_NOW = [0]                 # the count free_cores last gave BLAS
 
 
 def _own_running() -> int:
@@ -242,7 +247,20 @@ def free_cores() -> int:
     now = time.monotonic()
     if now - _FREE[0] >= CHECK_S:
         _FREE[0], _FREE[1] = now, _look()
+        if not _ACTIVE[0]:      # prefill_threads holds BLAS to one thread and sets it back after
+            _blas_on(_FREE[1])
     return _FREE[1]
+
+
+def _blas_on(free: int):
+    """Hold BLAS (the libraries _blas() found) to min(free, _BLAS_TOP) threads."""
+    if not _BLAS_TOP[0]:
+        _BLAS_TOP[0] = max((lib["num_threads"] for lib in _blas().info()
+                            if lib["user_api"] == "blas"), default=1)
+    n = min(free, _BLAS_TOP[0])
+    if n != _BLAS_NOW[0]:
+        _blas().limit(limits=n, user_api="blas")        # kept: not a context, no restore
+        _BLAS_NOW[0] = n
 
 
 def workers() -> int:
@@ -275,3 +293,4 @@ def set_threads(n: int):
     numba.set_num_threads(n)
     os.environ.update({name: str(n) for name in BLAS_ENV})
     threadpool_limits(limits=n)
+    _BLAS_TOP[0] = _BLAS_NOW[0] = n

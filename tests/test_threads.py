@@ -168,3 +168,26 @@ def test_prefill_on_a_busy_machine_keeps_blas_on_one_thread_and_splits_nothing(m
     monkeypatch.setattr(threads, "free_cores", lambda: 2)
     with threads.prefill_threads(1024):
         assert threads.row_blocks(1024, 1024, 1024) == [(0, 512), (512, 1024)]
+
+
+def test_blas_follows_the_free_cores_outside_a_prefill(monkeypatch):
+    from threadpoolctl import threadpool_limits
+    nblas = lambda: {lib["num_threads"] for lib in threads._blas().info()    # noqa: E731
+                     if lib["user_api"] == "blas"}
+    free = [1]
+    monkeypatch.setattr(threads, "_look", lambda: free[0])
+    monkeypatch.setattr(threads, "_FREE", [-1.0, 0])
+    monkeypatch.setattr(threads, "_BLAS_TOP", [3])      # as after set_threads(3)
+    monkeypatch.setattr(threads, "_BLAS_NOW", [0])
+    with threadpool_limits(limits=None):                # BLAS set back on exit
+        assert threads.free_cores() == 1 and nblas() == {1}
+        free[0] = 8
+        threads._FREE[0] = -1.0                         # look again now
+        assert threads.free_cores() == 8 and nblas() == {3}    # never above its own count
+        monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+        with threads.prefill_threads(1024):
+            free[0] = 2
+            threads._FREE[0] = -1.0
+            threads.free_cores()
+            assert threads.active() and nblas() == {1}     # the prefill's hold stands
+        assert nblas() == {3}                               # and ends with it
