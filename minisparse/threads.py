@@ -201,13 +201,16 @@ def by_rows(*axes):
 # them slower than one thread there. So parallel work here runs on `workers()` threads: the
 # thread count asked for, at most the cores that no other process's runnable task holds now.
 # Those are counted from /proc/loadavg's running tasks less this process's own (its spinning
-# workers are among them), at most once per CHECK_S; where /proc is missing, every core is free.
+# workers are among them), at most once per CHECK_S, and less often where a look itself is slow
+# (one /proc file per thread of this process: on many cores, hundreds), so that looking takes at
+# most 1/LOOK_EVERY of the time; where /proc is missing, every core is free.
 # The count is machine-wide, set against this process's CPU set: a process pinned elsewhere
 # still counts as taking a core. BLAS's own workers wait on each other the same way (a float32
 # model's decode is all BLAS), so outside a prefill (which holds BLAS to one thread) each look
 # also holds BLAS to the free cores, up to the thread count it had before (or set_threads').
-CHECK_S = 0.05                  # seconds between two looks at the machine
-_FREE = [-1.0, 0]               # when free_cores last looked, and what it found
+CHECK_S = 0.05                  # seconds between two looks at the machine, at least
+LOOK_EVERY = 100                # and at least this many times what the last look took
+_FREE = [-1.0, 0]               # when free_cores looks next, and what it found last
 _BLAS_TOP = [0]                 # BLAS's thread count to return to (0: not read yet)
 _BLAS_NOW = [0]                 # the count free_cores last gave BLAS
 
@@ -239,14 +242,15 @@ def _look() -> int:
 
 def free_cores() -> int:
     """Cores of this process's CPU set that no other process is running on now (at least 1);
-    looked up at most once per CHECK_S seconds, else the last answer.
+    looked up at most once per CHECK_S seconds (see LOOK_EVERY), else the last answer.
 
     >>> 1 <= free_cores() <= os.cpu_count()
     True
     """
     now = time.monotonic()
-    if now - _FREE[0] >= CHECK_S:
-        _FREE[0], _FREE[1] = now, _look()
+    if now >= _FREE[0]:
+        _FREE[1] = _look()
+        _FREE[0] = now + max(CHECK_S, LOOK_EVERY * (time.monotonic() - now))
         if not _ACTIVE[0]:      # prefill_threads holds BLAS to one thread and sets it back after
             _blas_on(_FREE[1])
     return _FREE[1]

@@ -72,7 +72,7 @@ def test_a_busy_process_takes_a_core_from_free_cores():
         time.sleep(0.5)                        # started and spinning: always runnable (state R)
         seen = []
         for _ in range(5):
-            threads._FREE[0] = -1.0            # look again now, not the answer of CHECK_S ago
+            threads._FREE[0] = -1.0            # look again now, not the last answer
             seen.append(threads.free_cores())
             time.sleep(0.01)
     finally:
@@ -117,7 +117,7 @@ def test_free_cores_looks_at_most_once_per_check(monkeypatch):
     monkeypatch.setattr(threads, "_FREE", [-1.0, 0])
     assert [threads.free_cores() for _ in range(100)] == [2] * 100
     assert len(looks) == 1
-    threads._FREE[0] -= threads.CHECK_S        # as if CHECK_S had passed
+    threads._FREE[0] -= threads.CHECK_S        # as if CHECK_S had passed (the look was quick)
     threads.free_cores()
     assert len(looks) == 2
 
@@ -191,3 +191,13 @@ def test_blas_follows_the_free_cores_outside_a_prefill(monkeypatch):
             threads.free_cores()
             assert threads.active() and nblas() == {1}     # the prefill's hold stands
         assert nblas() == {3}                               # and ends with it
+
+
+def test_a_slow_look_waits_longer_for_the_next(monkeypatch):
+    monkeypatch.setattr(threads, "_look", lambda: time.sleep(0.002) or 2)   # 2 ms a look
+    monkeypatch.setattr(threads, "_FREE", [-1.0, 0])
+    t0 = time.monotonic()
+    threads.free_cores()
+    # the next look comes LOOK_EVERY looks' time later (here more than CHECK_S): looking takes
+    # at most 1/LOOK_EVERY of the time
+    assert threads._FREE[0] - t0 >= threads.LOOK_EVERY * 0.002 > threads.CHECK_S
