@@ -12,8 +12,10 @@ threads -> this): SmolLM2 2048-token forward 4.72 -> 3.86 s (attention 2.21 -> 1
 embedded model; a 512-token prompt 629 -> 642 tok/s (128 tokens on the embedded model: 4661 ->
 3577, the one case measured slower).
 Left out: process pools; decode (one token: nothing large enough to split). The thread count
-is Numba's (`numba.get_num_threads()`, CLI `--threads`), less the cores other processes hold
-now (`free_cores`, "a busy machine" below); one process-wide mode, not re-entrant.
+is Numba's (`numba.get_num_threads()`, CLI `--threads`), whatever else the machine runs: a
+caller waiting on the pool sleeps, so the scheduler moves a displaced worker onto the core it
+leaves (the Numba kernels, which spin, run on the free cores: "a busy machine" below); one
+process-wide mode, not re-entrant.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def active() -> bool:
 def prefill_threads(T: int):
     """Split the large NumPy work of a T-token forward over Numba's thread count, BLAS on one
     thread meanwhile; a no-op for short calls, one thread, or when already inside."""
-    n = numba.get_num_threads()      # not workers(): BLAS stays on one thread while cores are busy
+    n = numba.get_num_threads()
     if n <= 1 or T < PREFILL_MIN_T or _ACTIVE[0]:
         yield
         return
@@ -70,7 +72,7 @@ def side_by_side(fn, items, n_workers=None):
     """fn(item) for every item: on the pool inside prefill_threads (or when n_workers > 1 is
     given, BLAS then held to one thread here), else in order on this thread. fn must write
     disjoint outputs, and must not call side_by_side itself (a full pool waiting on itself)."""
-    n = (workers() if _ACTIVE[0] else 1) if n_workers is None else int(n_workers)
+    n = (numba.get_num_threads() if _ACTIVE[0] else 1) if n_workers is None else int(n_workers)
     n = min(len(items), n)
     if n <= 1:
         for it in items:
@@ -88,7 +90,7 @@ def row_blocks(T: int, n_in: int, n_out: int):
     prefill_threads when the product is large, else one block. Rows, not columns: each worker
     packs only its own rows of x, where column blocks each pack all of x (SmolLM2's products at
     T = 2048 on 2 cores: 317-339 GFLOP/s by rows, 127-233 by columns, 298-328 on BLAS's threads)."""
-    n = workers() if _ACTIVE[0] else 1
+    n = numba.get_num_threads() if _ACTIVE[0] else 1
     if n <= 1 or T < 2 * n or T * n_in * n_out < MIN_MACS:
         return [(0, T)]
     step = -(-T // n)
@@ -172,7 +174,7 @@ def by_rows(*axes):
     def deco(fn):
         @functools.wraps(fn)
         def split(*args, out=None, **kw):
-            n = workers() if _ACTIVE[0] else 1
+            n = numba.get_num_threads() if _ACTIVE[0] else 1
             x, ax = args[0], axes[0]
             if n <= 1 or x.size < MIN_ROW_ELEMS or x.shape[ax] < n:
                 return fn(*args, out=out, **kw)
@@ -198,8 +200,9 @@ def by_rows(*axes):
 # scheduler gives the two alternate turns of milliseconds, and each region waits out the other's
 # turn; decode then runs many times slower than on one thread. Workers that sleep instead of
 # spinning (OMP_WAIT_POLICY=passive) pay a wake-up per region on an idle machine, which made
-# them slower than one thread there. So parallel work here runs on `workers()` threads: the
-# thread count asked for, at most the cores that no other process's runnable task holds now.
+# them slower than one thread there. So the Numba kernels (decode's matvec, attend_rows) run on
+# `workers()` threads: the thread count asked for, at most the cores that no other process's
+# runnable task holds now. (The prefill pool above keeps its size: its caller sleeps.)
 # Those are counted from /proc/loadavg's running tasks less this process's own (its spinning
 # workers are among them), at most once per CHECK_S, and less often where a look itself is slow
 # (one /proc file per thread of this process: on many cores, hundreds), so that looking takes at

@@ -136,7 +136,6 @@ def test_prefill_split_over_threads_equals_one_thread(stories_path, monkeypatch,
     monkeypatch.setattr(threads, "MIN_MACS", 1)
     monkeypatch.setattr(threads, "MIN_ROW_ELEMS", 1)
     monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(threads, "free_cores", lambda: 2)       # whatever else the machine runs
     pools = []                                                  # every split asks for the pool
     real = threads._pool
     monkeypatch.setattr(threads, "_pool", lambda n: pools.append(n) or real(n))
@@ -206,7 +205,6 @@ def test_row_wise_steps_split_over_threads_give_the_same_bits(monkeypatch):
     from minisparse.model import apply_rope, glu, rms_norm, rope_tables
     monkeypatch.setattr(threads, "MIN_ROW_ELEMS", 1)
     monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 3)
-    monkeypatch.setattr(threads, "free_cores", lambda: 3)       # whatever else the machine runs
     r = np.random.default_rng(0)
     x, u = r.standard_normal((2, 37, 24)).astype(np.float32)
     w = r.standard_normal(24).astype(np.float32)
