@@ -270,17 +270,30 @@ def _blas_on(free: int):
         _BLAS_NOW[0] = n
 
 
+_NUMBA = [-1.0, 0]              # when numba_threads reads Numba's count next, and its value
+
+
+def numba_threads() -> int:
+    """numba.get_num_threads(), read at most once per CHECK_S: a read costs about a microsecond
+    and a decode step asks once per weight matrix. set_threads reads it afresh."""
+    now = time.monotonic()
+    if now >= _NUMBA[0]:
+        _NUMBA[0], _NUMBA[1] = now + CHECK_S, numba.get_num_threads()
+    return _NUMBA[1]
+
+
 def workers() -> int:
-    """Threads for a parallel call now: Numba's thread count (CLI --threads), at most free_cores()."""
-    n = numba.get_num_threads()
+    """Threads for a parallel Numba call now: Numba's thread count (CLI --threads), at most
+    free_cores()."""
+    n = numba_threads()
     return n if n <= 1 else min(n, free_cores())
 
 
 def on_threads(n: int, kernel, *args):
     """kernel(*args), a Numba parallel kernel, on n threads; Numba's count is set back after."""
-    m = numba.get_num_threads()
-    if n == m:
+    if n >= numba_threads():
         return kernel(*args)
+    m = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
         return kernel(*args)
@@ -298,6 +311,7 @@ def set_threads(n: int):
     BLAS_ENV when they load. Without the BLAS limit, BLAS keeps a thread per core and `-t 1`
     would still wait on one that another process displaced."""
     numba.set_num_threads(n)
+    _NUMBA[0] = -1.0
     os.environ.update({name: str(n) for name in BLAS_ENV})
     threadpool_limits(limits=n)
     _BLAS_TOP[0] = _BLAS_NOW[0] = n

@@ -102,7 +102,7 @@ def test_this_process_threads_count_as_its_own_not_as_others():
 
 
 def test_workers_are_numba_threads_at_most_free_cores(monkeypatch):
-    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(threads, "numba_threads", lambda: 4)
     monkeypatch.setattr(threads, "free_cores", lambda: 1)
     assert threads.workers() == 1
     monkeypatch.setattr(threads, "free_cores", lambda: 3)
@@ -123,17 +123,36 @@ def test_free_cores_looks_at_most_once_per_check(monkeypatch):
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba started with one thread")
-def test_on_threads_runs_on_n_threads_and_sets_the_count_back():
+def test_on_threads_runs_on_n_threads_and_sets_the_count_back(monkeypatch):
+    monkeypatch.setattr(threads, "_NUMBA", [-1.0, 0])         # Numba's count read afresh
     before = numba.get_num_threads()
     assert threads.on_threads(1, numba.get_num_threads) == 1
     assert numba.get_num_threads() == before
+
+
+def test_numba_threads_is_read_at_most_once_per_check_and_afresh_by_set_threads(monkeypatch):
+    from threadpoolctl import threadpool_limits
+    before = numba.get_num_threads()
+    monkeypatch.setattr(threads, "_NUMBA", [-1.0, 0])
+    assert threads.numba_threads() == before
+    numba.set_num_threads(1)
+    try:
+        assert threads.numba_threads() == before           # within CHECK_S: the value read
+        with threadpool_limits(limits=None):
+            for name in threads.BLAS_ENV:
+                monkeypatch.delenv(name, raising=False)    # set back after the test
+            threads.set_threads(1)
+            assert threads.numba_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+        threads._NUMBA[0] = -1.0
 
 
 def test_a_busy_machine_decodes_on_one_thread_to_the_same_token(stories_path, monkeypatch):
     # every parallel kernel of a decode step goes through on_threads; with one free core none
     # does, and the step runs the serial kernels instead
     model = minisparse.load_model(stories_path)
-    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(threads, "numba_threads", lambda: 2)
     monkeypatch.setattr(quant, "PARALLEL_MIN_WEIGHTS", 0)        # stories260K's small matrices too
     monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 0)
     calls = []
