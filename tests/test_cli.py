@@ -96,10 +96,12 @@ def test_invalid_sampling_values_are_refused_before_loading(flag_value):
 
 def test_threads_option_sets_numba_threads_and_refuses_too_many(capsys, stories_path):
     import numba
+    from threadpoolctl import threadpool_limits
     before = numba.get_num_threads()
     try:
-        assert main(["--threads", "1", "generate", "-m", str(stories_path), "-p", "Once", "-n", "3",
-                     "--temp", "0"]) == 0
+        with threadpool_limits(limits=None):       # --threads limits BLAS too: restored on exit
+            assert main(["--threads", "1", "generate", "-m", str(stories_path), "-p", "Once", "-n",
+                         "3", "--temp", "0"]) == 0
         assert numba.get_num_threads() == 1
     finally:
         numba.set_num_threads(before)

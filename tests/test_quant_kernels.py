@@ -72,12 +72,13 @@ def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype,
     W = QuantMatrix(raw, (rows, cols), qtype)
     w = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)   # exact weights
     x = rng.standard_normal((T, cols)).astype(np.float32)
-    saved = quant.PARALLEL_MIN_WEIGHTS
-    quant.PARALLEL_MIN_WEIGHTS = 0 if parallel else saved  # these small matrices: serial by default
+    saved = quant.PARALLEL_MIN_WEIGHTS, quant.workers
+    quant.PARALLEL_MIN_WEIGHTS = 0 if parallel else saved[0]  # these small matrices: serial by default
+    quant.workers = lambda: 2                          # parallel even while the machine is busy
     try:
         y = quant.matmul(x, W)                             # fused (T <= FUSED_MAX_T) or tiled sgemm
     finally:
-        quant.PARALLEL_MIN_WEIGHTS = saved
+        quant.PARALLEL_MIN_WEIGHTS, quant.workers = saved
     exact = x.astype(np.float64) @ w.T
     # Both paths multiply the same float32 weights (dequantisation is exact, test above) and sum
     # n = cols products in float32, in some order. Any order errs by <= gamma_k * sum|terms| with

@@ -33,13 +33,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def set_threads(n):
-    """Use n of Numba's worker threads (at most the NUMBA_NUM_THREADS it started with)."""
+    """Run on at most n threads: Numba's (at most the NUMBA_NUM_THREADS it started with), the
+    prefill pool's and BLAS's (fast.threads.set_threads)."""
     import numba
+
+    from ..fast.threads import set_threads as limit_threads
     top = numba.config.NUMBA_NUM_THREADS
     if n > top:
         raise CLIError(f"--threads {n}: at most {top} (NUMBA_NUM_THREADS; this machine has "
                        f"{os.cpu_count()} cores)")
-    numba.set_num_threads(n)
+    limit_threads(n)
 
 
 def build_parser():
@@ -47,8 +50,9 @@ def build_parser():
     ap = Parser(prog="minisparse", description=__doc__.splitlines()[0])
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("-t", "--threads", type=positive_int, default=None,
-                    help="threads for the Numba kernels (default: all cores). On a machine busy with "
-                         "other work, 1 avoids waiting on descheduled workers (docs/performance.md)")
+                    help="threads for every pool: the Numba kernels, the prefill workers and BLAS "
+                         "(default: every core; parallel kernels then leave out the cores other "
+                         "processes are using at the moment)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -20,7 +20,7 @@ from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
 from ..attention.kernel import Inputs, Rows
-from .threads import side_by_side
+from .threads import on_threads, side_by_side, workers
 
 
 # ---- the row kernel, in chunks ------------------------------------------------------------
@@ -404,5 +404,7 @@ def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
     # work estimate: entries listed per row times the query heads sharing each row
     n_row_heads = (rows.range_ptr.size - 1) // max(Tq, 1)
     work = (int((rows.range_hi - rows.range_lo).sum()) + rows.idx.size) * (Hq // max(n_row_heads, 1))
-    run = attend_rows if work >= PARALLEL_MIN_WORK else attend_rows_serial
-    return run(x, rows, scale, k_sorted)
+    n = workers() if work >= PARALLEL_MIN_WORK else 1       # the cores free now (threads.py)
+    if n > 1:
+        return on_threads(n, attend_rows, x, rows, scale, k_sorted)
+    return attend_rows_serial(x, rows, scale, k_sorted)

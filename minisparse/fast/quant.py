@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..quant import QuantMatrix
-from .threads import row_blocks, side_by_side
+from .threads import on_threads, row_blocks, side_by_side, workers
 
 # Every float16 bit pattern -> float32 (256 KiB, stays in L2): exact, and keeps the kernels free of
 # bit twiddling for the fp16 scales every block carries.
@@ -27,8 +27,9 @@ FUSED_MAX_T = 8
 # tall matrix (the output head), small enough to stay a bounded copy (docs/performance.md).
 TILE_BYTES = 1 << 23
 # Smaller matrices take the serial matvec: a parallel region waits for every worker thread, which
-# costs more than the work on a tiny matrix. On a machine busy with other work a descheduled
-# worker holds up each region; NUMBA_NUM_THREADS=1 is the setting for such machines.
+# costs more than the work on a tiny matrix. On a machine busy with other work a worker that the
+# other work displaces holds up each region, so the larger ones run on the cores free now
+# (threads.workers; docs/performance.md, "A busy machine").
 PARALLEL_MIN_WEIGHTS = 1 << 16
 ROWS_PER_TASK = 32              # rows per parallel task: a few tasks per thread on small matrices
 
@@ -332,9 +333,10 @@ def matmul(x, w: QuantMatrix) -> np.ndarray:
     code, raw, i8 = int(w.qtype), w.raw, w.raw_i8
     y = np.empty((T, n_out), np.float32)                          # (T, out)
     if T <= FUSED_MAX_T:
+        n = workers() if n_out * n_in >= PARALLEL_MIN_WEIGHTS else 1
         for t in range(T):
-            if n_out * n_in >= PARALLEL_MIN_WEIGHTS:
-                _matvec(code, raw, i8, x[t], y[t])
+            if n > 1:
+                on_threads(n, _matvec, code, raw, i8, x[t], y[t])
             else:
                 _matvec_serial(code, raw, i8, x[t], y[t])
         return y

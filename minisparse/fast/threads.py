@@ -9,19 +9,24 @@ so whatever follows shares a core with it: the element-wise passes, and above al
 steps after a prompt, whose Numba kernels then wait on a busy core (docs/performance.md has
 the measurements). Part of the fast path: the plain path (model.py) runs each step as one call.
 Left out: process pools; decode (one token: nothing large enough to split). The thread count
-is Numba's (`numba.get_num_threads()`, CLI `--threads`); one process-wide mode, not re-entrant.
+is Numba's (`numba.get_num_threads()`, CLI `--threads`), whatever else the machine runs: a
+caller waiting on the pool sleeps, so the scheduler moves a displaced worker onto the core it
+leaves (the Numba kernels, which spin, run on the free cores: "a busy machine" below); one
+process-wide mode, not re-entrant.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
 import numpy as np
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 PREFILL_MIN_T = 2               # tokens in one forward from which prefill_threads splits work
 MIN_MACS = 1 << 24              # products smaller than this stay one BLAS call
@@ -92,6 +97,7 @@ def matmul_t(x, w):
     """x (T, in) @ w.T for w (out, in) float32 -> (T, out), by row blocks (row_blocks)."""
     blocks = row_blocks(x.shape[0], w.shape[1], w.shape[0])
     if len(blocks) == 1:
+        free_cores()            # BLAS's threads follow the cores free now (a busy machine, below)
         return x @ w.T                                                       # (T, out)
     y = np.empty((x.shape[0], w.shape[0]), np.result_type(x, w))            # (T, out)
 
@@ -179,3 +185,127 @@ def by_rows(*axes):
             return out
         return split
     return deco
+
+
+# ---- a busy machine
+# A Numba parallel region (prange) ends at a barrier that waits for every one of its threads, and
+# a decode step enters one per weight matrix. Between regions Numba's OpenMP workers spin, so
+# when another process wants one of the cores, the worker there is a CPU-bound task like it: the
+# scheduler gives the two alternate turns of milliseconds, and each region waits out the other's
+# turn; decode then runs many times slower than on one thread. Workers that sleep instead of
+# spinning (OMP_WAIT_POLICY=passive) pay a wake-up per region on an idle machine, which made
+# them slower than one thread there. So the Numba kernels (decode's matvec, attend_rows) run on
+# `workers()` threads: the thread count asked for, at most the cores that no other process's
+# runnable task holds now. (The prefill pool above keeps its size: its caller sleeps.)
+# Those are counted from /proc/loadavg's running tasks less this process's own (its spinning
+# workers are among them), at most once per CHECK_S, and less often where a look itself is slow
+# (one /proc file per thread of this process: on many cores, hundreds), so that looking takes at
+# most 1/LOOK_EVERY of the time; where /proc is missing, every core is free.
+# The count is machine-wide, set against this process's CPU set: a process pinned elsewhere
+# still counts as taking a core. BLAS's own workers wait on each other the same way (a float32
+# model's decode is all BLAS), so outside a prefill (which holds BLAS to one thread) each look
+# also holds BLAS to the free cores, up to the thread count it had before (or set_threads').
+CHECK_S = 0.05                  # seconds between two looks at the machine, at least
+LOOK_EVERY = 100                # and at least this many times what the last look took
+_FREE = [-1.0, 0]               # when free_cores looks next, and what it found last
+_BLAS_TOP = [0]                 # BLAS's thread count to return to (0: not read yet)
+_BLAS_NOW = [0]                 # the count free_cores last gave BLAS
+
+
+def _own_running() -> int:
+    """This process's threads that are running or runnable now (state R in /proc)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:                     # the thread ended meanwhile
+            continue
+        end = stat.rindex(b")")             # "tid (name) S ...": the name may hold spaces
+        n += stat[end + 2: end + 3] == b"R"
+    return n
+
+
+def _look() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])      # "0.52 0.58 0.59 3/467 1234"
+        others = max(0, running - _own_running())
+    except (OSError, ValueError, IndexError):
+        return cpus
+    return max(1, min(cpus, (os.cpu_count() or cpus) - others))
+
+
+def free_cores() -> int:
+    """Cores of this process's CPU set that no other process is running on now (at least 1);
+    looked up at most once per CHECK_S seconds (see LOOK_EVERY), else the last answer.
+
+    >>> 1 <= free_cores() <= os.cpu_count()
+    True
+    """
+    now = time.monotonic()
+    if now >= _FREE[0]:
+        _FREE[1] = _look()
+        _FREE[0] = now + max(CHECK_S, LOOK_EVERY * (time.monotonic() - now))
+        if not _ACTIVE[0]:      # prefill_threads holds BLAS to one thread and sets it back after
+            _blas_on(_FREE[1])
+    return _FREE[1]
+
+
+def _blas_on(free: int):
+    """Hold BLAS (the libraries _blas() found) to min(free, _BLAS_TOP) threads."""
+    if not _BLAS_TOP[0]:
+        _BLAS_TOP[0] = max((lib["num_threads"] for lib in _blas().info()
+                            if lib["user_api"] == "blas"), default=1)
+    n = min(free, _BLAS_TOP[0])
+    if n != _BLAS_NOW[0]:
+        _blas().limit(limits=n, user_api="blas")        # kept: not a context, no restore
+        _BLAS_NOW[0] = n
+
+
+_NUMBA = [-1.0, 0]              # when numba_threads reads Numba's count next, and its value
+
+
+def numba_threads() -> int:
+    """numba.get_num_threads(), read at most once per CHECK_S: a read costs about a microsecond
+    and a decode step asks once per weight matrix. set_threads reads it afresh."""
+    now = time.monotonic()
+    if now >= _NUMBA[0]:
+        _NUMBA[0], _NUMBA[1] = now + CHECK_S, numba.get_num_threads()
+    return _NUMBA[1]
+
+
+def workers() -> int:
+    """Threads for a parallel Numba call now: Numba's thread count (CLI --threads), at most
+    free_cores()."""
+    n = numba_threads()
+    return n if n <= 1 else min(n, free_cores())
+
+
+def on_threads(n: int, kernel, *args):
+    """kernel(*args), a Numba parallel kernel, on n threads; Numba's count is set back after."""
+    if n >= numba_threads():
+        return kernel(*args)
+    m = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(m)
+
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def set_threads(n: int):
+    """Run on at most n threads from here on, process-wide: Numba's kernels, the prefill pool
+    (sized by Numba's count) and every BLAS and OpenMP library, those loaded now (threadpoolctl)
+    and those loaded later (Numba's first parallel call loads SciPy's OpenBLAS), which read
+    BLAS_ENV when they load. Without the BLAS limit, BLAS keeps a thread per core and `-t 1`
+    would still wait on one that another process displaced."""
+    numba.set_num_threads(n)
+    _NUMBA[0] = -1.0
+    os.environ.update({name: str(n) for name in BLAS_ENV})
+    threadpool_limits(limits=n)
+    _BLAS_TOP[0] = _BLAS_NOW[0] = n
