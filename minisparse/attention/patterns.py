@@ -1,7 +1,7 @@
 """Structured (content-independent) selectors: Dense, Window, Sinks, Globals, BlockLocal,
 Strided (Sparse Transformer strided/fixed), LogStride, Landmarks, and the ruvllm preset.
 
-Leaves out content-based choice (top-k, LSH, ...: issue 4) and randomness (random_mask.py).
+Leaves out content-based choice (top-k, LSH, ...: their own files) and randomness (random_mask.py).
 Every pattern is defined on key POSITIONS, so decode (one query against a cache) and prefill
 pick the same keys; each costs O(Tq * |set|) to build, one range per contiguous run.
 Papers: Child et al. 2019 (Sparse Transformer), Beltagy et al. 2020 (Longformer window/globals),
