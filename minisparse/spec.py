@@ -25,7 +25,7 @@ from .attention.quest import Quest
 from .attention.random_mask import parse_random
 from .attention.selector import Selector, Union
 from .attention.topk import TopK
-from .cache import PressCache, RecursiveCompressor, StreamingCache
+from .cache import SCORERS, PressCache, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
 
 OPTIONS = ("seed", "mode")
@@ -87,11 +87,21 @@ def _parts(name, val, example):
     return parts
 
 
+def _scorer(p):
+    """A scorer part of a cache value ('tova', 'knorm', ...), built with its defaults."""
+    return SCORERS[p]()
+
+
+SCORER_PARTS = ", ".join(sorted(SCORERS))
+
+
 def _recursive(val, model):
     parts = _parts("recursive", val, "recursive=B512")
     kw = {"budget": int(parts[0].removeprefix("B").removeprefix("b"))}
     for p in parts[1:]:
-        if p[0] == "n" and p[1:].isdigit():
+        if p in SCORERS and "scorer" not in kw:
+            kw["scorer"] = _scorer(p)
+        elif p[0] == "n" and p[1:].isdigit():
             kw["protection_divisor"] = int(p[1:])
         elif p[0] == "b" and p[1:].isdigit():
             kw["block"] = int(p[1:])
@@ -100,7 +110,8 @@ def _recursive(val, model):
         elif p == "perhead":
             kw["per_head"] = True
         else:
-            raise ValueError(f"'recursive={val}': unknown part {p!r} (n<divisor>, b<block>, acc, perhead)")
+            raise ValueError(f"'recursive={val}': unknown part {p!r} (n<divisor>, b<block>, acc, "
+                             f"perhead, or one scorer: {SCORER_PARTS})")
     return RecursiveCompressor(**kw)
 
 
@@ -118,10 +129,16 @@ def _streaming(val, model):
 
 def _press(val, model):
     parts = _parts("press", val, "press=0.5")
-    if len(parts) > 1:
-        raise ValueError(f"'press={val}': expected one compression ratio, e.g. press=0.5; "
-                         f"unknown part {parts[1]!r}")
-    return PressCache(float(parts[0]))
+    kw = {}
+    for p in parts[1:]:
+        if p in SCORERS and "scorer" not in kw:
+            kw["scorer"] = _scorer(p)
+        elif p == "perhead":
+            kw["per_head"] = True
+        else:
+            raise ValueError(f"'press={val}': expected a compression ratio, then at most one scorer "
+                             f"({SCORER_PARTS}) and perhead, e.g. press=0.5/tova; unknown part {p!r}")
+    return PressCache(float(parts[0]), **kw)
 
 
 # ---- the registry: one line per family ----------------------------------------------------
@@ -150,9 +167,9 @@ REGISTRY: dict[str, Family] = {
     "quest": Family("attention", Quest.from_spec, "quest=16/5%", "quest=4/6"),
     "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
     "kv": Family("cache", _dense_cache, "dense"),
-    "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead"),
+    "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
-    "press": Family("cache", _press, "press=0.5"),
+    "press": Family("cache", _press, "press=0.5/tova"),
 }
 # "dense" names both the dense selector and the dense cache; the cache line is registered as
 # "kv" so that each name has one line, and parse_cache_spec reads "dense" as "kv".
