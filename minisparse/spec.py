@@ -19,11 +19,14 @@ from typing import Callable
 
 from .attention import patterns as P
 from .attention.hybrid import Hybrid
+from .attention.indexer import Indexer
 from .attention.ivf import IVF
+from .attention.loki import Loki
 from .attention.lsh import LSH
 from .attention.quest import Quest
 from .attention.random_mask import parse_random
 from .attention.selector import Selector, Union
+from .attention.sparq import SparQ
 from .attention.topk import TopK
 from .cache import SCORERS, PressCache, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
@@ -166,6 +169,9 @@ REGISTRY: dict[str, Family] = {
                        "magicpig=K3L10,seed=1"),
     "quest": Family("attention", Quest.from_spec, "quest=16/5%", "quest=4/6"),
     "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
+    "sparq": Family("attention", SparQ.from_spec, "sparq=16/64", "sparq=2/4"),
+    "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
+    "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
