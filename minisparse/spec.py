@@ -5,7 +5,8 @@
     VALUE   := the family's own value, parts separated by "/": "64", "2%/kv", "K8L75/5%", "B512/n4"
     OPTION  := "seed" | "mode"                  modifies the member just before it
 
-"sinks=4,window=128" is a union of two selectors; "random=1%x70,seed=3,mode=structural" is one
+"sinks=4,window=128" is a union of two selectors; "topp=0.95,quest=16/512" is Twilight's top-p
+pruning the union of the other members (at most one topp); "random=1%x70,seed=3,mode=structural" is one
 selector with two options; "streaming=4+508/reassigned" is a cache. An option a family does not
 take, a value a family does not take, or a part of a value it does not know is an error naming
 the token: nothing is dropped. Used by attend's callers (the model), the CLI's --attention and
@@ -27,6 +28,7 @@ from .attention.quest import Quest
 from .attention.random_mask import parse_random
 from .attention.selector import Selector, Union
 from .attention.sparq import SparQ
+from .attention.topp import TopP
 from .attention.topk import TopK
 from .cache import SCORERS, PressCache, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
@@ -172,6 +174,7 @@ REGISTRY: dict[str, Family] = {
     "sparq": Family("attention", SparQ.from_spec, "sparq=16/64", "sparq=2/4"),
     "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
     "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4"),
+    "topp": Family("attention", TopP.from_spec, "topp=0.95,quest=16/512", "topp=0.8,topk=6"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
@@ -265,6 +268,18 @@ def parse_attention_spec(spec: str) -> Selector:
         except ValueError as e:
             raise ValueError(f"attention spec {spec!r}: {e}") from None
         members.append(sel)
+    # Twilight's top-p prunes the keys the other members offer: "topp=0.95,quest=16/512"
+    tops = [m for m in members if isinstance(m, TopP)]
+    if len(tops) > 1:
+        raise ValueError(f"attention spec {spec!r}: one 'topp' per spec (it prunes the union of "
+                         f"the other members)")
+    rest = [m for m in members if not isinstance(m, TopP)]
+    if tops:
+        cands = None if not rest else rest[0] if len(rest) == 1 else Union(*rest)
+        try:
+            return TopP(tops[0].p, cands)
+        except ValueError as e:
+            raise ValueError(f"attention spec {spec!r}: {e}") from None
     return members[0] if len(members) == 1 else Union(*members)
 
 
