@@ -100,3 +100,23 @@ def check_error_bounded_by_missing_probability_mass(sel, prob):
     bound = 2 * (1 - mass) * vmax + np.sqrt(d) * kernel_tol(q, k, v)
     assert (mass > 0).all()                                               # every row reads a key
     assert (err <= bound).all()
+
+
+def check_covering_all_causal_keys_equals_dense(sel, prob):
+    """For a selector built to read every causal key (a budget >= the keys): dense attention."""
+    q, k, v, q_pos, k_pos = prob
+    out, st_ = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_stats=True)
+    assert (st_.n_attended == st_.n_causal).all()
+    np.testing.assert_allclose(out, dense_reference(q, k, v, q_pos, k_pos), rtol=0,
+                               atol=kernel_tol(q, k, v))
+
+
+def check_extreme_logits_give_no_nan(sel, prob, big):
+    q, k, v, q_pos, k_pos = prob
+    q = q / np.maximum(np.abs(q).max(), 1e-6) * np.float32(np.sqrt(abs(big)))
+    k = k / np.maximum(np.abs(k).max(), 1e-6) * np.float32(np.sqrt(abs(big)) * np.sign(big))
+    out, lse = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_lse=True)
+    assert np.isfinite(out).all() and not np.isnan(lse).any()
+    # a convex combination of values, up to the kernel's relative float32 error (kernel_tol's
+    # (2 CHUNK + 5) 2^-24; the logit term does not apply: any weights give a convex combination)
+    assert (np.abs(out) <= np.abs(v).max() * (1 + (2 * CHUNK + 5) * 2.0**-24)).all()

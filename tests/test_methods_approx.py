@@ -88,6 +88,18 @@ def test_error_bounded_by_missing_probability_mass(name, prob):
     M.check_error_bounded_by_missing_probability_mass(parse_attention_spec(SMALL[name]), prob)
 
 
+@pytest.mark.parametrize("spec", ["sparq=2/24", "loki=2/24/c6", "indexer=24"])
+@given(M.problems())
+def test_a_budget_covering_every_causal_key_equals_dense(spec, prob):
+    M.check_covering_all_causal_keys_equals_dense(parse_attention_spec(spec), prob)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@given(M.problems(), st.sampled_from([1e4, -1e4]))
+def test_extreme_logits_give_no_nan(name, prob, big):
+    M.check_extreme_logits_give_no_nan(parse_attention_spec(SMALL[name]), prob, big)
+
+
 # ---- recall@k against exact top-k -------------------------------------------------------------
 @given(M.problems())
 def test_sparq_with_every_component_is_exact_top_k(prob):

@@ -45,6 +45,17 @@ def test_error_bounded_by_missing_probability_mass(spec, prob):
     M.check_error_bounded_by_missing_probability_mass(parse_attention_spec(spec), prob)
 
 
+@given(M.problems())
+def test_p_one_over_dense_equals_dense(prob):
+    M.check_covering_all_causal_keys_equals_dense(parse_attention_spec("topp=1"), prob)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@given(M.problems(), st.sampled_from([1e4, -1e4]))
+def test_extreme_logits_give_no_nan(spec, prob, big):
+    M.check_extreme_logits_give_no_nan(parse_attention_spec(spec), prob, big)
+
+
 # ---- the top-p rule ------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", SPECS)
 @given(M.problems(), st.sampled_from([0.3, 0.5, 0.9, 0.99]))
