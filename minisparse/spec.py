@@ -173,7 +173,7 @@ REGISTRY: dict[str, Family] = {
     "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
     "sparq": Family("attention", SparQ.from_spec, "sparq=16/64", "sparq=2/4"),
     "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
-    "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4"),
+    "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4/q"),
     "topp": Family("attention", TopP.from_spec, "topp=0.95,quest=16/512", "topp=0.8,topk=6"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
