@@ -6,8 +6,9 @@
     OPTION  := "seed" | "mode"                  modifies the member just before it
 
 "sinks=4,window=128" is a union of two selectors; "topp=0.95,quest=16/512" is Twilight's top-p
-pruning the union of the other members (at most one topp); "random=1%x70,seed=3,mode=structural" is one
-selector with two options; "streaming=4+508/reassigned" is a cache. An option a family does not
+pruning the union of the other members (at most one topp); "random=1%x70,seed=3,mode=structural"
+is one selector with two options; "streaming=4+508/reassigned" is a cache; "press=0.5/tova" a
+cache with its scorer. An option a family does not
 take, a value a family does not take, or a part of a value it does not know is an error naming
 the token: nothing is dropped. Used by attend's callers (the model), the CLI's --attention and
 --cache, and the lab's --variants. Leaves out the selectors and caches themselves; it sits above

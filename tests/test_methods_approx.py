@@ -26,8 +26,8 @@ def test_spec_round_trips_and_the_small_spec_is_registered(name):
 
 
 @pytest.mark.parametrize("spec,token", [("sparq=4", "sparq=4"), ("sparq=x/4", "sparq=x/4"),
-                                        ("loki=2/4/q5", "q5"), ("indexer=8/f8", "f8"), ("indexer=8/q/q", "'q'"),
-                                        ("indexer=4,seed=1", "seed")])
+                                        ("loki=2/4/q5", "q5"), ("indexer=8/f8", "f8"),
+                                        ("indexer=8/q/q", "'q'"), ("indexer=4,seed=1", "seed")])
 def test_bad_specs_are_errors_naming_the_token(spec, token):
     with pytest.raises(ValueError, match=token):
         parse_attention_spec(spec)
@@ -81,9 +81,10 @@ def test_indexer_shares_one_set_per_kv_head_and_equals_per_head_without_groups(p
     q1 = q[::G]                                                   # one query head per KV head
     np.testing.assert_array_equal(attend(q1, k, v, sel, q_pos=q_pos, k_pos=k_pos),
                                   attend(q1, k, v, TopK(4), q_pos=q_pos, k_pos=k_pos))
+    shape = (*q1.shape[:2], k.shape[1])
     for p in ("i8", "f16"):                                       # and then "/q" changes nothing
-        a = Indexer(4, precision=p).select(q1, k, q_pos, k_pos).to_mask(*q1.shape[:2], k.shape[1])[0]
-        b = Indexer(4, precision=p, per="q").select(q1, k, q_pos, k_pos).to_mask(*q1.shape[:2], k.shape[1])[0]
+        a = Indexer(4, precision=p).select(q1, k, q_pos, k_pos).to_mask(*shape)[0]
+        b = Indexer(4, precision=p, per="q").select(q1, k, q_pos, k_pos).to_mask(*shape)[0]
         np.testing.assert_array_equal(a, b)
 
 
