@@ -206,6 +206,7 @@ def test_loki_for_layer_fits_the_basis_once_and_decode_equals_prefill():
     bound = sel.for_layer(0, state, k[:, :12], v[:, :12])
     np.testing.assert_array_equal(state[(str(sel), 0)], pca_basis(k[:, :12]))
     assert bound == sel and bound.basis is state[(str(sel), 0)]
+    assert sel.bind({"another": "state"}) is sel           # a union passes other states along
     pre = attend(q, k, v, sel)
     for i in range(12, 30):                                # decode steps read the stored basis
         step = sel.for_layer(0, state, k[:, :i + 1], v[:, :i + 1])

@@ -70,6 +70,10 @@ class Loki(ApproxTopK):
         self.basis = basis                                   # (Hkv, d, d) or None
 
     def bind(self, basis):
+        """Bound to a basis (Hkv, d, d); any other state (a union bound to a GateCache passes its
+        cache to every member) leaves it as it is."""
+        if not isinstance(basis, np.ndarray):
+            return self
         return Loki(self.r, self.k, self.fraction, self.calib, basis)
 
     def for_layer(self, layer, state, k, v):
