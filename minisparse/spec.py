@@ -5,8 +5,10 @@
     VALUE   := the family's own value, parts separated by "/": "64", "2%/kv", "K8L75/5%", "B512/n4"
     OPTION  := "seed" | "mode"                  modifies the member just before it
 
-"sinks=4,window=128" is a union of two selectors; "random=1%x70,seed=3,mode=structural" is one
-selector with two options; "streaming=4+508/reassigned" is a cache. An option a family does not
+"sinks=4,window=128" is a union of two selectors; "topp=0.95,quest=16/512" is Twilight's top-p
+pruning the union of the other members (at most one topp); "random=1%x70,seed=3,mode=structural"
+is one selector with two options; "streaming=4+508/reassigned" is a cache; "press=0.5/tova" a
+cache with its scorer. An option a family does not
 take, a value a family does not take, or a part of a value it does not know is an error naming
 the token: nothing is dropped. Used by attend's callers (the model), the CLI's --attention and
 --cache, and the lab's --variants. Leaves out the selectors and caches themselves; it sits above
@@ -19,13 +21,17 @@ from typing import Callable
 
 from .attention import patterns as P
 from .attention.hybrid import Hybrid
+from .attention.indexer import Indexer
 from .attention.ivf import IVF
+from .attention.loki import Loki
 from .attention.lsh import LSH
 from .attention.quest import Quest
 from .attention.random_mask import parse_random
 from .attention.selector import Selector, Union
+from .attention.sparq import SparQ
+from .attention.topp import TopP
 from .attention.topk import TopK
-from .cache import PressCache, RecursiveCompressor, StreamingCache
+from .cache import SCORERS, PressCache, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
 
 OPTIONS = ("seed", "mode")
@@ -87,11 +93,21 @@ def _parts(name, val, example):
     return parts
 
 
+def _scorer(p):
+    """A scorer part of a cache value ('tova', 'knorm', ...), built with its defaults."""
+    return SCORERS[p]()
+
+
+SCORER_PARTS = ", ".join(sorted(SCORERS))
+
+
 def _recursive(val, model):
     parts = _parts("recursive", val, "recursive=B512")
     kw = {"budget": int(parts[0].removeprefix("B").removeprefix("b"))}
     for p in parts[1:]:
-        if p[0] == "n" and p[1:].isdigit():
+        if p in SCORERS and "scorer" not in kw:
+            kw["scorer"] = _scorer(p)
+        elif p[0] == "n" and p[1:].isdigit():
             kw["protection_divisor"] = int(p[1:])
         elif p[0] == "b" and p[1:].isdigit():
             kw["block"] = int(p[1:])
@@ -100,7 +116,8 @@ def _recursive(val, model):
         elif p == "perhead":
             kw["per_head"] = True
         else:
-            raise ValueError(f"'recursive={val}': unknown part {p!r} (n<divisor>, b<block>, acc, perhead)")
+            raise ValueError(f"'recursive={val}': unknown part {p!r} (n<divisor>, b<block>, acc, "
+                             f"perhead, or one scorer: {SCORER_PARTS})")
     return RecursiveCompressor(**kw)
 
 
@@ -118,10 +135,16 @@ def _streaming(val, model):
 
 def _press(val, model):
     parts = _parts("press", val, "press=0.5")
-    if len(parts) > 1:
-        raise ValueError(f"'press={val}': expected one compression ratio, e.g. press=0.5; "
-                         f"unknown part {parts[1]!r}")
-    return PressCache(float(parts[0]))
+    kw = {}
+    for p in parts[1:]:
+        if p in SCORERS and "scorer" not in kw:
+            kw["scorer"] = _scorer(p)
+        elif p == "perhead":
+            kw["per_head"] = True
+        else:
+            raise ValueError(f"'press={val}': expected a compression ratio, then at most one scorer "
+                             f"({SCORER_PARTS}) and perhead, e.g. press=0.5/tova; unknown part {p!r}")
+    return PressCache(float(parts[0]), **kw)
 
 
 # ---- the registry: one line per family ----------------------------------------------------
@@ -149,10 +172,14 @@ REGISTRY: dict[str, Family] = {
                        "magicpig=K3L10,seed=1"),
     "quest": Family("attention", Quest.from_spec, "quest=16/5%", "quest=4/6"),
     "hybrid": Family("attention", Hybrid.from_spec, "hybrid=5%/0.5", "hybrid=6/0.5/K4L8"),
+    "sparq": Family("attention", SparQ.from_spec, "sparq=16/64", "sparq=2/4"),
+    "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
+    "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4/q"),
+    "topp": Family("attention", TopP.from_spec, "topp=0.95,quest=16/512", "topp=0.8,topk=6"),
     "kv": Family("cache", _dense_cache, "dense"),
-    "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead"),
+    "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
-    "press": Family("cache", _press, "press=0.5"),
+    "press": Family("cache", _press, "press=0.5/tova"),
 }
 # "dense" names both the dense selector and the dense cache; the cache line is registered as
 # "kv" so that each name has one line, and parse_cache_spec reads "dense" as "kv".
@@ -242,6 +269,18 @@ def parse_attention_spec(spec: str) -> Selector:
         except ValueError as e:
             raise ValueError(f"attention spec {spec!r}: {e}") from None
         members.append(sel)
+    # Twilight's top-p prunes the keys the other members offer: "topp=0.95,quest=16/512"
+    tops = [m for m in members if isinstance(m, TopP)]
+    if len(tops) > 1:
+        raise ValueError(f"attention spec {spec!r}: one 'topp' per spec (it prunes the union of "
+                         f"the other members)")
+    rest = [m for m in members if not isinstance(m, TopP)]
+    if tops:
+        cands = None if not rest else rest[0] if len(rest) == 1 else Union(*rest)
+        try:
+            return TopP(tops[0].p, cands)
+        except ValueError as e:
+            raise ValueError(f"attention spec {spec!r}: {e}") from None
     return members[0] if len(members) == 1 else Union(*members)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import KV, Q, Selection
+from .selection import KV, Q, Selection, default_positions
 from .selector import Budget, Selector
 
 
@@ -274,3 +274,41 @@ class TopK(Ranked):
                 raise ValueError(f"attention spec: 'topk={val}': unknown option {p!r} "
                                  f"(expected kv or rN)")
         return TopK(k, f, per, rec)
+
+
+# ---- approximate scoring, exact attention: the base of SparQ, Loki and the indexer -------------
+def recall_at_k(sel, exact, q, k, q_pos=None, k_pos=None):
+    """Recall@k of selector `sel` against the exact top-k `exact` (a TopK): per query head and
+    query, the fraction of the keys `exact` reads that `sel` reads too; 1 where exact reads none.
+
+    q (Hq, Tq, d), k (Hkv, Tk, d) -> (Hq, Tq) float64. Faiss's rule: an approximate index is
+    measured against the exact brute-force one (IndexFlat) on the same keys.
+
+    >>> x = np.random.default_rng(0).standard_normal((1, 6, 4)).astype(np.float32)
+    >>> recall_at_k(TopK(2), TopK(2), x, x).tolist()
+    [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]
+    """
+    hq, tq = q.shape[:2]
+    tk = k.shape[1]
+    a, _ = sel.select(q, k, q_pos, k_pos).to_mask(hq, tq, tk)                # (Hq, Tq, Tk)
+    e, _ = exact.select(q, k, q_pos, k_pos).to_mask(hq, tq, tk)
+    q_pos, k_pos = default_positions(tq, tk, q_pos, k_pos)
+    causal = k_pos[None, None, :] <= q_pos[None, :, None]                    # (1, Tq, Tk)
+    e &= causal
+    n = e.sum(-1)
+    return np.where(n > 0, (a & e).sum(-1) / np.maximum(n, 1), 1.0)         # (Hq, Tq)
+
+
+class ApproxTopK(Ranked):
+    """Base for "cheap approximate scores over every key, exact attention on the top k" (SparQ,
+    Loki, the lightning indexer): subclasses give `row_scores` (the approximate ranking); the
+    kernel then reads the chosen keys exactly. `exact()` is the TopK it approximates (same
+    budget, same head sharing) and `recall(q, k, ...)` its recall@k against it (recall_at_k)."""
+    per = "q"
+
+    def exact(self) -> TopK:
+        return TopK(self.k, self.fraction, per=self.per)
+
+    def recall(self, q, k, q_pos=None, k_pos=None):
+        """(Hq, Tq) recall@k against exact top-k on the same queries and keys."""
+        return recall_at_k(self, self.exact(), q, k, q_pos, k_pos)

@@ -6,9 +6,9 @@ from .base import Cache
 from .dense import KVCache
 from .gated import GateCache
 from .recursive import PressCache, RecursiveCompressor, SlotCache, accumulate_size
-from .scorers import (H2O, ExactAttention, Hybrid, LSHFrequency, QuestionAware, RandomKeep,
-                      Scorer, ScoreContext, SnapKV, attention_mass, question_queries,
-                      scorer_from_config)
+from .scorers import (H2O, SCORERS, TOVA, ExactAttention, ExpectedAttention, Hybrid, KeyDiff,
+                      KNorm, LSHFrequency, QuestionAware, RandomKeep, Scorer, ScoreContext, SnapKV,
+                      attention_mass, question_queries, scorer_from_config)
 from .streaming import StreamingCache
 from ..gate.fastgrnn import FastGRNNGate, GateState, save_gates   # re-exported: they lived here
 

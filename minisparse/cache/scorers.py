@@ -159,6 +159,103 @@ class H2O(Scorer):
         return ctx.acc
 
 
+class TOVA(Scorer):
+    """TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs"): a key's score is the attention
+    the newest query gives it, averaged over every query head of the layer (one keep set per
+    layer, as TOVA and kvpress's TOVAPress); the newest key itself is always kept.
+
+    >>> q = np.zeros((2, 3, 4)); k = np.zeros((1, 3, 4))
+    >>> TOVA().scores(ScoreContext(0, q, k, k, np.arange(3)[None], np.arange(3))).tolist()
+    [[0.6666666666666666, 0.6666666666666666, inf]]
+    """
+    name = "tova"
+
+    def scores(self, ctx):
+        Hkv, S = ctx.k.shape[:2]
+        m = ctx.mass(1)                                                      # (Hkv, S)
+        # every KV head gets the all-heads total: TOVA averages the heads, so per-head keep sets
+        # coincide with the shared one (the average's 1/Hq does not change the ranking)
+        out = np.broadcast_to(m.sum(axis=0), (Hkv, S)).copy()                # (Hkv, S)
+        out[:, -1] = np.inf                                                  # the newest token
+        return out
+
+
+class KNorm(Scorer):
+    """KNorm (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+    Compression"): keys of LOW L2 norm draw high attention, so the score is -||k|| (kvpress's
+    KnormPress). Reads no query: the cheapest scorer.
+
+    >>> k = np.array([[[3.0, 4.0], [0.0, 1.0]]])
+    >>> KNorm().scores(ScoreContext(0, None, k, k, np.arange(2)[None], np.arange(2))).tolist()
+    [[-5.0, -1.0]]
+    """
+    name = "knorm"
+
+    def scores(self, ctx):
+        return -np.linalg.norm(np.asarray(ctx.k, np.float64), axis=-1)      # (Hkv, S)
+
+
+class KeyDiff(Scorer):
+    """KeyDiff (Park et al. 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction"): keep the keys
+    least like the others: score = -cos(k_j, a), a the mean of the unit-normalised keys of its
+    head (kvpress's KeyDiffPress). Reads no query.
+
+    >>> k = np.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    >>> KeyDiff().scores(ScoreContext(0, None, k, k, np.arange(3)[None], np.arange(3))).round(3).tolist()
+    [[-0.894, -0.894, -0.447]]
+    """
+    name = "keydiff"
+
+    def scores(self, ctx):
+        k = np.asarray(ctx.k, np.float64)                                    # (Hkv, S, d)
+        unit = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
+        anchor = unit.mean(axis=1, keepdims=True)                            # (Hkv, 1, d)
+        anchor /= np.maximum(np.linalg.norm(anchor, axis=-1, keepdims=True), 1e-12)
+        return -(unit * anchor).sum(axis=-1)                                 # (Hkv, S)
+
+
+class ExpectedAttention(Scorer):
+    """Expected Attention (Devoto et al. 2025; kvpress's ExpectedAttentionPress): future queries
+    q ~ N(mu, Sigma), so a key's expected unnormalised weight is E[exp(q.k / sqrt(d))] = exp(mu.k / sqrt(d) +
+    k^T Sigma k / (2d)); the score is its softmax over the keys, averaged over the G query heads,
+    times ||v|| (the value's contribution); the first `sinks` keys are always kept and left out
+    of the softmax.
+
+    mu, Sigma (per query head) are the mean and covariance of this call's queries after the first
+    `sinks` (as kvpress), but AFTER RoPE at their own positions: kvpress takes them before RoPE and
+    rotates them by the mean RoPE rotation of the next 512 positions, which needs the model's
+    rotary table; a scorer here reads only the cache's post-RoPE queries.
+    """
+    name, _params = "expected", ("sinks",)
+
+    def __init__(self, sinks=4):
+        self.sinks = int(sinks)
+
+    def scores(self, ctx):
+        if ctx.q is None:
+            raise ValueError("ExpectedAttention reads the queries: the cache got q=None in update()")
+        q = np.asarray(ctx.q, np.float64)                                    # (Hq, T, d)
+        k = np.asarray(ctx.k, np.float64)                                    # (Hkv, S, d)
+        Hq, T, d = q.shape
+        Hkv, S, _ = k.shape
+        qs = q[:, self.sinks:] if T > self.sinks else q                      # (Hq, T', d)
+        mu = qs.mean(axis=1)                                                 # (Hq, d)
+        c = qs - mu[:, None]
+        cov = np.einsum("hti,htj->hij", c, c) / qs.shape[1]                  # (Hq, d, d)
+        n0 = min(self.sinks, S)                    # sinks are kept, not scored (as kvpress)
+        out = np.full((Hkv, S), np.inf)
+        if n0 == S:
+            return out
+        kh = np.repeat(k[:, n0:], Hq // Hkv, axis=0)                         # (Hq, S', d)
+        logit = (np.einsum("hd,hsd->hs", mu, kh) / np.sqrt(d)
+                 + np.einsum("hsi,hij,hsj->hs", kh, cov, kh) / (2 * d))    # (Hq, S')
+        p = np.exp(logit - logit.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)                                    # softmax over keys
+        out[:, n0:] = p.reshape(Hkv, Hq // Hkv, S - n0).mean(axis=1)          # (Hkv, S')
+        out[:, n0:] *= np.linalg.norm(np.asarray(ctx.v, np.float64)[:, n0:], axis=-1)   # ||v_j||
+        return out
+
+
 class LSHFrequency(Scorer):
     """BMRT's LSH frequency rank: a key's score is how many (query of this call, table) pairs
     collide with it under SimHash (n_bits seeded planes per table, n_tables tables), causally.
@@ -224,7 +321,10 @@ class Hybrid(Scorer):
 
 
 SCORERS = {"exact": ExactAttention, "snapkv": SnapKV, "h2o": H2O, "lsh": LSHFrequency,
-           "random": RandomKeep}
+           "random": RandomKeep, "tova": TOVA, "knorm": KNorm, "keydiff": KeyDiff,
+           "expected": ExpectedAttention}
+"""Scorer names as the cache spec writes them (`press=0.5/tova`, `recursive=B512/knorm`), each
+built with its defaults; also the names `scorer_from_config` reads back."""
 
 
 def scorer_from_config(cfg: dict) -> Scorer:

@@ -56,9 +56,11 @@ def nominal_budget(sel) -> dict:
 
 def _with_seed(sel, seed):
     """Give samplers without an explicit `,seed=` the run's --seed (recorded in the result)."""
-    from ..attention import Union
+    from ..attention import TopP, Union
     if isinstance(sel, Union):
         return type(sel)(*[_with_seed(m, seed) for m in sel.members])
+    if isinstance(sel, TopP):                     # the seed belongs to its candidates
+        return sel if sel.candidates is None else TopP(sel.p, _with_seed(sel.candidates, seed))
     return sel if sel.deterministic else sel.with_options(seed=seed)
 
 
@@ -230,6 +232,18 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
     return M.mass_recall(p, mask), M.rel_error(o_s, o)                      # (Hq, A) each
 
 
+def approx_recall(variant, trace, l, first, last, dense_layers):
+    """(Hq, A) recall@k against exact top-k at layer l's analysis rows, for the selectors that
+    rank by an approximate score (SparQ, Loki, the indexer: topk.ApproxTopK); None otherwise."""
+    from ..attention.topk import ApproxTopK
+    sel = variant.selector
+    if variant.kind != "attention" or l in dense_layers or not isinstance(sel, ApproxTopK):
+        return None
+    q, k, _, _ = trace.get_layer(l)
+    return sel.recall(np.ascontiguousarray(q[:, first:last]), np.ascontiguousarray(k[:, :last]),
+                      np.arange(first, last), np.arange(last))
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -269,7 +283,7 @@ def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, pro
             logp, stats, trace, reads = run_one(model, ids, var, first, last, dense_layers, chunk,
                                                 protocol, tick)
             dens = _density_by_layer(stats, L, first, last)
-            layers, rec_all, err_all = [], [], []
+            layers, rec_all, err_all, topk_all = [], [], [], []
             for l in range(L):
                 rec, err = layer_metrics(model, var, trace, reads, l, first, last, dense_layers)
                 rec_all.append(rec), err_all.append(err)
@@ -277,6 +291,10 @@ def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, pro
                                "density": M.summary(dens[l][0]), "density_all": M.summary(dens[l][2]),
                                "keys_read": M.summary(dens[l][1]),
                                "recall": M.summary(rec), "rel_error": M.summary(err)})
+                tk = approx_recall(var, trace, l, first, last, dense_layers)
+                if tk is not None:                 # recall@k of SparQ / Loki / the indexer
+                    topk_all.append(tk)
+                    layers[-1]["topk_recall"] = M.summary(tk)
             del trace
         except Exception as e:   # noqa: BLE001 - a variant that fails at run time is a row too
             row.update(kind="error", error=f"{type(e).__name__}: {e}")
@@ -288,6 +306,8 @@ def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, pro
             "recall": M.summary(np.stack(rec_all)), "rel_error": M.summary(np.stack(err_all)),
             "lm": M.lm_metrics(logp_d, logp, targets), "layers": layers,
             "seconds": round(time.perf_counter() - t0, 2)})
+        if topk_all:
+            row["topk_recall"] = M.summary(np.stack(topk_all))
         row["budget"].update({"keys_read_mean": float(np.mean([d[1].mean() for d in dens])),
                               "density_mean": row["density"]["mean"]})
         out.append(row)
