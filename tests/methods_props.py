@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from minisparse.attention import attend, dense_reference
-from minisparse.attention.kernel import CHUNK
+from minisparse.testing import KERNEL_REL, kernel_tol
 
 
 @st.composite
@@ -22,16 +22,6 @@ def problems(draw, full_queries=False):
     k_pos = np.arange(tk, dtype=np.int64) + offset
     return f(hq, tq, d), f(hkv, tk, d), f(hkv, tk, d), k_pos[tk - tq:].copy(), k_pos
 
-
-def kernel_tol(q, k, v):
-    # Per-element |kernel - float64 reference| (as the shared suite derives it), u = 2^-24:
-    # a logit's float32 dot, scale and max subtraction err by <= e = (d + 3) d u max|q| max|k| / sqrt d,
-    # which moves the output by <= (e^(2e) - 1) max|v|; expf (2u per weight -> 4u), the float32
-    # sums within a CHUNK (2 CHUNK u) and the final cast (u), each times max|v|.
-    d = q.shape[-1]
-    u = 2.0**-24
-    e = (d + 3) * d * u * np.abs(q).max() * np.abs(k).max() / np.sqrt(d)
-    return (np.expm1(2 * e) + (2 * CHUNK + 5) * u) * np.abs(v).max() + 1e-12
 
 
 def check_kernel_equals_reference_on_the_selected_set(sel, prob):
@@ -118,5 +108,5 @@ def check_extreme_logits_give_no_nan(sel, prob, big):
     out, lse = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_lse=True)
     assert np.isfinite(out).all() and not np.isnan(lse).any()
     # a convex combination of values, up to the kernel's relative float32 error (kernel_tol's
-    # (2 CHUNK + 5) 2^-24; the logit term does not apply: any weights give a convex combination)
-    assert (np.abs(out) <= np.abs(v).max() * (1 + (2 * CHUNK + 5) * 2.0**-24)).all()
+    # KERNEL_REL, minisparse.testing; the logit term does not apply: any weights give a convex combination)
+    assert (np.abs(out) <= np.abs(v).max() * (1 + KERNEL_REL)).all()
