@@ -60,11 +60,11 @@ from .ivf import IVF, IVFIndex
 from .hybrid import Hybrid
 from .reference import dense_reference
 from .selection import KV, Q, SHARED, Selection, union
-from .selector import Budget, Selector, Union
+from .selector import Budget, Intersection, Selector, Union
 
 __all__ = [
     "attend", "attend_rows", "merge_lse", "AttentionStats", "dense_reference",
-    "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
+    "Selection", "Selector", "Union", "Intersection", "union", "SHARED", "KV", "Q",
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
     "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "Budget",
     "TopK", "Quest", "LSH", "LSHIndex", "IVF", "IVFIndex", "Hybrid",
