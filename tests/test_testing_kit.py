@@ -131,3 +131,18 @@ def test_intersection_of_pseudo_keys_is_an_error():
 def test_time_selector_times_select_and_kernel_apart():
     t = time_selector(TopK(8), make_problem(k_pos=range(256), tq=64, d=16), repeat=2)
     assert set(t) == {"select_s", "kernel_s"} and t["select_s"] > 0 and t["kernel_s"] > 0
+
+
+def test_the_docs_example_fails_as_docs_testing_md_shows():
+    # the first python block of docs/testing.md is the planted-bug example; it must fail the way
+    # the page says, and pass once fixed as the page says
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    code = text.split("```python\n")[1].split("```")[0]
+    with pytest.raises(AssertionError, match="invariant 'decode_equals_prefill' fails") as err:
+        exec(code, {"__name__": "docs_example"})
+    assert "Falsifying example: decode_equals_prefill(" in str(err.value)
+    assert "make_problem(" in str(err.value)
+    fixed = code.replace("i = np.arange(len(q_pos))", 'i = np.searchsorted(k_pos, q_pos, side="right") - 1')
+    assert fixed != code
+    exec(fixed, {"__name__": "docs_example"})

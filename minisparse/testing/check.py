@@ -60,7 +60,10 @@ def _invariants(make, cover, max_tk, kw):
     tests = []
 
     def add(name):
-        return lambda fn: tests.append((name, fn))
+        def keep(fn):
+            fn.hypothesis.inner_test.__name__ = name          # the counterexample names it
+            tests.append((name, fn))
+        return keep
 
     if not _reads_pseudo_keys(sel):
         @add("kernel_equals_reference")
