@@ -146,3 +146,12 @@ def test_the_docs_example_fails_as_docs_testing_md_shows():
     fixed = code.replace("i = np.arange(len(q_pos))", 'i = np.searchsorted(k_pos, q_pos, side="right") - 1')
     assert fixed != code
     exec(fixed, {"__name__": "docs_example"})
+
+
+def test_check_selector_takes_a_selector_class_and_rejects_a_factory_of_something_else():
+    from minisparse.attention import Dense
+    assert check_selector(Dense, max_examples=5, only=["covering_equals_dense"]) == ["covering_equals_dense"]
+    with pytest.raises(ValueError, match="returned int, expected a Selector"):
+        check_selector(lambda: 3)
+    with pytest.raises(ValueError, match="not invariants that apply"):
+        check_selector(Dense, only=["no_such_invariant"])
