@@ -18,6 +18,8 @@ a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then
     each key read once, exact picks win (log-weight 0); a pseudo-key standing for the `span` keys
     of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
     log(span - c), dropped at c = span), so no key is ever counted twice.
+a & b  -> Intersection: keys every member reads (log-weights add), through dense masks: for
+    composing and testing variants; pseudo-keys have no intersection.
 attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, attend_tiles, merge_lse)
     one jitted kernel: ranges then explicit indices, causality by position, online softmax
     (float32 SIMD within 32-key chunks, float64 across chunks), rows in parallel (prange) for
@@ -40,6 +42,7 @@ Where does a new selector go?
    `minisparse.spec.register(...)` from outside the package.
 3. The shared property suite (tests/test_attention_properties.py) runs every registered
    family's example spec; the round-trip test checks parse_attention_spec(str(sel)) == sel.
+   minisparse.testing.check_selector(sel) runs the same invariants on one selector (docs/testing.md).
 docs/design.md walks through it.
 
 >>> import numpy as np

@@ -1,4 +1,5 @@
-"""The Selector contract: what every sparse-attention selector is and has, and `Union` (a | b).
+"""The Selector contract: what every sparse-attention selector is and has, `Union` (a | b) and
+`Intersection` (a & b).
 
 Leaves out the key choices themselves (one family per file: patterns.py, topk.py, ...) and the
 spec grammar that builds selectors from text (minisparse.spec, one layer up). Written for the
