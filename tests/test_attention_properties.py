@@ -5,6 +5,8 @@ and `cover(tk)`, the same family with a budget that reads every causal key of Tk
 >= Tk, top-k k >= Tk, landmarks with Tk <= block so every key is read exactly, ...), which
 the covering property needs. No property test returns early: each draw reaches its assertion,
 and test_every_property_asserts_in_at_least_80_percent_of_its_draws checks the tally.
+The strategies and the invariants themselves are the public kit's (minisparse.testing), which
+a user runs on their own selector with check_selector: one source of truth.
 """
 import ast
 from pathlib import Path
@@ -15,10 +17,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minisparse.attention import (BlockLocal, Dense, Globals, Landmarks, LogStride, RandomMask,
-                                  RuvLLM, Sinks, Strided, Window, attend, dense_reference)
+                                  RuvLLM, Sinks, Strided, Window)
 from minisparse.gate import Gated
 from minisparse.spec import suite_selectors
-from minisparse.testing import KERNEL_REL, kernel_tol
+from minisparse.testing import invariants as inv, problems as kit_problems
 from minisparse.attention import IVF, LSH, Hybrid, Quest, TopK   # content-based
 
 MAX_TK = 24
@@ -115,143 +117,93 @@ def drawn(prop, case):
     return tally
 
 
-@st.composite
-def problems(draw, full_queries=False, max_tk=MAX_TK):
-    seed = draw(st.integers(0, 2**31 - 1))
-    tk = draw(st.integers(1, max_tk))
-    tq = tk if full_queries else draw(st.integers(1, tk))
-    hq, hkv = draw(st.sampled_from([(1, 1), (2, 1), (4, 2), (2, 2)]))
-    d = draw(st.sampled_from([4, 8]))
-    offset = draw(st.integers(0, MAX_OFFSET))            # positions need not start at 0
-    r = np.random.default_rng(seed)
-    f = lambda *s: r.standard_normal(s).astype(np.float32)
-    k_pos = np.arange(tk, dtype=np.int64) + offset
-    return f(hq, tq, d), f(hkv, tk, d), f(hkv, tk, d), k_pos[tk - tq:].copy(), k_pos
+# The problems and the invariants are the public kit's (minisparse.testing): one source of truth
+# for this suite and for a user's check_selector. Positions may have gaps and K/V be float16,
+# except in the covering property, whose `cover(tk)` budgets count contiguous positions.
+def problems(full_queries=False, max_tk=MAX_TK, gaps=True):
+    return kit_problems(max_tk=max_tk, full_queries=full_queries, max_offset=MAX_OFFSET,
+                        gaps=gaps, float16=gaps)
 
 
 @st.composite
 def covering_problems(draw, case):
     """(selector covering every causal key, problem): the budget is built from the drawn Tk."""
-    prob = draw(problems(max_tk=case.cover_max_tk))
-    return case.cover(prob[1].shape[1]), prob
+    prob = draw(problems(max_tk=case.cover_max_tk, gaps=False))
+    return case.cover(prob.k.shape[1]), prob
 
 
 @pytest.mark.parametrize("case", MASKABLE, ids=ids(MASKABLE))
 @given(problems())
 def test_kernel_equals_reference_on_the_selected_set(case, prob):
     tally = drawn("kernel_equals_reference", case)
-    q, k, v, q_pos, k_pos = prob
-    sel = case.make()
-    out = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos)
-    # the selection's mask and log-weights (MagicPIG's -log P; 0 for the exact selectors)
-    mask, logw = sel.select(q, k, q_pos, k_pos).to_mask(q.shape[0], q.shape[1], k.shape[1])
-    ref = dense_reference(q, k, v, q_pos, k_pos, mask=mask, logw=logw)
     tally[1] += 1
-    np.testing.assert_allclose(out, ref, rtol=0, atol=kernel_tol(q, k, v, logw=logw))
+    inv.kernel_equals_reference(case.make(), prob)
 
 
 @pytest.mark.parametrize("case", COVERING, ids=ids(COVERING))
 @given(data=st.data())
 def test_selector_covering_all_causal_keys_equals_dense(case, data):
     tally = drawn("covering_equals_dense", case)
-    sel, (q, k, v, q_pos, k_pos) = data.draw(covering_problems(case))
-    out, st_ = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_stats=True)
-    ref = dense_reference(q, k, v, q_pos, k_pos)
+    sel, prob = data.draw(covering_problems(case))
     tally[1] += 1
-    assert (st_.n_attended == st_.n_causal).all(), f"{sel} does not cover Tk={k.shape[1]}"
-    np.testing.assert_allclose(out, ref, rtol=0, atol=kernel_tol(q, k, v))
+    inv.covering_equals_dense(sel, prob)
 
 
 @pytest.mark.parametrize("case", SELECTORS, ids=IDS)
 @given(problems(full_queries=True), st.data())
 def test_output_at_i_unchanged_when_later_keys_change(case, prob, data):
     tally = drawn("causal", case)
-    q, k, v, q_pos, k_pos = prob
-    tk = k.shape[1]
-    i = data.draw(st.integers(0, tk - 1))
-    k2, v2 = k.copy(), v.copy()
-    k2[:, i + 1:] = 100.0 * np.random.default_rng(i).standard_normal(k2[:, i + 1:].shape)
-    v2[:, i + 1:] = -7.0
-    sel = case.make()
-    a = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos)
-    b = attend(q, k2, v2, sel, q_pos=q_pos, k_pos=k_pos)
+    i = data.draw(st.integers(0, prob.k.shape[1] - 1))
     tally[1] += 1
-    # exact: row i's selection and arithmetic read nothing after position i
-    np.testing.assert_array_equal(a[:, :i + 1], b[:, :i + 1])
+    inv.later_keys_change_nothing(case.make(), prob, i)
 
 
 @pytest.mark.parametrize("case", SELECTORS, ids=IDS)
 @given(problems(full_queries=True))
 def test_decode_step_equals_prefill_row(case, prob):
     tally = drawn("decode_equals_prefill", case)
-    q, k, v, q_pos, k_pos = prob
-    sel = case.make()
-    pre, lse = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_lse=True)
     tally[1] += 1
-    for i in range(k.shape[1]):
-        dec, dl = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=q_pos[i:i + 1],
-                         k_pos=k_pos[:i + 1], return_lse=True)
-        # the same row selection read in the same order: the same float operations. Allow only
-        # the reassociation freedom of the vectorised dot (kernel_tol), which is also 0 in practice
-        np.testing.assert_allclose(dec[:, 0], pre[:, i], rtol=0, atol=kernel_tol(q, k, v))
-        np.testing.assert_allclose(dl[:, 0], lse[:, i], rtol=0, atol=1e-5)
+    inv.decode_equals_prefill(case.make(), prob)
 
 
 @pytest.mark.parametrize("case", SELECTORS, ids=IDS)
 @given(problems())
 def test_gqa_equals_multihead_on_repeated_kv(case, prob):
     tally = drawn("gqa", case)
-    q, k, v, q_pos, k_pos = prob
-    g = q.shape[0] // k.shape[0]
-    sel = case.make()
-    a = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos)
-    b = attend(q, np.repeat(k, g, axis=0), np.repeat(v, g, axis=0), sel, q_pos=q_pos, k_pos=k_pos)
     tally[1] += 1
-    np.testing.assert_array_equal(a, b)                   # same rows, same numbers, same order
+    inv.gqa_equals_repeated_kv(case.make(), prob)
 
 
 @pytest.mark.parametrize("case", EXACT, ids=ids(EXACT))
 @given(problems())
 def test_error_bounded_by_missing_probability_mass(case, prob):
     tally = drawn("missing_mass_bound", case)
-    q, k, v, q_pos, k_pos = prob
-    sel = case.make()
-    out = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos)
-    hq, tq, d = q.shape
-    mask, _ = sel.select(q, k, q_pos, k_pos).to_mask(hq, tq, k.shape[1])
-    # dense probabilities p (Hq, Tq, Tk) in float64
-    kk = np.repeat(k, hq // k.shape[0], 0).astype(np.float64)
-    s = np.einsum("htd,hsd->hts", q.astype(np.float64), kk) / np.sqrt(d)
-    causal = k_pos[None, None, :] <= q_pos[None, :, None]
-    s = np.where(causal, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
-    mass = (p * (mask & causal)).sum(-1)                  # (Hq, Tq) P_S
-    ref = dense_reference(q, k, v, q_pos, k_pos)
-    err = np.linalg.norm(out - ref, axis=-1)              # (Hq, Tq)
-    vmax = np.linalg.norm(v, axis=-1).max()
-    # o_S = sum_S p_j v_j / P_S, so o - o_S = (1 - 1/P_S) sum_S p_j v_j + sum_notS p_j v_j and
-    # |o - o_S| <= (1 - P_S) vmax + (1 - P_S) vmax. Slack: the kernel's per-element float32 error
-    # (kernel_tol) over d elements, |.|_2 <= sqrt(d) * max. A row that reads no key (P_S = 0)
-    # outputs 0, and |0 - o| <= vmax <= the bound's 2 vmax: no row is left out.
-    bound = 2 * (1 - mass) * vmax + np.sqrt(d) * kernel_tol(q, k, v)
     tally[1] += 1
-    assert (err <= bound).all()
+    inv.error_bounded_by_missing_mass(case.make(), prob)
 
 
 @pytest.mark.parametrize("case", SELECTORS, ids=IDS)
 @given(problems(), st.sampled_from([1e4, -1e4]))
 def test_extreme_logits_give_no_nan(case, prob, big):
     tally = drawn("extreme_logits", case)
-    q, k, v, q_pos, k_pos = prob
-    q = q / np.maximum(np.abs(q).max(), 1e-6) * np.float32(np.sqrt(abs(big)))
-    k = k / np.maximum(np.abs(k).max(), 1e-6) * np.float32(np.sqrt(abs(big)) * np.sign(big))
-    out, lse = attend(q, k, v, case.make(), q_pos=q_pos, k_pos=k_pos, return_lse=True)
     tally[1] += 1
-    assert np.isfinite(out).all() and not np.isnan(lse).any()
-    # outputs are convex combinations of values, up to the kernel's relative float32 error
-    # KERNEL_REL (minisparse/testing/bounds.py; the logit term does not apply: any weights give
-    # a convex combination)
-    assert (np.abs(out) <= np.abs(v).max() * (1 + KERNEL_REL)).all()
+    inv.extreme_logits_finite(case.make(), prob, big)
+
+
+@pytest.mark.parametrize("case", SELECTORS, ids=IDS)
+@given(problems())
+def test_same_seed_gives_the_same_selection(case, prob):
+    tally = drawn("same_seed", case)
+    tally[1] += 1
+    inv.same_seed_same_selection(case.make, prob)
+
+
+@pytest.mark.parametrize("case", SELECTORS, ids=IDS)
+@given(problems())
+def test_reported_density_equals_the_keys_read(case, prob):
+    tally = drawn("density", case)
+    tally[1] += 1
+    inv.density_equals_keys_read(case.make(), prob)
 
 
 # ---- the suite's own checks ------------------------------------------------------------------
@@ -261,7 +213,9 @@ PROPERTIES = [(test_kernel_equals_reference_on_the_selected_set, "kernel_equals_
               (test_decode_step_equals_prefill_row, "decode_equals_prefill", SELECTORS),
               (test_gqa_equals_multihead_on_repeated_kv, "gqa", SELECTORS),
               (test_error_bounded_by_missing_probability_mass, "missing_mass_bound", EXACT),
-              (test_extreme_logits_give_no_nan, "extreme_logits", SELECTORS)]
+              (test_extreme_logits_give_no_nan, "extreme_logits", SELECTORS),
+              (test_same_seed_gives_the_same_selection, "same_seed", SELECTORS),
+              (test_reported_density_equals_the_keys_read, "density", SELECTORS)]
 
 
 def test_every_property_asserts_in_at_least_80_percent_of_its_draws():

@@ -19,6 +19,8 @@ a | b  -> Union: rows broadcast to the finer head kind, lists concatenated, then
     each key read once, exact picks win (log-weight 0); a pseudo-key standing for the `span` keys
     of its block (log-weight log span) loses the c of them the row reads exactly (log-weight
     log(span - c), dropped at c = span), so no key is ever counted twice.
+a & b  -> Intersection: keys every member reads (log-weights add), through dense masks: for
+    composing and testing variants; pseudo-keys have no intersection.
 attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows, merge_lse)
     one jitted kernel: ranges then explicit indices, causality by position, online softmax in
     float64; `attend(..., kernel=)` or `use_kernel` runs another (the fast path's). Callers
@@ -42,6 +44,7 @@ Where does a new selector go?
    `minisparse.spec.register(...)` from outside the package.
 3. The shared property suite (tests/test_attention_properties.py) runs every registered
    family's example spec; the round-trip test checks parse_attention_spec(str(sel)) == sel.
+   minisparse.testing.check_selector(sel) runs the same invariants on one selector (docs/testing.md).
 docs/design.md walks through it.
 
 >>> import numpy as np
@@ -67,11 +70,12 @@ from .indexer import Indexer
 from .topp import TopP
 from .reference import dense_reference
 from .selection import KV, Q, SHARED, Selection, union
-from .selector import Budget, Selector, Union
+from .selector import Budget, Intersection, Selector, Union
 
 __all__ = [
-    "attend", "attend_rows", "reference_kernel", "use_kernel", "Inputs", "Rows", "merge_lse", "AttentionStats", "dense_reference",
-    "Selection", "Selector", "Union", "union", "SHARED", "KV", "Q",
+    "attend", "attend_rows", "reference_kernel", "use_kernel", "Inputs", "Rows", "merge_lse",
+    "AttentionStats", "dense_reference", "Selection", "Selector", "Union", "Intersection", "union",
+    "SHARED", "KV", "Q",
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
     "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "Budget",
     "TopK", "Quest", "LSH", "LSHIndex", "IVF", "IVFIndex", "Hybrid", "SparQ", "Loki", "Indexer",

@@ -1,4 +1,5 @@
-"""The Selector contract: what every sparse-attention selector is and has, and `Union` (a | b).
+"""The Selector contract: what every sparse-attention selector is and has, `Union` (a | b) and
+`Intersection` (a & b).
 
 Leaves out the key choices themselves (one family per file: patterns.py, topk.py, ...) and the
 spec grammar that builds selectors from text (minisparse.spec, one layer up). Written for the
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .selection import Selection, default_positions, union
+import numpy as np
+
+from .selection import Q, Selection, default_positions, union
 
 
 class Budget(NamedTuple):
@@ -126,6 +129,9 @@ class Selector:
     def __or__(self, other: "Selector") -> "Union":
         return Union(self, other)
 
+    def __and__(self, other: "Selector") -> "Intersection":
+        return Intersection(self, other)
+
 
 class Union(Selector):
     """Keys read by any member, each once (exact picks win over weighted ones)."""
@@ -157,6 +163,60 @@ class Union(Selector):
         return ",".join(m.describe() for m in self.members)
 
     # type(self): a named composition (RuvLLM's preset) keeps its name, hence its spec
+    def bind(self, state):
+        return type(self)(*[m.bind(state) for m in self.members])
+
+    def for_layer(self, layer, state, k, v):
+        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
+
+
+class Intersection(Selector):
+    """Keys read by every member (a & b). A key's log-weight is the sum of its members' (for
+    independent samplers P(kept by all) is the product of the P's, so the -log P add); it is exact
+    when every member picked it exactly. Pseudo-keys have no intersection (a landmark is no key
+    of the other member): an error. Built through (Hq, Tq, Tk) masks, so O(Hq Tq Tk): for
+    composing and testing variants, not for long contexts."""
+
+    def __init__(self, *members: Selector):
+        flat = []
+        for m in members:
+            if not isinstance(m, Selector):
+                raise ValueError(f"Intersection: members must be Selectors, got {type(m).__name__}")
+            flat.extend(m.members if isinstance(m, Intersection) else [m])
+        self.members = tuple(flat)
+        self.covers_all_causal = all(m.covers_all_causal for m in flat)
+        self.exact_subset = all(m.exact_subset for m in flat)
+
+    @property
+    def deterministic(self):
+        return all(m.deterministic for m in self.members)
+
+    def _select(self, q, k, q_pos, k_pos):
+        hq = k.shape[0] if q is None else q.shape[0]
+        tq, tk = len(q_pos), k.shape[1]
+        mask = np.ones((hq, tq, tk), bool)                        # (Hq, Tq, Tk)
+        logw = np.zeros((hq, tq, tk), np.float64)                 # (Hq, Tq, Tk)
+        for m in self.members:
+            s = m._select(q, k, q_pos, k_pos).normalize()
+            if s.n_extra:
+                raise ValueError(f"Intersection: {m} reads pseudo-keys, which have no "
+                                 f"intersection with real keys")
+            mm, lw = s.to_mask(hq, tq, tk)
+            mask &= mm
+            logw += lw
+        rows = mask.reshape(hq * tq, tk)
+        ptr = np.concatenate([[0], np.cumsum(rows.sum(1))])      # (R+1,)
+        idx = np.nonzero(rows)[1]                                 # sorted within each row
+        w = logw.reshape(hq * tq, tk)[rows]
+        sel = Selection.from_lists(ptr, idx, tk, head_kind=Q, n_heads=hq, tq=tq, logw=w,
+                                   normalized=True)
+        sel.exact = w == 0
+        return sel
+
+    def describe(self):
+        # not a spec the grammar parses: the grammar has unions only
+        return "&".join(f"({m.describe()})" for m in self.members)
+
     def bind(self, state):
         return type(self)(*[m.bind(state) for m in self.members])
 
