@@ -152,6 +152,10 @@ class Quest(Selector):
         self._bounds = None
 
     def bind(self, bounds):
+        """This selector reading running page bounds (PageBounds); anything else (a union binds
+        every member to one state) leaves it unbound."""
+        if not isinstance(bounds, PageBounds) or bounds.page != self.page:
+            return self
         out = Quest(self.page, self.k, self.fraction)
         out._bounds = bounds
         return out
