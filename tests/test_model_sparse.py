@@ -16,7 +16,8 @@ IDS = [1] + list(np.random.default_rng(7).integers(3, 512, size=120))
 
 
 @pytest.mark.parametrize("spec", ["window=8", "sinks=4,window=16", "landmarks=16,window=8",
-                                  "topk=12", "random=10%x3,seed=5"])
+                                  "topk=12", "random=10%x3,seed=5", "quest=4/12",
+                                  "topk=12/kv"])
 def test_model_decode_step_equals_prefill_row(model, spec):
     full = model.forward(IDS, attention=spec)                        # (T, V) one prefill
     cache = model.new_cache()

@@ -14,7 +14,7 @@ from minisparse.attention import (IVF, LSH, Hybrid, IVFIndex, LSHIndex, Quest, S
 from minisparse.spec import parse_attention_spec
 from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
 from minisparse.attention.selection import append_along
-from minisparse.attention.quest import page_bound, page_minmax
+from minisparse.attention.quest import PageBounds, page_bound, page_bounds_all, page_minmax
 from minisparse.testing import kernel_tol
 
 
@@ -409,3 +409,32 @@ def test_spec_tokens_round_trip():
                 "ivf=64/q3", "hybrid=5%"]:
         with pytest.raises(ValueError, match="attention spec"):
             parse_attention_spec(bad)
+
+
+# ---- Quest's running page bounds ----------------------------------------------------------------
+@given(seeds, st.integers(1, 40), st.lists(st.integers(1, 9), min_size=1, max_size=6),
+       st.integers(1, 5))
+def test_quest_running_page_bounds_equal_recomputed_bounds(seed, n0, steps, page):
+    # min and max are exact, so bounds grown page by page as keys arrive (any step sizes) must
+    # equal the bounds of all keys at once, bit for bit
+    k = rand(seed, 2, n0 + sum(steps), 8)
+    pb, n = PageBounds(k[:, :n0], page), n0
+    for t in steps:
+        pb.extend(k[:, n:n + t])
+        n += t
+        mn, mx = page_bounds_all(k[:, :n], page)
+        assert pb.n == n and pb.pages == n // page
+        np.testing.assert_array_equal(pb.mn[:, :pb.pages], mn)
+        np.testing.assert_array_equal(pb.mx[:, :pb.pages], mx)
+
+
+@given(seeds, st.integers(8, 60))
+def test_quest_decode_with_running_bounds_equals_prefill_row(seed, tk):
+    q, k, v = qkv(seed, 4, 2, tk, tk)
+    sel, state = Quest(page=4, k=8), {}
+    pre = attend(q, k, v, sel)
+    for i in range(tk):
+        step = sel.for_layer(0, state, k[:, :i + 1], None)       # bounds kept and extended
+        assert step._bounds is state[(sel.describe(), 0)] and step._bounds.n == i + 1
+        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], step, q_pos=[i])
+        np.testing.assert_array_equal(dec[:, 0], pre[:, i])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .selection import Q, Selection, sorted_positions
+from .selection import Q, Selection, append_along, sorted_positions
 from .selector import Budget, Selector
 from .topk import take_top, budget_text, check_budget, parse_budget, row_budgets
 
@@ -101,12 +101,40 @@ def quest_rows(q, k, hi, page, n_pages, mn, mx):
     return ptr, rlo, rhi
 
 
+class PageBounds:
+    """Running bounds of a decode cache's complete pages, one per layer (Quest.for_layer keeps it
+    in the cache's selector_state): mn, mx (Hkv, pages, d) over the first pages * page of the n
+    keys seen; the keys of the page still filling wait in `tail`. Min and max are exact, so
+    the running bounds equal page_bounds_all's bit for bit and a decode step reads the same
+    pages as the prefill row at its position."""
+    stale = False
+
+    def __init__(self, k, page):
+        self.page, self.n = page, k.shape[1]
+        self.mn, self.mx = page_bounds_all(k, page)                 # (Hkv, pages, d)
+        self.pages = self.mn.shape[1]
+        self.tail = np.array(k[:, self.pages * page:], np.float32)  # (Hkv, n % page, d)
+
+    def extend(self, k_new):
+        """Keys n, n+1, ... (Hkv, a, d) arrived: add the pages they complete."""
+        self.n += k_new.shape[1]
+        keys = np.concatenate([self.tail, k_new], axis=1)           # (Hkv, tail + a, d)
+        done = keys.shape[1] // self.page
+        if done:
+            mn, mx = page_bounds_all(keys, self.page)               # (Hkv, done, d)
+            self.mn = append_along(self.mn, self.pages, mn, axis=1)
+            self.mx = append_along(self.mx, self.pages, mx, axis=1)
+            self.pages += done
+        self.tail = np.array(keys[:, done * self.page:], np.float32)
+
+
 class Quest(Selector):
     """Each query head reads whole pages of `page` keys (by index; keys in position order): the
     max(1, budget // page) pages of highest bound, where budget = k keys or ceil(fraction *
     n_causal). The query's own partial page is bounded over its causal keys only, so a row
-    never looks at a later key. The complete pages' bounds are recomputed per call (O(S d)
-    min/max, no exp); a decode cache would keep them per page as keys arrive (not done here).
+    never looks at a later key. A call computes the complete pages' bounds (O(S d) min/max, no
+    exp); in decode, for_layer keeps them per layer in the cache (PageBounds) and adds a page
+    each time one fills, so a step costs O(S d / page) bound products, not O(S d).
 
     >>> import numpy as np
     >>> from minisparse.attention import attend
@@ -121,6 +149,19 @@ class Quest(Selector):
             raise ValueError(f"Quest: page must be >= 1, got {page}")
         self.page = int(page)
         self.k, self.fraction = check_budget("Quest", k, fraction)
+        self._bounds = None
+
+    def bind(self, bounds):
+        """This selector reading running page bounds (PageBounds); anything else (a union binds
+        every member to one state) leaves it unbound."""
+        if not isinstance(bounds, PageBounds) or bounds.page != self.page:
+            return self
+        out = Quest(self.page, self.k, self.fraction)
+        out._bounds = bounds
+        return out
+
+    def for_layer(self, layer, state, k, v):
+        return self._indexed_for_layer(layer, state, k, lambda: PageBounds(k, self.page))
 
     def _select(self, q, k, q_pos, k_pos):
         if q is None:
@@ -129,7 +170,11 @@ class Quest(Selector):
         P = self.page
         hi = np.searchsorted(k_pos, q_pos, side="right")                    # (Tq,) causal keys
         n_pages = np.maximum(1, row_budgets(self.k, self.fraction, q_pos, k_pos, q.shape[0]) // P)
-        mn, mx = page_bounds_all(k, P)                                       # (Hkv, n_full, d)
+        b = self._bounds
+        if b is not None and b.pages == k.shape[1] // P:                     # running bounds
+            mn, mx = b.mn[:, :b.pages], b.mx[:, :b.pages]                    # (Hkv, n_full, d)
+        else:
+            mn, mx = page_bounds_all(k, P)                                   # (Hkv, n_full, d)
         ptr, lo, rhi = quest_rows(q, k, hi, P, n_pages, mn, mx)
         z = np.zeros(q.shape[0] * q_pos.size + 1, np.int64)
         return Selection.from_lists(z, np.zeros(0, np.int64), k.shape[1], head_kind=Q,

@@ -17,6 +17,7 @@ from numba import njit
 from .patterns import Sinks, Window
 from .selection import Selection, union
 from .selector import Budget, Selector
+from .topk import parse_budget
 
 
 @njit(cache=True)
@@ -35,11 +36,14 @@ def _hash(seed, s, a, b):
 
 
 @njit(cache=True)
-def _stochastic(q_pos, hi, density, n_seeds, seed):
+def _stochastic(q_pos, hi, density, keys, n_seeds, seed):
+    """Per query t: `keys` draws per seed (keys >= 0: an absolute budget), else
+    ceil(density * hi[t]); each uniform over the causal keys [0, hi[t])."""
     tq = q_pos.size
     counts = np.zeros(tq, np.int64)
     for t in range(tq):
-        counts[t] = n_seeds * int(math.ceil(density * hi[t])) if hi[t] > 0 else 0
+        m = keys if keys >= 0 else int(math.ceil(density * hi[t]))
+        counts[t] = n_seeds * m if hi[t] > 0 else 0
     ptr = np.zeros(tq + 1, np.int64)
     ptr[1:] = np.cumsum(counts)
     idx = np.empty(ptr[-1], np.int64)
@@ -99,30 +103,45 @@ class RandomMask(Selector):
     0.503
     """
 
-    def __init__(self, density: float, seeds: int = 1, mode: str = "stochastic", seed: int = 0,
-                 sinks: int = 4, window: int = 16):
-        if not 0.0 < float(density) <= 1.0:
+    def __init__(self, density: float | None = None, seeds: int = 1, mode: str = "stochastic",
+                 seed: int = 0, sinks: int = 4, window: int = 16, keys: int | None = None):
+        # keys: an absolute budget, `keys` draws per seed and row; density: ceil(density * n_causal)
+        if (density is None) == (keys is None):
+            raise ValueError(f"RandomMask: give exactly one of density (a fraction) or keys (a "
+                             f"count); got density={density}, keys={keys}")
+        if keys is not None and int(keys) < 1:
+            raise ValueError(f"RandomMask: keys must be >= 1, got {keys}")
+        if keys is not None and mode == "structural":
+            raise ValueError("RandomMask: mode 'structural' partitions keys into 1/density "
+                             "cliques, so it needs a density (e.g. random=5%), not keys")
+        if density is not None and not 0.0 < float(density) <= 1.0:
             raise ValueError(f"RandomMask: density must be in (0, 1], got {density}")
         if int(seeds) < 1:
             raise ValueError(f"RandomMask: seeds must be >= 1, got {seeds}")
         if mode not in ("stochastic", "structural"):
             raise ValueError(f"RandomMask: mode must be 'stochastic' or 'structural', got {mode!r}")
-        self.density, self.seeds, self.mode = float(density), int(seeds), mode
+        self.density = None if density is None else float(density)
+        self.keys = None if keys is None else int(keys)
+        self.seeds, self.mode = int(seeds), mode
         self.seed, self.sinks, self.window = int(seed), int(sinks), int(window)
 
     options = ("seed", "mode")
 
     def _with_options(self, seed=None, mode=None):
         return RandomMask(self.density, self.seeds, mode or self.mode,
-                          self.seed if seed is None else int(seed), self.sinks, self.window)
+                          self.seed if seed is None else int(seed), self.sinks, self.window,
+                          self.keys)
 
     def expected_coverage(self, n_causal: int | None = None) -> float:
         """Expected fraction of a row's causal keys the random part covers: 1 - e^(-seeds*density)
         asymptotically; with n_causal, the exact finite-n value of this family."""
         if n_causal is None:
+            if self.keys is not None:
+                raise ValueError(f"{self.describe()}: an absolute budget's coverage depends on "
+                                 f"the row; pass n_causal")
             return 1.0 - math.exp(-self.seeds * self.density)
         if self.mode == "stochastic":                                 # m draws with replacement
-            m = math.ceil(self.density * n_causal)
+            m = self.keys if self.keys is not None else math.ceil(self.density * n_causal)
             return 1.0 - (1.0 - 1.0 / n_causal) ** (m * self.seeds)
         g = max(1, round(1.0 / self.density))                        # same clique as the query
         return 1.0 - (1.0 - 1.0 / g) ** self.seeds
@@ -130,8 +149,9 @@ class RandomMask(Selector):
     def coverage_report(self, stats=None) -> dict:
         """Nominal density next to the effective coverage of the seed union (and, given the
         AttentionStats of a call, the realised attended fraction including sinks and window)."""
-        rep = {"nominal_density": self.density, "seeds": self.seeds, "mode": self.mode,
-               "seed": self.seed, "expected_coverage": self.expected_coverage()}
+        rep = {"nominal_density": self.density, "keys": self.keys, "seeds": self.seeds,
+               "mode": self.mode, "seed": self.seed,
+               "expected_coverage": None if self.keys is not None else self.expected_coverage()}
         if stats is not None:
             rep["realised_fraction"] = float(stats.n_attended.sum() / max(stats.n_causal.sum(), 1))
         return rep
@@ -140,7 +160,8 @@ class RandomMask(Selector):
         """Only the random draws (no sinks, no window), shared by all heads."""
         hi = np.searchsorted(k_pos, q_pos, side="right")              # (Tq,) causal keys
         if self.mode == "stochastic":
-            ptr, idx = _stochastic(q_pos, hi, self.density, self.seeds, self.seed)
+            ptr, idx = _stochastic(q_pos, hi, self.density or 0.0,
+                                   -1 if self.keys is None else self.keys, self.seeds, self.seed)
         else:
             g = max(1, round(1.0 / self.density))
             ptr, idx = _structural(q_pos, k_pos, hi, g, self.seeds, self.seed)
@@ -155,19 +176,24 @@ class RandomMask(Selector):
 
     @property
     def budget(self):
+        if self.keys is not None:
+            return Budget(self.sinks + self.window + self.keys * self.seeds)
         return Budget(self.sinks + self.window, self.density * self.seeds)
 
     def describe(self):
-        return f"random={100 * self.density:g}%x{self.seeds},seed={self.seed},mode={self.mode}"
+        b = str(self.keys) if self.keys is not None else f"{100 * self.density:g}%"
+        return f"random={b}x{self.seeds},seed={self.seed},mode={self.mode}"
 
 
 def parse_random(val):
-    """'1%x70' -> RandomMask(0.01, 70); '0.01x70', '1%' (one seed) also accepted."""
+    """'1%x70' -> RandomMask(0.01, 70); '0.01x70', '1%' (one seed) also accepted; '128x2' draws
+    128 keys per seed and row (an absolute budget, as topk=128 reads 128)."""
     if val is None:
         raise ValueError("attention spec: 'random' needs a value like random=1%x70")
     dens, _, n = val.partition("x")
     try:
-        d = float(dens[:-1]) / 100 if dens.endswith("%") else float(dens)
-        return RandomMask(d, int(n) if n else 1)
+        k, d = parse_budget(dens, f"random={val}")
+        return RandomMask(d, int(n) if n else 1, keys=k)
     except ValueError as e:
-        raise ValueError(f"attention spec: 'random={val}': expected DENSITY[%]xSEEDS ({e})") from None
+        raise ValueError(f"attention spec: 'random={val}': expected BUDGETxSEEDS, BUDGET a "
+                         f"density (1%, 0.01) or a key count (128) ({e})") from None

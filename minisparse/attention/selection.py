@@ -375,6 +375,12 @@ def _normalize_rows(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi,
         n_i[r] = ni - b0
 
 
+# The same rows on one thread: a decode step has Hq rows or fewer, and waking the thread pool
+# for them costs more than the work (on a loaded machine, far more).
+_normalize_rows_serial = njit(cache=True)(_normalize_rows.py_func)
+SERIAL_MAX_ROWS = 64
+
+
 def _compact(ptr, n, *arrays):
     """Keep the first n[r] slots of every CSR row r: (new ptr, compacted arrays)."""
     R = n.size
@@ -389,8 +395,8 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
     o_lo, o_hi = np.empty_like(rlo), np.empty_like(rhi)
     o_idx, o_w, o_ex = np.empty_like(idx), np.empty_like(logw), np.empty_like(exact)
     n_r, n_i = np.zeros(R, np.int64), np.zeros(R, np.int64)
-    _normalize_rows(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi,
-                    o_lo, o_hi, o_idx, o_w, o_ex, n_r, n_i)
+    run = _normalize_rows_serial if R <= SERIAL_MAX_ROWS else _normalize_rows
+    run(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi, o_lo, o_hi, o_idx, o_w, o_ex, n_r, n_i)
     o_rptr, o_lo, o_hi = _compact(rptr, n_r, o_lo, o_hi)
     o_iptr, o_idx, o_w, o_ex = _compact(iptr, n_i, o_idx, o_w, o_ex)
     return o_rptr, o_lo, o_hi, o_iptr, o_idx, o_w, o_ex

@@ -28,7 +28,6 @@ def dot(a, b):
 
 
 # ---- scores and per-row top-b ---------------------------------------------------------------
-@njit(cache=True)
 def score_rows(q, k, q_pos, k_pos, per_kv):
     """Logit ranking scores S (R, Tk) float64, -inf where k_pos[j] > q_pos[t].
 
@@ -36,27 +35,47 @@ def score_rows(q, k, q_pos, k_pos, per_kv):
     the G query heads' dots = (sum of the group's queries) . k). Each dot is a float32 dot like
     the kernel's, so the ranking is over the logits (up to rounding order), and a row's
     scores depend only on its query and the keys (decode step i == prefill row i bit for bit).
+
+    One call per KV head: k[g] (Tk, d) is contiguous even when k is a cache buffer's view
+    k[:, :Tk], so the compiled dot reads it with SIMD loads (a strided 3-d view compiles to
+    scalar loads), and each key row is read once for the G query heads that share it.
     """
     Hq, Tq, d = q.shape
     Hkv, Tk, _ = k.shape
     G = Hq // Hkv
     nh = Hkv if per_kv else Hq
     out = np.empty((nh * Tq, Tk), np.float64)
-    for r in range(nh * Tq):
-        s = r // Tq
-        t = r % Tq
+    q = np.ascontiguousarray(q)
+    for g in range(Hkv):
+        rows = slice(g * Tq, (g + 1) * Tq) if per_kv else slice(g * G * Tq, (g + 1) * G * Tq)
+        _score_group(q[g * G:(g + 1) * G], np.ascontiguousarray(k[g]), q_pos, k_pos, per_kv,
+                     out[rows])
+    return out
+
+
+@njit(cache=True)
+def _score_group(qg, kg, q_pos, k_pos, per_kv, out):
+    """score_rows for the G query heads qg (G, Tq, d) sharing the keys kg (Tk, d): out is
+    (Tq, Tk) when per_kv (the group's summed dots), else (G * Tq, Tk), row h * Tq + t."""
+    G, Tq, d = qg.shape
+    Tk = kg.shape[0]
+    for t in range(Tq):
         qp = q_pos[t]
         for j in range(Tk):
             if k_pos[j] > qp:
-                out[r, j] = -np.inf
+                if per_kv:
+                    out[t, j] = -np.inf
+                else:
+                    for h in range(G):
+                        out[h * Tq + t, j] = -np.inf
             elif per_kv:
                 acc = 0.0
-                for h in range(s * G, (s + 1) * G):
-                    acc += np.float64(dot(q[h, t], k[s, j]))
-                out[r, j] = acc
+                for h in range(G):
+                    acc += np.float64(dot(qg[h, t], kg[j]))
+                out[t, j] = acc
             else:
-                out[r, j] = np.float64(dot(q[s, t], k[s // G, j]))
-    return out
+                for h in range(G):
+                    out[h * Tq + t, j] = np.float64(dot(qg[h, t], kg[j]))
 
 
 @njit(cache=True)

@@ -404,7 +404,10 @@ def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
     # work estimate: entries listed per row times the query heads sharing each row
     n_row_heads = (rows.range_ptr.size - 1) // max(Tq, 1)
     work = (int((rows.range_hi - rows.range_lo).sum()) + rows.idx.size) * (Hq // max(n_row_heads, 1))
-    n = workers() if work >= PARALLEL_MIN_WORK else 1       # the cores free now (threads.py)
+    # attend_rows hands out ROWS_PER_TASK rows a task: a decode step's Hq rows make one task,
+    # which gains nothing from the pool and pays its wake-up (at 8k keys, more than the rows);
+    # a larger call runs on the cores free now (threads.py)
+    n = workers() if work >= PARALLEL_MIN_WORK and Hq * Tq > ROWS_PER_TASK else 1
     if n > 1:
         return on_threads(n, attend_rows, x, rows, scale, k_sorted)
     return attend_rows_serial(x, rows, scale, k_sorted)

@@ -47,7 +47,7 @@ def nominal_budget(sel) -> dict:
     parts = []
     for m in (sel.members if isinstance(sel, Union) else (sel,)):
         parts.append(m.describe())
-        if isinstance(m, RandomMask):
+        if isinstance(m, RandomMask) and m.keys is None:     # a key count's coverage is per row
             parts[-1] += f" (expected random coverage {m.expected_coverage():.3f})"
     budget = sel.budget
     keys, frac = (None, None) if budget is None else budget
