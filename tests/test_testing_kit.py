@@ -1,6 +1,8 @@
 """The public kit (minisparse.testing) catches planted bugs, passes correct selectors and masks,
 and times selection apart from the kernel. Each planted bug must raise AssertionError from
 check_selector with a shrunk counterexample that rebuilds the failing problem."""
+import re
+
 import numpy as np
 import pytest
 
@@ -141,7 +143,9 @@ def test_the_docs_example_fails_as_docs_testing_md_shows():
     code = text.split("```python\n")[1].split("```")[0]
     with pytest.raises(AssertionError, match="invariant 'decode_equals_prefill' fails") as err:
         exec(code, {"__name__": "docs_example"})
-    assert "Falsifying example: decode_equals_prefill(" in str(err.value)
+    # Hypothesis names the shrunk example "Falsifying example" (6.155) or "Failing test case"
+    # (6.170 and later); the kit passes its text on as it is
+    assert re.search(r"(Falsifying example|Failing test case): decode_equals_prefill\(", str(err.value))
     assert "make_problem(" in str(err.value)
     fixed = code.replace("i = np.arange(len(q_pos))", 'i = np.searchsorted(k_pos, q_pos, side="right") - 1')
     assert fixed != code
