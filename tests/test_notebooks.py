@@ -21,9 +21,9 @@ SOURCES = sorted((NB_DIR / "src").glob("[0-9][0-9]_*.py"))
 TIMEOUT = 120
 
 
-def test_the_series_has_eight_notebooks_in_order():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 9)], \
-        f"expected notebooks 01..08 in {NB_DIR}, found {[p.name for p in NOTEBOOKS]}"
+def test_the_series_has_nine_notebooks_in_order():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 10)], \
+        f"expected notebooks 01..09 in {NB_DIR}, found {[p.name for p in NOTEBOOKS]}"
 
 
 # ---- minisparse.viz: the helpers the notebooks draw with ---------------------------------------

@@ -156,6 +156,18 @@ def check_selector(obj, cover=None, max_examples=25, max_tk=MAX_TK, gaps=True, f
     return [n for n, _ in tests]
 
 
+def report(obj, **kw) -> bool:
+    """check_selector(obj, **kw) for a notebook cell: print "all invariants hold" or the
+    counterexample instead of raising; return whether every invariant held."""
+    try:
+        names = check_selector(obj, **kw)
+    except AssertionError as e:
+        print(e)
+        return False
+    print(f"all invariants hold ({len(names)} checked: {', '.join(names)})")
+    return True
+
+
 def time_selector(sel, problem, repeat=5):
     """{select_s, kernel_s}: median seconds of sel.select alone and of the kernel reading the
     Selection it returned, on one Problem (make_problem(...)); the first call (JIT compilation)

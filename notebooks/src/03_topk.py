@@ -211,3 +211,39 @@ ax.set_title(f"IVF on layer {l}: recall vs work"); plt.show()
 #    Is reading the recent window ever worse than spending the same keys on more top-k?
 # 3. **IVF lists.** Build `IVFIndex(k, n_lists=8)` and `IVFIndex(k, n_lists=64)`. For a fixed work
 #    budget (keys touched ≈ 128), which gives the higher recall, and why?
+
+# %% [markdown]
+# ## Exercise: top-k of the last window, checked by the kit
+#
+# `topk_in_window` below should let each query read the `top` keys with the highest score $q \cdot k$
+# among the `window` keys ending at its own position. It is a mask function `fn(q, k, q_pos, k_pos)
+# -> bool (Hq, Tq, Tk)`, the form `minisparse.testing` checks (the kit wraps it in a selector). As
+# shipped it has a bug: run the check cell, read the counterexample, fix the function, and run the
+# check again until it prints "all invariants hold". (Hint: what is `d` for a key after the query?
+# The kernel drops such keys, but only after they have taken part in the ranking.)
+# A solution is in `notebooks/solutions/03_topk.py`.
+
+# %% tags=["exercise"]
+import numpy as np
+
+
+def topk_in_window(q, k, q_pos, k_pos, top=2, window=6):
+    g = q.shape[0] // k.shape[0]                                     # query heads per KV head
+    kk = np.repeat(k, g, axis=0).astype(np.float64)                  # (Hq, Tk, d)
+    s = (q.astype(np.float64)[:, :, None, :] * kk[:, None, :, :]).sum(-1)   # (Hq, Tq, Tk)
+    d = q_pos[:, None] - k_pos[None, :]                              # (Tq, Tk) distance back
+    ok = d < window
+    s = np.where(ok[None], s, -np.inf)
+    best = np.argsort(-s, axis=-1, kind="stable")[..., :top]        # ties: the older key
+    mask = np.zeros(s.shape, bool)
+    np.put_along_axis(mask, best, True, axis=-1)
+    return mask & ok[None]
+
+
+# %% [markdown]
+# The check: every invariant of `docs/testing.md` on small random problems (at most 12 keys,
+# 25 draws each); it prints "all invariants hold" or the shrunk counterexample.
+
+# %%
+from minisparse.testing import report
+passed = report(topk_in_window, max_examples=25, max_tk=12)

@@ -235,3 +235,39 @@ ax.set_title(f"MagicPIG sampler on layer {layer}"); plt.show()
 # 3. **Frequency rank vs sampling.** At the density of `K=8, L=75`, compare
 #    `LSH(8, 75, mode="rank", k=...)` (no weights) with the sampler's error. Which is better on
 #    layer 4, and on layer 0 (nearly uniform attention)?
+
+# %% [markdown]
+# ## Exercise: a SimHash bucket mask, checked by the kit
+#
+# `same_bucket` below lets each query read the keys in its SimHash bucket (same signs on `bits`
+# fixed random hyperplanes) and its own key; it centres the keys first, as MagicPIG does. As shipped it
+# has a bug: run the check cell, read the counterexample, fix the function, and run the check again
+# until it prints "all invariants hold". (Hint: which keys does the mean it centres by include?)
+# A solution is in `notebooks/solutions/04_lsh_magicpig.py`.
+
+# %% tags=["exercise"]
+import numpy as np
+
+
+def same_bucket(q, k, q_pos, k_pos, bits=2):
+    planes = np.random.default_rng(0).standard_normal((q.shape[-1], bits))   # fixed hyperplanes
+    g = q.shape[0] // k.shape[0]
+    kk = np.repeat(k, g, axis=0).astype(np.float64)                  # (Hq, Tk, d)
+    kk = kk - kk.mean(axis=1, keepdims=True)                         # centre the keys
+
+    def code(x):                                                     # (H, T, d) -> (H, T) bucket ids
+        proj = (x.astype(np.float64)[..., :, None] * planes).sum(-2)  # (H, T, bits)
+        return (proj > 0) @ (1 << np.arange(bits))
+
+    hit = code(q)[:, :, None] == code(kk)[:, None, :]                # (Hq, Tq, Tk)
+    own = k_pos[None, :] == q_pos[:, None]                           # (Tq, Tk): never an empty row
+    return hit | own[None]
+
+
+# %% [markdown]
+# The check: every invariant of `docs/testing.md` on small random problems (at most 12 keys,
+# 25 draws each); it prints "all invariants hold" or the shrunk counterexample.
+
+# %%
+from minisparse.testing import report
+passed = report(same_bucket, max_examples=25, max_tk=12)

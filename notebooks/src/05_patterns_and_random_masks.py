@@ -286,3 +286,30 @@ plt.tight_layout(); plt.show()
 #    think about what `to_mask` can and cannot represent, and what "reach" means for a block mean.)
 # 3. **Coverage.** For `RandomMask(0.01, s)`, how many seeds do you need to cover half of the keys?
 #    Derive it from $1 - e^{-s\rho} = 0.5$, then check with the measurement loop of section 4.
+
+# %% [markdown]
+# ## Exercise: a dilated window, checked by the kit
+#
+# `dilated_window` below should let each query read `n` keys, every `step`-th position back from
+# its own (distances 0, step, 2·step, …). It was written with decoding in mind, where the newest
+# key is the query. As shipped it has a bug: run the check cell, read the counterexample, fix the
+# function, and run the check again until it prints "all invariants hold".
+# A solution is in `notebooks/solutions/05_patterns_and_random_masks.py`.
+
+# %% tags=["exercise"]
+import numpy as np
+
+
+def dilated_window(q, k, q_pos, k_pos, n=3, step=2):
+    newest = k_pos[-1]
+    d = np.repeat((newest - k_pos)[None, :], len(q_pos), axis=0)    # (Tq, Tk) distance back
+    return (d >= 0) & (d % step == 0) & (d < n * step)
+
+
+# %% [markdown]
+# The check: every invariant of `docs/testing.md` on small random problems (at most 12 keys,
+# 25 draws each); it prints "all invariants hold" or the shrunk counterexample.
+
+# %%
+from minisparse.testing import report
+passed = report(dilated_window, max_examples=25, max_tk=12)

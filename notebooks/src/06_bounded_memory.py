@@ -230,3 +230,34 @@ plt.show()
 #    improve?
 # 3. **H2O's bias.** Feed H2O in calls of 16 instead of 64 (section 1). Where do the selected slots
 #    go, and why? Compare with the exact scorer, which forgets past queries.
+
+# %% [markdown]
+# ## Exercise: TOVA's keep rule as a mask, checked by the kit
+#
+# TOVA keeps the keys the current query weighs most. As a mask: `tova_keep` below should let each
+# query read the keys whose attention weight is within a factor $e^{\text{margin}}$ of its heaviest
+# key's, i.e. score ≥ max score − margin. As shipped it has a bug: run the check cell, read the
+# counterexample, fix the function, and run the check again until it prints "all invariants hold".
+# (Hint: over which keys is the max taken?)
+# A solution is in `notebooks/solutions/06_bounded_memory.py`.
+
+# %% tags=["exercise"]
+import numpy as np
+
+
+def tova_keep(q, k, q_pos, k_pos, margin=2.0):
+    g = q.shape[0] // k.shape[0]
+    kk = np.repeat(k, g, axis=0).astype(np.float64)                  # (Hq, Tk, d)
+    s = (q.astype(np.float64)[:, :, None, :] * kk[:, None, :, :]).sum(-1) / np.sqrt(q.shape[-1])
+    causal = (k_pos[None, :] <= q_pos[:, None])[None]                # (1, Tq, Tk)
+    top = s.max(-1, keepdims=True)                                   # (Hq, Tq, 1) the heaviest key
+    return causal & (s >= top - margin)
+
+
+# %% [markdown]
+# The check: every invariant of `docs/testing.md` on small random problems (at most 12 keys,
+# 25 draws each); it prints "all invariants hold" or the shrunk counterexample.
+
+# %%
+from minisparse.testing import report
+passed = report(tova_keep, max_examples=25, max_tk=12)

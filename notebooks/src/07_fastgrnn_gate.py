@@ -226,3 +226,47 @@ ax.set_ylim(min(min(r) for r in rows.values()) - 0.05, 1); ax.legend(fontsize=8)
 # 3. **ruvllm's cell.** `FastGRNNGate.random(d, 16, seed=0, cell="ruvllm")` has separate gate and
 #    update matrices. Train it the same way (`cell="ruvllm"` in `adam`) and compare recall per
 #    parameter count.
+
+# %% [markdown]
+# ## Exercise: a budgeted selector, checked by the kit
+#
+# A gate keeps a budget of salient keys; a small window of recent keys is kept besides. `Budgeted`
+# below should let each query read its `keep` causal keys of highest salience (here the key's norm,
+# summed over KV heads, standing in for the gate's score) and its `recent` newest causal keys. It is
+# a `Selector` subclass returning a `Selection` in CSR form, which declares itself normalised
+# (sorted, each key once). As shipped it has a bug: run the check cell, read the counterexample, fix
+# the class, and run the check again until it prints "all invariants hold".
+# A solution is in `notebooks/solutions/07_fastgrnn_gate.py`.
+
+# %% tags=["exercise"]
+import numpy as np
+
+from minisparse.attention import Selection, Selector
+
+
+class Budgeted(Selector):
+    def __init__(self, keep=2, recent=2):
+        self.keep, self.recent = keep, recent
+
+    def _select(self, q, k, q_pos, k_pos):
+        sal = np.sqrt((k.astype(np.float64) ** 2).sum(-1)).sum(0)    # (Tk,) one score per key
+        rows = []
+        for p in q_pos:
+            causal = np.flatnonzero(k_pos <= p)                      # oldest first
+            top = causal[np.argsort(-sal[causal], kind="stable")[:self.keep]]
+            rows.append(np.concatenate([top, causal[-self.recent:]]))
+        ptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return Selection.from_lists(ptr, idx, k.shape[1], tq=len(q_pos), normalized=True)
+
+    def describe(self):
+        return f"budgeted={self.keep}+{self.recent}"
+
+
+# %% [markdown]
+# The check: every invariant of `docs/testing.md` on small random problems (at most 12 keys,
+# 25 draws each); it prints "all invariants hold" or the shrunk counterexample.
+
+# %%
+from minisparse.testing import report
+passed = report(Budgeted, max_examples=25, max_tk=12)
