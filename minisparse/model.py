@@ -196,7 +196,7 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.n_vocab):
             raise ValueError(f"token ids must be in [0, {cfg.n_vocab}); got {tokens.min()}..{tokens.max()}")
         cache = self.new_cache() if cache is None else cache
-        block = getattr(cache, "block", None)
+        block = cache.block
         if block and len(tokens) > block:   # bounded caches compress between blocks of this size
             out = [self.forward(tokens[a:a + block], cache, attention, dense_layers, stats, trace,
                                 last_only) for a in range(0, len(tokens), block)]
@@ -227,7 +227,7 @@ class Model:
                 sel = Dense() if (selector is None or l in dense_layers) else selector
                 if T == 1:   # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
                     S = len(k_pos)   # in the cache, built at the first step and extended at each one
-                    sel = sel.for_layer(l, getattr(cache, "selector_state", None), K[:, :S], Vv[:, :S])
+                    sel = sel.for_layer(l, cache.selector_state, K[:, :S], Vv[:, :S])
                 o, st = ops.attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
                                    buffer=True)                                      # (Hq, T, d)
                 if stats is not None:
