@@ -133,16 +133,21 @@ class Selector:
         return Intersection(self, other)
 
 
+def flatten(cls, members) -> tuple:
+    """members as one flat tuple: a member that is itself a `cls` (a | (b | c)) gives its own."""
+    flat = []
+    for m in members:
+        if not isinstance(m, Selector):
+            raise ValueError(f"{cls.__name__}: members must be Selectors, got {type(m).__name__}")
+        flat.extend(m.members if isinstance(m, cls) else [m])
+    return tuple(flat)
+
+
 class Union(Selector):
     """Keys read by any member, each once (exact picks win over weighted ones)."""
 
     def __init__(self, *members: Selector):
-        flat = []
-        for m in members:
-            if not isinstance(m, Selector):
-                raise ValueError(f"Union: members must be Selectors, got {type(m).__name__}")
-            flat.extend(m.members if isinstance(m, Union) else [m])
-        self.members = tuple(flat)
+        self.members = flat = flatten(Union, members)
         self.covers_all_causal = any(m.covers_all_causal for m in flat)
         self.exact_subset = all(m.exact_subset for m in flat)
 
@@ -178,12 +183,7 @@ class Intersection(Selector):
     composing and testing variants, not for long contexts."""
 
     def __init__(self, *members: Selector):
-        flat = []
-        for m in members:
-            if not isinstance(m, Selector):
-                raise ValueError(f"Intersection: members must be Selectors, got {type(m).__name__}")
-            flat.extend(m.members if isinstance(m, Intersection) else [m])
-        self.members = tuple(flat)
+        self.members = flat = flatten(Intersection, members)
         self.covers_all_causal = all(m.covers_all_causal for m in flat)
         self.exact_subset = all(m.exact_subset for m in flat)
 

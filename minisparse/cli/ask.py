@@ -24,14 +24,11 @@ def add_parser(sub):
 
 
 def run(args):
-    from .. import load_model
     from ..ask import cache_layers, prepare, read_documents
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
     document = read_documents(args.context)
-    model_path = flags.resolve_model(args.model)
-    model = load_model(model_path)
-    flags.check_layers(dense_layers, model.config.n_layers)
+    model, model_path = flags.load(args, dense_layers)
     stats = [] if selector is not None else None
     cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
                             files=args.context, cache_spec=args.cache, chunk=args.chunk,

@@ -30,12 +30,9 @@ def encode_chat(tok, messages):
 
 
 def run(args):
-    from .. import load_model
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
-    model = load_model(flags.resolve_model(args.model), dequant=args.dequant)
-    flags.check_layers(dense_layers, model.config.n_layers)
-    flags.set_context(model, args.ctx_size)
+    model, _ = flags.load(args, dense_layers, dequant=args.dequant, ctx_size=args.ctx_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
     stats = [] if selector is not None else None

@@ -119,6 +119,17 @@ def check_layers(layers, n_layers):
                        f"(the model has {n_layers} layers)")
 
 
+def load(args, dense_layers, dequant=False, ctx_size=None):
+    """(model, its path) for -m, with --dense-layers checked against its layers and -c applied:
+    what generate, chat and ask do once their flags have passed the checks above."""
+    from .. import load_model
+    path = resolve_model(args.model)
+    model = load_model(path, dequant=dequant)
+    check_layers(dense_layers, model.config.n_layers)
+    set_context(model, ctx_size)
+    return model, path
+
+
 def set_context(model, ctx_size, stream=None):
     """Apply -c: the context generation may fill. Past the trained context, say so (as `ask` does)."""
     if not ctx_size:

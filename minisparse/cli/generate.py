@@ -19,12 +19,9 @@ def add_parser(sub):
 
 
 def run(args):
-    from .. import load_model
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
-    model = load_model(flags.resolve_model(args.model), dequant=args.dequant)
-    flags.check_layers(dense_layers, model.config.n_layers)
-    flags.set_context(model, args.ctx_size)
+    model, _ = flags.load(args, dense_layers, dequant=args.dequant, ctx_size=args.ctx_size)
     ids = model.tokenizer.encode(args.prompt)
     if len(ids) >= model.config.context_length:
         raise CLIError(f"the prompt has {len(ids)} tokens but the context (-c) holds "
