@@ -207,6 +207,7 @@ class Model:
         cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))  # (T, r/2)
         rec = trace.__setitem__ if trace is not None else (lambda name, value: None)
 
+        shared = {}     # seen by every layer of this call, in order (Selector.at_layer)
         x = ops.embed(w["token_embd"], tokens)                # (T, D)
         rec("embed", x)
         with ops.forward_context(T):
@@ -224,7 +225,7 @@ class Model:
                 k = ops.rope(k, cos, sin, cfg.rope_style, cfg.rope_dim)              # (Hkv, T, d)
                 rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
                 K, Vv, k_pos = cache.update(l, k, v, pos, q=q)                    # (Hkv, >=S, d), (S,)
-                sel = Dense() if (selector is None or l in dense_layers) else selector
+                sel = Dense() if (selector is None or l in dense_layers) else selector.at_layer(l, shared)
                 if T == 1:   # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
                     S = len(k_pos)   # in the cache, built at the first step and extended at each one
                     sel = sel.for_layer(l, cache.selector_state, K[:, :S], Vv[:, :S])

@@ -8,6 +8,10 @@ kernel (kernel.py) to be the floor: a selector hands it a Selection, the kernel 
 Every selector has:
     select(q, k, q_pos=None, k_pos=None) -> Selection   q (Hq, Tq, d) or None for position-only
         rules, k (Hkv, Tk, d), positions default to arange; subclasses fill `_select`
+    at_layer(layer, shared) -> Selector   the selector one layer of a model runs, in prefill and
+        decode alike; identity unless its rule depends on the layer (DuoAttention's head roles,
+        TidalDecode's reuse of an earlier layer's positions). `shared` is a dict that lives for
+        one forward call and is seen by every layer of it, in order
     for_layer(layer, state, k, v) -> Selector   the selector for one layer of a model; identity
         unless it keeps a per-layer index in the cache's `selector_state` (IVF, LSH, Landmarks)
     bind(state) -> Selector   bound to a prebuilt index or running state; identity by default
@@ -68,6 +72,13 @@ class Selector:
     @property
     def budget(self) -> Budget | None:
         return None
+
+    def at_layer(self, layer, shared) -> "Selector":
+        """The selector that layer `layer` of a model runs, in prefill and in decode. `shared` is
+        a dict made fresh for each forward call and handed to every layer in order, so a layer
+        may leave something for the layers after it (TidalDecode's positions). Default: the
+        selector itself, the same at every layer."""
+        return self
 
     def for_layer(self, layer, state, k, v) -> "Selector":
         """This selector for one decode step at one layer of a model. `state` is a dict the cache
@@ -171,6 +182,9 @@ class Union(Selector):
     def bind(self, state):
         return type(self)(*[m.bind(state) for m in self.members])
 
+    def at_layer(self, layer, shared):
+        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
+
     def for_layer(self, layer, state, k, v):
         return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
 
@@ -219,6 +233,9 @@ class Intersection(Selector):
 
     def bind(self, state):
         return type(self)(*[m.bind(state) for m in self.members])
+
+    def at_layer(self, layer, shared):
+        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
 
     def for_layer(self, layer, state, k, v):
         return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])

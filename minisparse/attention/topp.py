@@ -109,6 +109,11 @@ class TopP(Selector):
         idx = np.nonzero(keep.reshape(Hq * Tq, Tk))[1]                        # row-major: ascending
         return Selection.from_lists(ptr, idx, Tk, head_kind=Q, n_heads=Hq, tq=Tq, normalized=True)
 
+    def at_layer(self, layer, shared):
+        if self.candidates is None:
+            return self
+        return TopP(self.p, self.candidates.at_layer(layer, shared))
+
     def for_layer(self, layer, state, k, v):
         if self.candidates is None:
             return self
