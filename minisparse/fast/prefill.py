@@ -29,79 +29,116 @@ from .threads import side_by_side
 # ---- per-tile masks -------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _sift_down(heap, n, i):
-    """Restore the min-heap property of heap[:n] below position i."""
-    x = heap[i]
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and heap[c + 1] < heap[c]:
-            c += 1
-        if heap[c] >= x:
-            break
-        heap[i] = heap[c]
-        i = c
-    heap[i] = x
+@njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+def _block_max_floor(rank, e, keep):
+    """min over keep blocks of [0, e) of each block's max: keep distinct entries are >= it, so
+    the keep-th largest of rank[:e] is too (1 <= keep <= e). Context scores are finite, so
+    the max may ignore NaN (nnan), which lets the loop vectorise."""
+    B = e // keep
+    floor = np.inf
+    for blk in range(keep):
+        a = blk * B
+        z = e if blk == keep - 1 else a + B
+        mx = rank[a]
+        for j in range(a + 1, z):
+            mx = max(mx, rank[j])
+        floor = min(floor, mx)
+    return floor
 
 
 @njit(cache=True, nogil=True)
-def kth_largest(row, n, keep, heap):
-    """The keep-th largest of row[:n] (1 <= keep <= n). A min-heap of the keep largest seen so
-    far when keep is small (most values fail one comparison with its root: about one pass over
-    the row), else a partition; heap: scratch of at least keep entries, row's dtype."""
-    if 2 * keep > n:
-        return np.partition(row[:n].copy(), n - keep)[n - keep]
-    for j in range(keep):
-        heap[j] = row[j]
-    for i in range(keep // 2 - 1, -1, -1):
-        _sift_down(heap, keep, i)
-    for j in range(keep, n):
-        if row[j] > heap[0]:
-            heap[0] = row[j]
-            _sift_down(heap, keep, 0)
-    return heap[0]
+def kth_largest(x, n, kth):
+    """The kth largest (1 <= kth <= n) of x[:n], which it reorders: Hoare's quickselect with a
+    median-of-three pivot, in place (no copy, no allocation, unlike np.partition)."""
+    lo, hi = 0, n - 1
+    want = n - kth                            # its index in ascending order
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a, b, c = x[lo], x[mid], x[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while x[i] < pivot:
+                i += 1
+            while x[j] > pivot:
+                j -= 1
+            if i <= j:
+                x[i], x[j] = x[j], x[i]
+                i += 1
+                j -= 1
+        if want <= j:
+            hi = j
+        elif want >= i:
+            lo = i
+        else:
+            return x[want]
+    return x[want]
 
 
 @njit(cache=True, nogil=True)
-def _keep_top(rank, e, c, keep, heap):
-    """(thr, cut): the row keeps context key j < e iff rank[j] > thr or (rank[j] == thr and
-    j >= cut), keep of them (all when keep >= e): `topk.take_top`'s rule, ties at the
-    threshold to the later keys. Keys [e, c) are the recent ones, kept whatever their score."""
+def top_keys(rank, e, keep, cand_i, cand_v, out):
+    """Write to out[:n] (ascending) the context keys [0, e) that TopK keeps: the keep of highest
+    rank (all when keep >= e), ties at the threshold to the later keys as `topk.take_top` rules;
+    returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 2 e + 2 entries (int64,
+    rank's dtype).
+
+    The threshold comes from a short list: every key at or above _block_max_floor (typically
+    a few times keep of them: one vectorised pass and one compacting pass over the row), then a
+    partition of that list, not of the whole row."""
     if keep >= e:
-        return -np.inf, 0
+        for j in range(e):
+            out[j] = j
+        return e
     if keep <= 0:
-        return np.inf, e
-    thr = kth_largest(rank, e, keep, heap)
+        return 0
+    floor = _block_max_floor(rank, e, keep)
+    n = 0
+    for j in range(e):                        # branch-free: written always, kept by the count
+        cand_i[n] = j
+        cand_v[n] = rank[j]
+        n += rank[j] >= floor
+    work = cand_v[n:2 * n]                    # the list's copy, which the selection reorders
+    work[:] = cand_v[:n]
+    thr = kth_largest(work, n, keep)
     need = keep
-    for j in range(e):
-        if rank[j] > thr:
+    for a in range(n):
+        if cand_v[a] > thr:
             need -= 1
-    cut = e
-    j = e - 1
+    cut = n                                   # candidates [cut, n) at thr are kept
+    a = n - 1
     while need > 0:
-        if rank[j] == thr:
-            cut = j
+        if cand_v[a] == thr:
+            cut = a
             need -= 1
-        j -= 1
-    return thr, cut
+        a -= 1
+    o = 0
+    for a in range(n):
+        if cand_v[a] > thr or (cand_v[a] == thr and a >= cut):
+            out[o] = cand_i[a]
+            o += 1
+    return o
 
 
 @njit(cache=True, nogil=True)
-def topk_mask(s, qp, k_pos, budget, recent, G, per_kv, natt):
-    """Hide, in place, every score of the tile s (G*b, S) float32 (row h*b + t: query head h of
-    the group, query t) that TopK does not read: keys after q_pos, and among the context keys
-    (k_pos <= qp - recent) all but the budget[t] of highest score; the recent keys
-    (qp - recent < k_pos <= qp) are all kept. per_kv ranks the group's summed scores (float64,
-    as TopK sums them), shared by its G rows. Keys are in position order, so a row's context
-    keys are a prefix [0, e) and its causal ones [0, c). natt (G*b,) receives the keys each row
-    keeps. qp (b,), k_pos (S,), budget (b,) int64."""
+def topk_attend(s, vg, qp, k_pos, budget, recent, G, per_kv, out, lse, natt):
+    """TopK's attention for one tile from its scaled scores s (G*b, S) float32 (row h*b + t: query
+    head h of the group, query t) and the values vg (>= S, d) of its KV head. A row reads its
+    recent keys (qp - recent < k_pos <= qp) and, among the context keys (k_pos <= qp - recent),
+    the budget[t] of highest score (top_keys); per_kv ranks the group's summed scores (float64,
+    as TopK sums them), one key set for its G rows. Keys are in position order, so a row's
+    context keys are a prefix [0, e) and its causal ones [0, c). Then softmax and weighted values
+    over the kept keys only (a few percent of S, where a dense tile's exp and PV product run over
+    all S), in float32 like the tiles. Writes out (G*b, d) f32, lse (G*b,) f64 (-inf and a zero
+    row when a row keeps nothing), natt (G*b,)."""
     GB, S = s.shape
+    d = vg.shape[1]
     b = GB // G
-    heap32 = np.empty(S, np.float32)
-    rank = np.empty(S, np.float64)
-    heap64 = np.empty(S, np.float64)
+    rank64 = np.empty(S, np.float64)
+    cand_i = np.empty(S + 1, np.int64)
+    cand32 = np.empty(2 * S + 2, np.float32)
+    cand64 = np.empty(2 * S + 2, np.float64)
+    kept = np.empty(S, np.int64)
+    acc = np.empty(d, np.float32)
     for r in range(b if per_kv else GB):
         t = r % b
         c = np.searchsorted(k_pos, qp[t], side="right")
@@ -109,24 +146,37 @@ def topk_mask(s, qp, k_pos, budget, recent, G, per_kv, natt):
         keep = min(budget[t], e)
         if per_kv:
             for j in range(e):
-                acc = 0.0
+                x = 0.0
                 for h in range(G):
-                    acc += np.float64(s[h * b + t, j])
-                rank[j] = acc
-            thr, cut = _keep_top(rank, e, c, keep, heap64)
-            for j in range(S):
-                if j >= c or (j < e and (rank[j] < thr or (rank[j] == thr and j < cut))):
-                    for h in range(G):
-                        s[h * b + t, j] = -np.inf
-            for h in range(G):
-                natt[h * b + t] = keep + c - e
+                    x += np.float64(s[h * b + t, j])
+                rank64[j] = x
+            n = top_keys(rank64, e, keep, cand_i, cand64, kept)
         else:
-            row = s[r]
-            thr32, cut = _keep_top(row, e, c, keep, heap32)
-            for j in range(S):
-                if j >= c or (j < e and (row[j] < thr32 or (row[j] == thr32 and j < cut))):
-                    row[j] = -np.inf
-            natt[r] = keep + c - e
+            n = top_keys(s[r], e, keep, cand_i, cand32, kept)
+        for j in range(e, c):                                    # the recent keys, after
+            kept[n] = j
+            n += 1
+        for i in range(G if per_kv else 1):                      # the rows sharing the keys
+            row = i * b + t if per_kv else r
+            m = np.float32(-np.inf)
+            for a in range(n):
+                m = max(m, s[row, kept[a]])
+            acc[:] = 0.0
+            l = np.float32(0.0)
+            for a in range(n):
+                j = kept[a]
+                p = fa._expf(s[row, j] - m)
+                l += p
+                for z in range(d):
+                    acc[z] += p * vg[j, z]
+            natt[row] = n
+            if n > 0:
+                for z in range(d):
+                    out[row, z] = acc[z] / l
+                lse[row] = np.float64(m) + np.log(np.float64(l))
+            else:
+                out[row, :] = 0.0
+                lse[row] = -np.inf
 
 
 @njit(cache=True, nogil=True)
@@ -230,8 +280,8 @@ def masked_tiles(q, k, v, q_pos, k_pos, scale, mask, block=None, workers=None):
 
 def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None):
     """TopK's attention (every row reads its sel.k or ceil(sel.fraction * causal) keys of highest
-    logit, plus its sel.recent newest) as masked dense tiles; keys in position order.
-    Returns (out, lse, n_attended) as masked_tiles.
+    logit, plus its sel.recent newest) by query tiles: one sgemm for a tile's scores, then
+    topk_attend. Keys in position order. Returns (out, lse, n_attended) as masked_tiles.
 
     >>> x = np.random.default_rng(0).standard_normal((1, 10, 4)).astype(np.float32)
     >>> _, _, n = topk_tiles(x, x, x, np.arange(10), np.arange(10), 0.5, TopK(3, recent=2))
@@ -239,20 +289,37 @@ def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None
     [1, 2, 3, 4, 5, 5, 5, 5, 5, 5]
     """
     Hq, Tq, d = q.shape
-    G = Hq // k.shape[0]
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    block = max(1, fa.TILE_ROWS // G) if block is None else int(block)
     n_vis = np.searchsorted(k_pos, q_pos, side="right")                 # (Tq,) causal prefix
     budget = row_budgets(sel.k, sel.fraction, q_pos, k_pos, 1)          # (Tq,)
-    per_kv = sel.per == "kv"
+    out = np.zeros((Hq, Tq, d), np.float32)                             # (Hq, Tq, d)
+    lse = np.full((Hq, Tq), -np.inf)                                    # (Hq, Tq)
+    natt = np.zeros((Hq, Tq), np.int64)                                 # (Hq, Tq)
+    sc = np.float32(scale)
 
-    def mask(g, t0, t1, scores, natt):
+    def tile(t0, g):
+        t1 = min(t0 + block, Tq)
+        b = t1 - t0
         S = int(n_vis[t0:t1].max())
         if S == 0:
-            return None, None
-        s = scores(slice(0, S))                                         # (G*b, S)
-        topk_mask(s, q_pos[t0:t1], k_pos[:S], budget[t0:t1], sel.recent, G, per_kv, natt)
-        return slice(0, S), s
+            return                                                      # no key visible
+        h0, h1 = g * G, (g + 1) * G
+        qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
+        s = qt @ k[g, :S].T                                             # (G*b, S)
+        o = np.empty((G * b, d), np.float32)                            # (G*b, d)
+        ls = np.empty(G * b)                                            # (G*b,)
+        n_att = np.empty(G * b, np.int64)                               # (G*b,)
+        topk_attend(s, v[g], q_pos[t0:t1], k_pos[:S], budget[t0:t1], sel.recent, G,
+                    sel.per == "kv", o, ls, n_att)
+        out[h0:h1, t0:t1] = o.reshape(G, b, d)
+        lse[h0:h1, t0:t1] = ls.reshape(G, b)
+        natt[h0:h1, t0:t1] = n_att.reshape(G, b)
 
-    return masked_tiles(q, k, v, q_pos, k_pos, scale, mask, block, workers)
+    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
+    side_by_side(lambda item: tile(*item), items, workers)
+    return out, lse, natt
 
 
 def selection_tiles(q, k, v, q_pos, k_pos, scale, rows: Rows, block=None, workers=None):
