@@ -114,6 +114,8 @@ def test_topk_tiles_read_exactly_the_keys_topk_selects(prob, sel):
     mask, _ = sel.select(q, k, q_pos, k_pos).to_mask(hq, tq, tk)           # (Hq, Tq, Tk)
     causal = k_pos[None, None, :] <= q_pos[None, :, None]                   # (1, Tq, Tk)
     np.testing.assert_array_equal(read_keys(q, k, q_pos, k_pos, sel), mask & causal)
+    fast, _ = fp.topk_selection(q, k, q_pos, k_pos, sel, block=7).to_mask(hq, tq, tk)
+    np.testing.assert_array_equal(fast, mask & causal)      # the lab's analysis reads the same
 
 
 # ---- other selections as banded tiles -------------------------------------------------------

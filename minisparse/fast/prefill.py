@@ -16,11 +16,13 @@ which stay with the row kernel. Decode (Tq = 1) never comes here. Shape legend a
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
 from ..attention.kernel import AttentionStats, Rows, attend as plain_attend
-from ..attention.selection import default_positions
+from ..attention.selection import KV, Q, Selection, default_positions
 from ..attention.topk import TopK, row_budgets
 from . import attention as fa
 from .threads import side_by_side
@@ -119,45 +121,66 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
     return o
 
 
+class TopKScratch(NamedTuple):
+    """One tile's buffers for topk_row_keys, for S keys."""
+    rank64: np.ndarray
+    cand_i: np.ndarray
+    cand32: np.ndarray
+    cand64: np.ndarray
+
+
+@njit(cache=True, nogil=True)
+def topk_scratch(S):
+    return TopKScratch(np.empty(S, np.float64), np.empty(S + 1, np.int64),
+                       np.empty(2 * S + 2, np.float32), np.empty(2 * S + 2, np.float64))
+
+
+@njit(cache=True, nogil=True)
+def topk_row_keys(s, r, qp, k_pos, budget, recent, G, per_kv, w, kept):
+    """The keys TopK reads for tile row r (per_kv: for query t = r of the group's b rows), from
+    the tile's scaled scores s (G*b, S) float32 (row h*b + t: query head h of the group, query
+    t), into kept[:n] ascending; returns n. A row reads its recent keys
+    (qp - recent < k_pos <= qp) and, among the context keys (k_pos <= qp - recent), the
+    budget[t] of highest score (top_keys); per_kv ranks the group's summed scores (float64, as
+    TopK sums them). Keys are in position order, so a row's context keys are a prefix [0, e)
+    and its causal ones [0, c). w: topk_scratch(S)."""
+    b = s.shape[0] // G
+    t = r % b
+    c = np.searchsorted(k_pos, qp[t], side="right")
+    e = np.searchsorted(k_pos, qp[t] - recent, side="right")
+    keep = min(budget[t], e)
+    if per_kv:
+        for j in range(e):
+            x = 0.0
+            for h in range(G):
+                x += np.float64(s[h * b + t, j])
+            w.rank64[j] = x
+        n = top_keys(w.rank64, e, keep, w.cand_i, w.cand64, kept)
+    else:
+        n = top_keys(s[r], e, keep, w.cand_i, w.cand32, kept)
+    for j in range(e, c):                                        # the recent keys, after
+        kept[n] = j
+        n += 1
+    return n
+
+
 @njit(cache=True, nogil=True)
 def topk_attend(s, vg, qp, k_pos, budget, recent, G, per_kv, out, lse, natt):
-    """TopK's attention for one tile from its scaled scores s (G*b, S) float32 (row h*b + t: query
-    head h of the group, query t) and the values vg (>= S, d) of its KV head. A row reads its
-    recent keys (qp - recent < k_pos <= qp) and, among the context keys (k_pos <= qp - recent),
-    the budget[t] of highest score (top_keys); per_kv ranks the group's summed scores (float64,
-    as TopK sums them), one key set for its G rows. Keys are in position order, so a row's
-    context keys are a prefix [0, e) and its causal ones [0, c). Then softmax and weighted values
-    over the kept keys only (a few percent of S, where a dense tile's exp and PV product run over
-    all S), in float32 like the tiles. Writes out (G*b, d) f32, lse (G*b,) f64 (-inf and a zero
-    row when a row keeps nothing), natt (G*b,)."""
+    """TopK's attention for one tile from its scaled scores s (G*b, S) float32 and the values
+    vg (>= S, d) of its KV head: per row the keys topk_row_keys keeps (per_kv: one set for the
+    group's G rows), then softmax and weighted values over those keys only (a few percent of S,
+    where a dense tile's exp and PV product run over all S), in float32 like the tiles. Writes
+    out (G*b, d) f32, lse (G*b,) f64 (-inf and a zero row when a row keeps nothing), natt."""
     GB, S = s.shape
     d = vg.shape[1]
     b = GB // G
-    rank64 = np.empty(S, np.float64)
-    cand_i = np.empty(S + 1, np.int64)
-    cand32 = np.empty(2 * S + 2, np.float32)
-    cand64 = np.empty(2 * S + 2, np.float64)
+    w = topk_scratch(S)
     kept = np.empty(S, np.int64)
     acc = np.empty(d, np.float32)
     for r in range(b if per_kv else GB):
-        t = r % b
-        c = np.searchsorted(k_pos, qp[t], side="right")
-        e = np.searchsorted(k_pos, qp[t] - recent, side="right")
-        keep = min(budget[t], e)
-        if per_kv:
-            for j in range(e):
-                x = 0.0
-                for h in range(G):
-                    x += np.float64(s[h * b + t, j])
-                rank64[j] = x
-            n = top_keys(rank64, e, keep, cand_i, cand64, kept)
-        else:
-            n = top_keys(s[r], e, keep, cand_i, cand32, kept)
-        for j in range(e, c):                                    # the recent keys, after
-            kept[n] = j
-            n += 1
+        n = topk_row_keys(s, r, qp, k_pos, budget, recent, G, per_kv, w, kept)
         for i in range(G if per_kv else 1):                      # the rows sharing the keys
-            row = i * b + t if per_kv else r
+            row = i * b + r if per_kv else r
             m = np.float32(-np.inf)
             for a in range(n):
                 m = max(m, s[row, kept[a]])
@@ -177,6 +200,15 @@ def topk_attend(s, vg, qp, k_pos, budget, recent, G, per_kv, out, lse, natt):
             else:
                 out[row, :] = 0.0
                 lse[row] = -np.inf
+
+
+@njit(cache=True, nogil=True)
+def topk_tile_keys(s, qp, k_pos, budget, recent, G, per_kv, kept, counts):
+    """The keys topk_attend reads, per ranking row of the tile (G*b rows, or b when per_kv):
+    kept[r, :counts[r]] ascending."""
+    w = topk_scratch(s.shape[1])
+    for r in range(counts.size):
+        counts[r] = topk_row_keys(s, r, qp, k_pos, budget, recent, G, per_kv, w, kept[r])
 
 
 @njit(cache=True, nogil=True)
@@ -320,6 +352,52 @@ def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None
     items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
     side_by_side(lambda item: tile(*item), items, workers)
     return out, lse, natt
+
+
+def topk_selection(q, k, q_pos, k_pos, sel: TopK, block=None) -> Selection:
+    """The keys topk_tiles reads, as a normalised Selection (head kind Q, or KV for per="kv"):
+    what TopK.select gives, up to the float32 rounding of near-tied scores, from one sgemm per
+    tile instead of one dot per (row, key). For the lab's analysis of the rows the fast path
+    prefilled. Keys in position order."""
+    Hq, Tq, d = q.shape
+    Hkv, Tk = k.shape[0], k_pos.shape[0]
+    G = Hq // Hkv
+    per_kv = sel.per == "kv"
+    block = max(1, fa.TILE_ROWS // G) if block is None else int(block)
+    n_vis = np.searchsorted(k_pos, q_pos, side="right")                 # (Tq,)
+    budget = row_budgets(sel.k, sel.fraction, q_pos, k_pos, 1)          # (Tq,)
+    sc = np.float32(1.0 / np.sqrt(d))       # a positive scale: the ranking is the logits'
+    nh = Hkv if per_kv else Hq
+    lists = [[None] * Tq for _ in range(nh)]                            # [row head][query]
+    for g in range(Hkv):
+        for t0 in range(0, Tq, block):
+            t1 = min(t0 + block, Tq)
+            b, S = t1 - t0, int(n_vis[t0:t1].max())
+            qt = np.multiply(q[g * G:(g + 1) * G, t0:t1], sc).reshape(G * b, d)
+            s = qt @ k[g, :S].T if S else np.zeros((G * b, 0), np.float32)   # (G*b, S)
+            rows = b if per_kv else G * b
+            kept = np.empty((rows, S), np.int64)
+            counts = np.zeros(rows, np.int64)
+            topk_tile_keys(s, q_pos[t0:t1], k_pos[:S], budget[t0:t1], sel.recent, G, per_kv,
+                           kept, counts)
+            for r in range(rows):
+                head = g if per_kv else g * G + r // b
+                lists[head][t0 + r % b] = kept[r, :counts[r]]
+    flat = [x for per_head in lists for x in per_head]                  # row = head * Tq + t
+    ptr = np.concatenate([[0], np.cumsum([x.size for x in flat])])
+    idx = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+    return Selection.from_lists(ptr, idx, Tk, head_kind=KV if per_kv else Q, n_heads=nh, tq=Tq,
+                                normalized=True)
+
+
+def select(selector, q, k, q_pos, k_pos):
+    """selector.select(q, k, q_pos, k_pos), except for an exact TopK over a large call (keys in
+    position order): topk_selection, the keys the fast path's prefill read."""
+    Tq, Tk = q.shape[1], len(k_pos)
+    if type(selector) is TopK and _large(Tq, Tk) and np.all(k_pos[1:] >= k_pos[:-1]):
+        return topk_selection(np.ascontiguousarray(q, np.float32),
+                              np.ascontiguousarray(k, np.float32), q_pos, k_pos, selector)
+    return selector.select(q, k, q_pos, k_pos)
 
 
 def selection_tiles(q, k, v, q_pos, k_pos, scale, rows: Rows, block=None, workers=None):
