@@ -438,3 +438,19 @@ def test_quest_decode_with_running_bounds_equals_prefill_row(seed, tk):
         assert step._bounds is state[(sel.describe(), 0)] and step._bounds.n == i + 1
         dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], step, q_pos=[i])
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 16]), st.integers(1, 9))
+def test_quest_rows_on_threads_equal_quest_rows_serial(seed, page, budget_pages):
+    # a prefill chunk's rows run in parallel; each row writes its own slice, so the CSR is the
+    # same, bit for bit, as the serial loop a decode step runs
+    from minisparse.attention.quest import page_bounds_all, quest_rows, quest_rows_parallel
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((4, 40, 8)).astype(np.float32)
+    k = r.standard_normal((2, 100, 8)).astype(np.float32)
+    hi = np.arange(61, 101)                                   # causal keys of the 40 queries
+    mn, mx = page_bounds_all(k, page)
+    n_pages = np.full(4 * 40, budget_pages)
+    for a, b in zip(quest_rows(q, k, hi, page, n_pages, mn, mx),
+                    quest_rows_parallel(q, k, hi, page, n_pages, mn, mx)):
+        np.testing.assert_array_equal(a, b)
