@@ -1,10 +1,12 @@
-"""Sparse prefill as dense tiles: the same query tiles and BLAS products as `attend_tiles`, with
-the keys a row does not read masked out before the softmax. Two uses:
+"""Sparse prefill as dense tiles: the query tiles and BLAS score products of `attend_tiles`, with
+only the keys a row reads entering its softmax. Two uses:
 
 - exact top-k (TopK) fused into the tiles: a tile's scores come from one sgemm, a Numba pass
-  finds each row's k-th largest causal score and hides the rest, then softmax and PV as dense.
-  The reference rule scores every (row, key) pair one dot at a time and lists the kept keys;
-  here the same ranking costs what the dense prefill costs.
+  finds each row's keep-th largest causal score (a block-max lower bound, then a quickselect of
+  the few keys above it) and computes the softmax and weighted values over the kept keys only.
+  The selector's own rule scores every (row, key) pair one dot at a time and lists the kept
+  keys; here the same ranking costs about what a dense prefill costs. `topk_selection` gives
+  the same keys as a Selection (for the lab's analysis).
 - any other selection without pseudo-keys (window, sinks, blocks, their unions, Quest's pages):
   a tile scores only the key columns some row of it reads, so a window's tiles are a band,
   cheaper than dense; chosen where that scores fewer pairs than the row kernel's cost allows.
@@ -12,7 +14,8 @@ the keys a row does not read masked out before the softmax. Two uses:
 Both compute what the reference kernel (minisparse/attention/kernel.py) computes for the same
 keys; only float32 rounding differs (tests/test_fast_prefill.py). Left out: pseudo-keys
 (landmarks), and selections whose tiles would score too many pairs (scattered keys: IVF, LSH),
-which stay with the row kernel. Decode (Tq = 1) never comes here. Shape legend as in fast/attention.py.
+which stay with the row kernel. Decode (Tq = 1) never comes here. Shape legend as in
+fast/attention.py.
 """
 from __future__ import annotations
 
