@@ -210,7 +210,9 @@ def test_attend_default_kernel_follows_the_switch():
     assert default_kernel() is (fast_attention.kernel if minisparse.fast.enabled()
                                 else reference_kernel)
     assert PLAIN.attend.keywords["kernel"] is reference_kernel         # a plain model: always
-    assert FAST.attend.keywords["kernel"] is fast_attention.kernel
+    # a fast model: sparse prefill as tiles first (fast/prefill.py), then the fast kernel
+    from minisparse.fast import prefill
+    assert FAST.attend is prefill.attend and prefill.KERNEL is prefill.kernel
 
 
 def test_attend_refuses_a_spec_string():

@@ -438,3 +438,42 @@ def test_quest_decode_with_running_bounds_equals_prefill_row(seed, tk):
         assert step._bounds is state[(sel.describe(), 0)] and step._bounds.n == i + 1
         dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], step, q_pos=[i])
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 16]), st.integers(1, 9))
+def test_quest_rows_on_threads_equal_quest_rows_serial(seed, page, budget_pages):
+    # a prefill chunk's rows run in parallel; each row writes its own slice, so the CSR is the
+    # same, bit for bit, as the serial loop a decode step runs
+    from minisparse.attention.quest import page_bounds_all, quest_rows, quest_rows_parallel
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((4, 40, 8)).astype(np.float32)
+    k = r.standard_normal((2, 100, 8)).astype(np.float32)
+    hi = np.arange(61, 101)                                   # causal keys of the 40 queries
+    mn, mx = page_bounds_all(k, page)
+    n_pages = np.full(4 * 40, budget_pages)
+    for a, b in zip(quest_rows(q, k, hi, page, n_pages, mn, mx),
+                    quest_rows_parallel(q, k, hi, page, n_pages, mn, mx)):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 30),
+       st.integers(0, 40), st.booleans(), st.sampled_from([(4, 8), (8, 3)]))
+def test_lsh_rows_sorted_equal_lsh_rows_bit_for_bit(seed, heads, tq, extra, gapped, kl):
+    # a prefill chunk over keys in position order takes lsh_rows_sorted (prefix-sum means,
+    # plane-by-plane compares, rows on the threads): the same counts and log-weights
+    from minisparse.attention.lsh import lsh_rows_sorted
+    (hq, hkv), (K, L) = heads, kl
+    r = np.random.default_rng(seed)
+    tk, d = tq + extra, 8
+    q = r.standard_normal((hq, tq, d)).astype(np.float32)
+    k = r.standard_normal((hkv, tk, d)).astype(np.float32)
+    k_pos = np.cumsum(r.integers(1, 4, tk) if gapped else np.ones(tk, np.int64))
+    q_pos = k_pos[tk - tq:].copy()
+    W = planes(seed % 7, K, L, d)
+    Pq, Pk = project(q, W), project(k, W)
+    for want_logw in (False, True):
+        a = lsh_rows(q, k, Pq, Pk, np.zeros((0, 0, 0), np.int64), np.zeros((hkv, d)), K, L,
+                     q_pos, k_pos, want_logw)
+        b = lsh_rows_sorted(q, k, Pq, Pk, K, L, q_pos, k_pos, want_logw)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
