@@ -226,7 +226,9 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
             for t in np.nonzero((pos >= first) & (pos < last))[0]:
                 mask[0, pos[t] - first, kp[(kp <= pos[t]) & (kp < last)]] = True
     else:
-        sel = Dense() if (variant.kind != "attention" or l in dense_layers) else variant.selector
+        # the selector layer l ran (at_layer: DuoAttention's head roles differ by layer)
+        sel = (Dense() if (variant.kind != "attention" or l in dense_layers)
+               else variant.selector.at_layer(l, {"model": model}))
         o_s = attend(qa, k, v, sel, qpos, kpos)                              # (Hq, A, d)
         mask = selection_mask(sel.select(qa, k, qpos, kpos), Hq, A, last)   # (Hq, A, Tk)
     return M.mass_recall(p, mask), M.rel_error(o_s, o)                      # (Hq, A) each
