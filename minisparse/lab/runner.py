@@ -80,6 +80,10 @@ class Uncorrected:
                          s.idx_ptr, s.idx, np.zeros_like(s.logw), np.ones_like(s.exact),
                          s.extra_k, s.extra_v, s.extra_pos, s.extra_lo, s.extra_hi, normalized=True)
 
+    def at_layer(self, layer, shared):
+        """The inner selector of that layer, still uncorrected (Model.forward asks every layer)."""
+        return Uncorrected(self.inner.at_layer(layer, shared))
+
     def describe(self):
         return "uncorrected:" + self.inner.describe()
 
