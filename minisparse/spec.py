@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import patterns as P
+from .attention.duo import Duo
 from .attention.hybrid import Hybrid
 from .attention.indexer import Indexer
 from .attention.ivf import IVF
@@ -176,6 +177,7 @@ REGISTRY: dict[str, Family] = {
     "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
     "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4/q"),
     "topp": Family("attention", TopP.from_spec, "topp=0.95,quest=16/512", "topp=0.8,topk=6"),
+    "duo": Family("attention", Duo.from_spec, "duo=0.5/s4/w256", "duo=0.5/s1/w2"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),

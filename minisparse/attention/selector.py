@@ -11,7 +11,8 @@ Every selector has:
     at_layer(layer, shared) -> Selector   the selector one layer of a model runs, in prefill and
         decode alike; identity unless its rule depends on the layer (DuoAttention's head roles,
         TidalDecode's reuse of an earlier layer's positions). `shared` is a dict that lives for
-        one forward call and is seen by every layer of it, in order
+        one forward call and is seen by every layer of it, in order; Model.forward puts itself
+        in it as shared["model"] (a calibrated rule finds its file next to model.path)
     for_layer(layer, state, k, v) -> Selector   the selector for one layer of a model; identity
         unless it keeps a per-layer index in the cache's `selector_state` (IVF, LSH, Landmarks)
     bind(state) -> Selector   bound to a prebuilt index or running state; identity by default

@@ -80,6 +80,10 @@ class Uncorrected:
                          s.idx_ptr, s.idx, np.zeros_like(s.logw), np.ones_like(s.exact),
                          s.extra_k, s.extra_v, s.extra_pos, s.extra_lo, s.extra_hi, normalized=True)
 
+    def at_layer(self, layer, shared):
+        """The inner selector of that layer, still uncorrected (Model.forward asks every layer)."""
+        return Uncorrected(self.inner.at_layer(layer, shared))
+
     def describe(self):
         return "uncorrected:" + self.inner.describe()
 
@@ -237,7 +241,9 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
             for t in np.nonzero((pos >= first) & (pos < last))[0]:
                 mask[0, pos[t] - first, kp[(kp <= pos[t]) & (kp < last)]] = True
     else:
-        sel = Dense() if (variant.kind != "attention" or l in dense_layers) else variant.selector
+        # the selector layer l ran (at_layer: DuoAttention's head roles differ by layer)
+        sel = (Dense() if (variant.kind != "attention" or l in dense_layers)
+               else variant.selector.at_layer(l, {"model": model}))
         # once: the keys read are the keys masked; on the fast path, the keys its prefill read
         chosen = _select(model)(sel, qa, k, qpos, kpos)
         o_s = attend(qa, k, v, chosen, qpos, kpos)                           # (Hq, A, d)
