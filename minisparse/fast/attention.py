@@ -235,6 +235,139 @@ def attend_rows_serial(x, rows, scale, k_sorted):
 PARALLEL_MIN_WORK = 1 << 16
 
 
+# ---- decode: the query heads of a KV head in one pass over its keys ----------------------
+# A decode step (Tq = 1) is memory-bound: each KV head's K and V rows are the bytes it reads.
+# The row kernel reads them once per query head (G times); here the G query heads that share a
+# KV head and a Selection row (SHARED or KV kinds: every decode of dense, sinks + window, /kv
+# top-k) score each key row once and weight each value row once. Two passes instead of an online
+# softmax: the row's keys are listed first (n of them), so the max is known before any exp.
+
+
+@njit(cache=True)
+def _decode_keys(k_pos, e_pos, qp, k_sorted, r, rptr, rlo, rhi, iptr, idx, logw, js, lws):
+    """List the keys row r reads, causal by position: js[:n] (>= Tk: pseudo-key js - Tk) and
+    their log-weights lws[:n]; returns n."""
+    Tk = k_pos.shape[0]
+    kend = np.searchsorted(k_pos, qp, side="right") if k_sorted else Tk
+    n = 0
+    for a in range(rptr[r], rptr[r + 1]):
+        if k_sorted:                                             # causal part is a prefix
+            for j in range(rlo[a], min(rhi[a], kend)):
+                js[n] = j
+                lws[n] = 0.0
+                n += 1
+        else:
+            for j in range(rlo[a], rhi[a]):
+                if k_pos[j] <= qp:
+                    js[n] = j
+                    lws[n] = 0.0
+                    n += 1
+    for a in range(iptr[r], iptr[r + 1]):
+        j = idx[a]
+        if (k_pos[j] if j < Tk else e_pos[j - Tk]) <= qp:
+            js[n] = j
+            lws[n] = logw[a]
+            n += 1
+    return n
+
+
+@njit(cache=True, fastmath=_FM)
+def _decode_group(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, n, scale, sbuf, cacc, acc, out, lse):
+    """Query heads h0 .. h0+nh-1 (one query each) over the same n keys js, lws of KV head g:
+    writes out[h, 0] and lse[h, 0].
+
+    Scores q . k in float32 (d products) into sbuf (nh, n); m = their max per head; weights
+    exp(s - m) by _expf (float32, <= 1.5 ulp), summed with the weighted values in float32 within
+    a chunk of CHUNK keys and in float64 across chunks: the row kernel's error structure, with
+    the exact max known before the first weight (no rescaling)."""
+    d = q.shape[2]
+    for c in range(n):                                           # pass 1: each K row once
+        j = js[c]
+        for a in range(nh):
+            sc = np.float32(0.0)
+            if j < Tk:
+                for i in range(d):
+                    sc += q[h0 + a, 0, i] * k[g, j, i]
+            else:
+                for i in range(d):
+                    sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
+            sbuf[a, c] = sc * scale + lws[c]
+    for a in range(nh):
+        m = np.float32(-np.inf)
+        for c in range(n):
+            m = max(m, sbuf[a, c])
+        mm = m if m > -np.inf else np.float32(0.0)               # every weight -inf: l = 0
+        for c in range(n):
+            sbuf[a, c] = _expf(sbuf[a, c] - mm)                  # in [0, 1]
+        lse[h0 + a, 0] = m                                       # the max, until the end
+    acc[:nh] = 0.0
+    ls = np.zeros(nh)                                            # (nh,) float64 normalisers
+    for c0 in range(0, n, CHUNK):                                # pass 2: each V row once
+        c1 = min(c0 + CHUNK, n)
+        cacc[:nh] = 0.0
+        for c in range(c0, c1):
+            j = js[c]
+            for a in range(nh):
+                p = sbuf[a, c]
+                if j < Tk:
+                    for i in range(d):
+                        cacc[a, i] += p * v[g, j, i]
+                else:
+                    for i in range(d):
+                        cacc[a, i] += p * ev[g, j - Tk, i]
+        for a in range(nh):
+            lsum = np.float32(0.0)
+            for c in range(c0, c1):
+                lsum += sbuf[a, c]
+            ls[a] += lsum
+            for i in range(d):
+                acc[a, i] += cacc[a, i]
+    for a in range(nh):
+        if ls[a] > 0.0:
+            for i in range(d):
+                out[h0 + a, 0, i] = acc[a, i] / ls[a]
+            lse[h0 + a, 0] = np.float64(lse[h0 + a, 0]) + np.log(ls[a])
+        else:
+            lse[h0 + a, 0] = -np.inf
+
+
+@njit(cache=True)
+def attend_decode(x, rows, scale, k_sorted):
+    """attend_rows for one query (Tq = 1), query heads that share a Selection row and a KV
+    head together (all G of a KV head for SHARED and KV kinds, one for Q): each of their key
+    and value rows is read once, not once per query head. Same returns as attend_rows."""
+    Hq, Tq, d = x.q.shape
+    Hkv = x.k.shape[0]
+    G = Hq // Hkv
+    Tk = x.k_pos.shape[0]
+    out = np.zeros((Hq, 1, d), np.float32)
+    lse = np.full((Hq, 1), -np.inf)
+    natt = np.zeros((Hq, 1), np.int64)
+    nh = 1 if rows.head_kind == 2 else G                         # query heads a row serves
+    nmax = 0                                                     # the longest row's entries
+    for r in range(rows.range_ptr.size - 1):
+        w = rows.idx_ptr[r + 1] - rows.idx_ptr[r]
+        for a in range(rows.range_ptr[r], rows.range_ptr[r + 1]):
+            w += rows.range_hi[a] - rows.range_lo[a]
+        nmax = max(nmax, w)
+    js = np.empty(nmax, np.int64)
+    lws = np.empty(nmax, np.float32)
+    sbuf = np.empty((nh, nmax), np.float32)
+    cacc = np.empty((nh, d), np.float32)
+    acc = np.empty((nh, d), np.float64)
+    qp = x.q_pos[0]
+    for h0 in range(0, Hq, nh):
+        g = h0 // G
+        r = 0 if rows.head_kind == 0 else (g if rows.head_kind == 1 else h0)
+        n = _decode_keys(x.k_pos, x.extra_pos, qp, k_sorted, r, rows.range_ptr, rows.range_lo,
+                         rows.range_hi, rows.idx_ptr, rows.idx, rows.logw, js, lws)
+        _decode_group(x.q, x.k, x.v, x.extra_k, x.extra_v, Tk, g, h0, nh, js, lws, n,
+                      np.float32(scale), sbuf, cacc, acc, out, lse)
+        for a in range(nh):
+            natt[h0 + a, 0] = n
+    return out, lse, natt
+
+
 # ---- dense causal prefill as matrix products ---------------------------------------------
 # The softmax of a tile is the memory-bound part: NumPy takes four passes over the (G*B, S)
 # scores (max, subtract, exp, sum). `_exp_rows` does subtract, exp and sum in one pass. Its exp
@@ -386,17 +519,20 @@ def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:
             and not rows.range_lo.any() and bool(np.all(rows.range_hi == Tk)))
 
 
-def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
+def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None, decode=None):
     """The fast path's attention kernel, for `minisparse.attention.attend(kernel=...)`.
 
     tiles: None takes attend_tiles (BLAS products) when the selection reads every key,
     Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS, else the chunked row kernel, in parallel
     when the call is large; False always the row kernel; True attend_tiles at any size (a
-    ValueError unless the selection reads every key)."""
+    ValueError unless the selection reads every key). decode: None or True takes attend_decode
+    for one query (Tq = 1) unless tiles=True; False leaves one query to the row kernel."""
     Hq, Tq, d = x.q.shape
     Tk = x.k_pos.shape[0]
     if tiles is True and not _every_key(rows, Tk, x.extra_pos.size):
         raise ValueError("attend: tiles=True needs a selection of every key (Dense)")
+    if Tq == 1 and decode is not False and tiles is not True:
+        return attend_decode(x, rows, scale, k_sorted)
     if tiles or (tiles is None and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS
                  and _every_key(rows, Tk, x.extra_pos.size)):            # decode skips the check
         return attend_tiles(x.q, x.k[:, :Tk], x.v[:, :Tk], x.q_pos, x.k_pos, scale,
