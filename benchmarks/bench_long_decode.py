@@ -46,12 +46,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minisparse  # noqa: E402
+from minisparse.lab.stats import perplexity_ratio  # noqa: E402
 from minisparse.registry import resolve  # noqa: E402
 from minisparse.spec import parse_attention_spec, parse_cache_spec  # noqa: E402
 
 SPECS = ["dense", "topk=128", "topk=128/kv", "sinks=4,window=252", "quest=16/256",
          "ivf=64/p8/c256,seed=2"]
-CACHES = ["streaming=4+252"]
+CACHES = ["streaming=4+252", "recursive=B256"]
 MODULES = ["argparse", "typing", "inspect", "subprocess", "pathlib", "dataclasses"]
 
 
@@ -107,11 +108,46 @@ def logsoftmax(x):
     return x - np.log(np.exp(x).sum())
 
 
-def run_length(model, n, steps, specs, caches):
-    cfg = model.config
-    ids = real_text_ids(model.tokenizer, n)
+# ---- llama.cpp beside minisparse ------------------------------------------------------------
+# The build the lead installed (llama-cpp-python 0.3.36, a portable wheel): recorded in the JSON
+# so a reader knows which CPU features its kernels could use.
+LLAMA_CPP_BUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+                   "pip wheel llama-cpp-python==0.3.36")
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python with its defaults (KV cache type, no flash attention),
+    on `threads` threads, fed token ids directly (the same ids minisparse reads)."""
+
+    def __init__(self, path, n_ctx, threads):
+        from llama_cpp import Llama, llama_print_system_info
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.info = llama_print_system_info().decode().strip()
+
+    def prefill(self, ids):
+        self.llm.reset()                                          # a fresh context each length
+        self.llm.eval(list(ids))
+
+    def step(self, tok):
+        """Logits (V,) after appending token tok."""
+        self.llm.eval([int(tok)])
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
+
+
+LLAMA = "llama.cpp (dense)"
+
+
+def run_length(model, n, m, specs, caches, llama=None):
+    """Prefill the first n - m tokens of a real text of n + 1, then decode its last m tokens
+    (teacher forcing: every variant reads the text's own tokens), one step of every variant in
+    turn. Returns (prefill seconds, {variant: per-step records}); each step records its time,
+    keys read, top-1 agreement and KL against dense, and the NLL of the text's next token."""
+    ids = real_text_ids(model.tokenizer, n + 1)
+    prompt, feed, target = ids[:n - m], ids[n - m:n], ids[n - m + 1:n + 1]
     t0 = time.perf_counter()
-    base, logits = model.prefill(ids)
+    base, _ = model.prefill(prompt)
     prefill_s = time.perf_counter() - t0
     variants = {}
     for spec in specs:
@@ -119,27 +155,34 @@ def run_length(model, n, steps, specs, caches):
                           "attention": None if spec == "dense" else parse_attention_spec(spec)}
     for spec in caches:
         c = parse_cache_spec(spec, model)
-        model.prefill(ids, cache=c)
-        variants[spec] = {"cache": c, "attention": None}
+        model.prefill(prompt, cache=c)
+        variants[spec + " (cache)"] = {"cache": c, "attention": None}
+    if llama is not None:
+        t0 = time.perf_counter()
+        llama.prefill(prompt)
+        variants[LLAMA] = {"prefill_s": time.perf_counter() - t0}
     for v in variants.values():
-        v.update(ms=[], agree=[], kl=[], keys=[])
-    tok = int(np.argmax(logits))
-    for _ in range(steps):
+        v.update(ms=[], agree=[], kl=[], keys=[], nll=[])
+    for tok, nxt in zip(feed, target):
         ref = None
         for name, v in variants.items():                          # dense first: the reference
             st = []
             t0 = time.perf_counter()
-            lg = model.forward([tok], v["cache"], attention=v["attention"], stats=st,
-                               last_only=True)[-1]
+            if name == LLAMA:
+                lg = llama.step(tok)
+            else:
+                lg = model.forward([tok], v["cache"], attention=v["attention"], stats=st,
+                                   last_only=True)[-1]
             v["ms"].append(1e3 * (time.perf_counter() - t0))
-            v["keys"].append(float(np.mean([s["n_attended"].mean() for s in st])))
+            v["keys"].append(float(np.mean([s["n_attended"].mean() for s in st])) if st
+                             else float(len(prompt) + len(v["ms"])))
             lp = logsoftmax(lg)
             if ref is None:
                 ref = lp
             v["agree"].append(int(np.argmax(lp) == np.argmax(ref)))
             v["kl"].append(float(np.sum(np.exp(ref) * (ref - lp))))
-        tok = int(np.argmax(ref))                                 # dense's greedy token for all
-    return ids, prefill_s, variants
+            v["nll"].append(float(-lp[nxt]))
+    return prefill_s, variants
 
 
 def layer_only(lengths, steps, specs, bw):
@@ -200,6 +243,12 @@ def main(argv=None):
     ap.add_argument("--lengths", default="2048,4096,8000",
                     help="prompt tokens, comma-separated (SmolLM2's context is 8192)")
     ap.add_argument("--steps", type=int, default=12, help="decode steps timed per variant")
+    ap.add_argument("--ppl", action="store_true",
+                    help="decode the text's last --ppl-tokens tokens instead of --steps, and "
+                         "report the perplexity ratio against dense over them")
+    ap.add_argument("--ppl-tokens", type=int, default=512)
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
+    ap.add_argument("--llama-threads", type=int, default=2)
     ap.add_argument("--specs", default=";".join(SPECS), help="attention specs, ';'-separated")
     ap.add_argument("--caches", default=";".join(CACHES),
                     help="cache specs, ';'-separated ('' for none)")
@@ -228,45 +277,67 @@ def main(argv=None):
     path = resolve(a.model)
     model = minisparse.load_model(path)
     cfg = model.config
-    if max(lengths) + a.steps > cfg.context_length:
-        ap.error(f"--lengths: {max(lengths)} + {a.steps} steps exceeds the context "
-                 f"{cfg.context_length}")
+    m = a.ppl_tokens if a.ppl else a.steps                       # tokens decoded per variant
+    if max(lengths) + 1 > cfg.context_length or min(lengths) <= m:
+        ap.error(f"--lengths: each must exceed the {m} decoded tokens and stay below the "
+                 f"context {cfg.context_length}")
+    llama = None
+    if not a.no_llama_cpp:
+        try:
+            llama = LlamaCpp(path, max(lengths) + 8, a.llama_threads)
+        except ImportError:
+            ap.error("llama-cpp-python is not installed; pass --no-llama-cpp to run without it")
     bw = copy_bandwidth()
     wb = weight_bytes(model)
     kv_row = cfg.n_kv_heads * cfg.head_dim * 4                    # one K (or V) row, all KV heads
     rows = []
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {wb / 1e6:.1f} MB a token; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    print("| prompt | variant | keys/step | ms/token (median) | tok/s | x dense | floor ms | "
-          "of floor | first step ms | top-1 agree | KL nats |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"numba threads {_numba_threads()}; {m} tokens decoded per variant"
+          + (f"; llama.cpp on {a.llama_threads} threads" if llama else ""), flush=True)
+    print("| prompt | variant | keys/step | ms/token (median) | tok/s | x dense | x llama.cpp | "
+          "floor ms | of floor | first step ms | top-1 agree | KL nats | ppl ratio [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in lengths:
-        ids, pre_s, var = run_length(model, n, a.steps, specs, caches)
+        pre_s, var = run_length(model, n, m, specs, caches, llama)
         dense_ms = float(np.median(var[next(iter(var))]["ms"][1:]))
+        llama_ms = float(np.median(var[LLAMA]["ms"][1:])) if llama else None
+        nll_dense = var[next(iter(var))]["nll"]
         for name, v in var.items():
             med = float(np.median(v["ms"][1:]))
             keys = float(np.mean(v["keys"][1:]))
-            S = n + a.steps
             kv_bytes = cfg.n_layers * 2 * keys * kv_row
-            scan = cfg.n_layers * scan_bytes(name, S, cfg)
+            if name == LLAMA:
+                kv_bytes /= 2                                     # its default KV type: f16
+            scan = cfg.n_layers * scan_bytes(name, n, cfg)
             floor_ms = 1e3 * (wb + kv_bytes + scan) / bw
+            pr = perplexity_ratio(v["nll"], nll_dense, seed=0) if a.ppl else None
             r = {"prompt": n, "variant": name, "keys_per_step": keys, "ms_median": med,
                  "ms_steps": v["ms"], "tok_s": 1e3 / med, "x_dense": dense_ms / med,
+                 "x_llama_cpp": llama_ms / med if llama else None,
                  "bytes": {"weights": wb, "kv": kv_bytes, "scan": scan},
                  "floor_ms": floor_ms, "of_floor": floor_ms / med, "first_ms": v["ms"][0],
                  "top1_agree": float(np.mean(v["agree"])), "kl": float(np.mean(v["kl"])),
-                 "prefill_s": pre_s}
+                 "nll_mean": float(np.mean(v["nll"])), "perplexity_ratio": pr,
+                 "prefill_s": v.get("prefill_s", pre_s)}
             rows.append(r)
+            xl = f"{r['x_llama_cpp']:.2f}" if llama else "—"
+            ppl = f"{pr['ratio']:.3f} [{pr['lo']:.3f}, {pr['hi']:.3f}]" if pr else "—"
             print(f"| {n} | {name} | {keys:.0f} | {med:.1f} | {r['tok_s']:.1f} | "
-                  f"{r['x_dense']:.2f} | {floor_ms:.1f} | {r['of_floor']:.2f} | "
-                  f"{r['first_ms']:.0f} | {r['top1_agree']:.2f} | {r['kl']:.4f} |", flush=True)
+                  f"{r['x_dense']:.2f} | {xl} | {floor_ms:.1f} | {r['of_floor']:.2f} | "
+                  f"{r['first_ms']:.0f} | {r['top1_agree']:.2f} | {r['kl']:.4f} | {ppl} |",
+                  flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({
             "command": "python3 benchmarks/bench_long_decode.py " + " ".join(sys.argv[1:]),
-            "model": str(path), "steps": a.steps, "copy_bandwidth_Bps": bw,
+            "model": str(path), "decoded_tokens": m, "ppl": a.ppl, "copy_bandwidth_Bps": bw,
             "weight_bytes": wb, "load_average": os.getloadavg(),
+            "numba_threads": _numba_threads(), "text": "stdlib sources: " + ", ".join(MODULES),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-            "llama.cpp": "not installed here; not built", "rows": rows}, indent=1))
+            "llama.cpp": None if llama is None else {
+                "threads": a.llama_threads, "build": LLAMA_CPP_BUILD, "system_info": llama.info,
+                "kv_type": "default (f16)", "flash_attn": "default (off)"},
+            "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

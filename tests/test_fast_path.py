@@ -243,7 +243,11 @@ def test_attend_default_kernel_follows_the_switch():
     assert default_kernel() is (fast_attention.kernel if minisparse.fast.enabled()
                                 else reference_kernel)
     assert PLAIN.attend.keywords["kernel"] is reference_kernel         # a plain model: always
-    assert FAST.attend.keywords["kernel"] is fast_attention.kernel
+    # the fast model's attend: decode.attend, whose own kernel and fallback are the fast kernel
+    import inspect
+    from minisparse.fast import decode
+    assert FAST.attend is decode.attend
+    assert inspect.signature(FAST.attend).parameters["kernel"].default is fast_attention.kernel
 
 
 def test_attend_refuses_a_spec_string():
@@ -367,3 +371,40 @@ def test_generate_forwards_stats_to_every_forward():
     assert text and len(stats) == 4 * L
     assert [s["layer"] for s in stats[:L]] == list(range(L))
     assert stats[0]["n_attended"].shape[1] == 2 and stats[-1]["n_attended"].shape[1] == 1
+
+
+@given(seed=st.integers(0, 2**31 - 1), spec=st.sampled_from(
+    ["dense", "sinks=4,window=8", "window=0", "sinks=3", "sinks=40,window=2",
+     "sinks=2,window=5,window=30", "topk=4", "sinks=4,topk=3"]),
+    tk=st.integers(1, 70), spare=st.integers(0, 3), gaps=st.booleans())
+def test_fast_decode_of_a_position_pattern_gives_the_bits_of_attend(seed, spec, tk, spare, gaps):
+    # decode.attend hands dense / sinks / window (and unions) to attend_decode as ranges it
+    # computes itself; the same merged ranges read by the same kernel: equal to the bit, with
+    # the same stats (top-k goes through attend itself: also equal)
+    from minisparse.fast import decode
+    from minisparse.spec import parse_attention_spec
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((6, 1, 16)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, tk + spare, 16)).astype(np.float32)
+    k_pos = np.cumsum(r.integers(1, 3, tk)) if gaps else np.arange(tk)
+    q_pos = np.array([k_pos[-1] + r.integers(0, 2)])
+    sel = parse_attention_spec(spec)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, buffer=True, return_stats=True)
+    a, sa = decode.attend(q, k, v, sel, **kw)
+    b, sb = attend(q, k, v, sel, kernel=fast_attention.kernel, **kw)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(sa.n_attended, sb.n_attended)
+    np.testing.assert_array_equal(sa.n_causal, sb.n_causal)
+
+
+def test_position_ranges_cover_the_patterns_and_refuse_the_rest():
+    from minisparse.attention import Sinks, TopK, Window
+    from minisparse.fast.decode import position_ranges
+    kp = np.arange(0, 20, 2)                                       # positions 0, 2, .., 18
+    assert position_ranges(Dense(), 18, kp) == [(0, 10)]
+    assert position_ranges(Window(4), 18, kp) == [(7, 10)]         # positions 14 .. 18
+    assert position_ranges(Sinks(3) | Window(4), 18, kp) == [(0, 2), (7, 10)]
+    assert position_ranges(Sinks(20) | Window(4), 18, kp) == [(0, 10)]   # fused
+    assert position_ranges(Sinks(0), 18, kp) == []
+    assert position_ranges(TopK(2), 18, kp) is None
+    assert position_ranges(Sinks(3) | TopK(2), 18, kp) is None

@@ -8,9 +8,11 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
   QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
-- attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
-  BLAS products, with a vectorised exp), against the reference kernel in
-  minisparse/attention/kernel.py.
+- attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
+  a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
+  with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
+- decode.py: a decode step of a position pattern (dense, sinks, window, their unions) straight
+  to attend_decode as ranges, the same bits as attend with the fast kernel.
 
 The seam: a forward calls its model's `Ops` (model.py); `FAST` here holds the functions above,
 `model.PLAIN` the textbook ones. `minisparse.load_model(path, fast=None)` picks FAST unless
@@ -23,12 +25,11 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from functools import partial
 
-from ..attention.kernel import attend, use_kernel
+from ..attention.kernel import use_kernel
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
-from . import attention, quant
+from . import attention, decode, quant
 from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 ENV = "MINISPARSE_FAST"
@@ -66,7 +67,7 @@ FAST = Ops(
     linear=linear,
     rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
     glu=by_rows(0, 0)(glu),
-    attend=partial(attend, kernel=attention.kernel),
+    attend=decode.attend,
     forward_context=long_forward,
 )
 
