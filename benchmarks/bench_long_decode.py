@@ -1,30 +1,36 @@
 """Long-context decode on SmolLM2: tokens/s after 2k, 4k and 8k-token prompts, dense and each
-sparse family, with the keys each step reads and how close it gets to the bandwidth floor of
-the bytes it reads.
+sparse family, with llama.cpp's dense decode beside them, the keys each step reads, how close it
+gets to the bandwidth floor of the bytes it reads, and its quality against dense.
 
-Protocol (the top-k paper's): one dense prefill of a real text (Python source: the stdlib's
-argparse, then more modules until the length is reached) per length; each attention spec then
-decodes from its own copy of that cache. Bounded caches (--caches) prefill the same tokens into
-themselves. Every variant is fed the same tokens (dense's greedy continuation: teacher forcing),
-one step of every variant after another, so the machine's load hits all of them alike and each
-step's logits compare with dense's at the same position (the quality columns: top-1 agreement
-and mean KL(dense || variant) in nats).
+Protocol (the top-k paper's): a real text (Python source: the stdlib's argparse, then more
+modules until the length is reached) of n + 1 tokens; one dense prefill of its first n - m
+tokens per length; each attention spec then decodes the text's last m tokens (teacher forcing)
+from its own copy of that cache, the bounded caches (--caches) from their own prefill of the
+same tokens. One step of every variant after another, so the machine's load hits all of them
+alike. m = --steps, or --ppl-tokens at the lengths named by --ppl-at, where the table also
+carries the perplexity ratio against dense over those tokens (exp of the mean NLL difference,
+with a moving-block bootstrap interval: minisparse/lab/stats.py). Quality columns: top-1
+agreement with dense and mean KL(dense || variant) in nats, step by step.
+
+llama.cpp (llama-cpp-python, its default KV type f16 and no flash attention, --llama-threads
+threads) reads the same token ids: it prefills the same n - m and decodes the same m tokens, in
+a block before minisparse's steps at each length (its OpenMP threads spin-wait after a step and
+would slow the step that followed). "x llama.cpp" = llama.cpp's ms/token / the variant's.
 
 Bytes a step reads (the floor is bytes / copy bandwidth, measured here with a 256 MiB
 np.copyto): the GGUF file's tensors once (every matrix is read once a token), plus, per layer,
 K and V rows of the keys attended (mean over query heads, times Hkv: each KV head's rows are
-read once for its query heads when they agree, so this is the floor), plus what the selection
-scans: every key's K row for exact top-k, two bound rows per page for Quest, the centroids for
-IVF. "of floor" = floor ms / measured ms (1.0 = at bandwidth). The first step is reported apart:
-it compiles and builds the per-layer indexes (IVF's k-means, Quest's page bounds).
+read once for its query heads when they agree, so this is the floor; float16 rows for
+llama.cpp), plus what the selection scans: every key's K row for exact top-k, two bound rows per
+page for Quest, the centroids for IVF. "of floor" = floor ms / measured ms (1.0 = at
+bandwidth). The first step is reported apart: it compiles and builds the per-layer indexes
+(IVF's k-means, Quest's page bounds).
 
 --layer-only: no model; one layer's decode attention (selection, index upkeep and kernel) at
 SmolLM2's shapes (Hq 9, Hkv 3, d 64) on random keys, each step appending a key as decode does:
 what the sparse families cost per layer, apart from the weights' matrix-vector products.
 
-llama.cpp is not installed here and is not built by this benchmark: no llama.cpp column.
-
-    python3 benchmarks/bench_long_decode.py --out benchmarks/bench_long_decode.json
+    python3 benchmarks/bench_long_decode.py --ppl-at 8000 --out benchmarks/bench_long_decode.json
     python3 benchmarks/bench_long_decode.py --lengths 2048 --steps 6      # quick look
     python3 benchmarks/bench_long_decode.py --layer-only --lengths 2048,4096,8192 --steps 40
 """
@@ -141,11 +147,23 @@ LLAMA = "llama.cpp (dense)"
 
 def run_length(model, n, m, specs, caches, llama=None):
     """Prefill the first n - m tokens of a real text of n + 1, then decode its last m tokens
-    (teacher forcing: every variant reads the text's own tokens), one step of every variant in
-    turn. Returns (prefill seconds, {variant: per-step records}); each step records its time,
-    keys read, top-1 agreement and KL against dense, and the NLL of the text's next token."""
+    (teacher forcing: every variant reads the text's own tokens), one step of every minisparse
+    variant in turn; llama.cpp prefills and decodes the same tokens first, in a block of its own
+    (its OpenMP threads spin-wait after each step and would slow whatever step came next).
+    Returns (prefill seconds, {variant: per-step records}); each step records its time, keys
+    read, top-1 agreement and KL against dense, and the NLL of the text's next token."""
     ids = real_text_ids(model.tokenizer, n + 1)
     prompt, feed, target = ids[:n - m], ids[n - m:n], ids[n - m + 1:n + 1]
+    lcpp = None
+    if llama is not None:
+        t0 = time.perf_counter()
+        llama.prefill(prompt)
+        lcpp = {"prefill_s": time.perf_counter() - t0, "ms": [], "logits": []}
+        for tok in feed:
+            t0 = time.perf_counter()
+            lg = llama.step(tok)
+            lcpp["ms"].append(1e3 * (time.perf_counter() - t0))
+            lcpp["logits"].append(logsoftmax(lg))
     t0 = time.perf_counter()
     base, _ = model.prefill(prompt)
     prefill_s = time.perf_counter() - t0
@@ -157,31 +175,31 @@ def run_length(model, n, m, specs, caches, llama=None):
         c = parse_cache_spec(spec, model)
         model.prefill(prompt, cache=c)
         variants[spec + " (cache)"] = {"cache": c, "attention": None}
-    if llama is not None:
-        t0 = time.perf_counter()
-        llama.prefill(prompt)
-        variants[LLAMA] = {"prefill_s": time.perf_counter() - t0}
+    if lcpp is not None:
+        variants[LLAMA] = lcpp
     for v in variants.values():
-        v.update(ms=[], agree=[], kl=[], keys=[], nll=[])
-    for tok, nxt in zip(feed, target):
+        v.update(agree=[], kl=[], keys=[], nll=[], **({} if "ms" in v else {"ms": []}))
+    for i, (tok, nxt) in enumerate(zip(feed, target)):
         ref = None
         for name, v in variants.items():                          # dense first: the reference
             st = []
-            t0 = time.perf_counter()
             if name == LLAMA:
-                lg = llama.step(tok)
+                lp = v["logits"][i]
             else:
+                t0 = time.perf_counter()
                 lg = model.forward([tok], v["cache"], attention=v["attention"], stats=st,
                                    last_only=True)[-1]
-            v["ms"].append(1e3 * (time.perf_counter() - t0))
+                v["ms"].append(1e3 * (time.perf_counter() - t0))
+                lp = logsoftmax(lg)
             v["keys"].append(float(np.mean([s["n_attended"].mean() for s in st])) if st
-                             else float(len(prompt) + len(v["ms"])))
-            lp = logsoftmax(lg)
+                             else float(len(prompt) + i + 1))
             if ref is None:
                 ref = lp
             v["agree"].append(int(np.argmax(lp) == np.argmax(ref)))
             v["kl"].append(float(np.sum(np.exp(ref) * (ref - lp))))
             v["nll"].append(float(-lp[nxt]))
+    if lcpp is not None:
+        del lcpp["logits"]
     return prefill_s, variants
 
 
@@ -243,9 +261,10 @@ def main(argv=None):
     ap.add_argument("--lengths", default="2048,4096,8000",
                     help="prompt tokens, comma-separated (SmolLM2's context is 8192)")
     ap.add_argument("--steps", type=int, default=12, help="decode steps timed per variant")
-    ap.add_argument("--ppl", action="store_true",
-                    help="decode the text's last --ppl-tokens tokens instead of --steps, and "
-                         "report the perplexity ratio against dense over them")
+    ap.add_argument("--ppl-at", default="",
+                    help="prompt lengths (of --lengths, comma-separated) at which every variant "
+                         "decodes the text's last --ppl-tokens tokens instead of --steps, with "
+                         "the perplexity ratio against dense over them")
     ap.add_argument("--ppl-tokens", type=int, default=512)
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--llama-threads", type=int, default=2)
@@ -277,9 +296,12 @@ def main(argv=None):
     path = resolve(a.model)
     model = minisparse.load_model(path)
     cfg = model.config
-    m = a.ppl_tokens if a.ppl else a.steps                       # tokens decoded per variant
-    if max(lengths) + 1 > cfg.context_length or min(lengths) <= m:
-        ap.error(f"--lengths: each must exceed the {m} decoded tokens and stay below the "
+    ppl_at = {int(x) for x in a.ppl_at.split(",") if x}
+    if not ppl_at <= set(lengths):
+        ap.error(f"--ppl-at {a.ppl_at}: each must be one of --lengths {a.lengths}")
+    decoded = {n: a.ppl_tokens if n in ppl_at else a.steps for n in lengths}   # tokens decoded
+    if max(lengths) + 1 > cfg.context_length or any(n <= m for n, m in decoded.items()):
+        ap.error(f"--lengths: each must exceed the tokens it decodes and stay below the "
                  f"context {cfg.context_length}")
     llama = None
     if not a.no_llama_cpp:
@@ -293,13 +315,13 @@ def main(argv=None):
     rows = []
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {wb / 1e6:.1f} MB a token; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"numba threads {_numba_threads()}; {m} tokens decoded per variant"
+          f"numba threads {_numba_threads()}; tokens decoded per variant: {decoded}"
           + (f"; llama.cpp on {a.llama_threads} threads" if llama else ""), flush=True)
     print("| prompt | variant | keys/step | ms/token (median) | tok/s | x dense | x llama.cpp | "
           "floor ms | of floor | first step ms | top-1 agree | KL nats | ppl ratio [95% CI] |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in lengths:
-        pre_s, var = run_length(model, n, m, specs, caches, llama)
+        pre_s, var = run_length(model, n, decoded[n], specs, caches, llama)
         dense_ms = float(np.median(var[next(iter(var))]["ms"][1:]))
         llama_ms = float(np.median(var[LLAMA]["ms"][1:])) if llama else None
         nll_dense = var[next(iter(var))]["nll"]
@@ -311,8 +333,9 @@ def main(argv=None):
                 kv_bytes /= 2                                     # its default KV type: f16
             scan = cfg.n_layers * scan_bytes(name, n, cfg)
             floor_ms = 1e3 * (wb + kv_bytes + scan) / bw
-            pr = perplexity_ratio(v["nll"], nll_dense, seed=0) if a.ppl else None
-            r = {"prompt": n, "variant": name, "keys_per_step": keys, "ms_median": med,
+            pr = perplexity_ratio(v["nll"], nll_dense, seed=0) if n in ppl_at else None
+            r = {"prompt": n, "decoded": decoded[n], "variant": name, "keys_per_step": keys,
+                 "ms_median": med,
                  "ms_steps": v["ms"], "tok_s": 1e3 / med, "x_dense": dense_ms / med,
                  "x_llama_cpp": llama_ms / med if llama else None,
                  "bytes": {"weights": wb, "kv": kv_bytes, "scan": scan},
@@ -330,7 +353,7 @@ def main(argv=None):
     if a.out:
         Path(a.out).write_text(json.dumps({
             "command": "python3 benchmarks/bench_long_decode.py " + " ".join(sys.argv[1:]),
-            "model": str(path), "decoded_tokens": m, "ppl": a.ppl, "copy_bandwidth_Bps": bw,
+            "model": str(path), "decoded_tokens": decoded, "copy_bandwidth_Bps": bw,
             "weight_bytes": wb, "load_average": os.getloadavg(),
             "numba_threads": _numba_threads(), "text": "stdlib sources: " + ", ".join(MODULES),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

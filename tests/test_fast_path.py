@@ -189,14 +189,26 @@ def test_fast_row_kernel_equals_reference_kernel_within_float32_bound(prob):
     assert np.isfinite(lb).any() or not sb.n_attended.any()
 
 
-@given(selections(tq=1))
-def test_decode_kernel_equals_reference_kernel_within_float32_bound(prob):
+@given(selections(tq=1), st.sampled_from([None, 1, 7, 32]))
+def test_decode_kernel_equals_reference_kernel_within_float32_bound(prob, part):
     # one query: attend_decode scores each key once for the query heads sharing it; the row
-    # kernel's error structure (float32 within CHUNK keys, float64 across) with _expf (3u)
+    # kernel's error structure (float32 within CHUNK keys, float64 across) with _expf (3u).
+    # Parts of `part` keys (None: the default, one part here) merge by log-sum-exp in float64,
+    # which adds rounding of order 2^-52, far below the float32 terms; on threads or not, the
+    # same bits
     q, k, v, q_pos, k_pos, sel = prob
     tk = len(k_pos)
     kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True, buffer=True)
-    a, la, sa = attend(q, k, v, sel, kernel=fast_attention.kernel, **kw)
+    if part is None:
+        a, la, sa = attend(q, k, v, sel, kernel=fast_attention.kernel, **kw)
+    else:
+        def split(parallel):
+            return partial(lambda x, rows, scale, k_sorted: fast_attention.attend_decode(
+                x, rows, scale, k_sorted, parallel, part))
+        a, la, sa = attend(q, k, v, sel, kernel=split(False), **kw)
+        c, lc = attend(q, k, v, sel, kernel=split(True), **kw)[:2]
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(la, lc)
     b, lb, sb = attend(q, k, v, sel, kernel=reference_kernel, **kw)
     np.testing.assert_array_equal(sa.n_attended, sb.n_attended)      # the same keys read
     out_tol, lse_tol = row_kernel_tol(q, k[:, :tk], v[:, :tk], sel.normalize(), exp_u=3)
@@ -209,7 +221,7 @@ def test_decode_kernel_is_what_one_query_runs(monkeypatch):
     calls = []
     real = fast_attention.attend_decode
     monkeypatch.setattr(fast_attention, "attend_decode",
-                        lambda *a: calls.append(a[0].q.shape) or real(*a))
+                        lambda *a, **kw: calls.append(a[0].q.shape) or real(*a, **kw))
     r = np.random.default_rng(0)
     q = r.standard_normal((6, 2, 16)).astype(np.float32)
     k, v = r.standard_normal((2, 3, 40, 16)).astype(np.float32)

@@ -1,7 +1,7 @@
 """Decode steps of position patterns without a Selection: for one query (Tq = 1), a selector
 made of key ranges by position (Dense, Sinks, Window and their unions: what sinks + window
-decodes with) goes to attend_decode as the few ranges computed here, not through a Selection
-built, broadcast, merged and normalised in NumPy at every layer.
+decodes with) goes to the decode kernel (attend_decode) as the few ranges computed here, not
+through a Selection built, broadcast, merged and normalised in NumPy at every layer.
 
 Everything else, and any call this does not cover (several queries, float16 buffers, keys out
 of position order, lse wanted), goes to minisparse.attention.attend with the fast kernel. The
@@ -16,7 +16,7 @@ from ..attention.kernel import AttentionStats, Inputs, Rows, attend as attend_an
 from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import SHARED
 from ..attention.selector import Union
-from .attention import attend_decode, kernel
+from .attention import decode_step, kernel
 
 _NO_EXTRA = np.zeros(0, np.int64)
 
@@ -79,8 +79,8 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
                 _NO_EXTRA, np.zeros(0, np.float32))
     empty = np.zeros((Hkv, 0, d), np.float32)
     x = Inputs(q, k, v, empty, empty, q_pos, k_pos, _NO_EXTRA)
-    out, _, natt = attend_decode(x, rows, 1.0 / np.sqrt(d) if scale is None else float(scale),
-                                 True)
+    out, _, natt = decode_step(x, rows, 1.0 / np.sqrt(d) if scale is None else float(scale),
+                               True)
     if not return_stats:
         return out
     n_causal = np.searchsorted(k_pos, q_pos, side="right")                      # (1,)
