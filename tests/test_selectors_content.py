@@ -468,3 +468,15 @@ def test_top_rows_threshold_path_takes_the_keys_of_the_general_path(seed, tq, tk
     a, e = top_rows(S, b, q_pos, k_pos, 0, none), _top_rows(S, b, q_pos, k_pos, 0, none)
     np.testing.assert_array_equal(a[0], e[0])
     np.testing.assert_array_equal(a[1], e[1])
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 300), st.integers(1, 20))
+def test_ivf_list_sums_are_the_bits_of_add_at(seed, n, C):
+    # k-means' per-list sums, compiled: the same float64 additions in the same (row) order
+    from minisparse.attention.ivf import _list_sums
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 8)).astype(np.float32)
+    a = r.integers(0, C, n)
+    s = np.zeros((C, 8))
+    np.add.at(s, a, x)
+    np.testing.assert_array_equal(_list_sums(x, a, C), s)
