@@ -205,7 +205,9 @@ def run_length(model, n, m, specs, caches, llama=None):
 
 def layer_only(lengths, steps, specs, bw):
     """One layer's decode attention per spec at SmolLM2's shapes (see the module docstring)."""
-    from minisparse.attention import attend
+    from minisparse import fast
+    from minisparse.model import PLAIN
+    attend = (fast.FAST if fast.enabled() else PLAIN).attend      # what a model's layer runs
     Hq, Hkv, d = 9, 3, 64
     rng = np.random.default_rng(0)
     row = Hkv * d * 4

@@ -605,13 +605,9 @@ def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:
 
 
 def decode_step(x: Inputs, rows: Rows, scale: float, k_sorted: bool):
-    """attend_decode, its parts side by side on the free cores when the step reads enough keys
-    (PARALLEL_MIN_WORK (row, key) reads) to pay for waking the pool."""
-    work = (int((rows.range_hi - rows.range_lo).sum()) + rows.idx.size) * x.q.shape[0] \
-        // max(rows.range_ptr.size - 1, 1)
-    n = workers() if work >= PARALLEL_MIN_WORK else 1
-    if n > 1:
-        return on_threads(n, attend_decode, x, rows, scale, k_sorted, True)
+    """attend_decode on this thread. Its parts on two threads were no faster at 8k keys on this
+    2-core machine even at its quietest moments, and far slower whenever another process took a
+    core (a part waits for the descheduled one: docs/performance.md), so a step stays serial."""
     return attend_decode(x, rows, scale, k_sorted)
 
 
