@@ -1,11 +1,13 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
-rows in parallel; and `attend_tiles`, dense causal attention as BLAS products by query tiles,
-with a vectorised float32 exp. `kernel` picks between them and is what the fast path installs
-into `minisparse.attention.attend`.
+rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
+reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
+tiles, with a vectorised float32 exp. `kernel` picks between them and is what the fast path
+installs into `minisparse.attention.attend`.
 
-Both compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
+All compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
 rounding differs, bounded in tests/test_fast_path.py and tests/test_attention_tiles.py. Query
-tiles against every visible key as in FlashAttention-2's outer loop.
+tiles against every visible key as in FlashAttention-2's outer loop; decode parts merged by
+log-sum-exp as in FlashDecoding.
 
 Shape legend: Hq / Hkv query / KV heads, G = Hq // Hkv, Tq queries, Tk keys, d head width,
 B query rows per tile (b <= B in the last one), S keys a tile reads, E pseudo-keys.
