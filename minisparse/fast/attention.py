@@ -520,8 +520,8 @@ def _exp_rows(s, m, l):
 TILE_ROWS = 256
 # `kernel` takes the tiles for an every-key selection when Tq >= TILE_MIN_TQ and Tq * Tk >=
 # TILE_MIN_PAIRS: the tiles cost more to set up (Python, one product per KV head and tile) but
-# then run faster; these are the measured break-even points. Decode (Tq = 1) stays with the
-# row kernel.
+# then run faster; these are the measured break-even points. Decode (Tq = 1) takes
+# attend_decode.
 TILE_MIN_TQ = 2
 TILE_MIN_PAIRS = 1024
 
