@@ -171,12 +171,7 @@ def _take_above(S, thr, b):
 
 @njit(cache=True)
 def _top_rows(S, budget, q_pos, k_pos, recent, exclude):
-    """top_rows, any case: per row r (query t = r % Tq): the `budget[r]` causal, non-recent, non-excluded keys of
-    highest S[r] (all of them when fewer), plus every recent key (q_pos - recent < k_pos <= q_pos).
-
-    S (R, Tk) float64 (-inf = not causal); exclude (R, Tk) bool or (0, 0). Returns CSR
-    (ptr (R+1,), idx (n,)) with ascending indices per row.
-    """
+    """top_rows, any case, through take_top per row."""
     R, Tk = S.shape
     Tq = q_pos.size
     cnt = np.zeros(R, np.int64)

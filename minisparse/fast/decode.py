@@ -60,9 +60,10 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
     pattern straight to attend_decode; anything else through attend with `kernel`."""
     ranges = None
     if (q.shape[1] == 1 and not return_lse and q_pos is not None and k_pos is not None
-            and q.dtype == k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous and len(k_pos) <= k.shape[1]
-            and (buffer or len(k_pos) == k.shape[1]) and k.shape[0] and q.shape[0] % k.shape[0] == 0
-            and q.shape[2] == k.shape[2] and k.shape == v.shape):
+            and q.dtype == k.dtype == v.dtype == np.float32
+            and k.flags.c_contiguous and v.flags.c_contiguous and len(k_pos) <= k.shape[1]
+            and (buffer or len(k_pos) == k.shape[1]) and k.shape[0]
+            and q.shape[0] % k.shape[0] == 0 and q.shape[2] == k.shape[2] and k.shape == v.shape):
         k_pos = np.asarray(k_pos, np.int64)
         if k_pos.size < 2 or bool(np.all(k_pos[1:] >= k_pos[:-1])):
             ranges = position_ranges(selector, int(q_pos[0]), k_pos)
