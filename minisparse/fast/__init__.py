@@ -8,11 +8,14 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
   QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
-- attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
-  BLAS products, with a vectorised exp), against the reference kernel in
-  minisparse/attention/kernel.py.
+- attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
+  a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
+  with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
+- decode.py: a decode step of a position pattern (dense, sinks, window, their unions) straight
+  to attend_decode as ranges, the same bits as attend with the fast kernel.
 - prefill.py: sparse prefill as masked tiles (exact top-k fused into the tiles; key-range
-  selections as banded tiles), against the same reference kernel; its `attend` is FAST's.
+  selections as banded tiles), against the same reference kernel.
+`attend` here sends a decode step (one query) to decode.py and any other call to prefill.py.
 
 The seam: a forward calls its model's `Ops` (model.py); `FAST` here holds the functions above,
 `model.PLAIN` the textbook ones. `minisparse.load_model(path, fast=None)` picks FAST unless
@@ -29,7 +32,7 @@ from contextlib import contextmanager
 from ..attention.kernel import use_kernel
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
-from . import attention, prefill, quant
+from . import attention, decode, prefill, quant
 from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 ENV = "MINISPARSE_FAST"
@@ -54,6 +57,12 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def attend(q, k, v, selector=None, *args, **kwargs):
+    """minisparse.attention.attend on the fast path (same arguments and results): a decode step
+    (one query) through decode.py, a prefill chunk through prefill.py."""
+    return (decode.attend if q.shape[1] == 1 else prefill.attend)(q, k, v, selector, *args, **kwargs)
+
+
 @contextmanager
 def long_forward(T: int):
     """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
@@ -67,7 +76,7 @@ FAST = Ops(
     linear=linear,
     rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
     glu=by_rows(0, 0)(glu),
-    attend=prefill.attend,
+    attend=attend,
     forward_context=long_forward,
 )
 
