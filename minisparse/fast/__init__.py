@@ -25,7 +25,11 @@ import os
 from contextlib import contextmanager
 from functools import partial
 
-from ..attention.kernel import attend, use_kernel
+import numpy as np
+
+from ..attention import Dense
+from ..attention.kernel import AttentionStats, Inputs, Rows, attend, default_kernel, use_kernel
+from ..attention.selection import SHARED
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
 from . import attention, quant
@@ -53,6 +57,37 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
+                return_stats=False, scale=None, buffer=False, kernel=None):
+    """minisparse.attention.attend, with kernel (None: the default one). A decode step that reads every key (a
+    Dense selector, float32 arrays as the cache holds them) hands the kernel its one range
+    [0, S) directly: `attend` would build, normalise and check a Selection for it, Python work
+    that costs as much as the kernel itself at short context. Same kernel, same inputs: the
+    same bits (tests/test_fast_path.py)."""
+    if not (type(selector) is Dense and q.ndim == 3 and q.shape[1] == 1 and k_pos is not None
+            and q_pos is not None and not return_lse and q.dtype == k.dtype == v.dtype == np.float32
+            and k.ndim == 3 and k.shape == v.shape and q.shape[2] == k.shape[2] and k.shape[0]
+            and q.shape[0] % k.shape[0] == 0 and k.flags.c_contiguous and v.flags.c_contiguous
+            and 0 < len(k_pos) <= k.shape[1] and (buffer or len(k_pos) == k.shape[1])):
+        return attend(q, k, v, selector, q_pos, k_pos, return_lse, return_stats, scale, buffer,
+                      kernel=kernel)
+    Hq, _, d = q.shape
+    S = len(k_pos)
+    q_pos, k_pos = np.asarray(q_pos, np.int64), np.asarray(k_pos, np.int64)
+    k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
+    none = np.zeros((k.shape[0], 0, d), np.float32)                          # no pseudo-keys
+    x = Inputs(np.ascontiguousarray(q), k, v, none, none, q_pos, k_pos, np.zeros(0, np.int64))
+    rows = Rows(SHARED, np.array([0, 1]), np.zeros(1, np.int64), np.array([S]),
+                np.zeros(2, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    out, _, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)  # (Hq, 1, d)
+    if not return_stats:
+        return out
+    kp = k_pos if k_sorted else np.sort(k_pos)
+    n_causal = np.searchsorted(kp, q_pos, side="right")                      # (1,)
+    return out, AttentionStats(natt, np.broadcast_to(n_causal, (Hq, 1)).copy())
+
+
 @contextmanager
 def long_forward(T: int):
     """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
@@ -66,7 +101,7 @@ FAST = Ops(
     linear=linear,
     rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
     glu=by_rows(0, 0)(glu),
-    attend=partial(attend, kernel=attention.kernel),
+    attend=partial(attend_step, kernel=attention.kernel),
     forward_context=long_forward,
 )
 
