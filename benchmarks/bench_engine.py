@@ -153,17 +153,9 @@ class MiniEngine:
 
 class LlamaCppEngine:
     def __init__(self, path, n_ctx):
-        # llama-cpp-python 0.3.36 as built here segfaults in llama_decode on quantised models when
-        # the CPU backend's extra buffer types (AMX / repacked weights) are on; Llama() does not
-        # expose `use_extra_bufts`, so the default model parameters are patched to turn them off.
-        import llama_cpp.llama_cpp as lc
+        # llama.cpp's default model parameters (the wheel in /work/wheels runs its repacked-weight
+        # buffers without the segfault an earlier source build had; docs/performance.md)
         from llama_cpp import Llama
-        defaults = lc.llama_model_default_params
-        def no_extra_bufts():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-        lc.llama_model_default_params = no_extra_bufts
         self.m = Llama(str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
                        verbose=False, logits_all=False)
         self.vocab = self.m.n_vocab()
