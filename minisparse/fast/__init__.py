@@ -21,11 +21,13 @@ switch.
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
+from numba import njit
 
 from ..attention import Dense
 from ..attention.kernel import AttentionStats, Inputs, Rows, attend, default_kernel, use_kernel
@@ -57,35 +59,54 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+@njit(cache=True)
+def _order_and_count(k_pos, q):
+    """(k_pos is non-decreasing, how many k_pos <= q): the kernel's k_sorted flag and the
+    causal count of a decode step's one query, in one pass."""
+    ordered, n = True, 0
+    for i in range(k_pos.size):
+        n += k_pos[i] <= q
+        if i and k_pos[i] < k_pos[i - 1]:
+            ordered = False
+    return ordered, n
+
+
+# a Dense decode step's one range [0, S) as the kernel's CSR arrays, but for S itself
+_PTR, _ZERO, _NO_IDX = np.array([0, 1], np.int64), np.zeros(1, np.int64), np.zeros(2, np.int64)
+_NO_KEYS, _NO_W = np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+
+@lru_cache(maxsize=None)
+def _no_pseudo_keys(Hkv: int, d: int):
+    return np.zeros((Hkv, 0, d), np.float32)                                 # (Hkv, 0, d)
+
+
 def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
                 return_stats=False, scale=None, buffer=False, kernel=None):
-    """minisparse.attention.attend, with kernel (None: the default one). A decode step that reads every key (a
-    Dense selector, float32 arrays as the cache holds them) hands the kernel its one range
-    [0, S) directly: `attend` would build, normalise and check a Selection for it, Python work
-    that costs as much as the kernel itself at short context. Same kernel, same inputs: the
-    same bits (tests/test_fast_path.py)."""
-    if not (type(selector) is Dense and q.ndim == 3 and q.shape[1] == 1 and k_pos is not None
-            and q_pos is not None and not return_lse and q.dtype == k.dtype == v.dtype == np.float32
-            and k.ndim == 3 and k.shape == v.shape and q.shape[2] == k.shape[2] and k.shape[0]
-            and q.shape[0] % k.shape[0] == 0 and k.flags.c_contiguous and v.flags.c_contiguous
-            and 0 < len(k_pos) <= k.shape[1] and (buffer or len(k_pos) == k.shape[1])):
+    """minisparse.attention.attend, with kernel (None: the default one). A decode step that
+    reads every key (a Dense selector, float32 arrays as the cache holds them) hands the kernel
+    its one range [0, S) directly: `attend` would build, normalise and check a Selection for it,
+    Python work that costs as much as the kernel itself at short context. Same kernel, same
+    inputs: the same bits (tests/test_decode_step.py)."""
+    if not (type(selector) is Dense and not return_lse and q_pos is not None and k_pos is not None
+            and q.ndim == 3 and q.shape[1] == 1 and k.ndim == 3 and k.shape == v.shape
+            and q.dtype == k.dtype == v.dtype == np.float32 and q.shape[2] == k.shape[2]
+            and k.shape[0] and q.shape[0] % k.shape[0] == 0 and k.flags.c_contiguous
+            and v.flags.c_contiguous and 0 < len(k_pos) <= k.shape[1]
+            and (buffer or len(k_pos) == k.shape[1])):
         return attend(q, k, v, selector, q_pos, k_pos, return_lse, return_stats, scale, buffer,
                       kernel=kernel)
     Hq, _, d = q.shape
-    S = len(k_pos)
     q_pos, k_pos = np.asarray(q_pos, np.int64), np.asarray(k_pos, np.int64)
-    k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
-    none = np.zeros((k.shape[0], 0, d), np.float32)                          # no pseudo-keys
-    x = Inputs(np.ascontiguousarray(q), k, v, none, none, q_pos, k_pos, np.zeros(0, np.int64))
-    rows = Rows(SHARED, np.array([0, 1]), np.zeros(1, np.int64), np.array([S]),
-                np.zeros(2, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    k_sorted, n_causal = _order_and_count(k_pos, q_pos[0])
+    none = _no_pseudo_keys(k.shape[0], d)
+    x = Inputs(np.ascontiguousarray(q), k, v, none, none, q_pos, k_pos, _NO_KEYS)
+    rows = Rows(SHARED, _PTR, _ZERO, np.array([len(k_pos)], np.int64), _NO_IDX, _NO_KEYS, _NO_W)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)            # as attend's np.sqrt
     out, _, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)  # (Hq, 1, d)
     if not return_stats:
         return out
-    kp = k_pos if k_sorted else np.sort(k_pos)
-    n_causal = np.searchsorted(kp, q_pos, side="right")                      # (1,)
-    return out, AttentionStats(natt, np.broadcast_to(n_causal, (Hq, 1)).copy())
+    return out, AttentionStats(natt, np.full((Hq, 1), n_causal, np.int64))
 
 
 @contextmanager
