@@ -1,36 +1,75 @@
-"""The fast path's decode-step shortcuts give what the general calls give, bit for bit: they call
-the same kernels on the same inputs and skip only Python bookkeeping."""
+"""The fast path's decode step over every key: attend_step's shortcut gives attend's bits on the
+same kernel (it skips only Python bookkeeping), and FAST's dense decode kernel (fast/decode.py)
+is within kernel_tol of the float64 reference, with attend's statistics."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from minisparse.attention import Dense, Window
 from minisparse.attention.kernel import attend
-from minisparse.fast import FAST, attend_step, attention
+from minisparse.attention.reference import dense_reference
+from minisparse.fast import FAST, attend_step, attention, decode
+from minisparse.testing.bounds import kernel_tol
+
+
+def decode_case(hkv, g, S, spare, shuffled, seed, d=16):
+    """q (Hq, 1, d) and a cache's buffers k, v (Hkv, S + spare, d) holding S keys at k_pos; the
+    query's position lets a few keys lie ahead of it (a cache that reorders may hold such)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((hkv * g, 1, d)).astype(np.float32)
+    k = rng.standard_normal((hkv, S + spare, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, S + spare, d)).astype(np.float32)
+    k_pos = np.arange(S, dtype=np.int64)
+    if shuffled:
+        k_pos = rng.permutation(S + 5)[:S].astype(np.int64)
+    q_pos = np.array([int(k_pos.max()) - int(rng.integers(0, 3))])
+    return q, k, v, q_pos, k_pos
 
 
 @given(hkv=st.sampled_from([1, 2, 3]), g=st.sampled_from([1, 3]), S=st.integers(1, 300),
        spare=st.integers(0, 40), shuffled=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_decode_attend_step_equals_attend_on_the_same_kernel(hkv, g, S, spare, shuffled, seed):
-    rng = np.random.default_rng(seed)
-    d = 16
-    q = rng.standard_normal((hkv * g, 1, d)).astype(np.float32)              # (Hq, 1, d)
-    k = rng.standard_normal((hkv, S + spare, d)).astype(np.float32)          # a cache's buffers
-    v = rng.standard_normal((hkv, S + spare, d)).astype(np.float32)
-    k_pos = np.arange(S, dtype=np.int64)
-    if shuffled:                     # an evicting cache may hold keys out of order
-        k_pos = rng.permutation(S + 5)[:S].astype(np.int64)
-    q_pos = np.array([int(k_pos.max()) - int(rng.integers(0, 3))])          # some keys may lie ahead
-    got, st_got = FAST.attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_stats=True, buffer=True)
+    q, k, v, q_pos, k_pos = decode_case(hkv, g, S, spare, shuffled, seed)
+    got, st_got = attend_step(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_stats=True,
+                              buffer=True, kernel=attention.kernel)
     want, st_want = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_stats=True, buffer=True,
                            kernel=attention.kernel)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.array_equal(st_got.n_attended, st_want.n_attended)
     assert np.array_equal(st_got.n_causal, st_want.n_causal)
-    assert np.array_equal(FAST.attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True), want)
     # without kernel=, the default kernel, as attend
     assert np.array_equal(attend_step(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True),
                           attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True))
+
+
+@given(hkv=st.sampled_from([1, 2, 3]), g=st.sampled_from([1, 3]), S=st.integers(1, 300),
+       spare=st.integers(0, 40), shuffled=st.booleans(), parallel=st.booleans(),
+       d=st.sampled_from([16, 64]), seed=st.integers(0, 2**32 - 1))
+def test_dense_decode_kernel_equals_the_reference_within_kernel_tol(hkv, g, S, spare, shuffled,
+                                                                     parallel, d, seed):
+    q, k, v, q_pos, k_pos = decode_case(hkv, g, S, spare, shuffled, seed, d)
+    saved = decode.PARALLEL_MIN_PAIRS, decode.workers
+    if parallel:
+        decode.PARALLEL_MIN_PAIRS, decode.workers = 0, lambda: 2
+    try:
+        got, st_got = FAST.attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_stats=True,
+                                  buffer=True)
+    finally:
+        decode.PARALLEL_MIN_PAIRS, decode.workers = saved
+    ks, vs = k[:, :S], v[:, :S]
+    ref = dense_reference(q, ks, vs, q_pos, k_pos)                           # float64
+    # the error model kernel_tol derives: float32 logits (any order of the d-term dot), the max
+    # subtracted, expf within 2 u, float32 sums within chunks of CHUNK keys, float64 across them
+    np.testing.assert_allclose(got, ref, rtol=0, atol=kernel_tol(q, ks, vs))
+    _, st_want = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_stats=True, buffer=True)
+    assert np.array_equal(st_got.n_attended, st_want.n_attended)
+    assert np.array_equal(st_got.n_causal, st_want.n_causal)
+
+
+def test_dense_decode_kernel_without_a_causal_key_gives_zeros():
+    q, k, v, _, k_pos = decode_case(2, 3, 20, 4, False, 0)
+    out, st = FAST.attend(q, k, v, Dense(), q_pos=np.array([-1]), k_pos=k_pos, return_stats=True, buffer=True)
+    assert not out.any() and not st.n_attended.any() and not st.n_causal.any()
 
 
 def test_attend_step_hands_other_calls_to_attend_unchanged():

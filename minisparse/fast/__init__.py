@@ -7,7 +7,11 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   float32 `linear`), and glibc's allocator kept from returning memory mid-forward
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
-  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
+  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
+  q8.py: its decode products on 8-bit activations, with MINISPARSE_INT8=1 (within a derived
+  bound of the exact product, tests/test_q8_kernels.py).
+- decode.py: a decode step's attention over every key (`attend_step` with a Dense selector),
+  within kernel_tol of the reference like the row kernel (tests/test_decode_step.py).
 - attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
   BLAS products, with a vectorised exp), against the reference kernel in
   minisparse/attention/kernel.py.
@@ -34,7 +38,7 @@ from ..attention.kernel import AttentionStats, Inputs, Rows, attend, default_ker
 from ..attention.selection import SHARED
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
-from . import attention, quant
+from . import attention, decode, quant
 from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 ENV = "MINISPARSE_FAST"
@@ -82,12 +86,13 @@ def _no_pseudo_keys(Hkv: int, d: int):
 
 
 def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
-                return_stats=False, scale=None, buffer=False, kernel=None):
+                return_stats=False, scale=None, buffer=False, kernel=None, dense_decode=False):
     """minisparse.attention.attend, with kernel (None: the default one). A decode step that
-    reads every key (a Dense selector, float32 arrays as the cache holds them) hands the kernel
-    its one range [0, S) directly: `attend` would build, normalise and check a Selection for it,
-    Python work that costs as much as the kernel itself at short context. Same kernel, same
-    inputs: the same bits (tests/test_decode_step.py)."""
+    reads every key (a Dense selector, float32 arrays as the cache holds them) skips building,
+    normalising and checking a Selection (Python work that costs as much as the kernel at short
+    context): it hands the kernel its one range [0, S) directly (the same bits as attend), or
+    with dense_decode=True (FAST's) runs decode.py's kernel, made for that one case (within
+    kernel_tol of the float64 reference, as the row kernel; tests/test_decode_step.py)."""
     if not (type(selector) is Dense and not return_lse and q_pos is not None and k_pos is not None
             and q.ndim == 3 and q.shape[1] == 1 and k.ndim == 3 and k.shape == v.shape
             and q.dtype == k.dtype == v.dtype == np.float32 and q.shape[2] == k.shape[2]
@@ -103,7 +108,10 @@ def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False
     x = Inputs(np.ascontiguousarray(q), k, v, none, none, q_pos, k_pos, _NO_KEYS)
     rows = Rows(SHARED, _PTR, _ZERO, np.array([len(k_pos)], np.int64), _NO_IDX, _NO_KEYS, _NO_W)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)            # as attend's np.sqrt
-    out, _, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)  # (Hq, 1, d)
+    if dense_decode:
+        out, natt = decode.attend(np.ascontiguousarray(q), k, v, k_pos, q_pos[0], scale)  # (Hq, 1, d)
+    else:
+        out, _, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)
     if not return_stats:
         return out
     return out, AttentionStats(natt, np.full((Hq, 1), n_causal, np.int64))
@@ -122,7 +130,7 @@ FAST = Ops(
     linear=linear,
     rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
     glu=by_rows(0, 0)(glu),
-    attend=partial(attend_step, kernel=attention.kernel),
+    attend=partial(attend_step, kernel=attention.kernel, dense_decode=True),
     forward_context=long_forward,
 )
 
