@@ -82,3 +82,20 @@ def test_attend_step_hands_other_calls_to_attend_unchanged():
     np.testing.assert_array_equal(FAST.attend(q1, k, v, Window(2)), attend(q1, k, v, Window(2), kernel=attention.kernel))
     with pytest.raises(ValueError, match="spec string"):
         FAST.attend(q1, k, v, "window=2")
+
+
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+@pytest.mark.parametrize("T,rope_dim", [(1, 16), (3, 16), (1, 8), (8, 12)])
+def test_decode_rope_gives_apply_ropes_bits(style, T, rope_dim):
+    from minisparse.model import apply_rope, rope_tables
+    r = np.random.default_rng(T * rope_dim)
+    x = r.standard_normal((4, T, 16)).astype(np.float32) * 10.0              # (H, T, d)
+    cfg = type("C", (), {"rope_dim": rope_dim, "rope_base": 10000.0, "rope_scale": 1.0})
+    cos, sin = rope_tables(np.arange(1000, 1000 + T), cfg)                   # (T, r/2)
+    want = apply_rope(x, cos, sin, style, rope_dim)
+    got = FAST.rope(x, cos, sin, style, rope_dim)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    # as forward hands it over: a (T, H, d) product seen as (H, T, d), not contiguous
+    view = x.transpose(1, 0, 2).copy().transpose(1, 0, 2)
+    assert T == 1 or not view.flags.c_contiguous              # (T = 1: any layout is contiguous)
+    assert np.array_equal(FAST.rope(view, cos, sin, style, rope_dim).view(np.uint32), want.view(np.uint32))

@@ -117,6 +117,44 @@ def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False
     return out, AttentionStats(natt, np.full((Hq, 1), n_causal, np.int64))
 
 
+# Up to this many positions RoPE runs as one Numba pass; NumPy's ~12 calls (slices, products,
+# strided stores) cost more than the arithmetic on a decode step's few rows.
+ROPE_NUMBA_MAX_T = 8
+
+
+@njit(cache=True)
+def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
+    """apply_rope's arithmetic, element by element: the same float32 products and differences
+    in the same order (no fused multiply-add), so the same bits."""
+    H, T, d = x.shape
+    half = rope_dim // 2
+    for h in range(H):
+        for t in range(T):
+            for i in range(half):
+                ia, ib = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+                a, b = x[h, t, ia], x[h, t, ib]
+                c, s = cos[t, i], sin[t, i]
+                out[h, t, ia] = a * c - b * s
+                out[h, t, ib] = a * s + b * c
+            for i in range(rope_dim, d):
+                out[h, t, i] = x[h, t, i]
+
+
+_rope_by_rows = by_rows(1, 0, 0)(apply_rope)     # x (H, T, d) and the tables (T, r/2) per position
+
+
+def rope(x, cos, sin, style: str, rope_dim: int, out=None):
+    """model.apply_rope: one Numba pass for a decode step's few positions (float32 arrays),
+    else by row blocks; the same bits either way (tests/test_decode_step.py)."""
+    if (x.ndim == 3 and x.shape[1] <= ROPE_NUMBA_MAX_T and x.dtype == cos.dtype == sin.dtype == np.float32
+            and style in ("interleaved", "neox") and out is None and 0 < rope_dim <= x.shape[2]
+            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)):
+        out = np.empty_like(x)                                                # (H, T, d)
+        _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
+        return out
+    return _rope_by_rows(x, cos, sin, style, rope_dim, out=out)
+
+
 @contextmanager
 def long_forward(T: int):
     """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
@@ -128,7 +166,7 @@ FAST = Ops(
     embed=embed,
     rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
     linear=linear,
-    rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
+    rope=rope,
     glu=by_rows(0, 0)(glu),
     attend=partial(attend_step, kernel=attention.kernel, dense_decode=True),
     forward_context=long_forward,
