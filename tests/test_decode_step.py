@@ -99,3 +99,20 @@ def test_decode_rope_gives_apply_ropes_bits(style, T, rope_dim):
     view = x.transpose(1, 0, 2).copy().transpose(1, 0, 2)
     assert T == 1 or not view.flags.c_contiguous              # (T = 1: any layout is contiguous)
     assert np.array_equal(FAST.rope(view, cos, sin, style, rope_dim).view(np.uint32), want.view(np.uint32))
+
+
+def test_dense_decode_does_not_depend_on_how_the_cache_lays_out_its_keys():
+    # a cache may hold float16 rows, or hand over a strided view: attend converts both to
+    # float32 rows, and the decode step must run the same kernel on them (a restored cache and
+    # the original continue identically only then)
+    q, k, v, q_pos, k_pos = decode_case(3, 3, 50, 10, False, 7)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    want = FAST.attend(q, k16.astype(np.float32), v16.astype(np.float32), Dense(), q_pos=q_pos,
+                       k_pos=k_pos, buffer=True)
+    got16 = FAST.attend(q, k16, v16, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True)
+    wide = np.zeros((3, 60, 32), np.float32)
+    wide[:, :, ::2], wide[:, :, 1::2] = k, k
+    strided = wide[:, :, ::2]                                # k's values, not contiguous
+    got_view = FAST.attend(q, strided, v, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True)
+    assert np.array_equal(got16, want)
+    assert np.array_equal(got_view, FAST.attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, buffer=True))

@@ -80,6 +80,9 @@ _PTR, _ZERO, _NO_IDX = np.array([0, 1], np.int64), np.zeros(1, np.int64), np.zer
 _NO_KEYS, _NO_W = np.zeros(0, np.int64), np.zeros(0, np.float32)
 
 
+_FLOATS = (np.float32, np.float16, np.float64)    # what attend takes (and computes in float32)
+
+
 @lru_cache(maxsize=None)
 def _no_pseudo_keys(Hkv: int, d: int):
     return np.zeros((Hkv, 0, d), np.float32)                                 # (Hkv, 0, d)
@@ -95,21 +98,27 @@ def attend_step(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False
     kernel_tol of the float64 reference, as the row kernel; tests/test_decode_step.py)."""
     if not (type(selector) is Dense and not return_lse and q_pos is not None and k_pos is not None
             and q.ndim == 3 and q.shape[1] == 1 and k.ndim == 3 and k.shape == v.shape
-            and q.dtype == k.dtype == v.dtype == np.float32 and q.shape[2] == k.shape[2]
-            and k.shape[0] and q.shape[0] % k.shape[0] == 0 and k.flags.c_contiguous
-            and v.flags.c_contiguous and 0 < len(k_pos) <= k.shape[1]
-            and (buffer or len(k_pos) == k.shape[1])):
+            and q.shape[2] == k.shape[2] and k.shape[0] and q.shape[0] % k.shape[0] == 0
+            and 0 < len(k_pos) <= k.shape[1] and (buffer or len(k_pos) == k.shape[1])
+            and q.dtype in _FLOATS and k.dtype in _FLOATS and v.dtype == k.dtype):
         return attend(q, k, v, selector, q_pos, k_pos, return_lse, return_stats, scale, buffer,
                       kernel=kernel)
+    if not (k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous):
+        # float16 storage or another layout: the held keys as float32 rows, as attend does (its
+        # one conversion point), so
+        # that which kernel runs never depends on how a cache lays out its buffers
+        k = np.ascontiguousarray(k[:, :len(k_pos)], np.float32)
+        v = np.ascontiguousarray(v[:, :len(k_pos)], np.float32)
     Hq, _, d = q.shape
+    q = np.ascontiguousarray(q, np.float32)
     q_pos, k_pos = np.asarray(q_pos, np.int64), np.asarray(k_pos, np.int64)
     k_sorted, n_causal = _order_and_count(k_pos, q_pos[0])
     none = _no_pseudo_keys(k.shape[0], d)
-    x = Inputs(np.ascontiguousarray(q), k, v, none, none, q_pos, k_pos, _NO_KEYS)
+    x = Inputs(q, k, v, none, none, q_pos, k_pos, _NO_KEYS)
     rows = Rows(SHARED, _PTR, _ZERO, np.array([len(k_pos)], np.int64), _NO_IDX, _NO_KEYS, _NO_W)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)            # as attend's np.sqrt
     if dense_decode:
-        out, natt = decode.attend(np.ascontiguousarray(q), k, v, k_pos, q_pos[0], scale)  # (Hq, 1, d)
+        out, natt = decode.attend(q, k, v, k_pos, q_pos[0], scale)  # (Hq, 1, d)
     else:
         out, _, natt = (default_kernel() if kernel is None else kernel)(x, rows, scale, k_sorted)
     if not return_stats:

@@ -23,7 +23,12 @@ from .threads import on_threads, workers
 # below this many (query head, key) pairs one thread does it all: a parallel region costs more
 PARALLEL_MIN_PAIRS = 1 << 14
 
-_DOT = {"reassoc", "contract"}   # the d-term dot in any order: kernel_tol bounds any order
+# the d-term dot of a score may be summed in any order (kernel_tol bounds every order), and so
+# vectorised; the rest keeps its written order: with reassociation allowed there too, LLVM's
+# loop versions made the bits depend on where the arrays lay (a restored cache then continued
+# differently from the original)
+_DOT = {"reassoc", "contract"}
+_ORDERED = {"contract"}
 
 
 # rows of keys / values asked for ahead of the one being read (4 KiB of float32 at d = 64)
@@ -46,7 +51,7 @@ def _prefetch(typingctx, a, i):
     return types.void(a, types.intp), codegen
 
 
-@njit(cache=True, fastmath=_DOT, inline="always")
+@njit(cache=True, fastmath=_DOT)
 def _score(q, h, k, g, j, scale):
     s = np.float32(0.0)
     for i in range(q.shape[2]):
@@ -54,7 +59,7 @@ def _score(q, h, k, g, j, scale):
     return s * scale
 
 
-@njit(cache=True, fastmath=_DOT)
+@njit(cache=True, fastmath=_ORDERED)
 def _head(q, k, v, k_pos, qp, scale, g, out, natt, s, pb, cacc):
     """Query heads g*G .. g*G+G-1 against KV head g; scratch s (G, S), pb (G, CHUNK), cacc (G, d)
     float32."""
