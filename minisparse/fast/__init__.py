@@ -7,7 +7,10 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   float32 `linear`), and glibc's allocator kept from returning memory mid-forward
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
-  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
+  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
+  q8.py: its decode products on 8-bit activations, with MINISPARSE_INT8=1 (within a derived
+  bound of the exact product, tests/test_q8_kernels.py).
+- `rope` here: a decode step's RoPE as one Numba pass, apply_rope's bits (tests/test_decode_step.py).
 - attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
   a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
   with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
@@ -28,6 +31,9 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+
+import numpy as np
+from numba import njit
 
 from ..attention.kernel import use_kernel
 from ..model import Ops, apply_rope, glu, rms_norm
@@ -63,6 +69,44 @@ def attend(q, k, v, selector=None, *args, **kwargs):
     return (decode.attend if q.shape[1] == 1 else prefill.attend)(q, k, v, selector, *args, **kwargs)
 
 
+# Up to this many positions RoPE runs as one Numba pass; NumPy's ~12 calls (slices, products,
+# strided stores) cost more than the arithmetic on a decode step's few rows.
+ROPE_NUMBA_MAX_T = 8
+
+
+@njit(cache=True)
+def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
+    """apply_rope's arithmetic, element by element: the same float32 products and differences
+    in the same order (no fused multiply-add), so the same bits."""
+    H, T, d = x.shape
+    half = rope_dim // 2
+    for h in range(H):
+        for t in range(T):
+            for i in range(half):
+                ia, ib = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+                a, b = x[h, t, ia], x[h, t, ib]
+                c, s = cos[t, i], sin[t, i]
+                out[h, t, ia] = a * c - b * s
+                out[h, t, ib] = a * s + b * c
+            for i in range(rope_dim, d):
+                out[h, t, i] = x[h, t, i]
+
+
+_rope_by_rows = by_rows(1, 0, 0)(apply_rope)     # x (H, T, d) and the tables (T, r/2) per position
+
+
+def rope(x, cos, sin, style: str, rope_dim: int, out=None):
+    """model.apply_rope: one Numba pass for a decode step's few positions (float32 arrays),
+    else by row blocks; the same bits either way (tests/test_decode_step.py)."""
+    if (x.ndim == 3 and x.shape[1] <= ROPE_NUMBA_MAX_T and x.dtype == cos.dtype == sin.dtype == np.float32
+            and style in ("interleaved", "neox") and out is None and 0 < rope_dim <= x.shape[2]
+            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)):
+        out = np.empty_like(x)                                                # (H, T, d)
+        _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
+        return out
+    return _rope_by_rows(x, cos, sin, style, rope_dim, out=out)
+
+
 @contextmanager
 def long_forward(T: int):
     """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
@@ -74,7 +118,7 @@ FAST = Ops(
     embed=embed,
     rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
     linear=linear,
-    rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
+    rope=rope,
     glu=by_rows(0, 0)(glu),
     attend=attend,
     forward_context=long_forward,
