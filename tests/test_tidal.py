@@ -1,6 +1,7 @@
 """TidalDecode through a real model: the dense layers and the selecting layers read every causal key,
 every other layer reads exactly the positions the last selecting layer chose (its own top-k
-would differ), in prefill and at a decode step; outside a model it is plain top-k."""
+would differ), in prefill and at a decode step; outside a model it is its top-k rule alone (the
+query's own key and the top k - 1 older ones)."""
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from minisparse.attention import Selector, Tidal, TopK
 from minisparse.spec import REGISTRY, parse_attention_spec
 
 K, RESELECT = 4, 4
+RULE = TopK(K - 1, recent=1)          # its own key and the top K - 1 older ones
 
 
 class Recorder(Selector):
@@ -60,10 +62,10 @@ def test_reusing_layers_read_exactly_the_positions_the_selecting_layer_chose(mod
         if l < 2:
             continue
         q, k = steps[f"blk.{chooser}.q"], steps[f"blk.{chooser}.k"]       # fresh cache: K = k
-        want = masks(TopK(K).select(q, k), hq, pos, pos)
+        want = masks(RULE.select(q, k), hq, pos, pos)
         assert np.array_equal(got, want), f"layer {l} does not read layer {chooser}'s top-{K}"
-        own = masks(TopK(K).select(steps[f"blk.{l}.q"], steps[f"blk.{l}.k"]), hq, pos, pos)
-        assert not np.array_equal(own, want), f"layer {l}'s own top-{K} is the same: no evidence"
+        own = masks(RULE.select(steps[f"blk.{l}.q"], steps[f"blk.{l}.k"]), hq, pos, pos)
+        assert not np.array_equal(own, want), f"layer {l}'s own choice is the same: no evidence"
 
 
 def test_a_decode_step_reads_what_the_prefill_row_reads(model):
@@ -81,12 +83,13 @@ def test_a_decode_step_reads_what_the_prefill_row_reads(model):
         assert np.array_equal(a, b), f"layer {l}: decode step differs from the prefill row"
 
 
-def test_outside_a_model_it_is_plain_top_k():
+def test_outside_a_model_it_is_its_own_key_and_the_top_k_minus_1():
     r = np.random.default_rng(0)
     q, k = r.standard_normal((4, 12, 8)).astype(np.float32), r.standard_normal((2, 12, 8)).astype(np.float32)
     a, _ = Tidal(3, 5).select(q, k).to_mask(4, 12, 12)
-    b, _ = TopK(3).select(q, k).to_mask(4, 12, 12)
+    b, _ = TopK(2, recent=1).select(q, k).to_mask(4, 12, 12)
     np.testing.assert_array_equal(a, b)
+    assert a[:, np.arange(12), np.arange(12)].all() and (a.sum(-1)[:, 2:] == 3).all()
 
 
 def test_a_reusing_layer_with_nothing_stored_picks_its_own_top_k():
@@ -94,7 +97,7 @@ def test_a_reusing_layer_with_nothing_stored_picks_its_own_top_k():
     r = np.random.default_rng(1)
     q, k = r.standard_normal((2, 10, 4)).astype(np.float32), r.standard_normal((1, 10, 4)).astype(np.float32)
     a, _ = Tidal(2, 9).at_layer(3, {}).select(q, k).to_mask(2, 10, 10)
-    b, _ = TopK(2).select(q, k).to_mask(2, 10, 10)
+    b, _ = TopK(1, recent=1).select(q, k).to_mask(2, 10, 10)
     np.testing.assert_array_equal(a, b)
 
 

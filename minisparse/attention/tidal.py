@@ -24,11 +24,12 @@ DENSE_LAYERS = 2            # the paper's full-attention layers before the first
 class Tidal(Selector):
     """Tidal(k, reselect, fraction=None): in a model, layers 0 and 1 read every key; layers 2 and
     `reselect` read every key and store, in the forward call's `shared` dict, the key positions
-    each query head's top-k (TopK(k), per query head) picks; every other layer reads the causal
-    keys at the positions the last selecting layer stored (those its own cache holds).
+    each query head picks: its own key and the k - 1 older keys of highest q.k (`topk()`, per
+    query head); every other layer reads the causal keys at the positions the last selecting
+    layer stored (those its own cache holds).
 
-    Outside a model (a bare `select`, no layer) it is plain TopK(k). A reusing layer that finds
-    nothing stored (layer 2 forced dense by the model's dense_layers) picks its own top-k.
+    Outside a model (a bare `select`, no layer) it is that top-k rule alone. A reusing layer that
+    finds nothing stored (layer 2 forced dense by the model's dense_layers) picks its own.
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((1, 8, 4)).astype(np.float32)
@@ -59,7 +60,12 @@ class Tidal(Selector):
         return Tidal(self.k, self.reselect, self.fraction, role, shared)
 
     def topk(self):
-        return TopK(self.k, self.fraction)
+        """The selection rule: the query's own key and the k - 1 older keys of highest q.k (the
+        authors' code keeps the newest key beside top-(k-1)); with a fraction, ceil(f * n) older
+        keys and its own."""
+        if self.k is not None:
+            return TopK(max(self.k - 1, 0), recent=min(self.k, 1))
+        return TopK(fraction=self.fraction, recent=1)
 
     def _select(self, q, k, q_pos, k_pos):
         if self.role == "topk":
@@ -86,15 +92,16 @@ class Tidal(Selector):
     @property
     def budget(self):
         """The sparse layers' budget (the selecting and dense layers read every key)."""
-        return Budget(self.k, self.fraction)
+        return self.topk().budget
 
     def describe(self):
         return f"tidal={budget_text(self.k, self.fraction)}/{self.reselect}"
 
     @staticmethod
     def from_spec(val):
-        """`tidal=k/L`: top-k keys (a count, or `2%` of the causal keys) chosen at layer 2 and
-        re-chosen at layer L, reused by the other layers from layer 3 on; layers 0, 1 dense."""
+        """`tidal=k/L`: k keys (the query's own and the top k - 1; or `2%` of the causal keys and
+        its own) chosen at layer 2 and re-chosen at layer L, reused by the other layers from
+        layer 3 on; layers 0, 1 dense."""
         parts = (val or "").split("/")
         if len(parts) != 2 or not parts[1].isdigit():
             raise ValueError(f"'tidal={val}': expected k/L (top-k keys / re-selection layer), "
