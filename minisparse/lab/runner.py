@@ -220,9 +220,11 @@ def _select(model):
     return select if model.ops is FAST else (lambda sel, *a: sel.select(*a))
 
 
-def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
+def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers, shared=None):
     """Recall and relative output error of layer l at rows [first, last), on the variant's own
-    q/k/v: dense probabilities p (Hq, A, Tk) float64, dense output o = attend(..., Dense())."""
+    q/k/v: dense probabilities p (Hq, A, Tk) float64, dense output o = attend(..., Dense()).
+    shared: one dict handed to the layers in order, as Model.forward does (Selector.at_layer:
+    TidalDecode's reusing layers read what its selecting layer left there)."""
     from ..attention import Dense, attend
     q, k, v, o_model = trace.get_layer(l)
     qa = np.ascontiguousarray(q[:, first:last])                            # (Hq, A, d)
@@ -243,7 +245,7 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
     else:
         # the selector layer l ran (at_layer: DuoAttention's head roles differ by layer)
         sel = (Dense() if (variant.kind != "attention" or l in dense_layers)
-               else variant.selector.at_layer(l, {"model": model}))
+               else variant.selector.at_layer(l, {"model": model} if shared is None else shared))
         # once: the keys read are the keys masked; on the fast path, the keys its prefill read
         chosen = _select(model)(sel, qa, k, qpos, kpos)
         o_s = attend(qa, k, v, chosen, qpos, kpos)                           # (Hq, A, d)
@@ -303,8 +305,10 @@ def run_text(model, ids, variants, analysis=256, dense_layers=(), chunk=512, pro
                                                 protocol, tick)
             dens = _density_by_layer(stats, L, first, last)
             layers, rec_all, err_all, topk_all = [], [], [], []
+            shared = {"model": model}   # one dict for the layers in order, as Model.forward's
             for l in range(L):
-                rec, err = layer_metrics(model, var, trace, reads, l, first, last, dense_layers)
+                rec, err = layer_metrics(model, var, trace, reads, l, first, last, dense_layers,
+                                         shared)
                 rec_all.append(rec), err_all.append(err)
                 layers.append({"layer": l, "dense": l in dense_layers,
                                "density": M.summary(dens[l][0]), "density_all": M.summary(dens[l][2]),
