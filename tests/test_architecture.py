@@ -144,7 +144,8 @@ def model():
 
 
 @pytest.mark.parametrize("spec", ["dense", "recursive=B24/b8", "recursive=B24/b8/acc",
-                                  "streaming=2+14", "streaming=2+14/reassigned", "press=0.5"])
+                                  "streaming=2+14", "streaming=2+14/reassigned", "press=0.5",
+                                  "pyramid=12/w4/beta2", "adakv=8/w4"])
 def test_every_cache_follows_the_cache_contract(model, spec):
     """update returns (K, V, k_pos) with K, V holding >= S rows and k_pos ascending; len, next_pos,
     max_keys, nbytes, block and selector_state are plain attributes of every cache."""
