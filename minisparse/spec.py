@@ -31,7 +31,7 @@ from .attention.selector import Selector, Union
 from .attention.sparq import SparQ
 from .attention.topp import TopP
 from .attention.topk import TopK
-from .cache import SCORERS, AdaKV, PressCache, PyramidKV, RecursiveCompressor, StreamingCache
+from .cache import SCORERS, AdaKV, KiviCache, PressCache, PyramidKV, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
 
 OPTIONS = ("seed", "mode")
@@ -179,6 +179,20 @@ def _adakv(val, model):
     return AdaKV(n_kv_heads=model.config.n_kv_heads, **kw)
 
 
+def _kivi2(val, model):
+    """kivi2[/g<G>][/r<R>]: KIVI's group size and residual length (defaults 32 and 128)."""
+    kw = {}
+    for p in (val or "").split("/") if val else []:
+        key = {"g": "group", "r": "residual"}.get(p[:1])
+        if key is None or key in kw or not p[1:].isdigit():
+            raise ValueError(f"'kivi2/{val}': unknown or repeated part {p!r} (g<group>, r<residual>), "
+                             f"e.g. kivi2/g32/r128")
+        kw[key] = int(p[1:])
+    if model is None:
+        raise ValueError("'kivi2' needs the model (its layer and head shapes)")
+    return KiviCache(model.config, **kw)
+
+
 # ---- the registry: one line per family ----------------------------------------------------
 REGISTRY: dict[str, Family] = {
     "dense": Family("attention", no_value("dense", P.Dense), "dense"),
@@ -214,6 +228,7 @@ REGISTRY: dict[str, Family] = {
     "press": Family("cache", _press, "press=0.5/tova"),
     "pyramid": Family("cache", _pyramid, "pyramid=256/w16/k5/beta20"),
     "adakv": Family("cache", _adakv, "adakv=256/w16/k5/a0.2"),
+    "kivi2": Family("cache", _kivi2, "kivi2/g32/r128"),
 }
 # "dense" names both the dense selector and the dense cache; the cache line is registered as
 # "kv" so that each name has one line, and parse_cache_spec reads "dense" as "kv".
@@ -242,7 +257,7 @@ def known_names(kind: str = "attention") -> list[str]:
     return sorted("dense" if n == "kv" else n for n in names)
 
 
-CACHE_NAMES = ("recursive", "streaming", "press", "pyramid", "adakv")     # the bounded ones; "dense" = KVCache
+CACHE_NAMES = ("recursive", "streaming", "press", "pyramid", "adakv", "kivi2")     # the bounded ones; "dense" = KVCache
 
 
 def suite_selectors() -> list[tuple[str, Callable[[], Selector]]]:
@@ -332,6 +347,8 @@ def parse_cache_spec(spec: str, model):
         raise ValueError(f"cache spec {spec!r}: one cache, e.g. streaming=4+508 (a ',' joins "
                          f"selectors, not caches)")
     name, val, opts = members[0]
+    if val is None and "/" in name:        # "kivi2/g32/r128": parts without a leading value
+        name, _, val = name.partition("/")
     fam = REGISTRY.get("kv" if name == "dense" else name)
     if fam is None or fam.kind != "cache":
         raise ValueError(f"cache spec {spec!r}: unknown cache {name!r}; known: "

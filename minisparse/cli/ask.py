@@ -20,6 +20,7 @@ def add_parser(sub):
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
     flags.add_sampling_args(a)
     flags.add_attention_args(a)
+    flags.add_kv_arg(a)
     a.set_defaults(func=run)
 
 
@@ -27,11 +28,12 @@ def run(args):
     from ..ask import cache_layers, prepare, read_documents
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
+    kv = flags.kv(args, args.cache)
     document = read_documents(args.context)
     model, model_path = flags.load(args, dense_layers)
     stats = [] if selector is not None else None
     cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
-                            files=args.context, cache_spec=args.cache, chunk=args.chunk,
+                            files=args.context, cache_spec=kv or args.cache, chunk=args.chunk,
                             attention=selector, dense_layers=dense_layers,
                             use_saved=not args.no_cache, stats=stats)
     t0, first = time.perf_counter(), None
@@ -41,6 +43,8 @@ def run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if kv is not None:
+        print(flags.kv_line(cache), file=sys.stderr)
     print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
     if stats is not None:
         print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)
