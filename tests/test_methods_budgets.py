@@ -272,3 +272,18 @@ def test_adakv_keeps_what_kvpress_adakvpress_keeps(seed, alpha):
     assert ours.sum() == theirs.sum() == 2 * B
     if _no_near_tie(sc.ravel(), 2 * B):
         assert (ours == theirs).all()
+
+
+def test_a_sparse_selector_over_adakv_reads_only_held_keys(model):
+    # top-k scores every slot, padding included; the intersection with `held` drops what is not
+    # the head's own, so a query reads at most k keys and never more than its head holds
+    ids = [1] + list(np.random.default_rng(3).integers(3, 500, size=80))
+    c = parse_cache_spec("adakv=20/w4/a0.1", model)
+    model.forward(ids, c)
+    before = {l: c.counts(l) for l in range(model.config.n_layers)}
+    stats = []
+    model.forward([7], c, attention="topk=6", stats=stats)
+    G = model.config.n_heads // model.config.n_kv_heads
+    for st in stats:
+        read = st["n_attended"][:, 0]
+        assert (read <= 6).all() and (read <= np.repeat(before[st["layer"]] + 1, G)).all()
