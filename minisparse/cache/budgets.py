@@ -151,6 +151,8 @@ class BudgetCache(Cache):
         """Append k_new, v_new (Hkv, T, d) at positions pos (T,); return k, v (Hkv, S, d) and k_pos
         (S,) for attention over held + new (with `held(layer)` naming each head's slots when the
         counts differ), then evict down to the budget by SnapKV scores of this call's queries."""
+        if q is None:
+            raise ValueError(f"{type(self).__name__} scores keys by attention: update() needs q")
         Hkv, T, d = k_new.shape
         if layer not in self.k:
             self.k[layer] = np.zeros((Hkv, 0, d), self.dtype)
@@ -166,8 +168,6 @@ class BudgetCache(Cache):
         k_pos = np.maximum.accumulate(np.where(valid, P, -1).max(axis=0))            # (S,)
         first = (~valid).sum(axis=1)                                                 # (Hkv,)
         self._read[layer] = first if first.any() else None
-        if q is None:
-            raise ValueError(f"{type(self).__name__} scores keys by attention: update() needs q")
         ctx = ScoreContext(layer, q, k, v, P, np.asarray(pos))
         scores = np.where(valid, self.scorer.scores(ctx), -np.inf)                   # (Hkv, S)
         keep = self._keep(layer, scores, valid)
