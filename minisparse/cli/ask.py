@@ -14,8 +14,8 @@ def add_parser(sub):
     a.add_argument("--context", nargs="+", required=True, help="UTF-8 text files to read")
     a.add_argument("-p", "--prompt", required=True, help="the question")
     a.add_argument("--cache", default="dense",
-                   help="cache policy: dense, streaming=4+1020, recursive=B2048/knorm, press=0.5/tova, pyramid=512, adakv=512 "
-                        "(scorers: docs/caches.md; grammar: minisparse/spec.py)")
+                   help="cache policy: dense, streaming=4+1020, recursive=B2048/knorm, press=0.5/tova, "
+                        "pyramid=512, adakv=512 (scorers: docs/caches.md; grammar: minisparse/spec.py)")
     a.add_argument("--chunk", type=flags.positive_int, default=256, help="prefill chunk (tokens)")
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
     flags.add_sampling_args(a)
