@@ -2,13 +2,18 @@
 
 One run measures, each engine x model in its own subprocess (so peak RSS is that engine's alone):
 prefill tokens/s at 512 and 2048 tokens, decode tokens/s (one token at a time after a 128-token
-prompt), peak RSS; and the machine's ceilings: NumPy sgemm GFLOP/s and memory-copy bandwidth.
+prompt, and after the 2048-token one), peak RSS; and the machine's ceilings: NumPy sgemm GFLOP/s
+and memory-copy bandwidth.
 Prefill is reported as a fraction of sgemm, decode as weight-bytes-per-token / bandwidth.
 Every figure carries the thread counts and the OpenBLAS kernel (threadpoolctl) it ran with.
 Left out: sampling cost (decode feeds the argmax), batching, GPU.
 
-    python3 benchmarks/bench_engine.py --out bench_engine.json          # full (~15-25 min)
+    python3 benchmarks/bench_engine.py --out benchmarks/bench_engine.json   # full (<= 10 min quiet)
     python3 benchmarks/bench_engine.py --quick                          # 1 repeat, 512 only
+
+minisparse-int8 is minisparse-quant with MINISPARSE_INT8=1 (decode products on 8-bit activations,
+minisparse/fast/q8.py). llama.cpp's build options are recorded from /work/wheels/BUILD_OPTIONS.txt
+(or LLAMA_CPP_BUILD_OPTIONS) and its own `llama_print_system_info()`.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, where set, pin OpenBLAS to an older kernel; the benchmark
 re-executes itself without them (--keep-openblas-env keeps them) and records both settings.
@@ -32,8 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))     # workers: set per engine by the driver
-ENGINES = ("minisparse-quant", "minisparse-f32", "llama.cpp", "transformers",
-           "minisparse-quant@1t", "llama.cpp@1t")       # @1t: the same on one thread
+ENGINES = ("minisparse-quant", "minisparse-int8", "minisparse-f32", "llama.cpp", "transformers",
+           "minisparse-quant@1t", "minisparse-int8@1t", "llama.cpp@1t")   # @1t: the same on one thread
+ENGINE_ENV = {"minisparse-int8": {"MINISPARSE_INT8": "1"}}   # per engine, on top of the thread counts
+BUILD_OPTIONS = Path(os.environ.get("LLAMA_CPP_BUILD_OPTIONS", "/work/wheels/BUILD_OPTIONS.txt"))
 
 
 def models():
@@ -84,18 +91,24 @@ def rss_parts_mb(gguf_path=None):
     return out
 
 
-def warm_minisparse_kernels():
+def warm_minisparse_kernels(int8=False):
     """Load (from Numba's cache) what a model run uses, on small inputs and no model, so the RSS
     measured next is the runtime floor: interpreter, NumPy, Numba/LLVM, the compiled kernels (the
     serial and the parallel matvec of each in-place type, dequantisation, both attention paths)
-    and the prefill thread pool with its BLAS controller."""
+    and the prefill thread pool with its BLAS controller. The integer decode kernels are loaded
+    where the run takes them (MINISPARSE_INT8=1) or int8 is set (filling Numba's cache)."""
     sys.path.insert(0, str(ROOT))
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import quantize
     from minisparse.attention import attend, Dense, Window
-    from minisparse.fast import FAST, quant as fast_quant, threads
+    from minisparse.fast import FAST, q8, quant as fast_quant, threads
     from minisparse.quant import QuantMatrix
     rng = np.random.default_rng(0)
+    if fast_quant.INT8_DECODE or int8:
+        for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+            W = quantize(rng.standard_normal((64, 256)).astype(np.float32), qt)
+            x, y = rng.standard_normal(256).astype(np.float32), np.empty(64, np.float32)
+            q8.matvec_serial(int(qt), W, x, y), q8.matvec(int(qt), W, x, y)
     for shape in ((64, 256), (256, 256)):                  # below / above PARALLEL_MIN_WEIGHTS
         w = rng.standard_normal(shape).astype(np.float32)
         for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
@@ -140,17 +153,9 @@ class MiniEngine:
 
 class LlamaCppEngine:
     def __init__(self, path, n_ctx):
-        # llama-cpp-python 0.3.36 as built here segfaults in llama_decode on quantised models when
-        # the CPU backend's extra buffer types (AMX / repacked weights) are on; Llama() does not
-        # expose `use_extra_bufts`, so the default model parameters are patched to turn them off.
-        import llama_cpp.llama_cpp as lc
+        # llama.cpp's default model parameters (the wheel in /work/wheels runs its repacked-weight
+        # buffers without the segfault an earlier source build had; docs/performance.md)
         from llama_cpp import Llama
-        defaults = lc.llama_model_default_params
-        def no_extra_bufts():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-        lc.llama_model_default_params = no_extra_bufts
         self.m = Llama(str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
                        verbose=False, logits_all=False)
         self.vocab = self.m.n_vocab()
@@ -192,6 +197,21 @@ class HFEngine:
         return int(out.logits[0, -1].argmax())
 
 
+LONG = 2048                     # the long prompt, after which decode is timed again
+
+
+def llama_cpp_build():
+    """How the llama.cpp under test was built: the recorded CMAKE_ARGS and its own system info."""
+    out = {"build_options": BUILD_OPTIONS.read_text().strip() if BUILD_OPTIONS.is_file() else None}
+    try:
+        import llama_cpp
+        out["version"] = llama_cpp.__version__
+        out["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+    except Exception as e:            # noqa: BLE001 - absent or broken: say so in the report
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def worker(spec):
     """Run one engine on one model; print one JSON line."""
     path, engine = spec["path"], spec["engine"].split("@")[0]
@@ -206,7 +226,7 @@ def worker(spec):
         floor_mb = rss_mb()                    # + Numba/LLVM with the compiled kernels loaded
     t0 = time.perf_counter()
     ctx = max(spec["prefill"] + [0]) + spec["decode"] + 136
-    if engine == "minisparse-quant":
+    if engine in ("minisparse-quant", "minisparse-int8"):
         e = MiniEngine(path, dequant=False)
     elif engine == "minisparse-f32":
         e = MiniEngine(path, dequant=True)
@@ -229,13 +249,22 @@ def worker(spec):
     res["decode_rss_mb"] = peak_rss_mb()       # load + 128-token prompt + decode
     res["decode_rss_parts_mb"] = rss_parts_mb(path)   # now (not the peak): anon, file, GGUF pages
     for n in spec["prefill"]:
-        ids, times = prompt(n), []
+        ids, times, rates = prompt(n), [], []
         for _ in range(spec["repeats"]):
-            t = time.perf_counter(); e.prefill(ids); times.append(time.perf_counter() - t)
+            t = time.perf_counter(); tok = e.prefill(ids); times.append(time.perf_counter() - t)
+            if n == LONG:              # decode at long context after the timed prefill, at no extra prefill
+                t = time.perf_counter()
+                for _ in range(spec["decode"]):
+                    tok = e.step(tok)
+                rates.append(spec["decode"] / (time.perf_counter() - t))
         res[f"prefill{n}_tok_s"] = n / statistics.median(times)
         res[f"prefill{n}_runs_s"] = times
+        if rates:
+            res["decode2k_tok_s"], res["decode2k_runs_tok_s"] = statistics.median(rates), rates
     res["peak_rss_mb"] = peak_rss_mb()         # + the longest prefill (minisparse keeps (T, V) logits)
     res["threads"] = thread_info()
+    if engine == "llama.cpp":
+        res["llama_cpp_build"] = llama_cpp_build()
     print(json.dumps(res))
 
 
@@ -387,7 +416,7 @@ def run(args):
     env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
            "OMP_NUM_THREADS": str(THREADS),
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    prefill = [512] if args.quick else [512, 2048]
+    prefill = [512] if args.quick else [512, LONG]
     repeats = 1 if args.quick else args.repeats
     decode = 16 if args.quick else args.decode
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -400,6 +429,7 @@ def run(args):
     # worker's RSS would carry LLVM's compile-time memory and overstate the runtime floor
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--warm-numba-cache"], env=env, cwd=ROOT, check=True)
+    report["llama_cpp_build"] = llama_cpp_build()
     report["numba_cache_warm_s"] = time.perf_counter() - t
     engines = available_engines()
     extra = dict(g.split("=", 1) for g in args.gguf or [])
@@ -416,11 +446,13 @@ def run(args):
             if why_not:
                 row["skipped"] = why_not
             else:
+                # @1t: decode only, at both lengths (its 2k prefill is timed too, as a by-product)
                 spec = {"path": str(path), "engine": ename, "decode": decode, "repeats": repeats,
-                        "prefill": [] if ename.endswith("@1t") else prefill}     # @1t: decode only
+                        "prefill": [p for p in prefill if p == LONG] if ename.endswith("@1t") else prefill}
                 n = 1 if ename.endswith("@1t") else THREADS
                 wenv = {**env, "BENCH_THREADS": str(n), "NUMBA_NUM_THREADS": str(n),
-                        "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
+                        "OPENBLAS_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n),
+                        **ENGINE_ENV.get(ename.split("@")[0], {})}
                 p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=wenv,
                                    capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
                 lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -439,7 +471,7 @@ def run(args):
 
 
 def _derive(row, path, ceil):
-    dequant = row["engine"].split("@")[0] not in ("minisparse-quant", "llama.cpp")
+    dequant = row["engine"].split("@")[0] not in ("minisparse-quant", "minisparse-int8", "llama.cpp")
     wb, _ = weight_bytes(path, dequant)
     row["weight_bytes_per_token"] = wb
     row["decode_frac_of_bandwidth"] = row["decode_tok_s"] * wb / (ceil["copy_gb_s"] * 1e9)
@@ -463,11 +495,12 @@ def _cpu():
 
 def _line(r):
     if "skipped" in r:
-        return f"{r['model']:<18} {r.get('engine', ''):<17} skipped: {r['skipped']}"
+        return f"{r['model']:<18} {r.get('engine', ''):<19} skipped: {r['skipped']}"
     pf = "  ".join(f"pf{k[7:-6]} {r[k]:8.1f} ({r[k.replace('tok_s', 'frac_of_sgemm')]:.0%})"
                    for k in r if k.startswith("prefill") and k.endswith("_tok_s"))
-    return (f"{r['model']:<18} {r['engine']:<17} {pf}  decode {r['decode_tok_s']:7.1f} "
-            f"({r['decode_frac_of_bandwidth']:.0%} bw)  RSS decode {r['decode_rss_mb']:5.0f} MB "
+    d2k = f" @2k {r['decode2k_tok_s']:7.1f}" if "decode2k_tok_s" in r else ""
+    return (f"{r['model']:<18} {r['engine']:<19} {pf}  decode {r['decode_tok_s']:7.1f} "
+            f"({r['decode_frac_of_bandwidth']:.0%} bw){d2k}  RSS decode {r['decode_rss_mb']:5.0f} MB "
             f"({r['rss_over_gguf']:.1f}x gguf{_model_part(r)}) peak {r['peak_rss_mb']:5.0f}  {_blas(r['threads'])}")
 
 
@@ -490,6 +523,13 @@ def table(report):
     return "\n".join(lines)
 
 
+def _llama_build_line(b):
+    if "error" in b:
+        return f"not measured ({b['error']})"
+    info = b.get("system_info", "")
+    return f"llama-cpp-python {b.get('version')}, built with `{b.get('build_options')}`; system info: `{info}`"
+
+
 def markdown(report):
     """The report as the markdown tables docs/performance.md carries."""
     c, m = report["ceilings"], report["machine"]
@@ -499,21 +539,24 @@ def markdown(report):
            f"Ceilings: sgemm {c['sgemm_gflops']:.1f} GFLOP/s (OpenBLAS {blas['version']} {blas['architecture']}, "
            f"{blas['num_threads']} threads), copy bandwidth {c['copy_gb_s']:.1f} GB/s (read + write). "
            f"`minisparse generate` start: cold {report['start'].get('cold_s', float('nan')):.1f} s, "
-           f"warm {report['start'].get('warm_s', float('nan')):.1f} s.", "",
+           f"warm {report['start'].get('warm_s', float('nan')):.1f} s.",
+           f"llama.cpp: {_llama_build_line(report.get('llama_cpp_build') or {})}", "",
            "| model | engine | threads | prefill 512 tok/s (of sgemm) | prefill 2048 tok/s (of sgemm) | "
-           "decode tok/s (of bandwidth) | RSS decode MB (x GGUF) | runtime MB | floor MB | "
-           "model = RSS - floor (x GGUF) | peak MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "decode tok/s (of bandwidth) | decode tok/s after 2048 | RSS decode MB (x GGUF) | runtime MB | "
+           "floor MB | model = RSS - floor (x GGUF) | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "skipped" in r:
-            out.append(f"| {r['model']} | {r.get('engine', '')} | | skipped: {r['skipped'][:90]} | | | | | | | |")
+            out.append(f"| {r['model']} | {r.get('engine', '')} | | skipped: {r['skipped'][:90]} | | | | | | | | |")
             continue
         th = r["threads"]
         pf = [f"{r[f'prefill{n}_tok_s']:.0f} ({r[f'prefill{n}_frac_of_sgemm']:.0%})" if f"prefill{n}_tok_s" in r
               else "-" for n in (512, 2048)]
         out.append(f"| {r['model']} | {r['engine']} | {th['engine_threads']} (numba {th['NUMBA_NUM_THREADS']}, "
                    f"blas {th['OPENBLAS_NUM_THREADS']}) | {pf[0]} | {pf[1]} | {r['decode_tok_s']:.1f} "
-                   f"({r['decode_frac_of_bandwidth']:.0%}) | {r['decode_rss_mb']:.0f} ({r['rss_over_gguf']:.1f}x) | "
+                   f"({r['decode_frac_of_bandwidth']:.0%}) | "
+                   + (f"{r['decode2k_tok_s']:.1f}" if "decode2k_tok_s" in r else "-")
+                   + f" | {r['decode_rss_mb']:.0f} ({r['rss_over_gguf']:.1f}x) | "
                    f"{r['runtime_rss_mb']:.0f} | " + (f"{r['floor_rss_mb']:.0f} | "
                    f"{r['decode_rss_mb'] - r['floor_rss_mb']:.0f} ({r['model_rss_over_gguf']:.2f}x) | "
                    if r.get("model_rss_over_gguf") is not None else "- | - | ") + f"{r['peak_rss_mb']:.0f} |")
@@ -524,8 +567,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 512-token prefill, 16 decode steps")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per figure (the median is reported)")
-    ap.add_argument("--decode", type=int, default=64, help="decode steps per run")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is reported)")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--models", nargs="*", help="subset of: stories260K pydoc smollm2-135M-Q4_1")
     ap.add_argument("--engines", nargs="*", help="subset of: minisparse-quant minisparse-f32 llama.cpp transformers")
     ap.add_argument("--gguf", nargs="*", help="extra models as NAME=PATH")
@@ -551,7 +594,7 @@ def main(argv=None):
     if args.worker:
         return worker(json.loads(args.worker))
     if args.warm_numba_cache:
-        return warm_minisparse_kernels()
+        return warm_minisparse_kernels(int8=True)
     if args.crossover:
         c = crossover()
         for r in c["rows"]:

@@ -6,8 +6,11 @@ chunks with a progress bar -> save the cache (minisparse.persist) -> answer, str
 `ask` about the same document, model and policies loads the cache memory-mapped and skips the
 prefill. Left out on purpose: retrieval/chunk ranking (the whole document is read), batching.
 
-The saved cache's key covers everything its K/V depend on: the model file, the document, the
-attention spec, the layers it keeps dense, the cache policy, the prefill chunk. Two `ask` runs
+By default the document is prefilled dense and only the answer runs the selector (the top-k
+attention paper's protocol, Gupta et al. 2021): the saved dense cache then serves every
+attention spec. `prefill="sparse"` runs the selector in the prefill too. The saved cache's key
+covers everything its K/V depend on: the model file, the document, the attention the prefill
+ran ("dense", or the spec and the layers it keeps dense), the cache policy, the prefill chunk. Two `ask` runs
 on the same document at once both prefill and both answer; each writes its own temporary folder
 and renames it into place (minisparse.persist), so one complete cache ends up on disk, the last
 to land, and nothing half-written is ever loaded. No lock: waiting on another process's prefill would save nothing
@@ -99,6 +102,9 @@ def read_documents(paths) -> str:
     return "\n\n".join(docs)
 
 
+PREFILL = ("dense", "sparse")     # what the document's prefill runs: see prepare
+
+
 def answer(model, model_path, document, question, *, sampling=None, **kw):
     """Yield the answer's text pieces (prepare, then Model.generate from the prepared cache).
 
@@ -119,17 +125,25 @@ def cache_layers(attention, dense_layers):
 
 
 def prepare(model, model_path, document, question, *, n_predict=128, files=(), cache_spec="dense",
-            chunk=256, attention=None, dense_layers=(), use_saved=True, stats=None, log=None):
+            chunk=256, attention=None, dense_layers=(), prefill="dense", use_saved=True,
+            stats=None, log=None):
     """(cache holding the document, the question's token ids): the saved cache when it is
     whole and for this key, else a prefill (saved unless use_saved is False). The cost, the
     cache used and the notes go to `log` (stderr).
 
-    attention: a selector or None (dense); its spec string is part of the cache key, as
-    str(attention). stats: a list that receives forward's per-layer attention records.
+    attention: a selector or None (dense), what the answer reads with. prefill: "dense" (the
+    document's K/V do not depend on the selector, so one saved cache serves every attention
+    spec) or "sparse" (the prefill runs the selector too; its spec string, str(attention), and
+    dense_layers are then part of the cache key). stats: a list that receives forward's
+    per-layer attention records of the prefill (a sparse one only).
     """
     log = log or sys.stderr
     if chunk < 1:
         raise MinisparseError(f"--chunk: expected a positive number of tokens, got {chunk}")
+    if prefill not in PREFILL:
+        raise MinisparseError(f"--prefill: expected one of {', '.join(PREFILL)}, got {prefill!r}")
+    if prefill == "dense":           # the K/V of a dense prefill are the same for every selector
+        attention, dense_layers, stats = None, (), None
     cfg = model.config
     prefix, suffix = split_prompt(model.tokenizer, document, question)
     n = len(prefix) + len(suffix) + n_predict

@@ -207,7 +207,9 @@ class Model:
         cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))  # (T, r/2)
         rec = trace.__setitem__ if trace is not None else (lambda name, value: None)
 
-        shared = {}     # seen by every layer of this call, in order (Selector.at_layer)
+        # seen by every layer of this call, in order (Selector.at_layer); it names the model so
+        # that a rule calibrated on it (DuoAttention's head roles) finds its calibration file
+        shared = {"model": self}
         x = ops.embed(w["token_embd"], tokens)                # (T, D)
         rec("embed", x)
         with ops.forward_context(T):

@@ -46,15 +46,16 @@ class CacheError(MinisparseError):
 
 
 def cache_classes() -> dict:
-    """Every cache class that can be saved: the dense KVCache and the bounded caches of
-    `minisparse.cache` that offer `from_state`."""
-    from . import cache as bounded
-    from .model import KVCache
-    classes = {"KVCache": KVCache}
-    for obj in vars(bounded).values():
-        if isinstance(obj, type) and hasattr(obj, "from_state") and hasattr(obj, "state"):
-            classes[obj.__name__] = obj
-    return classes
+    """Every cache class that can be saved: each subclass of the Cache contract (the dense
+    KVCache and the bounded caches) whose `from_state` is not the contract's, which refuses."""
+    from .cache import Cache
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+    return {c.__name__: c for c in subclasses(Cache)
+            if c.from_state.__func__ is not Cache.from_state.__func__}
 
 
 def cache_dir() -> Path:

@@ -20,16 +20,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import patterns as P
+from .attention.duo import Duo
 from .attention.hybrid import Hybrid
 from .attention.indexer import Indexer
 from .attention.ivf import IVF
 from .attention.loki import Loki
 from .attention.lsh import LSH
+from .attention.minference import VerticalSlash, ashape_from_spec
 from .attention.quest import Quest
 from .attention.random_mask import parse_random
 from .attention.selector import Selector, Union
 from .attention.sparq import SparQ
 from .attention.topp import TopP
+from .attention.tidal import Tidal
 from .attention.topk import TopK
 from .cache import SCORERS, AdaKV, KiviCache, PressCache, PyramidKV, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
@@ -222,6 +225,10 @@ REGISTRY: dict[str, Family] = {
     "loki": Family("attention", Loki.from_spec, "loki=16/2%/c512", "loki=2/4/c6"),
     "indexer": Family("attention", Indexer.from_spec, "indexer=64/f16", "indexer=4/q"),
     "topp": Family("attention", TopP.from_spec, "topp=0.95,quest=16/512", "topp=0.8,topk=6"),
+    "vslash": Family("attention", VerticalSlash.from_spec, "vslash=64/64/s4/b64", "vslash=2/2/s1/b2/q4"),
+    "ashape": Family("attention", ashape_from_spec, "ashape=4/64", "ashape=2/3"),
+    "tidal": Family("attention", Tidal.from_spec, "tidal=64/13", "tidal=3/5"),
+    "duo": Family("attention", Duo.from_spec, "duo=0.5/s4/w256", "duo=0.5/s1/w2"),
     "kv": Family("cache", _dense_cache, "dense"),
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),

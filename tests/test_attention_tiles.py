@@ -211,7 +211,7 @@ def test_extreme_logits_give_no_nan_in_tiles(prob, big):
 
 @given(prefill_problems())
 def test_decode_step_equals_tiled_prefill_row_within_bound(prob):
-    # a prefill of many queries runs the tiles, a decode step (Tq = 1) the row kernel:
+    # a prefill of many queries runs the tiles, a decode step (Tq = 1) attend_decode:
     # the same keys, so the rows differ by at most the two paths' bounds added
     q, k, v, q_pos, k_pos = prob
     pre, lse = attend(q, k, v, Dense(), q_pos=q_pos, k_pos=k_pos, return_lse=True, kernel=TILES)
@@ -270,7 +270,7 @@ def test_attend_takes_the_tile_path_exactly_when_it_applies(monkeypatch):
     assert path(None, tk)[0] == "tiles"                                 # None means Dense
     assert path(parse_attention_spec("dense"), tk)[0] == "tiles"       # specs are parsed by callers
     assert path(Sinks(10**6), tk)[0] == "tiles"       # its Selection is "every key": the same
-    assert path(Dense(), 1)[0] == "rows"                                # decode
+    assert path(Dense(), 1)[0] == "rows"                                # decode: not tiles
     assert path(Dense(), tk, tiles=False)[0] == "rows"                  # the switch
     assert path(Dense(), 1, tiles=True)[0] == "tiles"
     assert path(Window(4), tk)[0] == "rows"

@@ -98,18 +98,20 @@ def test_chat_with_a_window_computes_with_it(monkeypatch, capsys):
     assert abs(dense - window).max() > 1e-3          # a different attention, different logits
 
 
-def test_ask_cache_key_includes_attention_dense_layers_and_chunk(tmp_path, monkeypatch, capsys):
+def test_ask_cache_key_includes_sparse_prefill_attention_dense_layers_and_chunk(tmp_path, monkeypatch,
+                                                                               capsys):
     from minisparse.persist import cache_dir
     monkeypatch.setenv("MINISPARSE_CACHE", str(tmp_path / "kv"))
     base = [a for a in _argv("ask", tmp_path, "-n", "2", "--temp", "0") if a != "--no-cache"]
-    variants = ([], ["--attention", "window=4"], ["--attention", "window=4", "--dense-layers", "1"],
-                ["--chunk", "8"])
+    sparse = ["--attention", "window=4", "--prefill", "sparse"]
+    variants = ([], sparse, sparse + ["--dense-layers", "1"], ["--chunk", "8"])
     for extra in variants:
         assert main(base + extra) == 0
         assert "prefill [" in capsys.readouterr().err     # a new key: prefilled, not loaded
     assert len(list(cache_dir().iterdir())) == len(variants)
-    assert main(base + ["--attention", "window=4", "--dense-layers", "1"]) == 0
-    assert "no prefill" in capsys.readouterr().err
+    for extra in (sparse + ["--dense-layers", "1"], ["--attention", "window=4"]):
+        assert main(base + extra) == 0                     # the second: the dense prefill's key
+        assert "no prefill" in capsys.readouterr().err
 
 
 # ---- refused with one line, exit code 2 ------------------------------------------------------------

@@ -96,16 +96,17 @@ def test_float32_linear_by_row_blocks_is_blockwise_the_plain_product(monkeypatch
 
 
 @st.composite
-def selections(draw):
+def selections(draw, tq=None):
     """q, k, v (with a cache's spare rows) and a random normalised Selection of one head kind:
     ranges, explicit indices with float32 log-weights, and pseudo-keys with their own values,
-    keys at increasing positions with gaps or in a shuffled order."""
+    keys at increasing positions with gaps or in a shuffled order; tq queries (default 1 to 12)."""
     seed = draw(st.integers(0, 2**31 - 1))
     r = np.random.default_rng(seed)
     hkv = draw(st.sampled_from([1, 2]))
     hq = hkv * draw(st.sampled_from([1, 2, 3]))
     d = draw(st.sampled_from([8, 16, 64]))
-    tq, tk, n_extra = draw(st.integers(1, 12)), draw(st.integers(1, 90)), draw(st.integers(0, 4))
+    tq = draw(st.integers(1, 12)) if tq is None else tq
+    tk, n_extra = draw(st.integers(1, 90)), draw(st.integers(0, 4))
     kind = draw(st.sampled_from([SHARED, KV, Q]))
     n_heads = {SHARED: 1, KV: hkv, Q: hq}[kind]
     scale_x = draw(st.sampled_from([0.5, 1.0, 3.0]))
@@ -145,15 +146,16 @@ def selections(draw):
     return q, k, v, q_pos, k_pos, sel
 
 
-def row_kernel_tol(q, k, v, sel):
+def row_kernel_tol(q, k, v, sel, exp_u=2):
     """|fast row kernel - reference kernel| on out and lse, from float32 rounding.
 
     Scores: the reference sums q . k in float64 (exact products of float32 inputs; its error,
     ~d 2^-53, is negligible here); the fast kernel sums d float32 products in any order, scales
     and adds the log-weight in float32: |e| <= gamma_{d+2} (A + L), A = scale * d * max|q| *
     max|k| bounding scale * sum_i |q_i k_i| and L = max|logw|. A weight exp(s - m): the float32
-    subtraction adds u |s - m| <= 2u (A + L) and expf <= 2u (1 ulp), so each weight is off by a
-    factor within exp(+-eps0), eps0 = e + 2u(A + L) + 2u. Within a chunk of CHUNK keys the float32
+    subtraction adds u |s - m| <= 2u (A + L) and the exp exp_u * u (libm's expf: 1 ulp, 2u; the
+    decode kernel's _expf: 1.5 ulp, 3u), so each weight is off by a factor within exp(+-eps0),
+    eps0 = e + 2u(A + L) + exp_u u. Within a chunk of CHUNK keys the float32
     sums of the weights and of the weighted values err by gamma_CHUNK relative to sum p and to
     sum p |v| (across chunks the sums are float64). The output is a convex combination of the
     values: relative weight errors within eps = e^eps0 - 1 move it by <= 2 eps / (1 - eps) max|v|,
@@ -165,7 +167,7 @@ def row_kernel_tol(q, k, v, sel):
     vmax = max(np.abs(v).max(), np.abs(sel.extra_v).max() if sel.n_extra else 0.0)
     A = d * np.abs(q).max() * kmax / np.sqrt(d)
     L = np.abs(sel.logw).max() if sel.logw.size else 0.0
-    eps0 = gamma(d + 2) * (A + L) + 2 * U * (A + L) + 2 * U
+    eps0 = gamma(d + 2) * (A + L) + 2 * U * (A + L) + exp_u * U
     eps = np.expm1(eps0)
     gc = gamma(fast_attention.CHUNK)
     out_tol = (2 * eps / (1 - eps) + 2 * gc / (1 - gc) + U) * vmax + 1e-12
@@ -177,13 +179,56 @@ def test_fast_row_kernel_equals_reference_kernel_within_float32_bound(prob):
     q, k, v, q_pos, k_pos, sel = prob
     tk = len(k_pos)
     kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True, buffer=True)
-    a, la, sa = attend(q, k, v, sel, kernel=partial(fast_attention.kernel, tiles=False), **kw)
+    a, la, sa = attend(q, k, v, sel, kernel=partial(fast_attention.kernel, tiles=False,
+                                                     decode=False), **kw)
     b, lb, sb = attend(q, k, v, sel, kernel=reference_kernel, **kw)
     np.testing.assert_array_equal(sa.n_attended, sb.n_attended)      # the same keys read
     out_tol, lse_tol = row_kernel_tol(q, k[:, :tk], v[:, :tk], sel.normalize())
     np.testing.assert_allclose(a, b, rtol=0, atol=out_tol)
     np.testing.assert_allclose(la, lb, rtol=0, atol=lse_tol)         # -inf rows: equal
     assert np.isfinite(lb).any() or not sb.n_attended.any()
+
+
+@given(selections(tq=1), st.sampled_from([None, 1, 7, 32]))
+def test_decode_kernel_equals_reference_kernel_within_float32_bound(prob, part):
+    # one query: attend_decode scores each key once for the query heads sharing it; the row
+    # kernel's error structure (float32 within CHUNK keys, float64 across) with _expf (3u).
+    # Parts of `part` keys (None: the default, one part here) merge by log-sum-exp in float64,
+    # which adds rounding of order 2^-52, far below the float32 terms; on threads or not, the
+    # same bits
+    q, k, v, q_pos, k_pos, sel = prob
+    tk = len(k_pos)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, return_lse=True, return_stats=True, buffer=True)
+    if part is None:
+        a, la, sa = attend(q, k, v, sel, kernel=fast_attention.kernel, **kw)
+    else:
+        def split(parallel):
+            return partial(lambda x, rows, scale, k_sorted: fast_attention.attend_decode(
+                x, rows, scale, k_sorted, parallel, part))
+        a, la, sa = attend(q, k, v, sel, kernel=split(False), **kw)
+        c, lc = attend(q, k, v, sel, kernel=split(True), **kw)[:2]
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(la, lc)
+    b, lb, sb = attend(q, k, v, sel, kernel=reference_kernel, **kw)
+    np.testing.assert_array_equal(sa.n_attended, sb.n_attended)      # the same keys read
+    out_tol, lse_tol = row_kernel_tol(q, k[:, :tk], v[:, :tk], sel.normalize(), exp_u=3)
+    np.testing.assert_allclose(a, b, rtol=0, atol=out_tol)
+    np.testing.assert_allclose(la, lb, rtol=0, atol=lse_tol)         # -inf rows: equal
+    assert np.isfinite(lb).any() or not sb.n_attended.any()
+
+
+def test_decode_kernel_is_what_one_query_runs(monkeypatch):
+    calls = []
+    real = fast_attention.attend_decode
+    monkeypatch.setattr(fast_attention, "attend_decode",
+                        lambda *a, **kw: calls.append(a[0].q.shape) or real(*a, **kw))
+    r = np.random.default_rng(0)
+    q = r.standard_normal((6, 2, 16)).astype(np.float32)
+    k, v = r.standard_normal((2, 3, 40, 16)).astype(np.float32)
+    attend(q[:, :1], k, v, kernel=fast_attention.kernel)                  # decode
+    attend(q, k, v, kernel=fast_attention.kernel)                         # Tq = 2: not
+    attend(q[:, :1], k, v, kernel=partial(fast_attention.kernel, decode=False))
+    assert calls == [(6, 1, 16)]
 
 
 @given(seed=st.integers(0, 2**31 - 1), tq=st.integers(2, 40), extra=st.integers(0, 30),
@@ -210,7 +255,14 @@ def test_attend_default_kernel_follows_the_switch():
     assert default_kernel() is (fast_attention.kernel if minisparse.fast.enabled()
                                 else reference_kernel)
     assert PLAIN.attend.keywords["kernel"] is reference_kernel         # a plain model: always
-    assert FAST.attend.keywords["kernel"] is fast_attention.kernel
+    # a fast model's attend: one query to decode.attend (its own kernel and fallback the fast
+    # kernel), a prefill chunk to prefill.attend (sparse prefill as tiles, then the fast kernel)
+    import inspect
+    import minisparse.fast as fast
+    from minisparse.fast import decode, prefill
+    assert FAST.attend is fast.attend
+    assert inspect.signature(decode.attend).parameters["kernel"].default is fast_attention.kernel
+    assert prefill.KERNEL is prefill.kernel
 
 
 def test_attend_refuses_a_spec_string():
@@ -334,3 +386,40 @@ def test_generate_forwards_stats_to_every_forward():
     assert text and len(stats) == 4 * L
     assert [s["layer"] for s in stats[:L]] == list(range(L))
     assert stats[0]["n_attended"].shape[1] == 2 and stats[-1]["n_attended"].shape[1] == 1
+
+
+@given(seed=st.integers(0, 2**31 - 1), spec=st.sampled_from(
+    ["dense", "sinks=4,window=8", "window=0", "sinks=3", "sinks=40,window=2",
+     "sinks=2,window=5,window=30", "topk=4", "sinks=4,topk=3"]),
+    tk=st.integers(1, 70), spare=st.integers(0, 3), gaps=st.booleans())
+def test_fast_decode_of_a_position_pattern_gives_the_bits_of_attend(seed, spec, tk, spare, gaps):
+    # decode.attend hands dense / sinks / window (and unions) to attend_decode as ranges it
+    # computes itself; the same merged ranges read by the same kernel: equal to the bit, with
+    # the same stats (top-k goes through attend itself: also equal)
+    from minisparse.fast import decode
+    from minisparse.spec import parse_attention_spec
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((6, 1, 16)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, tk + spare, 16)).astype(np.float32)
+    k_pos = np.cumsum(r.integers(1, 3, tk)) if gaps else np.arange(tk)
+    q_pos = np.array([k_pos[-1] + r.integers(0, 2)])
+    sel = parse_attention_spec(spec)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, buffer=True, return_stats=True)
+    a, sa = decode.attend(q, k, v, sel, **kw)
+    b, sb = attend(q, k, v, sel, kernel=fast_attention.kernel, **kw)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(sa.n_attended, sb.n_attended)
+    np.testing.assert_array_equal(sa.n_causal, sb.n_causal)
+
+
+def test_position_ranges_cover_the_patterns_and_refuse_the_rest():
+    from minisparse.attention import Sinks, TopK, Window
+    from minisparse.fast.decode import position_ranges
+    kp = np.arange(0, 20, 2)                                       # positions 0, 2, .., 18
+    assert position_ranges(Dense(), 18, kp) == [(0, 10)]
+    assert position_ranges(Window(4), 18, kp) == [(7, 10)]         # positions 14 .. 18
+    assert position_ranges(Sinks(3) | Window(4), 18, kp) == [(0, 2), (7, 10)]
+    assert position_ranges(Sinks(20) | Window(4), 18, kp) == [(0, 10)]   # fused
+    assert position_ranges(Sinks(0), 18, kp) == []
+    assert position_ranges(TopK(2), 18, kp) is None
+    assert position_ranges(Sinks(3) | TopK(2), 18, kp) is None

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import minisparse
-from minisparse.attention import attend
+from minisparse.attention import attend, reference_kernel
 from minisparse.gate import Gated
 from minisparse.spec import parse_attention_spec
 from minisparse.registry import shipped_file
@@ -176,7 +176,9 @@ def test_gated_decode_with_state_equals_prefill(prob):
     q, k, v, k_pos, sel = prob
     tk = k.shape[1]
     pre_sel = sel.select(q, k, k_pos, k_pos)
-    pre = attend(q, k, v, sel, q_pos=k_pos, k_pos=k_pos)
+    # the reference kernel reads each row alone: the same key set gives the same bits (the fast
+    # path's decode kernel sums in its own float32 order)
+    pre = attend(q, k, v, sel, q_pos=k_pos, k_pos=k_pos, kernel=reference_kernel)
     state = GateState(sel.gate_for(k.shape[2]), k.shape[0])
     bound = sel.bind(state)
     for i in range(tk):
@@ -185,7 +187,7 @@ def test_gated_decode_with_state_equals_prefill(prob):
         for h in range(one.n_heads):
             assert one.rows(h, 0) == pre_sel.rows(h, i)     # the same index set, exactly
         dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], bound, q_pos=k_pos[i:i + 1],
-                     k_pos=k_pos[:i + 1])
+                     k_pos=k_pos[:i + 1], kernel=reference_kernel)
         # the same row read in the same order by the same kernel: identical floats
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
 

@@ -74,6 +74,18 @@ def test_uncorrected_reads_the_same_keys_with_zero_log_weights():
     assert np.any(a.logw != 0) and np.all(b.logw == 0)
 
 
+def test_uncorrected_runs_in_the_model_at_every_layer():
+    """Model.forward asks every layer's selector through at_layer: the wrapper passes it on."""
+    from minisparse import load_model
+    from minisparse.lab.runner import Uncorrected
+    model = load_model("default")
+    pig = parse_attention_spec("magicpig=K3L10,seed=1")
+    stats = []
+    model.forward(list(range(3, 40)), attention=Uncorrected(pig), stats=stats)
+    assert len(stats) == model.config.n_layers
+    assert isinstance(Uncorrected(pig).at_layer(0, {}), Uncorrected)
+
+
 def test_bad_variant_is_an_error_row_not_a_crash(eval_run):
     _, res = eval_run
     bad = _row(res, "nonsense=3")

@@ -168,3 +168,27 @@ def test_leading_whitespace_does_not_stop_decoding(monkeypatch):
     assert r["output"] == " \n\n42\n" and r["correct"]
     r = suite.run_example(_ScriptedModel("\n"), _toy_example(), Variant("x", "x"), "query-aware")
     assert r["output"] == "\n" * 8 and r["degenerate"] == ["newline-only"] and not r["correct"]
+
+
+def test_sharing_the_dense_prefill_gives_the_same_records(model, monkeypatch):
+    # the variants that prefill dense into the full cache start from one copied prefill per
+    # example and protocol; a sparse prefill and a bounded cache still prefill their own
+    from minisparse.lab import suite
+    exs = make_task_set(["niah_single_digits"], model.tokenizer, 256, [0.25, 0.75], n=1, seed=0)
+    variants = ["topk=16", "sinks=2,window=16@dl=0", "ivf=4/p2/c8,seed=1", "topk=16@prefill=sparse",
+                "dense@cache=streaming=4+60"]
+    alone = run_suite(model, exs, variants, PROTOCOLS, share_prefill=False)["records"]
+    prefills = []
+    real = suite.dense_prefill
+    monkeypatch.setattr(suite, "dense_prefill", lambda *a, **kw: prefills.append(1) or real(*a, **kw))
+    shared = run_suite(model, exs, variants, PROTOCOLS, share_prefill=True)["records"]
+    assert shared == alone                                # every field, outputs and keys read
+    assert len(prefills) == len(exs) * len(PROTOCOLS)     # one dense prefill per example, protocol
+
+
+def test_shares_dense_prefill_only_for_a_dense_prefill_into_the_full_cache():
+    from minisparse.lab.suite import shares_dense_prefill
+    assert shares_dense_prefill(parse_variant("dense"))
+    assert shares_dense_prefill(parse_variant("topk=16@dl=0"))
+    assert not shares_dense_prefill(parse_variant("topk=16@prefill=sparse"))
+    assert not shares_dense_prefill(parse_variant("dense@cache=streaming=4+60"))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minisparse.attention import (IVF, LSH, Hybrid, IVFIndex, LSHIndex, Quest, Sinks, TopK,
-                                  Window, attend, dense_reference, merge_lse)
+                                  Window, attend, dense_reference, merge_lse, reference_kernel)
 from minisparse.spec import parse_attention_spec
 from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
 from minisparse.attention.selection import append_along
@@ -112,9 +112,12 @@ def test_topk_realised_density_is_honest(seed, tk, frac, rec):
 def test_topk_kv_shared_decode_step_equals_prefill_row(seed, tk):
     q, k, v = qkv(seed, 4, 2, tk, tk)
     sel = TopK(3, per="kv", recent=2)
-    pre = attend(q, k, v, sel)
+    # the reference kernel reads each row alone: the same key set gives the same bits (the fast
+    # path's decode kernel sums in its own float32 order)
+    pre = attend(q, k, v, sel, kernel=reference_kernel)
     for i in range(tk):
-        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i])
+        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i],
+                     kernel=reference_kernel)
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])     # same row set, same arithmetic
 
 
@@ -283,9 +286,12 @@ def test_lsh_bound_index_decode_step_equals_prefill_row(seed, tk):
     ix.extend(k[:, n0:])
     for mode, kw in (("rank", {"k": 4}), ("sample", {})):
         sel = Window(1) | LSH(3, 12, seed=5, mode=mode, **kw).bind(ix)
-        pre = attend(q, k, v, sel)
+        # the reference kernel reads each row alone: the same key set gives the same bits (the
+        # fast path's decode kernel sums in its own float32 order)
+        pre = attend(q, k, v, sel, kernel=reference_kernel)
         for i in range(tk):
-            dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i])
+            dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i],
+                         kernel=reference_kernel)
             np.testing.assert_array_equal(dec[:, 0], pre[:, i])
 
 
@@ -323,9 +329,12 @@ def test_ivf_bound_index_decode_step_equals_prefill_row(seed, tk):
     ix = IVFIndex(k[:, :n0], n_lists=4, seed=1)               # built after "prefill"
     ix.extend(k[:, n0:])                                      # then extended per token
     sel = IVF(3, nprobe=2).bind(ix)
-    pre = attend(q, k, v, sel)
+    # the reference kernel reads each row alone: the same key set gives the same bits (the fast
+    # path's decode kernel sums in its own float32 order)
+    pre = attend(q, k, v, sel, kernel=reference_kernel)
     for i in range(tk):
-        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i])
+        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i],
+                     kernel=reference_kernel)
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
 
 
@@ -432,9 +441,79 @@ def test_quest_running_page_bounds_equal_recomputed_bounds(seed, n0, steps, page
 def test_quest_decode_with_running_bounds_equals_prefill_row(seed, tk):
     q, k, v = qkv(seed, 4, 2, tk, tk)
     sel, state = Quest(page=4, k=8), {}
-    pre = attend(q, k, v, sel)
+    # the reference kernel reads each row alone: the same key set gives the same bits (the fast
+    # path's decode kernel sums in its own float32 order)
+    pre = attend(q, k, v, sel, kernel=reference_kernel)
     for i in range(tk):
         step = sel.for_layer(0, state, k[:, :i + 1], None)       # bounds kept and extended
         assert step._bounds is state[(sel.describe(), 0)] and step._bounds.n == i + 1
-        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], step, q_pos=[i])
+        dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], step, q_pos=[i],
+                     kernel=reference_kernel)
         np.testing.assert_array_equal(dec[:, 0], pre[:, i])
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 16]), st.integers(1, 9))
+def test_quest_rows_on_threads_equal_quest_rows_serial(seed, page, budget_pages):
+    # a prefill chunk's rows run in parallel; each row writes its own slice, so the CSR is the
+    # same, bit for bit, as the serial loop a decode step runs
+    from minisparse.attention.quest import page_bounds_all, quest_rows, quest_rows_parallel
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((4, 40, 8)).astype(np.float32)
+    k = r.standard_normal((2, 100, 8)).astype(np.float32)
+    hi = np.arange(61, 101)                                   # causal keys of the 40 queries
+    mn, mx = page_bounds_all(k, page)
+    n_pages = np.full(4 * 40, budget_pages)
+    for a, b in zip(quest_rows(q, k, hi, page, n_pages, mn, mx),
+                    quest_rows_parallel(q, k, hi, page, n_pages, mn, mx)):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 30),
+       st.integers(0, 40), st.booleans(), st.sampled_from([(4, 8), (8, 3)]))
+def test_lsh_rows_sorted_equal_lsh_rows_bit_for_bit(seed, heads, tq, extra, gapped, kl):
+    # a prefill chunk over keys in position order takes lsh_rows_sorted (prefix-sum means,
+    # plane-by-plane compares, rows on the threads): the same counts and log-weights
+    from minisparse.attention.lsh import lsh_rows_sorted
+    (hq, hkv), (K, L) = heads, kl
+    r = np.random.default_rng(seed)
+    tk, d = tq + extra, 8
+    q = r.standard_normal((hq, tq, d)).astype(np.float32)
+    k = r.standard_normal((hkv, tk, d)).astype(np.float32)
+    k_pos = np.cumsum(r.integers(1, 4, tk) if gapped else np.ones(tk, np.int64))
+    q_pos = k_pos[tk - tq:].copy()
+    W = planes(seed % 7, K, L, d)
+    Pq, Pk = project(q, W), project(k, W)
+    for want_logw in (False, True):
+        a = lsh_rows(q, k, Pq, Pk, np.zeros((0, 0, 0), np.int64), np.zeros((hkv, d)), K, L,
+                     q_pos, k_pos, want_logw)
+        b = lsh_rows_sorted(q, k, Pq, Pk, K, L, q_pos, k_pos, want_logw)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(1, 60), st.booleans())
+def test_top_rows_threshold_path_takes_the_keys_of_the_general_path(seed, tq, tk, ties):
+    # without recent keys or exclusions top_rows takes its thresholds from NumPy's partition;
+    # the general compiled path (take_top per row) must pick exactly the same keys, ties included
+    from minisparse.attention.topk import _top_rows, top_rows
+    r = np.random.default_rng(seed)
+    R = tq * int(r.integers(1, 4))
+    S = (r.integers(-3, 4, (R, tk)) if ties else r.standard_normal((R, tk))).astype(np.float64)
+    S[r.random((R, tk)) < 0.2] = -np.inf                      # keys no score made eligible
+    k_pos = np.cumsum(r.integers(1, 3, tk))
+    q_pos = np.sort(r.integers(0, k_pos.max() + 2, tq))         # finite scores past q_pos too
+    b = r.integers(0, tk + 2, R)
+    none = np.zeros((0, 0), np.bool_)
+    a, e = top_rows(S, b, q_pos, k_pos, 0, none), _top_rows(S, b, q_pos, k_pos, 0, none)
+    np.testing.assert_array_equal(a[0], e[0])
+    np.testing.assert_array_equal(a[1], e[1])
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 300), st.integers(1, 20))
+def test_ivf_list_sums_are_the_bits_of_add_at(seed, n, C):
+    # k-means' per-list sums, compiled: the same float64 additions in the same (row) order
+    from minisparse.attention.ivf import _list_sums
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 8)).astype(np.float32)
+    a = r.integers(0, C, n)
+    s = np.zeros((C, 8))
+    np.add.at(s, a, x)
+    np.testing.assert_array_equal(_list_sums(x, a, C), s)

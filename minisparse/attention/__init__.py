@@ -28,7 +28,9 @@ attend(q, k, v, selector) -> out [, lse] [, stats]       (kernel.py: attend_rows
 dense_reference(q, k, v, q_pos, k_pos, mask, logw)      (reference.py), Selection.to_mask.
 Selectors here: Dense, Window, Sinks, Globals, BlockLocal, Strided, LogStride, Landmarks,
 RuvLLM (patterns.py), RandomMask (random_mask.py), TopK (topk.py), Quest, LSH / MagicPIG, IVF,
-Hybrid, Twilight's TopP, and the approximate scorers with exact attention SparQ, Loki, Indexer
+Hybrid, Twilight's TopP, MInference's VerticalSlash and AShape (minference.py), TidalDecode
+(tidal.py), DuoAttention's head roles (Duo), and the approximate scorers with exact attention
+SparQ, Loki, Indexer
 (recall_at_k); the contract they follow is selector.py. Spec strings ("sinks=4,window=128") are parsed
 one layer up, by minisparse.spec.parse_attention_spec, which also knows the gated selector
 (minisparse.gate): this package imports nothing above itself, and the kernel imports no selector.
@@ -68,6 +70,9 @@ from .sparq import SparQ
 from .loki import Loki
 from .indexer import Indexer
 from .topp import TopP
+from .minference import AShape, VerticalSlash
+from .tidal import Tidal
+from .duo import Duo
 from .reference import dense_reference
 from .selection import KV, Q, SHARED, Selection, union
 from .selector import Budget, Intersection, Selector, Union
@@ -79,5 +84,5 @@ __all__ = [
     "Dense", "Window", "Sinks", "Globals", "BlockLocal", "Strided", "LogStride", "Landmarks",
     "RunningLandmarks", "RuvLLM", "RandomMask", "store_kv", "Budget",
     "TopK", "Quest", "LSH", "LSHIndex", "IVF", "IVFIndex", "Hybrid", "SparQ", "Loki", "Indexer",
-    "TopP",
+    "TopP", "VerticalSlash", "AShape", "Tidal", "Duo",
 ]

@@ -28,6 +28,18 @@ def _nearest(x, c):
     return out
 
 
+@njit(cache=True)
+def _list_sums(x, a, C):
+    """Sum of the rows x (n, d) of each list a (n,) -> (C, d) float64, added in row order (what
+    np.add.at(s, a, x) gives, without its per-element dispatch)."""
+    n, d = x.shape
+    s = np.zeros((C, d))
+    for i in range(n):
+        for j in range(d):
+            s[a[i], j] += x[i, j]
+    return s
+
+
 def kmeans(x, n_lists, iters=10, seed=0):
     """Lloyd's k-means on x (n, d) -> centroids (C, d) float32. Seeded: the start is C distinct
     random rows; an emptied list restarts at a random row (same generator)."""
@@ -37,8 +49,7 @@ def kmeans(x, n_lists, iters=10, seed=0):
     for _ in range(iters):
         a = _nearest(x, c)                                                     # (n,)
         cnt = np.bincount(a, minlength=C)                                      # (C,)
-        s = np.zeros_like(c)
-        np.add.at(s, a, x)
+        s = _list_sums(x, a, C)                                                # (C, d)
         empty = cnt == 0
         c = np.where(empty[:, None], x[rng.integers(0, x.shape[0], C)], s / np.maximum(cnt, 1)[:, None])
     return c.astype(np.float32)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .selection import Q, Selection, append_along
 from .topk import Ranked, budget_text, check_budget, parse_budget
@@ -153,6 +153,80 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
     return counts, logw
 
 
+@njit(cache=True, parallel=True)
+def lsh_rows_sorted(q, k, Pq, Pk, K, L, q_pos, k_pos, want_logw):
+    """lsh_rows for unbound rows over keys in position order (a prefill chunk), the same counts
+    and log-weights bit for bit, faster: a row's causal keys are a prefix [0, n), so the mean it
+    centres by is a prefix sum (summed in the same order as lsh_rows' loop: the same float64
+    values); the keys' bits are compared plane by plane over contiguous key rows (a vectorised
+    compare, where lsh_rows packs each key's codes one at a time); rows run on the threads (each
+    writes its own row). Pq (Hq, Tq, KL), Pk (Hkv, Tk, KL); returns (counts, logw) as lsh_rows."""
+    Hq, Tq, d = q.shape
+    Hkv, Tk, _ = k.shape
+    G = Hq // Hkv
+    B = K * L
+    counts = np.empty((Hq * Tq, Tk), np.float64)
+    logw = np.zeros((Hq * Tq, Tk) if want_logw else (0, 0), np.float32)
+    cum_k = np.zeros((Hkv, Tk + 1, d), np.float64)                # prefix sums of keys
+    cum_p = np.zeros((Hkv, Tk + 1, B), np.float64)                # and of their projections
+    PkT = np.empty((Hkv, B, Tk), np.float64)                      # projections plane by plane
+    for g in prange(Hkv):
+        for j in range(Tk):
+            for i in range(d):
+                cum_k[g, j + 1, i] = cum_k[g, j, i] + k[g, j, i]
+            for b in range(B):
+                cum_p[g, j + 1, b] = cum_p[g, j, b] + Pk[g, j, b]
+                PkT[g, b, j] = Pk[g, j, b]
+    for r in prange(Hq * Tq):
+        h = r // Tq
+        t = r % Tq
+        g = h // G
+        n = np.searchsorted(k_pos, q_pos[t], side="right")      # causal keys [0, n)
+        m = np.empty(d, np.float64)
+        for i in range(d):
+            m[i] = cum_k[g, n, i] / max(n, 1)
+        cnt = np.zeros(n, np.int32)
+        match = np.empty(n, np.int32)
+        for l in range(L):
+            match[:] = 1
+            for c in range(K):
+                b = l * K + c
+                pm = cum_p[g, n, b] / max(n, 1)
+                col = PkT[g, b]
+                if Pq[h, t, b] > 0.0:                            # queries are not centred
+                    for j in range(n):
+                        match[j] &= col[j] > pm
+                else:                                            # the key's bit must be 0
+                    for j in range(n):
+                        match[j] &= not (col[j] > pm)
+            for j in range(n):
+                cnt[j] += match[j]
+        qn = 0.0
+        for i in range(d):
+            qn += np.float64(q[h, t, i]) ** 2
+        for j in range(n, Tk):
+            counts[r, j] = -np.inf
+        for j in range(n):
+            c = cnt[j]
+            counts[r, j] = c
+            if want_logw and c >= 2:
+                dot = 0.0
+                kn = 0.0
+                for i in range(d):
+                    x = k[g, j, i] - m[i]
+                    dot += q[h, t, i] * x
+                    kn += x * x
+                cos = dot / math.sqrt(qn * kn) if qn * kn > 0 else 1.0
+                p = 1.0 - math.acos(min(1.0, max(-1.0, cos))) / math.pi
+                logw[r, j] = -math.log(max(p_sampled(p, K, L), 1e-30))
+    return counts, logw
+
+
+# rows (Hq * Tq) from which an unbound call over keys in position order takes lsh_rows_sorted
+# (its prefix sums and threads pay for a prefill chunk, not for a decode step's few rows)
+SORTED_MIN_ROWS = 64
+
+
 def planes(seed, K, L, d):
     """The seeded Gaussian planes (K*L, d) float64: table l uses rows l*K .. l*K + K-1."""
     return np.random.default_rng(seed).standard_normal((K * L, d))
@@ -276,6 +350,8 @@ class LSH(Ranked):
             mu = np.zeros((k.shape[0], d), np.float64)
             Pk = project(k, W)                                                 # (Hkv, Tk, KL)
         Pq = project(q, W)                                                     # (Hq, Tq, KL)
+        if ix is None and q_pos.size * q.shape[0] >= SORTED_MIN_ROWS and np.all(k_pos[1:] >= k_pos[:-1]):
+            return lsh_rows_sorted(q, k, Pq, Pk, self.K, self.L, q_pos, k_pos, want_logw)
         return lsh_rows(q, k, Pq, Pk, kcodes, mu, self.K, self.L,
                         q_pos, k_pos, want_logw)
 

@@ -8,7 +8,7 @@ Inference": bound(page) = sum_i max(q_i * min_i, q_i * max_i) >= q.k for every k
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .selection import Q, Selection, append_along, sorted_positions
 from .selector import Budget, Selector
@@ -32,15 +32,16 @@ def page_minmax(k, lo, hi):
     return mn, mx
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "nsz"})
 def page_bound(qv, mn, mx):
     """Upper bound of qv . k over a page with bounds mn, mx (d,): float64 products of float32
-    inputs are exact, so only the d-term sum rounds."""
+    inputs are exact, so only the d-term sum rounds (in an order the compiler picks, to add in
+    SIMD lanes; one compiled order, so prefill rows and decode steps pick the same pages)."""
     s = 0.0
     for i in range(qv.size):
         a = np.float64(qv[i]) * mn[i]
         b = np.float64(qv[i]) * mx[i]
-        s += a if a > b else b
+        s += max(a, b)
     return s
 
 
@@ -58,11 +59,13 @@ def page_bounds_all(k, page):
     return mn, mx
 
 
-@njit(cache=True)
-def quest_rows(q, k, hi, page, n_pages, mn, mx):
+def _quest_rows(q, k, hi, page, n_pages, mn, mx):
     """Per (query head h, query t): bounds of the pages over the causal keys [0, hi[t]) — complete
     pages from mn/mx, the last partial page from its causal keys only — and the n_pages[r] pages
-    of highest bound (ties to the later page). Returns CSR ranges (ptr, lo, hi)."""
+    of highest bound (ties to the later page). Returns CSR ranges (ptr, lo, hi). Each row writes
+    its own CSR slice and depends on nothing else, so quest_rows_parallel (a prefill chunk's
+    Hq * Tq rows on the threads) gives the same result as quest_rows (a decode step's Hq rows,
+    where waking threads costs more than the rows)."""
     Hq, Tq, d = q.shape
     Hkv = k.shape[0]
     G = Hq // Hkv
@@ -76,7 +79,7 @@ def quest_rows(q, k, hi, page, n_pages, mn, mx):
     ptr[1:] = np.cumsum(cnt)
     rlo = np.empty(ptr[-1], np.int64)
     rhi = np.empty(ptr[-1], np.int64)
-    for r in range(R):
+    for r in prange(R):
         h = r // Tq
         t = r % Tq
         g = h // G
@@ -99,6 +102,11 @@ def quest_rows(q, k, hi, page, n_pages, mn, mx):
             rlo[ptr[r] + c] = pick[c] * page
             rhi[ptr[r] + c] = min((pick[c] + 1) * page, hi[t])
     return ptr, rlo, rhi
+
+
+quest_rows = njit(cache=True)(_quest_rows)
+quest_rows_parallel = njit(cache=True, parallel=True)(_quest_rows)
+PARALLEL_MIN_ROWS = 256          # rows from which a call takes quest_rows_parallel
 
 
 class PageBounds:
@@ -175,7 +183,8 @@ class Quest(Selector):
             mn, mx = b.mn[:, :b.pages], b.mx[:, :b.pages]                    # (Hkv, n_full, d)
         else:
             mn, mx = page_bounds_all(k, P)                                   # (Hkv, n_full, d)
-        ptr, lo, rhi = quest_rows(q, k, hi, P, n_pages, mn, mx)
+        rows = quest_rows_parallel if q.shape[0] * q_pos.size >= PARALLEL_MIN_ROWS else quest_rows
+        ptr, lo, rhi = rows(q, k, hi, P, n_pages, mn, mx)
         z = np.zeros(q.shape[0] * q_pos.size + 1, np.int64)
         return Selection.from_lists(z, np.zeros(0, np.int64), k.shape[1], head_kind=Q,
                                     n_heads=q.shape[0], tq=q_pos.size, r_ptr=ptr, r_lo=lo,

@@ -11,7 +11,8 @@ Every selector has:
     at_layer(layer, shared) -> Selector   the selector one layer of a model runs, in prefill and
         decode alike; identity unless its rule depends on the layer (DuoAttention's head roles,
         TidalDecode's reuse of an earlier layer's positions). `shared` is a dict that lives for
-        one forward call and is seen by every layer of it, in order
+        one forward call and is seen by every layer of it, in order; Model.forward puts itself
+        in it as shared["model"] (a calibrated rule finds its file next to model.path)
     for_layer(layer, state, k, v) -> Selector   the selector for one layer of a model; identity
         unless it keeps a per-layer index in the cache's `selector_state` (IVF, LSH, Landmarks)
     bind(state) -> Selector   bound to a prebuilt index or running state; identity by default
@@ -26,6 +27,11 @@ Every selector has:
     options, with_options(**opts)   the trailing spec options it takes and a copy with them
                     set; an option it does not take is a ValueError naming it
     covers_all_causal   True when it reads every causal key (Dense): the suite compares it to dense
+    row_local   True when a row's keys depend only on its own query and the keys it may see; False
+                when they depend on the other rows of the call (MInference's vertical-slash, whose
+                pattern comes from the call's last queries): then decode step i equals the call
+                that holds query i alone, not prefill row i, and a row may depend on later keys
+                up to the call's last query (the shared suite checks those weaker forms)
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class Selector:
     class attributes below where they differ."""
     covers_all_causal = False
     exact_subset = True
+    row_local = True
     options = ()             # names of the trailing spec options it takes (",seed=N", ",mode=M")
 
     @property
@@ -161,6 +168,7 @@ class Union(Selector):
         self.members = flat = flatten(Union, members)
         self.covers_all_causal = any(m.covers_all_causal for m in flat)
         self.exact_subset = all(m.exact_subset for m in flat)
+        self.row_local = all(m.row_local for m in flat)
 
     @property
     def deterministic(self):
@@ -200,6 +208,7 @@ class Intersection(Selector):
         self.members = flat = flatten(Intersection, members)
         self.covers_all_causal = all(m.covers_all_causal for m in flat)
         self.exact_subset = all(m.exact_subset for m in flat)
+        self.row_local = all(m.row_local for m in flat)
 
     @property
     def deterministic(self):

@@ -113,14 +113,65 @@ def take_top(row, elig, b, out, o):
             o += 1
 
 
-@njit(cache=True)
 def top_rows(S, budget, q_pos, k_pos, recent, exclude):
     """Per row r (query t = r % Tq): the `budget[r]` causal, non-recent, non-excluded keys of
     highest S[r] (all of them when fewer), plus every recent key (q_pos - recent < k_pos <= q_pos).
 
     S (R, Tk) float64 (-inf = not causal); exclude (R, Tk) bool or (0, 0). Returns CSR
     (ptr (R+1,), idx (n,)) with ascending indices per row.
+
+    Without recent keys or exclusions (a decode step of TopK), each row's threshold, its b-th
+    largest eligible score, comes from NumPy's partition (SIMD, several times Numba's) and one
+    compiled pass takes the keys above it and the ties take_top would take: the same keys.
     """
+    R, Tk = S.shape
+    if recent or exclude.shape[0] or R == 0:
+        return _top_rows(S, budget, q_pos, k_pos, recent, exclude)
+    causal = k_pos[None, :] <= q_pos[np.arange(R) % q_pos.size, None]          # (R, Tk)
+    S = np.where(causal, S, -np.inf)                                           # (R, Tk)
+    nv = (S > -np.inf).sum(axis=1)                                             # (R,) eligible
+    b = np.minimum(np.asarray(budget, np.int64), nv)                           # (R,)
+    thr = np.full(R, np.inf)                                                   # b = 0: none
+    for r in np.flatnonzero(b > 0):
+        thr[r] = np.partition(S[r], Tk - b[r])[Tk - b[r]]                     # b-th largest
+    return _take_above(S, thr, b)
+
+
+@njit(cache=True)
+def _take_above(S, thr, b):
+    """Rows of S (R, Tk) (-inf: not eligible): the keys above thr[r] and, of those equal to it,
+    the later ones, b[r] keys in all, ascending (take_top's rule). Returns CSR (ptr, idx)."""
+    R, Tk = S.shape
+    ptr = np.zeros(R + 1, np.int64)
+    ptr[1:] = np.cumsum(b)
+    idx = np.empty(ptr[-1], np.int64)
+    for r in range(R):
+        if b[r] == 0:
+            continue
+        t = thr[r]
+        above = 0
+        for j in range(Tk):
+            if S[r, j] > t:
+                above += 1
+        need = b[r] - above                                      # ties taken from the end
+        cut = Tk
+        j = Tk - 1
+        while need > 0 and j >= 0:
+            if S[r, j] == t:
+                cut = j
+                need -= 1
+            j -= 1
+        o = ptr[r]
+        for j in range(Tk):
+            if S[r, j] > t or (S[r, j] == t and j >= cut):
+                idx[o] = j
+                o += 1
+    return ptr, idx
+
+
+@njit(cache=True)
+def _top_rows(S, budget, q_pos, k_pos, recent, exclude):
+    """top_rows, any case, through take_top per row."""
     R, Tk = S.shape
     Tq = q_pos.size
     cnt = np.zeros(R, np.int64)

@@ -86,6 +86,10 @@ class TopP(Selector):
     def deterministic(self):
         return self.candidates is None or self.candidates.deterministic
 
+    @property
+    def row_local(self):
+        return self.candidates is None or self.candidates.row_local
+
     def _select(self, q, k, q_pos, k_pos):
         if q is None:
             raise ValueError("TopP: needs the queries (content-based), got q=None")
@@ -96,6 +100,8 @@ class TopP(Selector):
         k = np.ascontiguousarray(k, np.float32)
         keep = np.zeros((Hq, Tq, Tk), np.bool_)
         step = max(1, 2**22 // max(1, Hq * Tk))          # queries per block: bounded masks
+        if not cands.row_local:                          # its rows depend on the whole call
+            step = max(Tq, 1)
         for a in range(0, Tq, step):
             b = min(Tq, a + step)
             qb = np.ascontiguousarray(q[:, a:b])

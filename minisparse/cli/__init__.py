@@ -1,4 +1,4 @@
-"""The `minisparse` command: generate, chat, ask, cache, info, eval; one file per command.
+"""The `minisparse` command: generate, chat, ask, cache, info, eval, duo; one file per command.
 
 Flags follow llama.cpp's (`-m -p -n --temp --top-k --top-p --seed -c`), and the ones commands
 share are defined once in flags.py. Every expected failure (bad file, bad value, prompt too long)
@@ -15,12 +15,12 @@ import os
 import sys
 
 from ..errors import MinisparseError
-from . import ask, cache, chat, generate, info
+from . import ask, cache, chat, duo, generate, info
 from . import eval as eval_command
 from .chat import encode_chat
 from .flags import EXIT_USAGE, CLIError
 
-COMMANDS = (generate, chat, info, ask, cache, eval_command)
+COMMANDS = (generate, chat, info, ask, cache, eval_command, duo)
 
 __all__ = ["main", "build_parser", "CLIError", "encode_chat", "COMMANDS"]
 

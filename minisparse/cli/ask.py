@@ -18,6 +18,9 @@ def add_parser(sub):
                         "pyramid=512, adakv=512 (scorers: docs/caches.md; grammar: minisparse/spec.py)")
     a.add_argument("--chunk", type=flags.positive_int, default=256, help="prefill chunk (tokens)")
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
+    a.add_argument("--prefill", choices=("dense", "sparse"), default="dense",
+                   help="what the document's prefill runs: dense (default; one saved cache serves "
+                        "every --attention) or sparse (the --attention selector, prefill included)")
     flags.add_sampling_args(a)
     flags.add_attention_args(a)
     flags.add_kv_arg(a)
@@ -29,12 +32,15 @@ def run(args):
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
     kv = flags.kv(args, args.cache)
+    if args.prefill == "sparse" and selector is None:
+        raise flags.CLIError("--prefill sparse: only means something with --attention (without it "
+                             "the prefill is dense)")
     document = read_documents(args.context)
     model, model_path = flags.load(args, dense_layers)
     stats = [] if selector is not None else None
     cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
                             files=args.context, cache_spec=kv or args.cache, chunk=args.chunk,
-                            attention=selector, dense_layers=dense_layers,
+                            attention=selector, dense_layers=dense_layers, prefill=args.prefill,
                             use_saved=not args.no_cache, stats=stats)
     t0, first = time.perf_counter(), None
     for piece in model.generate(suffix, **sampling, attention=selector, cache=cache, add_bos=False,

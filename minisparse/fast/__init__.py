@@ -7,10 +7,18 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   float32 `linear`), and glibc's allocator kept from returning memory mid-forward
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
-  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order.
-- attention.py: the chunked float32 row kernel and `attend_tiles` (dense causal attention as
-  BLAS products, with a vectorised exp), against the reference kernel in
-  minisparse/attention/kernel.py.
+  QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
+  q8.py: its decode products on 8-bit activations, with MINISPARSE_INT8=1 (within a derived
+  bound of the exact product, tests/test_q8_kernels.py).
+- `rope` here: a decode step's RoPE as one Numba pass, apply_rope's bits (tests/test_decode_step.py).
+- attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
+  a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
+  with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
+- decode.py: a decode step of a position pattern (dense, sinks, window, their unions) straight
+  to attend_decode as ranges, the same bits as attend with the fast kernel.
+- prefill.py: sparse prefill as masked tiles (exact top-k fused into the tiles; key-range
+  selections as banded tiles), against the same reference kernel.
+`attend` here sends a decode step (one query) to decode.py and any other call to prefill.py.
 
 The seam: a forward calls its model's `Ops` (model.py); `FAST` here holds the functions above,
 `model.PLAIN` the textbook ones. `minisparse.load_model(path, fast=None)` picks FAST unless
@@ -23,12 +31,14 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from functools import partial
 
-from ..attention.kernel import attend, use_kernel
+import numpy as np
+from numba import njit
+
+from ..attention.kernel import use_kernel
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
-from . import attention, quant
+from . import attention, decode, prefill, quant
 from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 ENV = "MINISPARSE_FAST"
@@ -53,6 +63,50 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def attend(q, k, v, selector=None, *args, **kwargs):
+    """minisparse.attention.attend on the fast path (same arguments and results): a decode step
+    (one query) through decode.py, a prefill chunk through prefill.py."""
+    return (decode.attend if q.shape[1] == 1 else prefill.attend)(q, k, v, selector, *args, **kwargs)
+
+
+# Up to this many positions RoPE runs as one Numba pass; NumPy's ~12 calls (slices, products,
+# strided stores) cost more than the arithmetic on a decode step's few rows.
+ROPE_NUMBA_MAX_T = 8
+
+
+@njit(cache=True)
+def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
+    """apply_rope's arithmetic, element by element: the same float32 products and differences
+    in the same order (no fused multiply-add), so the same bits."""
+    H, T, d = x.shape
+    half = rope_dim // 2
+    for h in range(H):
+        for t in range(T):
+            for i in range(half):
+                ia, ib = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+                a, b = x[h, t, ia], x[h, t, ib]
+                c, s = cos[t, i], sin[t, i]
+                out[h, t, ia] = a * c - b * s
+                out[h, t, ib] = a * s + b * c
+            for i in range(rope_dim, d):
+                out[h, t, i] = x[h, t, i]
+
+
+_rope_by_rows = by_rows(1, 0, 0)(apply_rope)     # x (H, T, d) and the tables (T, r/2) per position
+
+
+def rope(x, cos, sin, style: str, rope_dim: int, out=None):
+    """model.apply_rope: one Numba pass for a decode step's few positions (float32 arrays),
+    else by row blocks; the same bits either way (tests/test_decode_step.py)."""
+    if (x.ndim == 3 and x.shape[1] <= ROPE_NUMBA_MAX_T and x.dtype == cos.dtype == sin.dtype == np.float32
+            and style in ("interleaved", "neox") and out is None and 0 < rope_dim <= x.shape[2]
+            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)):
+        out = np.empty_like(x)                                                # (H, T, d)
+        _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
+        return out
+    return _rope_by_rows(x, cos, sin, style, rope_dim, out=out)
+
+
 @contextmanager
 def long_forward(T: int):
     """A T-token forward: NumPy work split over the cores, freed memory kept until the end."""
@@ -64,9 +118,9 @@ FAST = Ops(
     embed=embed,
     rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
     linear=linear,
-    rope=by_rows(1, 0, 0)(apply_rope),            # x (H, T, d) and the tables (T, r/2) per position
+    rope=rope,
     glu=by_rows(0, 0)(glu),
-    attend=partial(attend, kernel=attention.kernel),
+    attend=attend,
     forward_context=long_forward,
 )
 

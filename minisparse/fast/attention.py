@@ -1,11 +1,13 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
-rows in parallel; and `attend_tiles`, dense causal attention as BLAS products by query tiles,
-with a vectorised float32 exp. `kernel` picks between them and is what the fast path installs
-into `minisparse.attention.attend`.
+rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
+reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
+tiles, with a vectorised float32 exp. `kernel` picks between them and is what the fast path
+installs into `minisparse.attention.attend`.
 
-Both compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
+All compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
 rounding differs, bounded in tests/test_fast_path.py and tests/test_attention_tiles.py. Query
-tiles against every visible key as in FlashAttention-2's outer loop.
+tiles against every visible key as in FlashAttention-2's outer loop; decode parts merged by
+log-sum-exp as in FlashDecoding.
 
 Shape legend: Hq / Hkv query / KV heads, G = Hq // Hkv, Tq queries, Tk keys, d head width,
 B query rows per tile (b <= B in the last one), S keys a tile reads, E pseudo-keys.
@@ -235,6 +237,224 @@ def attend_rows_serial(x, rows, scale, k_sorted):
 PARALLEL_MIN_WORK = 1 << 16
 
 
+# ---- decode: the query heads of a KV head in one pass over its keys ----------------------
+# A decode step (Tq = 1) is memory-bound: each KV head's K and V rows are the bytes it reads.
+# The row kernel reads them once per query head (G times); here the G query heads that share a
+# KV head and a Selection row (SHARED or KV kinds: every decode of dense, sinks + window, /kv
+# top-k) score each key row once and weight each value row once. Two passes instead of an online
+# softmax: a part's keys are listed first, so its max is known before any exp. A long row is cut
+# into parts of DECODE_PART keys, merged by log-sum-exp in float64 (FlashDecoding's split): the
+# parts are fixed by the row alone, so one thread or several give the same bits.
+
+DECODE_PART = 2048
+
+
+@njit(cache=True)
+def _decode_keys(k_pos, e_pos, qp, k_sorted, r, rptr, rlo, rhi, iptr, idx, logw, js, lws):
+    """List the keys row r reads, causal by position: js[:n] (>= Tk: pseudo-key js - Tk) and
+    their log-weights lws[:n]; returns n."""
+    Tk = k_pos.shape[0]
+    kend = np.searchsorted(k_pos, qp, side="right") if k_sorted else Tk
+    n = 0
+    for a in range(rptr[r], rptr[r + 1]):
+        if k_sorted:                                             # causal part is a prefix
+            for j in range(rlo[a], min(rhi[a], kend)):
+                js[n] = j
+                lws[n] = 0.0
+                n += 1
+        else:
+            for j in range(rlo[a], rhi[a]):
+                if k_pos[j] <= qp:
+                    js[n] = j
+                    lws[n] = 0.0
+                    n += 1
+    for a in range(iptr[r], iptr[r + 1]):
+        j = idx[a]
+        if (k_pos[j] if j < Tk else e_pos[j - Tk]) <= qp:
+            js[n] = j
+            lws[n] = logw[a]
+            n += 1
+    return n
+
+
+@njit(cache=True, fastmath=_FM)
+def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, cacc, m, l, acc):
+    """Query heads h0 .. h0+nh-1 (one query each) over keys js[c0:c1], lws[c0:c1] of KV head g:
+    m (nh,) float64 their max score (-inf: none has weight), l (nh,) float64 the sum of
+    exp(s - m), acc (nh, d) float64 the sum of exp(s - m) v.
+
+    Scores q . k in float32 (d products) into sbuf (nh, >= c1 - c0); weights exp(s - m) by
+    _expf (float32, <= 1.5 ulp), summed with the weighted values in float32 within a chunk of
+    CHUNK keys and in float64 across chunks: the row kernel's error structure, with the exact
+    max known before the first weight (no rescaling)."""
+    d = q.shape[2]
+    n = c1 - c0
+    for c in range(n):                                           # pass 1: each K row once
+        j = js[c0 + c]
+        for a in range(nh):
+            sc = np.float32(0.0)
+            if j < Tk:
+                for i in range(d):
+                    sc += q[h0 + a, 0, i] * k[g, j, i]
+            else:
+                for i in range(d):
+                    sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
+            sbuf[a, c] = sc * scale + lws[c0 + c]
+    for a in range(nh):
+        mx = np.float32(-np.inf)
+        for c in range(n):
+            mx = max(mx, sbuf[a, c])
+        mm = mx if mx > -np.inf else np.float32(0.0)             # every weight -inf: l = 0
+        for c in range(n):
+            sbuf[a, c] = _expf(sbuf[a, c] - mm)                  # in [0, 1]
+        m[a] = mx
+        l[a] = 0.0
+    acc[:nh] = 0.0
+    for b0 in range(0, n, CHUNK):                                # pass 2: each V row once
+        b1 = min(b0 + CHUNK, n)
+        cacc[:nh] = 0.0
+        for c in range(b0, b1):
+            j = js[c0 + c]
+            for a in range(nh):
+                p = sbuf[a, c]
+                if j < Tk:
+                    for i in range(d):
+                        cacc[a, i] += p * v[g, j, i]
+                else:
+                    for i in range(d):
+                        cacc[a, i] += p * ev[g, j - Tk, i]
+        for a in range(nh):
+            lsum = np.float32(0.0)
+            for c in range(b0, b1):
+                lsum += sbuf[a, c]
+            l[a] += lsum
+            for i in range(d):
+                acc[a, i] += cacc[a, i]
+
+
+@njit(cache=True)
+def _decode_merge(h0, nh, P, m, l, acc, out, lse):
+    """Parts p < P of query heads h0 .. h0+nh-1 (m, l (P, nh), acc (P, nh, d) float64) into
+    out[h, 0] and lse[h, 0]: rescaled to the largest max in float64, then divided."""
+    d = acc.shape[2]
+    for a in range(nh):
+        mx = -np.inf
+        for p in range(P):
+            mx = max(mx, m[p, a])
+        lt = 0.0
+        for p in range(P):
+            if l[p, a] > 0.0:
+                lt += l[p, a] * np.exp(m[p, a] - mx)
+        if lt > 0.0:
+            for i in range(d):
+                s = 0.0
+                for p in range(P):
+                    if l[p, a] > 0.0:
+                        s += acc[p, a, i] * np.exp(m[p, a] - mx)
+                out[h0 + a, 0, i] = s / lt
+            lse[h0 + a, 0] = mx + np.log(lt)
+
+
+@njit(cache=True)
+def _decode_plan(x, rows, part):
+    """The groups of a decode step: query heads per row nh, the keys each group reads (js, lws
+    (ngroups, nmax), counts n (ngroups,)) and its number of parts."""
+    Hq = x.q.shape[0]
+    G = Hq // x.k.shape[0]
+    nh = 1 if rows.head_kind == 2 else G                         # query heads a row serves
+    ng = Hq // nh
+    nmax = 1                                                     # the longest row's entries
+    for r in range(rows.range_ptr.size - 1):
+        w = rows.idx_ptr[r + 1] - rows.idx_ptr[r]
+        for a in range(rows.range_ptr[r], rows.range_ptr[r + 1]):
+            w += rows.range_hi[a] - rows.range_lo[a]
+        nmax = max(nmax, w)
+    js = np.empty((ng, nmax), np.int64)
+    lws = np.empty((ng, nmax), np.float32)
+    n = np.zeros(ng, np.int64)
+    for gi in range(ng):
+        h0 = gi * nh
+        r = 0 if rows.head_kind == 0 else (h0 // G if rows.head_kind == 1 else h0)
+        n[gi] = _decode_keys(x.k_pos, x.extra_pos, x.q_pos[0], x.k_sorted, r, rows.range_ptr,
+                             rows.range_lo, rows.range_hi, rows.idx_ptr, rows.idx, rows.logw,
+                             js[gi], lws[gi])
+    P = max(1, (nmax + part - 1) // part)
+    return nh, js, lws, n, P
+
+
+@njit(cache=True)
+def _decode_task(x, scale, part, nh, js, lws, n, P, t, m, l, acc):
+    """Task t = group * P + part: that part's keys into m, l, acc[t]."""
+    G = x.q.shape[0] // x.k.shape[0]
+    d = x.q.shape[2]
+    gi, p = t // P, t % P
+    h0 = gi * nh
+    c0 = min(p * part, n[gi])
+    c1 = min(c0 + part, n[gi])
+    sbuf = np.empty((nh, max(c1 - c0, 1)), np.float32)
+    cacc = np.empty((nh, d), np.float32)
+    _decode_part(x.q, x.k, x.v, x.extra_k, x.extra_v, x.k_pos.shape[0], h0 // G, h0, nh, js[gi],
+                 lws[gi], c0, c1, np.float32(scale), sbuf, cacc, m[t], l[t], acc[t])
+
+
+@njit(cache=True)
+def _decode_finish(x, nh, n, P, m, l, acc):
+    Hq, _, d = x.q.shape
+    out = np.zeros((Hq, 1, d), np.float32)
+    lse = np.full((Hq, 1), -np.inf)
+    natt = np.zeros((Hq, 1), np.int64)
+    for gi in range(n.size):
+        _decode_merge(gi * nh, nh, P, m[gi * P:(gi + 1) * P], l[gi * P:(gi + 1) * P],
+                      acc[gi * P:(gi + 1) * P], out, lse)
+        natt[gi * nh:(gi + 1) * nh, 0] = n[gi]
+    return out, lse, natt
+
+
+class DecodeInputs(NamedTuple):
+    """Inputs plus k_sorted, for the decode kernels' helpers."""
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    extra_k: np.ndarray
+    extra_v: np.ndarray
+    q_pos: np.ndarray
+    k_pos: np.ndarray
+    extra_pos: np.ndarray
+    k_sorted: bool
+
+
+@njit(cache=True)
+def _decode_serial(x, rows, scale, part):
+    nh, js, lws, n, P = _decode_plan(x, rows, part)
+    T = n.size * P
+    d = x.q.shape[2]
+    m, l, acc = np.empty((T, nh)), np.empty((T, nh)), np.empty((T, nh, d))
+    for t in range(T):
+        _decode_task(x, scale, part, nh, js, lws, n, P, t, m, l, acc)
+    return _decode_finish(x, nh, n, P, m, l, acc)
+
+
+@njit(cache=True, parallel=True)
+def _decode_parallel(x, rows, scale, part):
+    nh, js, lws, n, P = _decode_plan(x, rows, part)
+    T = n.size * P
+    d = x.q.shape[2]
+    m, l, acc = np.empty((T, nh)), np.empty((T, nh)), np.empty((T, nh, d))
+    for t in prange(T):                                          # parts write disjoint rows
+        _decode_task(x, scale, part, nh, js, lws, n, P, t, m, l, acc)
+    return _decode_finish(x, nh, n, P, m, l, acc)
+
+
+def attend_decode(x, rows, scale, k_sorted, parallel=False, part=DECODE_PART):
+    """attend_rows for one query (Tq = 1), query heads that share a Selection row and a KV
+    head together (all G of a KV head for SHARED and KV kinds, one for Q): each of their key
+    and value rows is read once, not once per query head. A row's parts (`part` keys) run
+    side by side when parallel; the result is the same bits either way. Same returns as
+    attend_rows."""
+    xd = DecodeInputs(*x, bool(k_sorted))
+    return (_decode_parallel if parallel else _decode_serial)(xd, rows, float(scale), int(part))
+
+
 # ---- dense causal prefill as matrix products ---------------------------------------------
 # The softmax of a tile is the memory-bound part: NumPy takes four passes over the (G*B, S)
 # scores (max, subtract, exp, sum). `_exp_rows` does subtract, exp and sum in one pass. Its exp
@@ -300,8 +520,8 @@ def _exp_rows(s, m, l):
 TILE_ROWS = 256
 # `kernel` takes the tiles for an every-key selection when Tq >= TILE_MIN_TQ and Tq * Tk >=
 # TILE_MIN_PAIRS: the tiles cost more to set up (Python, one product per KV head and tile) but
-# then run faster; these are the measured break-even points. Decode (Tq = 1) stays with the
-# row kernel.
+# then run faster; these are the measured break-even points. Decode (Tq = 1) takes
+# attend_decode.
 TILE_MIN_TQ = 2
 TILE_MIN_PAIRS = 1024
 
@@ -386,17 +606,27 @@ def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:
             and not rows.range_lo.any() and bool(np.all(rows.range_hi == Tk)))
 
 
-def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None):
+def decode_step(x: Inputs, rows: Rows, scale: float, k_sorted: bool):
+    """attend_decode on this thread. Its parts on two threads were no faster at 8k keys on this
+    2-core machine even at its quietest moments, and far slower whenever another process took a
+    core (a part waits for the descheduled one: docs/performance.md), so a step stays serial."""
+    return attend_decode(x, rows, scale, k_sorted)
+
+
+def kernel(x: Inputs, rows: Rows, scale: float, k_sorted: bool, tiles=None, decode=None):
     """The fast path's attention kernel, for `minisparse.attention.attend(kernel=...)`.
 
     tiles: None takes attend_tiles (BLAS products) when the selection reads every key,
     Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS, else the chunked row kernel, in parallel
     when the call is large; False always the row kernel; True attend_tiles at any size (a
-    ValueError unless the selection reads every key)."""
+    ValueError unless the selection reads every key). decode: None or True takes attend_decode
+    for one query (Tq = 1) unless tiles=True; False leaves one query to the row kernel."""
     Hq, Tq, d = x.q.shape
     Tk = x.k_pos.shape[0]
     if tiles is True and not _every_key(rows, Tk, x.extra_pos.size):
         raise ValueError("attend: tiles=True needs a selection of every key (Dense)")
+    if Tq == 1 and decode is not False and tiles is not True:
+        return decode_step(x, rows, scale, k_sorted)
     if tiles or (tiles is None and Tq >= TILE_MIN_TQ and Tq * Tk >= TILE_MIN_PAIRS
                  and _every_key(rows, Tk, x.extra_pos.size)):            # decode skips the check
         return attend_tiles(x.q, x.k[:, :Tk], x.v[:, :Tk], x.q_pos, x.k_pos, scale,

@@ -4,15 +4,19 @@ Numba kernels dequantise rows exactly as ggml's `dequantize_row_*` (and `gguf.qu
 plain path in minisparse/quant.py calls) define them, bit for bit. Decode (few rows of x) uses a
 fused kernel: each thread dequantises one weight row into a small buffer and dots it with x;
 prefill dequantises a tile of rows to float32 and hands it to BLAS sgemm, so memory stays bounded
-by the tile. Left out on purpose: integer dot products on quantised activations (llama.cpp's Q8
-`vec_dot`; they change the numbers). Block layouts: ggml-common.h / ggml-quants.c.
+by the tile. Integer dot products on 8-bit activations (llama.cpp's `vec_dot`; they change the
+numbers) are q8.py's, taken for decode when MINISPARSE_INT8=1 (`INT8_DECODE`). Block layouts:
+ggml-common.h / ggml-quants.c.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
+import os
+
 from ..quant import QuantMatrix
+from . import q8
 from .threads import on_threads, row_blocks, side_by_side, workers
 
 # Every float16 bit pattern -> float32 (256 KiB, stays in L2): exact, and keeps the kernels free of
@@ -32,6 +36,21 @@ TILE_BYTES = 1 << 23
 # (threads.workers; docs/performance.md, "A busy machine").
 PARALLEL_MIN_WEIGHTS = 1 << 16
 ROWS_PER_TASK = 32              # rows per parallel task: a few tasks per thread on small matrices
+
+INT8_ENV = "MINISPARSE_INT8"
+
+
+def _int8_decode() -> bool:
+    """MINISPARSE_INT8=1: decode products of Q4_0 / Q4_1 / Q8_0 matrices on 8-bit activations
+    (q8.py), where the CPU has the instructions; 0 or unset: the float32 kernels below."""
+    value = os.environ.get(INT8_ENV, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{INT8_ENV}={value!r}: expected 0 (float32 activations) or 1 (8-bit ones)")
+    return value == "1" and q8.available()
+
+
+# read once at import; tests and benchmarks set it directly
+INT8_DECODE = _int8_decode()
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.
@@ -334,6 +353,13 @@ def matmul(x, w: QuantMatrix) -> np.ndarray:
     y = np.empty((T, n_out), np.float32)                          # (T, out)
     if T <= FUSED_MAX_T:
         n = workers() if n_out * n_in >= PARALLEL_MIN_WEIGHTS else 1
+        if INT8_DECODE and code in q8.TYPES:
+            for t in range(T):
+                if n > 1:
+                    on_threads(n, q8.matvec, code, raw, x[t], y[t])
+                else:
+                    q8.matvec_serial(code, raw, x[t], y[t])
+            return y
         for t in range(T):
             if n > 1:
                 on_threads(n, _matvec, code, raw, i8, x[t], y[t])

@@ -42,13 +42,19 @@ def dense_probs(q, k, q_pos, k_pos):
     [[[1.0, 0.0], [0.5, 0.5]]]
     """
     Hq, A, d = q.shape
-    kk = np.repeat(np.asarray(k, np.float64), Hq // k.shape[0], axis=0)       # (Hq, Tk, d)
-    s = np.einsum("htd,hsd->hts", np.asarray(q, np.float64), kk) / np.sqrt(d)  # (Hq, A, Tk)
-    causal = np.asarray(k_pos)[None, None, :] <= np.asarray(q_pos)[None, :, None]  # (1, A, Tk)
-    s = np.where(causal, s, -np.inf)
+    Hkv = k.shape[0]
+    # one float64 matrix product per KV head for its G query heads (BLAS, where einsum loops),
+    # then the softmax in place: at 4k keys the (Hq, A, Tk) array is 75 MB, each pass counts
+    qg = np.asarray(q, np.float64).reshape(Hkv, (Hq // Hkv) * A, d)          # (Hkv, G*A, d)
+    kk = np.asarray(k, np.float64)                                            # (Hkv, Tk, d)
+    s = (qg @ kk.transpose(0, 2, 1)).reshape(Hq, A, -1)                      # (Hq, A, Tk)
+    s *= 1 / np.sqrt(d)
+    hidden = np.asarray(k_pos)[None, None, :] > np.asarray(q_pos)[None, :, None]  # (1, A, Tk)
+    np.copyto(s, -np.inf, where=hidden)
     s -= s.max(-1, keepdims=True)
-    p = np.exp(s)                                                             # (Hq, A, Tk)
-    return p / p.sum(-1, keepdims=True)
+    np.exp(s, out=s)                                                          # (Hq, A, Tk)
+    s /= s.sum(-1, keepdims=True)
+    return s
 
 
 def mass_recall(p, mask):

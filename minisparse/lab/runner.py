@@ -80,6 +80,10 @@ class Uncorrected:
                          s.idx_ptr, s.idx, np.zeros_like(s.logw), np.ones_like(s.exact),
                          s.extra_k, s.extra_v, s.extra_pos, s.extra_lo, s.extra_hi, normalized=True)
 
+    def at_layer(self, layer, shared):
+        """The inner selector of that layer, still uncorrected (Model.forward asks every layer)."""
+        return Uncorrected(self.inner.at_layer(layer, shared))
+
     def describe(self):
         return "uncorrected:" + self.inner.describe()
 
@@ -197,11 +201,14 @@ def selection_mask(sel, hq, tq, tk):
     from ..attention import KV, SHARED
     s = sel.normalize()
     R = s.n_heads * tq
-    diff = np.zeros((R, tk + 1), np.int32)                                 # (R, Tk+1)
-    rr = np.repeat(np.arange(R), np.diff(s.range_ptr))
-    np.add.at(diff, (rr, np.minimum(s.range_lo, tk)), 1)
-    np.add.at(diff, (rr, np.minimum(s.range_hi, tk)), -1)
-    mask = np.cumsum(diff, axis=1)[:, :tk] > 0                           # (R, Tk)
+    if s.range_lo.size:                       # a selection of indices only skips the ranges
+        diff = np.zeros((R, tk + 1), np.int32)                             # (R, Tk+1)
+        rr = np.repeat(np.arange(R), np.diff(s.range_ptr))
+        np.add.at(diff, (rr, np.minimum(s.range_lo, tk)), 1)
+        np.add.at(diff, (rr, np.minimum(s.range_hi, tk)), -1)
+        mask = np.cumsum(diff, axis=1)[:, :tk] > 0                       # (R, Tk)
+    else:
+        mask = np.zeros((R, tk), bool)                                     # (R, Tk)
     ri = np.repeat(np.arange(R), np.diff(s.idx_ptr))
     real = s.idx < tk
     mask[ri[real], s.idx[real]] = True
@@ -211,6 +218,14 @@ def selection_mask(sel, hq, tq, tk):
     if s.head_kind == KV:
         return np.repeat(mask, hq // s.n_heads, axis=0)
     return mask
+
+
+def _select(model):
+    """How a selection is made for model: the fast path's (minisparse.fast.prefill.select: an
+    exact TopK's keys from matrix products, as its prefill chose them) or the selector's own."""
+    from ..fast import FAST
+    from ..fast.prefill import select
+    return select if model.ops is FAST else (lambda sel, *a: sel.select(*a))
 
 
 def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
@@ -234,9 +249,13 @@ def layer_metrics(model, variant, trace, reads, l, first, last, dense_layers):
             for t in np.nonzero((pos >= first) & (pos < last))[0]:
                 mask[0, pos[t] - first, kp[(kp <= pos[t]) & (kp < last)]] = True
     else:
-        sel = Dense() if (variant.kind != "attention" or l in dense_layers) else variant.selector
-        o_s = attend(qa, k, v, sel, qpos, kpos)                              # (Hq, A, d)
-        mask = selection_mask(sel.select(qa, k, qpos, kpos), Hq, A, last)   # (Hq, A, Tk)
+        # the selector layer l ran (at_layer: DuoAttention's head roles differ by layer)
+        sel = (Dense() if (variant.kind != "attention" or l in dense_layers)
+               else variant.selector.at_layer(l, {"model": model}))
+        # once: the keys read are the keys masked; on the fast path, the keys its prefill read
+        chosen = _select(model)(sel, qa, k, qpos, kpos)
+        o_s = attend(qa, k, v, chosen, qpos, kpos)                           # (Hq, A, d)
+        mask = selection_mask(chosen, Hq, A, last)                           # (Hq, A, Tk)
     return M.mass_recall(p, mask), M.rel_error(o_s, o)                      # (Hq, A) each
 
 

@@ -141,12 +141,9 @@ def _keys(stats) -> dict:
             "density": float(read / pos), "layer_density": per}
 
 
-def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int = 512) -> dict:
-    """Prefill under `protocol`, greedy-decode the answer with `variant`, score and smoke-check it.
-
-    Decoding stops at an end-of-text token, at max_new_tokens, or at a newline once some visible
-    text was written (answers are one line; leading whitespace is kept for the smoke check to see).
-    """
+def _prompt(model, ex: Example, protocol: str):
+    """(prefill ids, steps): what `protocol` prefills, then the tokens fed one at a time, the
+    last of which is the first answer step."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     tok = model.tokenizer
@@ -155,15 +152,61 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
     if len(ctx) + len(q) + ex.max_new_tokens > limit:
         raise ValueError(f"{ex.task} at {len(ctx) + len(q)} tokens + {ex.max_new_tokens} to generate exceeds "
                          f"the model's context of {limit}")
-    cache = parse_cache_spec(variant.cache, model) if variant.cache else model.new_cache()
+    prefill = ctx + q if protocol == "query-aware" else ctx
+    steps = [] if protocol == "query-aware" else q      # fed one at a time before the answer
+    return prefill[:-1], [prefill[-1]] + list(steps)
+
+
+def shares_dense_prefill(variant: Variant) -> bool:
+    """True when the variant prefills dense into the full KV cache: its cache after the prefill
+    is then the same for every such variant, so run_suite prefills each example once for them."""
+    return variant.cache is None and (variant.attention is None or not variant.sparse_prefill)
+
+
+def dense_prefill(model, ex: Example, protocol: str, chunk: int = 512):
+    """The full KV cache after `protocol`'s prefill of ex, dense: what run_example builds for
+    every variant that shares_dense_prefill, to hand it as `prefilled`."""
+    prefill, _ = _prompt(model, ex, protocol)
+    cache = model.new_cache()
+    for a in range(0, len(prefill), chunk):
+        model.forward(prefill[a:a + chunk], cache, last_only=True)
+    return cache
+
+
+def copy_cache(cache):
+    """An independent copy of a full KV cache (its buffers copied, its selector indexes not:
+    a dense prefill builds none)."""
+    from ..cache import KVCache
+    meta, arrays = cache.state(reserve=256)                  # fresh arrays, 256 free slots
+    return KVCache.from_state(meta, arrays, cfg=cache.cfg)
+
+
+def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int = 512,
+                prefilled=None) -> dict:
+    """Prefill under `protocol`, greedy-decode the answer with `variant`, score and smoke-check it.
+
+    prefilled: dense_prefill's cache for this example and protocol, for a variant that
+    shares_dense_prefill: copied, and the prefill skipped (the same cache, bit for bit).
+    Decoding stops at an end-of-text token, at max_new_tokens, or at a newline once some visible
+    text was written (answers are one line; leading whitespace is kept for the smoke check to see).
+    """
+    tok = model.tokenizer
+    prefill, steps = _prompt(model, ex, protocol)
     sel = parse_attention_spec(variant.attention) if variant.attention else None
     pre = sel if variant.sparse_prefill else None
     dl = variant.dense_layers
-    prefill = ctx + q if protocol == "query-aware" else ctx
-    steps = [] if protocol == "query-aware" else q      # fed one at a time before the answer
-    prefill, steps = prefill[:-1], [prefill[-1]] + list(steps)
-    for a in range(0, len(prefill), chunk):
-        model.forward(prefill[a:a + chunk], cache, attention=pre, dense_layers=dl, last_only=True)
+    if prefilled is not None:
+        if not shares_dense_prefill(variant):
+            raise ValueError(f"variant {variant.name!r}: prefilled is for variants that prefill "
+                             f"dense into the full KV cache")
+        if prefilled.next_pos != len(prefill):
+            raise ValueError(f"prefilled holds {prefilled.next_pos} positions; this example's "
+                             f"{protocol} prefill has {len(prefill)}")
+        cache = copy_cache(prefilled)
+    else:
+        cache = parse_cache_spec(variant.cache, model) if variant.cache else model.new_cache()
+        for a in range(0, len(prefill), chunk):
+            model.forward(prefill[a:a + chunk], cache, attention=pre, dense_layers=dl, last_only=True)
     for t in steps[:-1]:
         model.forward([t], cache, attention=sel, dense_layers=dl, last_only=True)
     ans_stats: list = []
@@ -195,9 +238,13 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
 
 
 def run_suite(model, examples, variants, protocols=PROTOCOLS, dense_layers=(), chunk: int = 512,
-              progress=None) -> dict:
+              progress=None, share_prefill=True) -> dict:
     """Every example under every variant (strings or Variants) and protocol; dense is added as
-    the baseline when absent. Returns {"records": [...], "rows": summarize(records)}."""
+    the baseline when absent. Returns {"records": [...], "rows": summarize(records)}.
+
+    share_prefill: the variants that prefill dense into the full KV cache (shares_dense_prefill)
+    start from one dense prefill per example and protocol, copied, instead of one each: the
+    same records (tests/test_lab_suite.py), the prefill paid once."""
     vs = [v if isinstance(v, Variant) else parse_variant(v, dense_layers) for v in variants]
     if not any(v.attention is None and v.cache is None for v in vs):
         vs.insert(0, Variant(DENSE))
@@ -209,8 +256,12 @@ def run_suite(model, examples, variants, protocols=PROTOCOLS, dense_layers=(), c
     total, done, records = len(examples) * len(vs) * len(protocols), 0, []
     for ex in examples:
         for p in protocols:
+            shared = None
             for v in vs:
-                records.append(run_example(model, ex, v, p, chunk))
+                if share_prefill and shares_dense_prefill(v) and shared is None:
+                    shared = dense_prefill(model, ex, p, chunk)
+                pre = shared if share_prefill and shares_dense_prefill(v) else None
+                records.append(run_example(model, ex, v, p, chunk, prefilled=pre))
                 done += 1
                 if progress is not None:
                     progress(done, total)

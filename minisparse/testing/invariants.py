@@ -46,8 +46,12 @@ def covering_equals_dense(sel, prob):
 
 def later_keys_change_nothing(sel, prob, i):
     """Rows 0..i (a prefill problem: query t at key t's position) are bit-identical when the keys
-    and values after key i change: neither the choice nor the arithmetic of row t reads them."""
+    and values after key i change: neither the choice nor the arithmetic of row t reads them.
+    A selector that is not `row_local` (its rows depend on the call's later queries, which see
+    later keys) is held to the call of queries 0..i: keys after its last query change nothing."""
     q, k, v, q_pos, k_pos = prob
+    if not sel.row_local:
+        q, q_pos = q[:, :i + 1], q_pos[:i + 1]
     k2, v2 = k.copy(), v.copy()
     k2[:, i + 1:] = (100.0 * np.random.default_rng(i).standard_normal(k2[:, i + 1:].shape)).astype(k.dtype)
     v2[:, i + 1:] = -7.0
@@ -59,9 +63,18 @@ def later_keys_change_nothing(sel, prob, i):
 
 
 def decode_equals_prefill(sel, prob):
-    """Decode step i (one query against keys 0..i) equals prefill row i."""
+    """Decode step i (one query against keys 0..i) equals prefill row i. For a selector that is
+    not `row_local` (a row's keys depend on the other rows of its call) the rule allows less:
+    decode step i equals the call that holds query i alone, against every key (the later keys,
+    not causal to it, must change nothing)."""
     q, k, v, q_pos, k_pos = prob
-    pre, lse = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_lse=True)
+    if sel.row_local:
+        pre, lse = attend(q, k, v, sel, q_pos=q_pos, k_pos=k_pos, return_lse=True)
+    else:
+        rows = [attend(q[:, i:i + 1], k, v, sel, q_pos=q_pos[i:i + 1], k_pos=k_pos, return_lse=True)
+                for i in range(k.shape[1])]
+        pre = np.concatenate([o for o, _ in rows], axis=1)
+        lse = np.concatenate([x for _, x in rows], axis=1)
     for i in range(k.shape[1]):
         dec, dl = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=q_pos[i:i + 1],
                          k_pos=k_pos[:i + 1], return_lse=True)

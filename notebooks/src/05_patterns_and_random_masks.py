@@ -29,7 +29,8 @@
 # 3. how far information travels through several layers of a pattern (reachability);
 # 4. RIS-style **random masks** and their effective coverage;
 # 5. how much each pattern loses on real queries and keys;
-# 6. the attention **topology** as a Graphviz `.dot` file and as a picture.
+# 6. the attention **topology** as a Graphviz `.dot` file and as a picture;
+# 7. MInference's **vertical-slash** pattern on a real head.
 
 # %%
 import copy
@@ -274,6 +275,53 @@ fig, axes = plt.subplots(2, 1, figsize=(10, 5.5))
 draw_topology(axes[0], small, title="sinks=1, window=2, logstride")
 draw_topology(axes[1], pattern(parse_attention_spec("window=1,landmarks=4"), 16), title="window=1, landmarks=4")
 plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## 7. The vertical-slash picture on a real head (MInference)
+#
+# MInference (Jiang et al. 2024) found that many long-context heads read a few key **columns**
+# (the same keys, whatever the query: sinks, a heading, a name) and a few **diagonals** (the key
+# at a fixed distance back: the local band, a repeated period). It does not guess which: the
+# softmax of the last 64 queries is summed down each column and along each diagonal, and the top
+# V columns and top S diagonals are read by every query (`vslash=V/S`, with sinks and a local band
+# always on). The pattern is chosen from *content*, but is then as cheap as a fixed pattern.
+#
+# Below: one head of layer 4 on the same code as section 5, its dense attention (log scale), the
+# column and diagonal sums of the last 64 queries, and the keys `vslash` reads; then the softmax
+# mass it keeps beside an A-shape (`ashape`: sinks + window, MInference's static head) reading
+# the same number of keys.
+
+# %%
+from minisparse.attention import AShape, VerticalSlash
+Hq, T, d = q.shape                                                                  # (Hq, T, d)
+G = Hq // k.shape[0]
+causal = np.tril(np.ones((T, T), bool))                                           # (T, T)
+logits = np.einsum("htd,hsd->hts", q.astype(np.float64), np.repeat(k, G, 0).astype(np.float64)) / np.sqrt(d)
+probs = np.exp(np.where(causal, logits, -np.inf) - np.where(causal, logits, -np.inf).max(-1, keepdims=True))
+probs /= probs.sum(-1, keepdims=True)                                             # (Hq, T, T) dense softmax
+vs = VerticalSlash(8, 8, sinks=4, band=8)                                         # at most 28 keys a query
+vmask = vs.select(q, k).to_mask(Hq, T, T)[0] & causal                             # (Hq, T, T)
+width = int(np.ceil(vmask[:, -64:].sum(-1).mean())) - 4                           # the same keys read
+amask = AShape(4, width).select(q, k).to_mask(Hq, T, T)[0] & causal
+kept_v, kept_a = (probs * vmask).sum(-1)[:, -64:].mean(1), (probs * amask).sum(-1)[:, -64:].mean(1)   # (Hq,)
+for h in range(Hq):
+    print(f"head {h}: softmax mass kept by {vs} {kept_v[h]:.3f}, by ashape=4/{width} {kept_a[h]:.3f}")
+h = int(np.argmax(kept_v - kept_a))                                               # where it matters most
+cols, diags = vs.scores(q, k, np.arange(T), np.arange(T))
+fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+axes[0].imshow(np.log10(probs[h] + 1e-6), cmap="magma"); axes[0].set_title(f"layer {layer} head {h}: log10 softmax")
+axes[1].plot(cols[h]); axes[1].set_title("column sums (last 64 queries)"); axes[1].set_xlabel("key position")
+axes[2].plot(diags[h]); axes[2].set_title("diagonal sums"); axes[2].set_xlabel("offset q_pos - k_pos")
+axes[3].imshow(vmask[h], cmap="Greys"); axes[3].set_title(f"{vs}: keys read")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# Columns show as vertical lines, diagonals as slashes. On a head whose mass is local, the
+# A-shape keeps as much as vertical-slash (compare the two columns of the printout); on the head
+# drawn, the far columns and diagonals it found keep clearly more mass than a window of the same
+# size, which sees only the band next to the diagonal.
+# The pattern of a prefill *call* comes from its last queries, so a decode step (one query)
+# chooses its own: `docs/selectors.md` says where that makes decode differ from prefill.
 
 # %% [markdown]
 # ## Exercises

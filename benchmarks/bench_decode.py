@@ -1,0 +1,156 @@
+"""Where a SmolLM2 decode step goes, and the integer kernels side by side with the float ones and
+with llama.cpp, interleaved in one process (issue 23).
+
+Two measurements, each figure the median of --repeats rounds, the configurations taking turns
+within every round so that a machine busy with other work slows them alike:
+- kernels: the 211 matrix-vector products of one step (30 layers x 7 matrices + the output
+  head), float32 activations (fast/quant.py) vs 8-bit ones (fast/q8.py), weights streamed from
+  the file's mapping as in a real step;
+- steps: one decode step of minisparse (float kernels, integer kernels) and of llama.cpp
+  (llama-cpp-python, same GGUF) after a prompt of --ctx tokens, on --threads threads.
+Both report CPU time (this process's, all threads) beside wall time: on a loaded machine wall
+time counts the turns other processes take; on one thread CPU time does not.
+
+    python3 benchmarks/bench_decode.py                    # 1 thread, ctx 128 and 2048 (~3-5 min)
+    python3 benchmarks/bench_decode.py --threads 2 --ctx 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _timed(fn):
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _medians(runs):
+    return {k: {"wall_ms": 1e3 * statistics.median(w for w, _ in v), "cpu_ms": 1e3 * statistics.median(c for _, c in v),
+                "runs_wall_ms": [1e3 * w for w, _ in v]} for k, v in runs.items()}
+
+
+def kernels(model, repeats):
+    """The step's products, float kernels vs integer kernels, one thread."""
+    import numpy as np
+    from minisparse.fast import q8, quant
+    w, L = model.weights, model.config.n_layers
+    mats = [w[f"blk.{l}.{n}"] for l in range(L) for n in MATRICES] + [w["token_embd"]]
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(m.shape[1]).astype(np.float32) for m in mats]
+    ys = [np.empty(m.shape[0], np.float32) for m in mats]
+
+    def floats():
+        for m, x, y in zip(mats, xs, ys):
+            quant._matvec_serial(int(m.qtype), m.raw, m.raw_i8, x, y)
+
+    def ints():
+        for m, x, y in zip(mats, xs, ys):
+            q8.matvec_serial(int(m.qtype), m.raw, x, y)
+    cases = {"float32 activations (quant.py)": floats, "8-bit activations (q8.py)": ints}
+    for f in cases.values():
+        f()
+    runs = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, f in cases.items():
+            runs[k].append(_timed(f))
+    out = _medians(runs)
+    out["weight_mb"] = sum(m.raw.nbytes for m in mats) / 1e6
+    return out
+
+
+def steps(model, ctx, repeats, n_steps, threads):
+    """Decode steps after a ctx-token prompt: minisparse float kernels, integer kernels, llama.cpp."""
+    import numpy as np
+    from minisparse.fast import quant
+    cache = model.new_cache()
+    ids = [1] + list(range(100, 100 + ctx - 1))
+    model.forward(ids, cache, last_only=True)
+    engines = {}
+
+    def mini(int8):
+        def run():
+            quant.INT8_DECODE = int8
+            for _ in range(n_steps):
+                model.forward([300], cache)
+        return run
+    engines["minisparse float32 kernels"] = mini(False)
+    engines["minisparse int8 kernels"] = mini(True)
+    llama = None
+    try:
+        from llama_cpp import Llama
+        llama = Llama(str(model.path), n_ctx=ctx + (repeats + 1) * 3 * n_steps + 8, n_threads=threads,
+                      n_threads_batch=threads, verbose=False)
+        llama.eval(ids)
+
+        def run_llama():
+            for _ in range(n_steps):
+                llama.eval([300])
+        engines["llama.cpp"] = run_llama
+    except ImportError as e:
+        print(f"llama.cpp skipped: {e}", file=sys.stderr)
+    saved = quant.INT8_DECODE
+    for f in engines.values():
+        f()
+    runs = {k: [] for k in engines}
+    for _ in range(repeats):
+        for k, f in engines.items():
+            runs[k].append(tuple(t / n_steps for t in _timed(f)))
+    quant.INT8_DECODE = saved
+    return _medians(runs)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ctx", type=int, nargs="*", default=[128, 2048], help="prompt lengths before decode")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=4, help="decode steps per timed run")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = ap.parse_args(argv)
+    for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[name] = str(args.threads)
+    sys.path.insert(0, str(ROOT))
+    import numba
+    from minisparse import load_model
+    from minisparse.fast import q8
+    if not q8.available():
+        print("the integer kernels need an x86-64 CPU with AVX2", file=sys.stderr)
+        return 1
+    numba.set_num_threads(args.threads)
+    model = load_model("smollm2")
+    report = {"threads": args.threads, "loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count(),
+              "kernels_1_thread": None, "steps": {}}
+    numba.set_num_threads(1)
+    report["kernels_1_thread"] = kernels(model, args.repeats)
+    numba.set_num_threads(args.threads)
+    for ctx in args.ctx:
+        report["steps"][str(ctx)] = steps(model, ctx, args.repeats, args.steps, args.threads)
+    report["loadavg_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"load average {report['loadavg_start'][0]:.1f} at start, {report['loadavg_end'][0]:.1f} at end; "
+          f"{args.threads} thread(s); medians of {args.repeats}")
+    print(f"\nthe products of one step ({report['kernels_1_thread']['weight_mb']:.0f} MB of weights), 1 thread:")
+    for k, v in report["kernels_1_thread"].items():
+        if isinstance(v, dict):
+            print(f"  {k:32s} cpu {v['cpu_ms']:7.2f} ms   wall {v['wall_ms']:7.2f} ms")
+    for ctx, rows in report["steps"].items():
+        print(f"\none decode step after {ctx} tokens:")
+        ref = rows.get("llama.cpp")
+        for k, v in rows.items():
+            ratio = f"   speed vs llama.cpp (cpu): {ref['cpu_ms'] / v['cpu_ms']:.2f}x" if ref else ""
+            print(f"  {k:32s} cpu {v['cpu_ms']:7.2f} ms   wall {v['wall_ms']:7.2f} ms{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
