@@ -209,7 +209,7 @@ def test_generate_with_kv_kivi2_reports_its_memory(capsys):
     assert main(["generate", "-m", pydoc, "-p", "def main():", "-n", "4", "--temp", "0",
                  "--kv", "kivi2/g32/r32"]) == 0
     err = capsys.readouterr().err
-    assert "kv kivi2/g32/r32:" in err and "smaller than float16" in err
+    assert "kv kivi2/g32/r32:" in err and "float16 / kivi2 = " in err
 
 
 def test_eval_kv_gives_attention_variants_the_kivi_cache_and_refuses_cache_variants(model):

@@ -150,7 +150,7 @@ def kv_line(cache) -> str:
     m = cache.memory()
     return (f"kv {cache.describe()}: {len(cache)} positions in {m['kivi2'] / 2**20:.2f} MiB "
             f"(float16 {m['float16'] / 2**20:.2f} MiB, float32 {m['float32'] / 2**20:.2f} MiB: "
-            f"{m['ratio_float16']:.2f}x smaller than float16)")
+            f"float16 / kivi2 = {m['ratio_float16']:.2f})")
 
 
 def check_layers(layers, n_layers):
