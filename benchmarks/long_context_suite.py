@@ -85,6 +85,10 @@ def main(argv=None):
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, taken in turn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense-layers", default="", help="layers kept dense for variants without @dl=")
+    ap.add_argument("--chunk", type=int, default=512,
+                    help="prefill tokens per forward call (task tables); a bounded cache compresses "
+                         "after each call, so --chunk LENGTH compresses the prompt once, as "
+                         "SnapKV, PyramidKV and Ada-KV do")
     ap.add_argument("--perplexity", action="store_true", help="perplexity ratio table instead of tasks")
     ap.add_argument("--out", help="JSON path (default benchmarks/long_context_<model>_<length>_<protocol>.json)")
     ap.add_argument("--plot", help="PNG path: accuracy against the share of keys read, Wilson intervals drawn")
@@ -123,7 +127,9 @@ def main(argv=None):
 
         def progress(done, total):
             print(f"\r{done}/{total} runs, {time.time() - t0:.0f} s", end="", file=sys.stderr, flush=True)
-        result = run_suite(model, exs, variants, [a.protocol], chunk=512, progress=progress)
+        if a.chunk < 1:
+            raise SystemExit(f"--chunk: expected a positive number of tokens, got {a.chunk}")
+        result = run_suite(model, exs, variants, [a.protocol], chunk=a.chunk, progress=progress)
         print(file=sys.stderr)
         print(markdown_table(result["rows"]))
         if a.plot:

@@ -231,6 +231,9 @@ class Model:
                 if T == 1:   # decode: indexed selectors (IVF, LSH, landmarks) keep a per-layer index
                     S = len(k_pos)   # in the cache, built at the first step and extended at each one
                     sel = sel.for_layer(l, cache.selector_state, K[:, :S], Vv[:, :S])
+                held = cache.held(l)     # heads holding different counts (Ada-KV) read their own
+                if held is not None:
+                    sel = held if isinstance(sel, Dense) else sel & held
                 o, st = ops.attend(q, K, Vv, sel, q_pos=pos, k_pos=k_pos, return_stats=True,
                                    buffer=True)                                      # (Hq, T, d)
                 if stats is not None:

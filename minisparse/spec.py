@@ -34,7 +34,7 @@ from .attention.sparq import SparQ
 from .attention.topp import TopP
 from .attention.tidal import Tidal
 from .attention.topk import TopK
-from .cache import SCORERS, PressCache, RecursiveCompressor, StreamingCache
+from .cache import SCORERS, AdaKV, KiviCache, PressCache, PyramidKV, RecursiveCompressor, StreamingCache
 from .gate.gated import Gated
 
 OPTIONS = ("seed", "mode")
@@ -150,6 +150,52 @@ def _press(val, model):
     return PressCache(float(parts[0]), **kw)
 
 
+def _budget_parts(name, val, model, extra):
+    """B[/w<window>][/k<kernel>][/<extra><x>]: the budget in keys per KV head and layer, then
+    SnapKV's observation window and pooling kernel, then the family's own knob."""
+    parts = _parts(name, val, f"{name}=256")
+    if model is None:
+        raise ValueError(f"'{name}={val}' needs the model (its layer and head counts)")
+    try:
+        kw = {"budget": int(parts[0])}
+    except ValueError:
+        raise ValueError(f"'{name}={val}': the budget {parts[0]!r} must be a whole number of keys "
+                         f"per KV head and layer, e.g. {name}=256") from None
+    knobs = {"w": ("window", int), "k": ("kernel", int), extra[0]: extra[1:]}
+    for p in parts[1:]:
+        key = next((c for c in sorted(knobs, key=len, reverse=True)
+                    if p.startswith(c) and p[len(c):].replace(".", "", 1).isdigit()), None)
+        if key is None or knobs[key][0] in kw:
+            raise ValueError(f"'{name}={val}': unknown or repeated part {p!r} (w<window>, k<kernel>, "
+                             f"{extra[0]}<{extra[1]}>)")
+        kw[knobs[key][0]] = knobs[key][1](p[len(key):])
+    return kw
+
+
+def _pyramid(val, model):
+    kw = _budget_parts("pyramid", val, model, ("beta", "beta", float))
+    return PyramidKV(n_layers=model.config.n_layers, **kw)
+
+
+def _adakv(val, model):
+    kw = _budget_parts("adakv", val, model, ("a", "alpha", float))
+    return AdaKV(n_kv_heads=model.config.n_kv_heads, **kw)
+
+
+def _kivi2(val, model):
+    """kivi2[/g<G>][/r<R>]: KIVI's group size and residual length (defaults 32 and 128)."""
+    kw = {}
+    for p in (val or "").split("/") if val else []:
+        key = {"g": "group", "r": "residual"}.get(p[:1])
+        if key is None or key in kw or not p[1:].isdigit():
+            raise ValueError(f"'kivi2/{val}': unknown or repeated part {p!r} (g<group>, r<residual>), "
+                             f"e.g. kivi2/g32/r128")
+        kw[key] = int(p[1:])
+    if model is None:
+        raise ValueError("'kivi2' needs the model (its layer and head shapes)")
+    return KiviCache(model.config, **kw)
+
+
 # ---- the registry: one line per family ----------------------------------------------------
 REGISTRY: dict[str, Family] = {
     "dense": Family("attention", no_value("dense", P.Dense), "dense"),
@@ -187,6 +233,9 @@ REGISTRY: dict[str, Family] = {
     "recursive": Family("cache", _recursive, "recursive=B512/n4/b64/acc/perhead/knorm"),
     "streaming": Family("cache", _streaming, "streaming=4+508/reassigned"),
     "press": Family("cache", _press, "press=0.5/tova"),
+    "pyramid": Family("cache", _pyramid, "pyramid=256/w16/k5/beta20"),
+    "adakv": Family("cache", _adakv, "adakv=256/w16/k5/a0.2"),
+    "kivi2": Family("cache", _kivi2, "kivi2/g32/r128"),
 }
 # "dense" names both the dense selector and the dense cache; the cache line is registered as
 # "kv" so that each name has one line, and parse_cache_spec reads "dense" as "kv".
@@ -215,7 +264,7 @@ def known_names(kind: str = "attention") -> list[str]:
     return sorted("dense" if n == "kv" else n for n in names)
 
 
-CACHE_NAMES = ("recursive", "streaming", "press")     # the bounded ones; "dense" = KVCache
+CACHE_NAMES = ("recursive", "streaming", "press", "pyramid", "adakv", "kivi2")     # the bounded ones; "dense" = KVCache
 
 
 def suite_selectors() -> list[tuple[str, Callable[[], Selector]]]:
@@ -305,6 +354,8 @@ def parse_cache_spec(spec: str, model):
         raise ValueError(f"cache spec {spec!r}: one cache, e.g. streaming=4+508 (a ',' joins "
                          f"selectors, not caches)")
     name, val, opts = members[0]
+    if val is None and "/" in name:        # "kivi2/g32/r128": parts without a leading value
+        name, _, val = name.partition("/")
     fam = REGISTRY.get("kv" if name == "dense" else name)
     if fam is None or fam.kind != "cache":
         raise ValueError(f"cache spec {spec!r}: unknown cache {name!r}; known: "

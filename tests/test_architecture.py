@@ -144,7 +144,8 @@ def model():
 
 
 @pytest.mark.parametrize("spec", ["dense", "recursive=B24/b8", "recursive=B24/b8/acc",
-                                  "streaming=2+14", "streaming=2+14/reassigned", "press=0.5"])
+                                  "streaming=2+14", "streaming=2+14/reassigned", "press=0.5",
+                                  "pyramid=12/w4/beta2", "adakv=8/w4", "kivi2/g8/r8"])
 def test_every_cache_follows_the_cache_contract(model, spec):
     """update returns (K, V, k_pos) with K, V holding >= S rows and k_pos ascending; len, next_pos,
     max_keys, nbytes, block and selector_state are plain attributes of every cache."""
@@ -167,7 +168,8 @@ def test_every_cache_follows_the_cache_contract(model, spec):
     assert cache.next_pos == 31
     assert cache.block is None or cache.block >= 1
     assert cache.selector_state is None or isinstance(cache.selector_state, dict)
-    assert (cache.max_keys is None) == (spec in ("dense", "press=0.5", "recursive=B24/b8/acc"))
+    assert (cache.max_keys is None) == (spec in ("dense", "press=0.5", "recursive=B24/b8/acc",
+                                                 "kivi2/g8/r8"))
     meta, arrays = cache.state()
     assert meta["kind"] == type(cache).__name__
 

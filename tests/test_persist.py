@@ -23,7 +23,8 @@ def _cache_factories(model):
         from minisparse.spec import parse_cache_spec
     except ImportError:
         return
-    for spec in ("streaming=4+60", "recursive=B96", "recursive=B96/perhead", "press=0.5"):
+    for spec in ("streaming=4+60", "recursive=B96", "recursive=B96/perhead", "press=0.5",
+                 "pyramid=40/w4/beta4", "adakv=24/w4", "kivi2/g8/r16"):
         yield spec, lambda spec=spec: parse_cache_spec(spec, model)
 
 

@@ -1,10 +1,12 @@
 """minisparse.cache: the cache contract (base.py) and every cache that follows it: the dense
-KVCache, the bounded caches (recursive compressor, press, streaming) with their scorers, and
+KVCache, the bounded caches (recursive compressor, press, streaming, PyramidKV, Ada-KV) with their scorers, KIVI's 2-bit KiviCache, and
 GateCache (any cache plus the FastGRNN gate's running state). Each module exports its names here.
 Cache specs ("streaming=4+508") are parsed one layer up, by minisparse.spec.parse_cache_spec."""
 from .base import Cache
+from .budgets import AdaKV, HeldSlots, PyramidKV, adakv_keep, pyramid_budgets
 from .dense import KVCache
 from .gated import GateCache
+from .kivi import KiviCache
 from .recursive import PressCache, RecursiveCompressor, SlotCache, accumulate_size
 from .scorers import (H2O, SCORERS, TOVA, ExactAttention, ExpectedAttention, Hybrid, KeyDiff,
                       KNorm, LSHFrequency, QuestionAware, RandomKeep, Scorer, ScoreContext, SnapKV,

@@ -20,6 +20,9 @@ lacks one does not follow the contract, and nothing probes with getattr.
     selector_state  a dict in which selectors keep per-layer indexes across decode steps
                     (IVF, LSH, running landmarks), or None when the cache evicts keys (an index
                     over evicted keys would be wrong)
+    held(layer)     None, or a Selector of the slots each KV head holds in what the last
+                    update(layer) returned, for caches whose heads hold different counts (Ada-KV:
+                    shorter heads are padded); Model.forward intersects its selector with it
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ class Cache:
 
     @property
     def max_keys(self):
+        return None
+
+    def held(self, layer):
         return None
 
     def update(self, layer, k_new, v_new, pos, q=None):

@@ -47,6 +47,9 @@ class GateCache(Cache):
     def selector_state(self):
         return self.inner.selector_state
 
+    def held(self, layer):
+        return self.inner.held(layer)
+
     def update(self, layer, k_new, v_new, pos, q=None):
         k, v, k_pos = self.inner.update(layer, k_new, v_new, pos, q=q)
         st = self.states.get(layer)

@@ -135,18 +135,33 @@ def question_queries(model, context_ids, question_ids):
 class SnapKV(Scorer):
     """SnapKV: attention of the last `window` queries (the observation window), smoothed along
     the keys by average pooling of width `kernel` (SnapKV's default avgpool, kernel 5) so a kept
-    token brings its neighbours' evidence."""
-    name, _params = "snapkv", ("window", "kernel")
+    token brings its neighbours' evidence.
 
-    def __init__(self, window=16, kernel=5):
-        self.window, self.kernel = int(window), int(kernel)
+    protect=True is the paper's (and kvpress's SnapKVPress's) rule: the last `window` keys (the
+    observation window itself) are always kept (score +inf) and the pooling runs over the keys
+    before them only, zero-padded at both ends. protect=False (the default here) scores every key,
+    the window's by their own attention, pooling across the boundary. PyramidKV and Ada-KV
+    (budgets.py) use protect=True.
+
+    >>> q = np.zeros((1, 4, 2)); k = np.zeros((1, 4, 2))
+    >>> SnapKV(window=2, kernel=1, protect=True).scores(ScoreContext(0, q, k, k, np.arange(4)[None], np.arange(4))).tolist()
+    [[0.5833333333333333, 0.5833333333333333, inf, inf]]
+    """
+    name, _params = "snapkv", ("window", "kernel", "protect")
+
+    def __init__(self, window=16, kernel=5, protect=False):
+        self.window, self.kernel, self.protect = int(window), int(kernel), bool(protect)
 
     def scores(self, ctx):
         m = ctx.mass(min(self.window, ctx.q.shape[1]))                      # (Hkv, S)
-        if self.kernel <= 1:
-            return m
-        box = np.ones(self.kernel) / self.kernel
-        return np.stack([np.convolve(row, box, mode="same") for row in m])   # (Hkv, S)
+        S = m.shape[1]
+        w = min(self.window, S) if self.protect else 0      # keys always kept, not pooled
+        m = m[:, :S - w]                                                     # (Hkv, S - w)
+        if self.kernel > 1 and m.shape[1]:
+            box = np.ones(self.kernel) / self.kernel
+            c = self.kernel // 2            # centred box, zeros outside (avg_pool1d's padding)
+            m = np.stack([np.convolve(row, box)[c:c + len(row)] for row in m])  # (Hkv, S - w)
+        return np.concatenate([m, np.full((m.shape[0], w), np.inf)], axis=1)  # (Hkv, S)
 
 
 class H2O(Scorer):

@@ -14,8 +14,8 @@ def add_parser(sub):
     a.add_argument("--context", nargs="+", required=True, help="UTF-8 text files to read")
     a.add_argument("-p", "--prompt", required=True, help="the question")
     a.add_argument("--cache", default="dense",
-                   help="cache policy: dense, streaming=4+1020, recursive=B2048/knorm, press=0.5/tova "
-                        "(scorers: docs/caches.md; grammar: minisparse/spec.py)")
+                   help="cache policy: dense, streaming=4+1020, recursive=B2048/knorm, press=0.5/tova, "
+                        "pyramid=512, adakv=512 (scorers: docs/caches.md; grammar: minisparse/spec.py)")
     a.add_argument("--chunk", type=flags.positive_int, default=256, help="prefill chunk (tokens)")
     a.add_argument("--no-cache", action="store_true", help="do not read or write the saved cache")
     a.add_argument("--prefill", choices=("dense", "sparse"), default="dense",
@@ -23,6 +23,7 @@ def add_parser(sub):
                         "every --attention) or sparse (the --attention selector, prefill included)")
     flags.add_sampling_args(a)
     flags.add_attention_args(a)
+    flags.add_kv_arg(a)
     a.set_defaults(func=run)
 
 
@@ -30,6 +31,7 @@ def run(args):
     from ..ask import cache_layers, prepare, read_documents
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
+    kv = flags.kv(args, args.cache)
     if args.prefill == "sparse" and selector is None:
         raise flags.CLIError("--prefill sparse: only means something with --attention (without it "
                              "the prefill is dense)")
@@ -37,7 +39,7 @@ def run(args):
     model, model_path = flags.load(args, dense_layers)
     stats = [] if selector is not None else None
     cache, suffix = prepare(model, model_path, document, args.prompt, n_predict=args.n_predict,
-                            files=args.context, cache_spec=args.cache, chunk=args.chunk,
+                            files=args.context, cache_spec=kv or args.cache, chunk=args.chunk,
                             attention=selector, dense_layers=dense_layers, prefill=args.prefill,
                             use_saved=not args.no_cache, stats=stats)
     t0, first = time.perf_counter(), None
@@ -47,6 +49,8 @@ def run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if kv is not None:
+        print(flags.kv_line(cache), file=sys.stderr)
     print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
     if stats is not None:
         print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)

@@ -16,6 +16,7 @@ def add_parser(sub):
     flags.add_context_arg(c)
     flags.add_sampling_args(c)
     flags.add_attention_args(c)
+    flags.add_kv_arg(c)
     c.set_defaults(func=run)
 
 
@@ -32,6 +33,7 @@ def encode_chat(tok, messages):
 def run(args):
     sampling = flags.sampling(args)
     selector, dense_layers = flags.attention(args)
+    kv = flags.kv(args)
     model, _ = flags.load(args, dense_layers, dequant=args.dequant, ctx_size=args.ctx_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
@@ -45,13 +47,16 @@ def run(args):
             raise CLIError(f"the conversation has {len(ids)} tokens but the context holds "
                            f"{model.config.context_length}")
         answer = []
+        cache = flags.kv_cache(model, kv)             # each turn re-reads the whole conversation
         for piece in model.generate(ids, **sampling, attention=selector, dense_layers=dense_layers,
-                                    stats=stats):
+                                    stats=stats, cache=cache):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(answer)})
+        if kv is not None:
+            print(flags.kv_line(cache), file=sys.stderr)
     if stats is not None:
         print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)
     return 0

@@ -32,6 +32,7 @@ def add_parser(sub):
     e.add_argument("--needle-seeds", type=int, default=2, help="examples per cell (seeds S..S+n-1)")
     e.add_argument("--needle-protocols", default="A,B")
     e.add_argument("--seed", type=int, default=0, help="seed of samplers without ,seed= and of needles")
+    flags.add_kv_arg(e)
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(func=run)
 
@@ -46,6 +47,10 @@ def run(args):
     if args.ctx_size < 2 or args.analysis < 1:
         raise CLIError(f"eval: need -c >= 2 and --analysis >= 1, got {args.ctx_size}, {args.analysis}")
     dense_layers = flags.parse_layers(args.dense_layers)
+    args.kv = flags.kv(args)          # None (float32) or the kivi2 spec the variants' caches take
+    if args.kv is not None and args.needle:
+        raise CLIError("eval: --kv applies to the text variants; the pass-key grid (--needle) "
+                       "does not take it: run the two separately")
     no_plots = unavailable()
     if no_plots:
         print(f"minisparse eval: plots skipped, tables written: {no_plots}", file=sys.stderr)

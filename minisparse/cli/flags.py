@@ -1,7 +1,7 @@
 """The flags the commands share, defined once, and their checks.
 
 `generate`, `chat` and `ask` take the same sampling flags, `--attention` / `--dense-layers`, and
-(`generate`, `chat`) `-c`; each flag is checked before the model loads where it can be, and
+(`generate`, `chat`) `-c`; these and `eval` take `--kv` (how the cache stores K and V); each flag is checked before the model loads where it can be, and
 against the model (layer range, trained context) right after. Left out on purpose: config files,
 environment variables standing in for flags.
 """
@@ -67,6 +67,13 @@ def add_attention_args(p):
                    help="comma-separated layers kept dense under --attention (0 = the first)")
 
 
+def add_kv_arg(p):
+    p.add_argument("--kv", default="f32",
+                   help="how the KV cache stores keys and values: f32 (float32, the default) or "
+                        "kivi2[/g<G>][/r<R>] (KIVI 2-bit: keys per channel, values per token, in "
+                        "groups of G=32, the last R=128 tokens float32; docs/caches.md)")
+
+
 def add_context_arg(p):
     p.add_argument("-c", "--ctx-size", type=positive_int, default=None,
                    help="context length (default: the model's trained context)")
@@ -109,6 +116,41 @@ def attention(args):
         return parse_attention_spec(args.attention), layers
     except ValueError as e:
         raise CLIError(f"--attention: {e}") from None
+
+
+def kv(args, cache_spec="dense"):
+    """The --kv storage as a cache spec ('kivi2/g32/r128'), or None for float32; checked before
+    loading. Storage precision is its own axis (what the cache keeps is --cache's), but KIVI here
+    quantises the store-all cache only: with a bounded --cache it is refused, not ignored."""
+    text = (args.kv or "").strip()
+    if text.lower() in ("f32", "float32"):
+        return None
+    if text.split("/")[0].split("=")[0].lower() != "kivi2":
+        raise CLIError(f"--kv: unknown storage {text!r}; expected f32 or kivi2[/g<G>][/r<R>], "
+                       f"e.g. --kv kivi2/g32/r128")
+    if cache_spec not in (None, "", "dense"):
+        raise CLIError(f"--kv {text}: KIVI quantises the cache that keeps every position; it does "
+                       f"not compose with the bounded --cache {cache_spec} (use one of the two)")
+    return text
+
+
+def kv_cache(model, spec):
+    """A new cache for the --kv spec from `kv` (None: the dense float32 cache)."""
+    if spec is None:
+        return model.new_cache()
+    from ..spec import parse_cache_spec
+    try:
+        return parse_cache_spec(spec, model)
+    except ValueError as e:
+        raise CLIError(f"--kv: {e}") from None
+
+
+def kv_line(cache) -> str:
+    """One line on what a KIVI cache holds and what float32/float16 would hold instead."""
+    m = cache.memory()
+    return (f"kv {cache.describe()}: {len(cache)} positions in {m['kivi2'] / 2**20:.2f} MiB "
+            f"(float16 {m['float16'] / 2**20:.2f} MiB, float32 {m['float32'] / 2**20:.2f} MiB: "
+            f"float16 / kivi2 = {m['ratio_float16']:.2f})")
 
 
 def check_layers(layers, n_layers):

@@ -31,7 +31,7 @@ def run_eval(args, model, path, dense_layers, plots=True):
     from ..progress import Progress
     from .runner import markdown_table, parse_variants, run_text
     from .texts import builtin_text
-    variants = parse_variants(args.variants, model, args.seed)
+    variants = parse_variants(args.variants, model, args.seed, kv=args.kv)
     for v in variants:
         if v.kind == "error":
             print(f"minisparse eval: variant {v.spec!r} skipped: {v.error}", file=sys.stderr)
@@ -102,6 +102,8 @@ def command_line(args) -> str:
         parts += ["-c", str(args.ctx_size), "--analysis", str(args.analysis), "--protocol", args.protocol]
     if args.dense_layers:
         parts += ["--dense-layers", args.dense_layers]
+    if args.kv:
+        parts += ["--kv", args.kv]
     if args.needle:
         parts += ["--needle", "--needle-lengths", args.needle_lengths, "--needle-depths",
                   args.needle_depths, "--needle-seeds", str(args.needle_seeds), "--needle-protocols",

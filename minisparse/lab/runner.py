@@ -30,7 +30,7 @@ class Variant:
     spec: str
     kind: str                       # "attention" | "cache" | "error"
     selector: object = None
-    make_cache: object = None       # () -> cache, for kind "cache"
+    make_cache: object = None       # () -> cache: kind "cache", or an attention variant under --kv
     error: str | None = None
     nominal: dict = field(default_factory=dict)
 
@@ -88,16 +88,21 @@ class Uncorrected:
         return "uncorrected:" + self.inner.describe()
 
 
-def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
+def parse_variants(text: str, model, seed: int = 0, kv: str | None = None) -> list[Variant]:
     """Split --variants on ';' and parse each; a variant that fails to parse becomes an error
-    row (kind "error") instead of stopping the run."""
+    row (kind "error") instead of stopping the run. kv: a storage spec (eval's --kv, 'kivi2')
+    that every attention variant's store-all cache takes; a bounded-cache variant with it is an
+    error row (KIVI quantises the store-all cache only)."""
     from ..spec import CACHE_NAMES, parse_attention_spec, parse_cache_spec
     out = []
     for spec in (s.strip() for s in text.split(";")):
         if not spec:
             continue
-        name = spec.split(",")[0].split("=")[0].strip().lower().removeprefix("uncorrected:")
+        name = spec.split(",")[0].split("=")[0].split("/")[0].strip().lower().removeprefix("uncorrected:")
         try:
+            if name in CACHE_NAMES and kv is not None:
+                raise ValueError(f"--kv {kv} quantises the store-all cache; it does not compose "
+                                 f"with the cache variant {spec!r}")
             if name in CACHE_NAMES:
                 make = lambda spec=spec: parse_cache_spec(spec, model)  # noqa: E731
                 probe = make()                                 # fail now, not mid-run
@@ -111,7 +116,10 @@ def parse_variants(text: str, model, seed: int = 0) -> list[Variant]:
                 nom = nominal_budget(sel)
                 if body is not spec:
                     sel, nom["describe"] = Uncorrected(sel), "uncorrected:" + nom["describe"]
-                out.append(Variant(spec, "attention", selector=sel, nominal=nom))
+                make = None if kv is None else (lambda: parse_cache_spec(kv, model))   # noqa: E731
+                if make is not None:
+                    make()                                     # fail now, not mid-run
+                out.append(Variant(spec, "attention", selector=sel, make_cache=make, nominal=nom))
         except Exception as e:       # noqa: BLE001 - any parse failure is reported, not raised
             out.append(Variant(spec, "error", error=f"{type(e).__name__}: {e}"))
     return out
@@ -156,7 +164,7 @@ def run_one(model, ids, variant, first, last, dense_layers=(), chunk=512, protoc
     dense, the analysis rows [first, last) and after run sparse. Returns (log-probs (A, V) of the
     next token at rows [first, last), stats records, trace, cache-read records or None)."""
     T = len(ids)
-    cache = variant.make_cache() if variant.kind == "cache" else model.new_cache()
+    cache = variant.make_cache() if variant.make_cache is not None else model.new_cache()
     reads = _record_reads(cache) if variant.kind == "cache" else None
     sel = variant.selector if variant.kind == "attention" else None
     stats, trace, rows = [], _Trace(), []
