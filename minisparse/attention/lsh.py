@@ -72,6 +72,23 @@ def _pack(proj, off, K, L, codes):
         codes[l] = c
 
 
+@njit(cache=True, inline="always")
+def _log_weight(q, h, t, k, g, j, m, qn, K, L):
+    """-log P(key j of KV head g sampled for query t of head h): the angle between q and the key
+    centred by m (float64 sums), through p_sampled. qn = |q|^2."""
+    dot = 0.0
+    kn = 0.0
+    for i in range(q.shape[2]):
+        x = k[g, j, i] - m[i]
+        dot += q[h, t, i] * x
+        kn += x * x
+    # a key equal to the mean has no angle: take p = 1 (read with weight 1)
+    cos = dot / math.sqrt(qn * kn) if qn * kn > 0 else 1.0
+    p = 1.0 - math.acos(min(1.0, max(-1.0, cos))) / math.pi
+    # a sampled key has P > 0 in exact arithmetic; the floor keeps the weight finite
+    return -math.log(max(p_sampled(p, K, L), 1e-30))
+
+
 @njit(cache=True)
 def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
     """Per (query head h, query t): tables in which each causal key collides with the query,
@@ -139,17 +156,7 @@ def lsh_rows(q, k, Pq, Pk, kcodes, mu, K, L, q_pos, k_pos, want_logw):
                     c += kc[l] == qc[l]
             counts[r, j] = c
             if want_logw and c >= 2:
-                dot = 0.0
-                kn = 0.0
-                for i in range(d):
-                    x = k[g, j, i] - m[i]
-                    dot += q[h, t, i] * x
-                    kn += x * x
-                # a key equal to the mean has no angle: take p = 1 (read with weight 1)
-                cos = dot / math.sqrt(qn * kn) if qn * kn > 0 else 1.0
-                p = 1.0 - math.acos(min(1.0, max(-1.0, cos))) / math.pi
-                # a sampled key has P > 0 in exact arithmetic; the floor keeps the weight finite
-                logw[r, j] = -math.log(max(p_sampled(p, K, L), 1e-30))
+                logw[r, j] = _log_weight(q, h, t, k, g, j, m, qn, K, L)
     return counts, logw
 
 
@@ -210,15 +217,7 @@ def lsh_rows_sorted(q, k, Pq, Pk, K, L, q_pos, k_pos, want_logw):
             c = cnt[j]
             counts[r, j] = c
             if want_logw and c >= 2:
-                dot = 0.0
-                kn = 0.0
-                for i in range(d):
-                    x = k[g, j, i] - m[i]
-                    dot += q[h, t, i] * x
-                    kn += x * x
-                cos = dot / math.sqrt(qn * kn) if qn * kn > 0 else 1.0
-                p = 1.0 - math.acos(min(1.0, max(-1.0, cos))) / math.pi
-                logw[r, j] = -math.log(max(p_sampled(p, K, L), 1e-30))
+                logw[r, j] = _log_weight(q, h, t, k, g, j, m, qn, K, L)
     return counts, logw
 
 
