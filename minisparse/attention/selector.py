@@ -161,18 +161,36 @@ def flatten(cls, members) -> tuple:
     return tuple(flat)
 
 
-class Union(Selector):
-    """Keys read by any member, each once (exact picks win over weighted ones)."""
+class Composition(Selector):
+    """What Union and Intersection share: a flat tuple of members, deterministic, exact and
+    row-local when every member is, and a layer's or a state's selector made member by member.
+    type(self): a named composition (RuvLLM's preset) keeps its name, hence its spec."""
 
-    def __init__(self, *members: Selector):
-        self.members = flat = flatten(Union, members)
-        self.covers_all_causal = any(m.covers_all_causal for m in flat)
+    def __init__(self, flat: tuple):
+        self.members = flat
         self.exact_subset = all(m.exact_subset for m in flat)
         self.row_local = all(m.row_local for m in flat)
 
     @property
     def deterministic(self):
         return all(m.deterministic for m in self.members)
+
+    def bind(self, state):
+        return type(self)(*[m.bind(state) for m in self.members])
+
+    def at_layer(self, layer, shared):
+        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
+
+    def for_layer(self, layer, state, k, v):
+        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
+
+
+class Union(Composition):
+    """Keys read by any member, each once (exact picks win over weighted ones)."""
+
+    def __init__(self, *members: Selector):
+        super().__init__(flatten(Union, members))
+        self.covers_all_causal = any(m.covers_all_causal for m in self.members)
 
     def _select(self, q, k, q_pos, k_pos):
         hq = k.shape[0] if q is None else q.shape[0]
@@ -186,18 +204,9 @@ class Union(Selector):
     def describe(self):
         return ",".join(m.describe() for m in self.members)
 
-    # type(self): a named composition (RuvLLM's preset) keeps its name, hence its spec
-    def bind(self, state):
-        return type(self)(*[m.bind(state) for m in self.members])
-
-    def at_layer(self, layer, shared):
-        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
-
-    def for_layer(self, layer, state, k, v):
-        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
 
 
-class Intersection(Selector):
+class Intersection(Composition):
     """Keys read by every member (a & b). A key's log-weight is the sum of its members' (for
     independent samplers P(kept by all) is the product of the P's, so the -log P add); it is exact
     when every member picked it exactly. Pseudo-keys have no intersection (a landmark is no key
@@ -205,14 +214,8 @@ class Intersection(Selector):
     composing and testing variants, not for long contexts."""
 
     def __init__(self, *members: Selector):
-        self.members = flat = flatten(Intersection, members)
-        self.covers_all_causal = all(m.covers_all_causal for m in flat)
-        self.exact_subset = all(m.exact_subset for m in flat)
-        self.row_local = all(m.row_local for m in flat)
-
-    @property
-    def deterministic(self):
-        return all(m.deterministic for m in self.members)
+        super().__init__(flatten(Intersection, members))
+        self.covers_all_causal = all(m.covers_all_causal for m in self.members)
 
     def _select(self, q, k, q_pos, k_pos):
         hq = k.shape[0] if q is None else q.shape[0]
@@ -239,12 +242,3 @@ class Intersection(Selector):
     def describe(self):
         # not a spec the grammar parses: the grammar has unions only
         return "&".join(f"({m.describe()})" for m in self.members)
-
-    def bind(self, state):
-        return type(self)(*[m.bind(state) for m in self.members])
-
-    def at_layer(self, layer, shared):
-        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
-
-    def for_layer(self, layer, state, k, v):
-        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
