@@ -40,3 +40,10 @@ def shared_fixture(name: str) -> Path:
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     return shared_fixture("stories260K.gguf")
+
+
+@pytest.fixture
+def kv(tmp_path, monkeypatch):
+    """An empty saved-cache folder for `minisparse ask` ($MINISPARSE_CACHE), per test."""
+    monkeypatch.setenv("MINISPARSE_CACHE", str(tmp_path / "kv"))
+    return tmp_path / "kv"

@@ -9,12 +9,6 @@ from minisparse.cli import main
 
 
 @pytest.fixture
-def kv(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINISPARSE_CACHE", str(tmp_path / "kv"))
-    return tmp_path / "kv"
-
-
-@pytest.fixture
 def doc(tmp_path):
     d = tmp_path / "doc.txt"
     d.write_text("def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return a * b\n")

@@ -19,12 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def kv(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINISPARSE_CACHE", str(tmp_path / "kv"))
-    return tmp_path / "kv"
-
-
-@pytest.fixture
 def doc(tmp_path):
     d = tmp_path / "doc.txt"
     d.write_text("def add(a, b):\n    return a + b\n")
