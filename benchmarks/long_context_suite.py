@@ -12,6 +12,8 @@ Leaves out plots and the claims drawn from the tables (docs/lab.md).
         --protocol query-agnostic --variants "dense;topk=16;dense@cache=streaming=4+60" --n 4
     python3 benchmarks/long_context_suite.py --model smollm2 --perplexity --length 8192 \\
         --variants "topk=128;sinks=4,window=252"
+    python3 benchmarks/long_context_suite.py --model smollm2 --perplexity --length 8192 --ppl-last 512 \\
+        --variants "topk=164;quest=16/256@dl=0,1"
 """
 import argparse
 import json
@@ -86,14 +88,20 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense-layers", default="", help="layers kept dense for variants without @dl=")
     ap.add_argument("--chunk", type=int, default=512,
-                    help="prefill tokens per forward call (task tables); a bounded cache compresses "
+                    help="prefill (and perplexity) tokens per forward call; a bounded cache compresses "
                          "after each call, so --chunk LENGTH compresses the prompt once, as "
                          "SnapKV, PyramidKV and Ada-KV do")
     ap.add_argument("--perplexity", action="store_true", help="perplexity ratio table instead of tasks")
+    ap.add_argument("--ppl-last", type=int, metavar="N",
+                    help="with --perplexity: score only the last N tokens of each text, after a dense "
+                         "prefill of the rest shared by the variants that prefill dense (perplexity as "
+                         "decode sees it); default: every token, the variant's attention throughout")
     ap.add_argument("--out", help="JSON path (default benchmarks/long_context_<model>_<length>_<protocol>.json)")
     ap.add_argument("--plot", help="PNG path: accuracy against the share of keys read, Wilson intervals drawn")
     a = ap.parse_args(argv)
 
+    if a.chunk < 1:
+        raise SystemExit(f"--chunk: expected a positive number of tokens, got {a.chunk}")
     dl = tuple(int(x) for x in a.dense_layers.split(",") if x.strip())
     variants = [parse_variant(v, dl) for v in a.variants.split(";") if v.strip()]
     if not variants:
@@ -105,18 +113,26 @@ def main(argv=None):
     if a.perplexity:
         if a.protocol:
             raise SystemExit("--protocol has no meaning with --perplexity (every token is scored in one pass)")
+        if a.ppl_last is not None and not 1 <= a.ppl_last < a.length:
+            raise SystemExit(f"--ppl-last: expected 1 <= N < --length ({a.length}), got {a.ppl_last}")
         texts = long_texts(a.length, tokenizer=model.tokenizer)
-        rows = perplexity_rows(model, texts, variants, a.length, seed=a.seed)
-        print("| text | tokens | variant | ppl dense | ppl variant | ratio [95% CI] |")
-        print("|---|---|---|---|---|---|")
+        rows = perplexity_rows(model, texts, variants, a.length, seed=a.seed, last=a.ppl_last, chunk=a.chunk)
+        print("| text | tokens | protocol | scored | variant | ppl dense | ppl variant | ratio [95% CI] "
+              "| keys read (share) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['text']} | {r['length']} | `{r['variant']}` | {r['ppl_dense']:.3f} | "
-                  f"{r['ppl_sparse']:.3f} | {r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] |")
+            keys = "-" if r["keys_read"] is None else f"{r['keys_read']:.0f} ({r['density']:.1%})"
+            print(f"| {r['text']} | {r['length']} | {r['protocol']} | {r['n']} | `{r['variant']}` | "
+                  f"{r['ppl_dense']:.3f} | {r['ppl_sparse']:.3f} | {r['ratio']:.4f} [{r['lo']:.4f}, "
+                  f"{r['hi']:.4f}] | {keys} |")
         if a.plot:
             raise SystemExit("--plot draws task tables; perplexity rows have no keys-read axis yet")
         result = {"rows": rows}
-        out = a.out or ROOT / "benchmarks" / f"long_context_ppl_{stem}_{a.length}.json"
+        last = "" if a.ppl_last is None else f"_last{a.ppl_last}"
+        out = a.out or ROOT / "benchmarks" / f"long_context_ppl_{stem}_{a.length}{last}.json"
     else:
+        if a.ppl_last is not None:
+            raise SystemExit("--ppl-last needs --perplexity (it picks the scored tokens of a text)")
         if a.protocol is None:
             raise SystemExit("--protocol is required for a task table (query-aware or query-agnostic)")
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -127,8 +143,6 @@ def main(argv=None):
 
         def progress(done, total):
             print(f"\r{done}/{total} runs, {time.time() - t0:.0f} s", end="", file=sys.stderr, flush=True)
-        if a.chunk < 1:
-            raise SystemExit(f"--chunk: expected a positive number of tokens, got {a.chunk}")
         result = run_suite(model, exs, variants, [a.protocol], chunk=a.chunk, progress=progress)
         print(file=sys.stderr)
         print(markdown_table(result["rows"]))

@@ -2,6 +2,7 @@
 model under both protocols, dense as the baseline, uninformative cells marked."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import minisparse
@@ -100,6 +101,57 @@ def test_perplexity_rows_give_a_ratio_with_an_interval(model):
     # the same variant as dense reads the same keys: a ratio of exactly 1 (same code path)
     (same,) = perplexity_rows(model, texts, ["dense"], n_tokens=256)
     assert same["ratio"] == 1.0
+
+
+def test_last_token_perplexity_of_dense_is_one_and_rows_name_protocol_and_keys(model):
+    texts = {"code": long_texts()["code:xmlrpc.client"]}
+    rows = {r["variant"]: r for r in perplexity_rows(
+        model, texts, ["dense", "sinks=4,window=32", "dense@cache=streaming=4+28", "sinks=4,window=32@prefill=sparse"],
+        n_tokens=256, last=64)}
+    d = rows["dense"]
+    # dense through the same shared prefix and the same scoring calls as the baseline: exactly 1
+    assert d["ratio"] == 1.0 and d["n"] == 64 and d["protocol"] == "last-tokens" and d["last"] == 64
+    assert d["keys_read"] == d["positions"]                         # dense reads every key before the query
+    assert 192 < d["positions"] <= 256                              # the scored queries sit at 192..255
+    for name in ("sinks=4,window=32", "sinks=4,window=32@prefill=sparse"):
+        assert rows[name]["keys_read"] <= 4 + 32 + 1 and rows[name]["lo"] <= rows[name]["ratio"] <= rows[name]["hi"]
+    assert rows["dense@cache=streaming=4+28"]["keys_causal"] <= 4 + 28 + 64     # the cache bounds what is kept
+    (whole,) = perplexity_rows(model, texts, ["dense"], n_tokens=256)
+    assert whole["protocol"] == "whole-text" and whole["last"] is None and whole["n"] == 255
+
+
+def test_a_shared_dense_prefix_gives_the_nll_of_a_prefix_prefilled_per_variant(model, monkeypatch):
+    from minisparse.lab import suite
+    texts = {"code": long_texts()["code:xmlrpc.client"]}
+    variants = ["topk=16", "sinks=2,window=16@dl=0", "topk=16@prefill=sparse", "dense@cache=streaming=4+60"]
+    alone = perplexity_rows(model, texts, variants, n_tokens=256, last=64, share_prefill=False)
+    prefills = []
+    real = suite.prefix_prefill
+    monkeypatch.setattr(suite, "prefix_prefill", lambda *a, **kw: prefills.append(a[2]) or real(*a, **kw))
+    shared = perplexity_rows(model, texts, variants, n_tokens=256, last=64, share_prefill=True)
+    # the copied cache holds the very numbers a per-variant dense prefill writes: equal rows
+    assert shared == alone
+    # one dense prefix for dense and the two variants that prefill dense; the others their own
+    assert prefills.count(None) == 1 and len(prefills) == 3
+
+
+def test_last_token_nll_equals_the_whole_text_nll_of_those_tokens(model):
+    from minisparse.lab.suite import last_nll, token_nll
+    from minisparse.lab.tasks import context_ids
+    ids = context_ids(model.tokenizer, long_texts()["code:xmlrpc.client"])[:256]
+    whole = token_nll(model, ids, Variant("dense"))[-64:]            # one 255-token forward
+    last = last_nll(model, ids, Variant("dense"), 64, chunk=40)      # a 191-token prefill, then 40 + 24
+    logits = model.forward(ids[:-1])                                 # (255, V)
+    # Both do the same float32 operations; only matmul shapes (chunks) differ, so sums run in
+    # another order: per dot product of length n <= F ~ sqrt(n) u relative (u = 2^-24), L layers
+    # x 7 matmuls adding independent errors: each logit moves by <= e = sqrt(7 L) sqrt(F) u
+    # max|logit| (tests/test_models.py cache_tol). nll = lse - logit[target] and lse moves by
+    # <= e too, so the nll by <= 2e. A wrong prefix (a token off, a stale key) moves it by O(1).
+    cfg = model.config
+    e = np.sqrt(7 * cfg.n_layers) * np.sqrt(cfg.ffn_dim) * 2.0**-24 * np.abs(logits).max()
+    np.testing.assert_allclose(last, whole, rtol=0, atol=2 * e)
+    with pytest.raises(ValueError, match="last=256"):
+        last_nll(model, ids, Variant("dense"), 256)
 
 
 class _CharTok:

@@ -332,9 +332,17 @@ def markdown_table(rows) -> str:
 # ----------------------------------------------------------------------------- perplexity
 
 
-def token_nll(model, ids, variant: Variant, chunk: int = 512) -> np.ndarray:
+def _nll(logits, targets) -> np.ndarray:
+    """-log softmax(logits)[target] per row, nats: logits (T, V), targets (T,) -> (T,)."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]               # (T,)
+    return lse - logits[np.arange(len(targets)), np.asarray(targets)]
+
+
+def token_nll(model, ids, variant: Variant, chunk: int = 512, stats=None) -> np.ndarray:
     """Negative log-likelihood (nats) of ids[1:] given the prefix, under `variant` (its attention
-    in every forward call: perplexity has no separate prefill), shape (len(ids) - 1,)."""
+    in every forward call: perplexity has no separate prefill), shape (len(ids) - 1,).
+    stats: a list that receives Model.forward's per-layer records of every call."""
     ids = list(ids)
     if len(ids) > model.config.context_length:
         raise ValueError(f"{len(ids)} tokens exceed the model's context of {model.config.context_length}")
@@ -343,26 +351,94 @@ def token_nll(model, ids, variant: Variant, chunk: int = 512) -> np.ndarray:
     out = []
     for a in range(0, len(ids) - 1, chunk):
         x = ids[a:min(a + chunk, len(ids) - 1)]
-        logits = model.forward(x, cache, attention=sel, dense_layers=variant.dense_layers)   # (T, V)
-        m = logits.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]             # (T,)
-        tgt = np.asarray(ids[a + 1:a + 1 + len(x)])
-        out.append(lse - logits[np.arange(len(x)), tgt])
+        logits = model.forward(x, cache, attention=sel, dense_layers=variant.dense_layers, stats=stats)  # (T, V)
+        out.append(_nll(logits, ids[a + 1:a + 1 + len(x)]))
     return np.concatenate(out)
 
 
-def perplexity_rows(model, texts: dict, variants, n_tokens: int, dense_layers=(), seed: int = 0) -> list[dict]:
-    """Perplexity ratio variant / dense over the first n_tokens of each text, with a block
-    bootstrap interval (stats.perplexity_ratio), one row per (text, variant)."""
+def prefix_prefill(model, ids, variant: Variant | None = None, chunk: int = 512):
+    """The cache after prefilling ids (all but the last token's logits skipped) the way `variant`
+    prefills: dense into the full KV cache by default (None, or a variant that
+    shares_dense_prefill), else into its own cache with its selector when it prefills sparse."""
+    v = variant or Variant(DENSE)
+    cache = parse_cache_spec(v.cache, model) if v.cache else model.new_cache()
+    sel = parse_attention_spec(v.attention) if v.attention and v.sparse_prefill else None
+    for a in range(0, len(ids), chunk):
+        model.forward(list(ids[a:a + chunk]), cache, attention=sel, dense_layers=v.dense_layers, last_only=True)
+    return cache
+
+
+def last_nll(model, ids, variant: Variant, last: int, chunk: int = 512, prefilled=None,
+             stats=None) -> np.ndarray:
+    """Negative log-likelihood (nats) of the last `last` tokens of ids as decode sees them, shape
+    (last,): ids[:-last - 1] prefilled (prefix_prefill: dense unless the variant prefills its own
+    way), then ids[-last - 1:-1] fed teacher-forced in chunks with the variant's selector, each
+    row predicting the next token. The keys of a long prefix are then chosen by the selector, as
+    in decode, where a whole-text run would score mostly short prefixes.
+
+    prefilled: prefix_prefill's dense cache of the same prefix, for a variant that
+    shares_dense_prefill: copied (bit for bit), the prefill skipped.
+    stats: a list that receives Model.forward's per-layer records of the scored calls."""
+    ids = list(ids)
+    if not 1 <= last < len(ids):
+        raise ValueError(f"last={last}: expected 1 <= last < {len(ids)} (the text's tokens)")
+    if len(ids) > model.config.context_length:
+        raise ValueError(f"{len(ids)} tokens exceed the model's context of {model.config.context_length}")
+    prefix = ids[:len(ids) - last - 1]
+    if prefilled is not None:
+        if not shares_dense_prefill(variant):
+            raise ValueError(f"variant {variant.name!r}: prefilled is for variants that prefill "
+                             f"dense into the full KV cache")
+        if prefilled.next_pos != len(prefix):
+            raise ValueError(f"prefilled holds {prefilled.next_pos} positions; the prefix has {len(prefix)}")
+        cache = copy_cache(prefilled)
+    else:
+        cache = prefix_prefill(model, prefix, variant, chunk)
+    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    inputs, out = ids[len(prefix):-1], []                                  # (last,) fed, each predicts the next
+    for a in range(0, last, chunk):
+        logits = model.forward(inputs[a:a + chunk], cache, attention=sel, dense_layers=variant.dense_layers,
+                               stats=stats)                                # (T, V)
+        out.append(_nll(logits, ids[len(prefix) + 1 + a:len(prefix) + 1 + a + len(logits)]))
+    return np.concatenate(out)
+
+
+PPL_PROTOCOLS = ("whole-text", "last-tokens")
+
+
+def perplexity_rows(model, texts: dict, variants, n_tokens: int, dense_layers=(), seed: int = 0,
+                    last: int | None = None, chunk: int = 512, share_prefill: bool = True) -> list[dict]:
+    """Perplexity ratio variant / dense over the same tokens of each text's first n_tokens, with a
+    block bootstrap interval (stats.perplexity_ratio), one row per (text, variant).
+
+    last=None (protocol "whole-text"): every token scored, the variant's attention in every call.
+    last=N (protocol "last-tokens"): the last N tokens scored after a prefill of the rest
+    (last_nll), dense for the variants that shares_dense_prefill (one prefill per text, copied
+    for each of them when share_prefill), bounded caches and sparse prefills their own way.
+    Rows carry the protocol, `last`, and the keys read per (query, head, layer) over the scored
+    tokens (as the task rows do)."""
     vs = [v if isinstance(v, Variant) else parse_variant(v, dense_layers) for v in variants]
+    for v in vs:
+        _check(v, model)
+    protocol = "whole-text" if last is None else "last-tokens"
     rows = []
     for name, text in texts.items():
         ids = context_ids(model.tokenizer, text)[:n_tokens]
         if len(ids) < n_tokens:
             raise ValueError(f"text {name!r} has {len(ids)} tokens, fewer than {n_tokens}")
-        dense = token_nll(model, ids, Variant(DENSE))
+        shared = None
+        if last is not None and share_prefill and any(shares_dense_prefill(v) for v in vs + [Variant(DENSE)]):
+            shared = prefix_prefill(model, ids[:len(ids) - last - 1], None, chunk)
+
+        def nll(v, stats=None):
+            if last is None:
+                return token_nll(model, ids, v, chunk, stats=stats)
+            pre = shared if shared is not None and shares_dense_prefill(v) else None
+            return last_nll(model, ids, v, last, chunk, prefilled=pre, stats=stats)
+        dense = nll(Variant(DENSE))
         for v in vs:
-            _check(v, model)
-            r = perplexity_ratio(token_nll(model, ids, v), dense, seed=seed)
-            rows.append({"text": name, "length": n_tokens, "variant": v.name, **asdict(v), **r})
+            st: list = []
+            r = perplexity_ratio(nll(v, st), dense, seed=seed)
+            rows.append({"text": name, "length": n_tokens, "variant": v.name, **asdict(v), **r,
+                         "protocol": protocol, "last": last, **_keys(st)})
     return rows
