@@ -4,7 +4,7 @@ keys read, degenerate answers flagged; or (--perplexity) the perplexity ratio va
 long real texts with block-bootstrap intervals. Prints a markdown table and writes JSON with every
 record (prompt seeds, outputs, per-layer density) and the command that made it.
 
-Leaves out plots and the claims drawn from the tables (docs/lab.md).
+Leaves out the claims drawn from the tables (benchmarks/long_context_claims.py, docs/lab.md).
 
     python3 benchmarks/long_context_suite.py --model smollm2 --length 4096 --protocol query-aware \\
         --variants "dense;topk=128;quest=16/256" --n 20
@@ -74,6 +74,34 @@ def plot_rows(rows, path, title):
     print(f"plot written to {path}", file=sys.stderr)
 
 
+def plot_ppl_rows(rows, path, title):
+    """Perplexity ratio variant / dense against keys read per query (log x), one panel per text,
+    one point per variant with its block-bootstrap 95% interval; dense is the point at ratio 1."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.5 * len(texts), 3.8), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for r in (r for r in rows if r["text"] == text and r["keys_read"]):
+            ax.errorbar([r["keys_read"]], [r["ratio"]], yerr=[[r["ratio"] - r["lo"]], [r["hi"] - r["ratio"]]],
+                        fmt="o", capsize=3, label=f"{r['variant']} ({r['density']:.1%})")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("keys read per query (share of positions)")
+        ax.set_ylabel("perplexity ratio vs dense")
+        ax.set_title(text, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +125,8 @@ def main(argv=None):
                          "prefill of the rest shared by the variants that prefill dense (perplexity as "
                          "decode sees it); default: every token, the variant's attention throughout")
     ap.add_argument("--out", help="JSON path (default benchmarks/long_context_<model>_<length>_<protocol>.json)")
-    ap.add_argument("--plot", help="PNG path: accuracy against the share of keys read, Wilson intervals drawn")
+    ap.add_argument("--plot", help="PNG path: accuracy against the share of keys read, Wilson intervals drawn "
+                                   "(with --perplexity: the ratio against keys read, bootstrap intervals drawn)")
     a = ap.parse_args(argv)
 
     if a.chunk < 1:
@@ -126,7 +155,8 @@ def main(argv=None):
                   f"{r['ppl_dense']:.3f} | {r['ppl_sparse']:.3f} | {r['ratio']:.4f} [{r['lo']:.4f}, "
                   f"{r['hi']:.4f}] | {keys} |")
         if a.plot:
-            raise SystemExit("--plot draws task tables; perplexity rows have no keys-read axis yet")
+            scored = "every token" if a.ppl_last is None else f"last {a.ppl_last} tokens after a dense prefill"
+            plot_ppl_rows(rows, a.plot, f"{stem}, {a.length} tokens, {scored}")
         result = {"rows": rows}
         last = "" if a.ppl_last is None else f"_last{a.ppl_last}"
         out = a.out or ROOT / "benchmarks" / f"long_context_ppl_{stem}_{a.length}{last}.json"

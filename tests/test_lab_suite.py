@@ -244,3 +244,26 @@ def test_shares_dense_prefill_only_for_a_dense_prefill_into_the_full_cache():
     assert shares_dense_prefill(parse_variant("topk=16@dl=0"))
     assert not shares_dense_prefill(parse_variant("topk=16@prefill=sparse"))
     assert not shares_dense_prefill(parse_variant("dense@cache=streaming=4+60"))
+
+
+def _script(name):
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_suite_script_writes_last_token_perplexity_json_and_plot(tmp_path):
+    import json
+    bench = _script("long_context_suite")
+    out, png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    bench.main(["--model", str(MODELS / "minisparse-pydoc.gguf"), "--perplexity", "--length", "256",
+                "--ppl-last", "64", "--variants", "dense;topk=16", "--out", str(out), "--plot", str(png)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"dense", "topk=16"} and {r["protocol"] for r in rows} == {"last-tokens"}
+    assert all(r["n"] == 64 for r in rows) and png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="--ppl-last"):
+        bench.main(["--model", str(MODELS / "minisparse-pydoc.gguf"), "--perplexity", "--length", "256",
+                    "--ppl-last", "256", "--variants", "topk=16", "--out", str(out)])
