@@ -175,9 +175,9 @@ def main(argv=None):
             print(f"\r{done}/{total} runs, {time.time() - t0:.0f} s", end="", file=sys.stderr, flush=True)
         result = run_suite(model, exs, variants, [a.protocol], chunk=a.chunk, progress=progress)
         print(file=sys.stderr)
-        print(markdown_table(result["rows"]))
+        print(markdown_table(result["rows"] + result["pooled"]))
         if a.plot:
-            plot_rows(result["rows"], a.plot, f"{stem}, {a.length} tokens, {a.protocol}")
+            plot_rows(result["rows"] + result["pooled"], a.plot, f"{stem}, {a.length} tokens, {a.protocol}")
         out = a.out or ROOT / "benchmarks" / f"long_context_{stem}_{a.length}_{a.protocol}.json"
     result.update({"command": command, "model": str(_model_path(a.model)), "seconds": round(time.time() - t0, 1),
                    "args": vars(a)})

@@ -73,10 +73,14 @@ def test_suite_rows_have_every_field_on_the_embedded_model(model):
         assert row["uninformative"] == (row["dense_acc"] < 0.5)
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and "query-agnostic" in table
+    # one pooled row per (protocol, variant) where dense is informative on the one task
+    informative = {r["protocol"] for r in rows if r["variant"] == "dense" and not r["uninformative"]}
+    assert sorted((r["protocol"], r["variant"]) for r in out["pooled"]) == sorted(
+        (p, v) for p in informative for v in ("dense", "topk=16", "dense@cache=streaming=4+60"))
 
 
-def _rec(variant, correct, seed, output="x", attention="a"):
-    return {"task": "t", "target_tokens": 256, "protocol": "query-aware", "variant": variant,
+def _rec(variant, correct, seed, output="x", attention="a", task="t"):
+    return {"task": task, "target_tokens": 256, "protocol": "query-aware", "variant": variant,
             "attention": None if variant == "dense" else attention, "cache": None, "dense_layers": [],
             "seed": seed, "depth": 0.5, "correct": correct, "score": float(correct), "n_tokens": 250,
             "degenerate": smoke_check(output), "keys_read": 10.0, "keys_causal": 100.0,
@@ -152,6 +156,27 @@ def test_last_token_nll_equals_the_whole_text_nll_of_those_tokens(model):
     np.testing.assert_allclose(last, whole, rtol=0, atol=2 * e)
     with pytest.raises(ValueError, match="last=256"):
         last_nll(model, ids, Variant("dense"), 256)
+
+
+def test_pooled_rows_pool_the_informative_tasks_with_counts_known_by_construction():
+    from minisparse.lab.suite import POOLED, pooled_rows
+    dense = {"A": [1, 1, 1, 1], "B": [1, 1, 1, 0], "C": [1, 0, 0, 0]}     # C: dense 1/4 < 50%
+    topk = {"A": [1, 1, 0, 0], "B": [1, 1, 1, 0], "C": [1, 1, 1, 1]}
+    recs = [_rec(v, bool(c), s, task=t) for v, table in (("dense", dense), ("topk=8", topk))
+            for t, cs in table.items() for s, c in enumerate(cs)]       # the same seeds in every task
+    rows = {r["variant"]: r for r in pooled_rows(recs)}
+    t, d = rows["topk=8"], rows["dense"]
+    assert t["task"] == d["task"] == POOLED and t["tasks"] == ["A", "B"]
+    assert (t["n"], t["k"]) == (8, 5) and (t["lo"], t["hi"]) == wilson(5, 8)
+    assert (d["n"], d["k"]) == (8, 7) and t["dense_acc"] == 7 / 8 and t["uninformative"] is False
+    # pairs are matched by (task, seed, depth): matched by seed alone, B's dense answers would
+    # overwrite A's and the ratio would be 5/6
+    assert t["vs_dense"]["ratio"] == pytest.approx(5 / 7) and t["vs_dense"]["n"] == 8
+    assert d["vs_dense"]["ratio"] == d["vs_dense"]["lo"] == d["vs_dense"]["hi"] == 1.0
+    table = markdown_table(list(rows.values()))
+    assert "pooled: A, B" in table and "| all tasks |" in table
+    # no informative task, no pooled row
+    assert pooled_rows([r for r in recs if r["task"] == "C"]) == []
 
 
 class _CharTok:

@@ -265,7 +265,42 @@ def run_suite(model, examples, variants, protocols=PROTOCOLS, dense_layers=(), c
                 done += 1
                 if progress is not None:
                     progress(done, total)
-    return {"records": records, "rows": summarize(records)}
+    return {"records": records, "rows": summarize(records), "pooled": pooled_rows(records)}
+
+
+def _summary_row(task, length, protocol, variant, rs, base) -> dict:
+    """One row of summarize (or pooled_rows) over the records rs, dense's records `base` (or
+    None) beside them; records are paired with dense's by (task, seed, depth)."""
+    acc = accuracy(r["correct"] for r in rs)
+    row = {"task": task, "length": length, "protocol": protocol, "variant": variant,
+           "attention": rs[0]["attention"], "cache": rs[0]["cache"], "dense_layers": rs[0]["dense_layers"],
+           **acc, "score": float(np.mean([r["score"] for r in rs])),
+           "seeds": sorted({r["seed"] for r in rs}),
+           "depths": sorted({r["depth"] for r in rs if r["depth"] is not None}),
+           "n_tokens_mean": float(np.mean([r["n_tokens"] for r in rs]))}
+    for k in ("keys_read", "keys_causal", "positions", "density"):
+        vals = [r[k] for r in rs if r[k] is not None]
+        row[k] = float(np.mean(vals)) if vals else None
+    kinds = Counter(f for r in rs for f in r["degenerate"])
+    row["degenerate"] = sum(bool(r["degenerate"]) for r in rs)
+    row["degenerate_kinds"] = dict(kinds)
+    row["dense_acc"] = row["dense_n"] = row["vs_dense"] = None
+    row["uninformative"] = None
+    if base is not None:
+        dacc = accuracy(r["correct"] for r in base)
+        row["dense_acc"], row["dense_n"] = dacc["acc"], dacc["n"]
+        row["uninformative"] = dacc["acc"] < 0.5
+        pair = {(r["task"], r["seed"], r["depth"]): r["correct"] for r in base}
+        paired = [(float(r["correct"]), float(pair[(r["task"], r["seed"], r["depth"])])) for r in rs
+                  if (r["task"], r["seed"], r["depth"]) in pair]
+        if paired and sum(d for _, d in paired) > 0:
+            num, den = zip(*paired)
+            row["vs_dense"] = bootstrap_ratio(num, den, n_boot=2000, seed=0)
+    return row
+
+
+def _dense_names(records) -> set:
+    return {r["variant"] for r in records if r["attention"] is None and r["cache"] is None}
 
 
 def summarize(records) -> list[dict]:
@@ -276,43 +311,57 @@ def summarize(records) -> list[dict]:
     cells: dict = {}
     for r in records:
         cells.setdefault((r["task"], r["target_tokens"], r["protocol"], r["variant"]), []).append(r)
-    dense_names = {r["variant"] for r in records if r["attention"] is None and r["cache"] is None}
+    dense_names = _dense_names(records)
     rows = []
     for (task, length, protocol, variant), rs in cells.items():
         base = next((cells[(task, length, protocol, d)] for d in dense_names
                      if (task, length, protocol, d) in cells), None)
-        acc = accuracy(r["correct"] for r in rs)
-        row = {"task": task, "length": length, "protocol": protocol, "variant": variant,
-               "attention": rs[0]["attention"], "cache": rs[0]["cache"], "dense_layers": rs[0]["dense_layers"],
-               **acc, "score": float(np.mean([r["score"] for r in rs])),
-               "seeds": sorted({r["seed"] for r in rs}),
-               "depths": sorted({r["depth"] for r in rs if r["depth"] is not None}),
-               "n_tokens_mean": float(np.mean([r["n_tokens"] for r in rs]))}
-        for k in ("keys_read", "keys_causal", "positions", "density"):
-            vals = [r[k] for r in rs if r[k] is not None]
-            row[k] = float(np.mean(vals)) if vals else None
-        kinds = Counter(f for r in rs for f in r["degenerate"])
-        row["degenerate"] = sum(bool(r["degenerate"]) for r in rs)
-        row["degenerate_kinds"] = dict(kinds)
-        row["dense_acc"] = row["dense_n"] = row["vs_dense"] = None
-        row["uninformative"] = None
-        if base is not None:
-            dacc = accuracy(r["correct"] for r in base)
-            row["dense_acc"], row["dense_n"] = dacc["acc"], dacc["n"]
-            row["uninformative"] = dacc["acc"] < 0.5
-            pair = {(r["seed"], r["depth"]): r["correct"] for r in base}
-            paired = [(float(r["correct"]), float(pair[(r["seed"], r["depth"])])) for r in rs
-                      if (r["seed"], r["depth"]) in pair]
-            if paired and sum(d for _, d in paired) > 0:
-                num, den = zip(*paired)
-                row["vs_dense"] = bootstrap_ratio(num, den, n_boot=2000, seed=0)
-        rows.append(row)
+        rows.append(_summary_row(task, length, protocol, variant, rs, base))
+    return rows
+
+
+POOLED = "all tasks"
+
+
+def pooled_rows(records) -> list[dict]:
+    """Per (length, protocol, variant), one row with task "all tasks" pooling the examples of the
+    informative tasks (dense >= 50% in that task's cell; RULER averages over tasks the same way,
+    here by example so that the Wilson interval counts them): the fields of summarize's rows, the
+    paired bootstrap against dense over the pooled pairs, and `tasks`, the tasks pooled. A
+    (length, protocol) where no task is informative has no pooled row."""
+    dense_names = _dense_names(records)
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["target_tokens"], r["protocol"]), []).append(r)
+    rows = []
+    for (length, protocol), rs in groups.items():
+        dense_by_task: dict = {}
+        for r in rs:
+            if r["variant"] in dense_names:
+                dense_by_task.setdefault((r["task"], r["variant"]), []).append(r["correct"])
+        dense_name = next((d for d in sorted(dense_names, key=lambda d: (d != DENSE, d))
+                           if any(v == d for _, v in dense_by_task)), None)
+        if dense_name is None:
+            continue
+        tasks = sorted(t for (t, v), c in dense_by_task.items() if v == dense_name and np.mean(c) >= 0.5)
+        if not tasks:
+            continue
+        base = [r for r in rs if r["variant"] == dense_name and r["task"] in tasks]
+        by_variant: dict = {}
+        for r in rs:
+            if r["task"] in tasks:
+                by_variant.setdefault(r["variant"], []).append(r)
+        for variant, vrs in by_variant.items():
+            row = _summary_row(POOLED, length, protocol, variant, vrs, base)
+            row["tasks"] = tasks
+            rows.append(row)
     return rows
 
 
 def markdown_table(rows) -> str:
     """The rows as a markdown table: accuracy [95% Wilson interval] (n), dense's accuracy in the
-    same cell, keys read per query (and as a share of the positions), degenerate outputs, notes."""
+    same cell, keys read per query (and as a share of the positions), degenerate outputs, notes;
+    pooled_rows' rows ("all tasks") fit too, their note naming the tasks pooled."""
     head = ("| task | tokens | protocol | variant | n | accuracy [95% CI] | dense | vs dense [95% CI] "
             "| keys read (share) | degenerate | note |")
     out = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -324,6 +373,8 @@ def markdown_table(rows) -> str:
         deg = str(r["degenerate"]) + (" (" + ", ".join(f"{k} {v}" for k, v in r["degenerate_kinds"].items()) + ")"
                                       if r["degenerate"] else "")
         note = "uninformative (dense < 50%)" if r["uninformative"] else ""
+        if r["task"] == POOLED and r.get("tasks"):
+            note = "pooled: " + ", ".join(r["tasks"])
         out.append(f"| {r['task']} | {r['length']} | {r['protocol']} | `{r['variant']}` | {r['n']} | "
                    f"{r['acc']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] | {dense} | {vs} | {keys} | {deg} | {note} |")
     return "\n".join(out)
