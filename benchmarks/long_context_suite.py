@@ -109,7 +109,8 @@ def main(argv=None):
     ap.add_argument("--length", type=int, required=True, help="tokens per prompt (or per perplexity text)")
     ap.add_argument("--protocol", choices=PROTOCOLS, help="required for task tables")
     ap.add_argument("--variants", required=True,
-                    help="';'-separated: dense, an attention spec, modifiers @cache=SPEC @dl=0,1 @prefill=sparse")
+                    help="';'-separated: dense, an attention spec, modifiers @cache=SPEC @dl=0,1 @prefill=sparse "
+                         "@uncorrected (log-weights 0: MagicPIG without its correction)")
     ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     ap.add_argument("--n", type=int, default=20, help="examples per task (seeds seed .. seed+n-1)")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, taken in turn")

@@ -31,6 +31,9 @@ def test_parse_variant_reads_modifiers_and_names_bad_ones():
         parse_variant("topk=8@prefill=half")
     with pytest.raises(ValueError):
         parse_variant("nosuchselector=3")
+    assert parse_variant("magicpig=K8L75@dl=0,1@uncorrected").uncorrected
+    with pytest.raises(ValueError, match="dense has none"):
+        parse_variant("dense@uncorrected")
 
 
 def test_smoke_check_flags_degenerate_output():
@@ -122,6 +125,26 @@ def test_last_token_perplexity_of_dense_is_one_and_rows_name_protocol_and_keys(m
     assert rows["dense@cache=streaming=4+28"]["keys_causal"] <= 4 + 28 + 64     # the cache bounds what is kept
     (whole,) = perplexity_rows(model, texts, ["dense"], n_tokens=256)
     assert whole["protocol"] == "whole-text" and whole["last"] is None and whole["n"] == 255
+
+
+def test_uncorrected_magicpig_reads_the_same_keys_with_another_nll(model):
+    from minisparse.lab.runner import Uncorrected
+    from minisparse.lab.suite import _selector, last_nll
+    from minisparse.lab.tasks import context_ids
+    # every layer but the last kept dense: the last sees the same queries and keys in both runs
+    dl = ",".join(str(l) for l in range(model.config.n_layers - 1))
+    spec = f"magicpig=K3L10,seed=1@dl={dl}"
+    assert isinstance(_selector(parse_variant(spec + "@uncorrected")), Uncorrected)
+    ids = context_ids(model.tokenizer, long_texts()["code:xmlrpc.client"])[:256]
+    st_c, st_u = [], []
+    corrected = last_nll(model, ids, parse_variant(spec), 64, stats=st_c)
+    uncorrected = last_nll(model, ids, parse_variant(spec + "@uncorrected"), 64, stats=st_u)
+    # the same seeded sample of keys in every row: only the weights differ
+    for a, b in zip(st_c, st_u, strict=True):
+        np.testing.assert_array_equal(a["n_attended"], b["n_attended"])
+    last = [r for r in st_c if r["layer"] == model.config.n_layers - 1]
+    assert last and all(r["n_attended"].mean() < r["n_causal"].mean() for r in last)    # a sample, not all
+    assert not np.array_equal(corrected, uncorrected)
 
 
 def test_a_shared_dense_prefix_gives_the_nll_of_a_prefix_prefilled_per_variant(model, monkeypatch):

@@ -28,6 +28,7 @@ import numpy as np
 
 # the spec parsers, imported here only, so a move of the grammar is one line to repoint
 from ..spec import parse_attention_spec, parse_cache_spec
+from .runner import Uncorrected
 from .stats import accuracy, bootstrap_ratio, perplexity_ratio
 from .tasks import Example, context_ids, question_ids
 
@@ -43,20 +44,32 @@ class Variant:
     """What runs: `attention` (a spec for Model.forward, None = dense) in a `cache` (a cache spec,
     None = the full KV cache), `dense_layers` kept dense, and whether the prefill is sparse too
     (default: dense prefill, sparse decoding, as Quest and MagicPIG run; a bounded cache bounds
-    the prefill whatever this says)."""
+    the prefill whatever this says); `uncorrected`: the selector's keys read with log-weight 0
+    (lab.runner.Uncorrected: MagicPIG's sampled keys without its importance correction)."""
     name: str
     attention: str | None = None
     cache: str | None = None
     dense_layers: tuple[int, ...] = ()
     sparse_prefill: bool = False
+    uncorrected: bool = False
+
+
+def _selector(variant: Variant):
+    """The variant's attention selector (None for dense), uncorrected when it says so."""
+    if variant.attention is None:
+        return None
+    sel = parse_attention_spec(variant.attention)
+    return Uncorrected(sel) if variant.uncorrected else sel
 
 
 def parse_variant(text: str, dense_layers=()) -> Variant:
-    """`SPEC[@cache=CACHE][@dl=0,1][@prefill=sparse|dense]`; SPEC is `dense` or an attention spec.
-    `dense_layers` is the default for entries without `@dl=`.
+    """`SPEC[@cache=CACHE][@dl=0,1][@prefill=sparse|dense][@uncorrected]`; SPEC is `dense` or an
+    attention spec. `dense_layers` is the default for entries without `@dl=`.
 
     >>> parse_variant("quest=16/256@dl=0,1")
-    Variant(name='quest=16/256@dl=0,1', attention='quest=16/256', cache=None, dense_layers=(0, 1), sparse_prefill=False)
+    Variant(name='quest=16/256@dl=0,1', attention='quest=16/256', cache=None, dense_layers=(0, 1), sparse_prefill=False, uncorrected=False)
+    >>> parse_variant("magicpig=K8L75@uncorrected").uncorrected
+    True
     >>> parse_variant("dense@cache=streaming=4+252").cache
     'streaming=4+252'
     """
@@ -66,6 +79,12 @@ def parse_variant(text: str, dense_layers=()) -> Variant:
     kw = {"attention": None if head.lower() == DENSE else head, "dense_layers": tuple(dense_layers)}
     for m in mods:
         key, eq, val = m.partition("=")
+        if key == "uncorrected" and not eq:
+            if kw["attention"] is None:
+                raise ValueError(f"variant {text!r}: @uncorrected drops a selector's log-weights; "
+                                 f"dense has none (give an attention spec such as magicpig=K8L75)")
+            kw["uncorrected"] = True
+            continue
         if not eq or not val:
             raise ValueError(f"variant {text!r}: modifier {m!r} needs a value (cache=..., dl=..., prefill=...)")
         if key == "cache":
@@ -80,7 +99,7 @@ def parse_variant(text: str, dense_layers=()) -> Variant:
                 raise ValueError(f"variant {text!r}: prefill= takes 'sparse' or 'dense', got {val!r}")
             kw["sparse_prefill"] = val == "sparse"
         else:
-            raise ValueError(f"variant {text!r}: unknown modifier {key!r}; known: cache, dl, prefill")
+            raise ValueError(f"variant {text!r}: unknown modifier {key!r}; known: cache, dl, prefill, uncorrected")
     if kw["attention"] is not None:
         parse_attention_spec(kw["attention"])        # a bad spec fails here, before any run
     return Variant(name=text.strip(), **kw)
@@ -192,7 +211,7 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
     """
     tok = model.tokenizer
     prefill, steps = _prompt(model, ex, protocol)
-    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    sel = _selector(variant)
     pre = sel if variant.sparse_prefill else None
     dl = variant.dense_layers
     if prefilled is not None:
@@ -227,6 +246,7 @@ def run_example(model, ex: Example, variant: Variant, protocol: str, chunk: int 
     hits = [found(a, output) for a in ex.answers]
     return {"task": ex.task, "protocol": protocol, "variant": variant.name, "attention": variant.attention,
             "cache": variant.cache, "dense_layers": list(dl), "sparse_prefill": variant.sparse_prefill,
+            "uncorrected": variant.uncorrected,
             "target_tokens": ex.target_tokens, "n_tokens": ex.n_tokens, "depth": ex.depth,
             "depth_actual": ex.depth_actual, "needle_tokens": list(ex.needle_tokens), "seed": ex.seed,
             "answers": list(ex.answers), "output": output,
@@ -398,7 +418,7 @@ def token_nll(model, ids, variant: Variant, chunk: int = 512, stats=None) -> np.
     if len(ids) > model.config.context_length:
         raise ValueError(f"{len(ids)} tokens exceed the model's context of {model.config.context_length}")
     cache = parse_cache_spec(variant.cache, model) if variant.cache else model.new_cache()
-    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    sel = _selector(variant)
     out = []
     for a in range(0, len(ids) - 1, chunk):
         x = ids[a:min(a + chunk, len(ids) - 1)]
@@ -413,7 +433,7 @@ def prefix_prefill(model, ids, variant: Variant | None = None, chunk: int = 512)
     shares_dense_prefill), else into its own cache with its selector when it prefills sparse."""
     v = variant or Variant(DENSE)
     cache = parse_cache_spec(v.cache, model) if v.cache else model.new_cache()
-    sel = parse_attention_spec(v.attention) if v.attention and v.sparse_prefill else None
+    sel = _selector(v) if v.sparse_prefill else None
     for a in range(0, len(ids), chunk):
         model.forward(list(ids[a:a + chunk]), cache, attention=sel, dense_layers=v.dense_layers, last_only=True)
     return cache
@@ -445,7 +465,7 @@ def last_nll(model, ids, variant: Variant, last: int, chunk: int = 512, prefille
         cache = copy_cache(prefilled)
     else:
         cache = prefix_prefill(model, prefix, variant, chunk)
-    sel = parse_attention_spec(variant.attention) if variant.attention else None
+    sel = _selector(variant)
     inputs, out = ids[len(prefix):-1], []                                  # (last,) fed, each predicts the next
     for a in range(0, last, chunk):
         logits = model.forward(inputs[a:a + chunk], cache, attention=sel, dense_layers=variant.dense_layers,
