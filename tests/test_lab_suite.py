@@ -113,7 +113,8 @@ def test_perplexity_rows_give_a_ratio_with_an_interval(model):
 def test_last_token_perplexity_of_dense_is_one_and_rows_name_protocol_and_keys(model):
     texts = {"code": long_texts()["code:xmlrpc.client"]}
     rows = {r["variant"]: r for r in perplexity_rows(
-        model, texts, ["dense", "sinks=4,window=32", "dense@cache=streaming=4+28", "sinks=4,window=32@prefill=sparse"],
+        model, texts, ["dense", "sinks=4,window=32", "dense@cache=streaming=4+28",
+                       "sinks=4,window=32@prefill=sparse"],
         n_tokens=256, last=64)}
     d = rows["dense"]
     # dense through the same shared prefix and the same scoring calls as the baseline: exactly 1
@@ -315,3 +316,94 @@ def test_suite_script_writes_last_token_perplexity_json_and_plot(tmp_path):
     with pytest.raises(SystemExit, match="--ppl-last"):
         bench.main(["--model", str(MODELS / "minisparse-pydoc.gguf"), "--perplexity", "--length", "256",
                     "--ppl-last", "256", "--variants", "topk=16", "--out", str(out)])
+
+
+# ----------------------------------------------------------------------------- the claims script
+
+
+def _claims_records(length=4096, protocol="query-aware", n=20, layers=4):
+    """Made-up suite records whose verdicts are known by construction: task A where dense is
+    always right, task B where it never is (uninformative, left out of every claim)."""
+    from minisparse.lab.suite import parse_variant
+    right = {                            # variant: (examples of A answered right, sparse keys read)
+        "dense": (range(n), None),
+        "topk=82": (range(n), 82),                      # 100% of dense at 2%: holds
+        "topk=41": (range(n // 2), 41),                 # 50% of dense at 1%: does not hold
+        "topk=256": (range(n), 256),
+        "quest=16/256": (range(n - 1), 256),            # 95% of dense: the interval straddles 0.95
+        "quest=16/256@dl=0,1": (range(n), 256),
+        "magicpig=K8L75": (range(8), 250),              # 8/20 against Quest's 19/20: does not hold
+        "magicpig=K8L75@uncorrected": (range(2), 250),  # a subset of the corrected right answers
+        "sinks=4,window=252": (range(n // 2), 257),
+        "window=256": ((), 257),                        # never right: sinks beat it
+        "random=1%x70": (range(n), 0.5 * length),        # as good as dense, not better
+        "dense@cache=streaming=4+252": (range(3), 256),
+    }
+    recs = []
+    for name, (ok, keys) in right.items():
+        v = parse_variant(name)
+        for task in ("A", "B"):
+            for s in range(n):
+                pos = length - 10.0
+                per = [1.0 if (keys is None or l in v.dense_layers) else keys / pos for l in range(layers)]
+                recs.append({"task": task, "target_tokens": length, "protocol": protocol, "variant": name,
+                             "attention": v.attention, "cache": v.cache, "dense_layers": list(v.dense_layers),
+                             "uncorrected": v.uncorrected, "sparse_prefill": False, "seed": s, "depth": 0.5,
+                             "correct": task == "A" and s in ok, "score": 0.0, "n_tokens": length - 10,
+                             "degenerate": [], "keys_read": sum(per) / layers * pos, "keys_causal": pos,
+                             "positions": pos, "density": sum(per) / layers, "layer_density": per})
+    return recs
+
+
+def _ppl_row(variant, ratio, lo, hi, keys):
+    from dataclasses import asdict
+    from minisparse.lab.suite import parse_variant
+    return {"text": "code:argparse", "length": 8192, "variant": variant, **asdict(parse_variant(variant)),
+            "ratio": ratio, "lo": lo, "hi": hi, "ppl_sparse": 0.0, "ppl_dense": 0.0, "n": 512,
+            "protocol": "last-tokens", "last": 512, "keys_read": keys, "positions": 8000.0,
+            "density": keys / 8000, "layer_density": [keys / 8000] * 4}
+
+
+def test_claims_script_gives_the_verdicts_known_by_construction(tmp_path):
+    import json
+    claims = _script("long_context_claims")
+    tasks, ppl = tmp_path / "tasks.json", tmp_path / "ppl.json"
+    tasks.write_text(json.dumps({"records": _claims_records(), "rows": []}))
+    ppl.write_text(json.dumps({"rows": [
+        _ppl_row("dense", 1.0, 1.0, 1.0, 8000.0),
+        _ppl_row("sinks=4,window=252", 1.10, 1.05, 1.15, 257.0),
+        _ppl_row("window=256", 1.50, 1.40, 1.60, 257.0),                   # disjoint: sinks hold
+        _ppl_row("magicpig=K8L75", 1.30, 1.20, 1.40, 250.0),
+        _ppl_row("magicpig=K8L75@uncorrected", 1.35, 1.25, 1.45, 250.0),   # overlapping: undecided
+    ]}))
+    md = tmp_path / "claims.md"
+    lines = claims.main([str(tasks), str(ppl), "--markdown", str(md), "--out", str(tmp_path / "c.json")])
+
+    def verdict(claim, *names, where="4096"):
+        hits = [l for l in lines if l["claim"] == claim and where in l["where"]
+                and all(f"`{n}`" in l["figures"] for n in names)]
+        assert len(hits) == 1, (claim, names, hits)
+        return hits[0]["verdict"]
+
+    assert verdict("topk2", "topk=82") == "holds"                   # 20/20: ratio 1 [1, 1]
+    assert verdict("topk2", "topk=41") == "does not hold"           # 10/20: the interval is below 0.95
+    assert not [l for l in lines if l["claim"] == "topk2" and "`topk=256`" in l["figures"]]   # 6% of the keys
+    assert verdict("quest256", "quest=16/256") == "undecided"       # 19/20: [0.85, 1] straddles 0.95
+    assert verdict("quest256", "quest=16/256@dl=0,1") == "holds"
+    assert verdict("quest_topk", "quest=16/256", "topk=256") == "undecided"   # -0.05 [-0.15, 0]
+    assert verdict("magicpig_quest", "magicpig=K8L75", "quest=16/256") == "does not hold"
+    # 6 examples where only the corrected sampler is right, none the other way: +0.30; a resample
+    # without any of them has probability (14/20)^20 < 0.001, far below 2.5%, so lo > 0
+    assert verdict("correction", "magicpig=K8L75", "magicpig=K8L75@uncorrected") == "holds"
+    assert verdict("sinks", "sinks=4,window=252", "window=256") == "holds"
+    assert verdict("ris", "random=1%x70") == "does not hold"        # ratio 1 [1, 1]: not above dense
+    assert "expected coverage 0.505" in next(l["figures"] for l in lines if l["claim"] == "ris")
+    assert verdict("bounded", "topk=256", "dense@cache=streaming=4+252") == "holds"
+    assert verdict("paper_layers", "quest=16/256@dl=0,1", "quest=16/256") == "undecided"   # +0.05 [0, 0.15]
+    assert verdict("sinks", "sinks=4,window=252", "window=256", where="argparse") == "holds"
+    assert verdict("correction", "magicpig=K8L75", "magicpig=K8L75@uncorrected", where="argparse") == "undecided"
+    # task B (dense never right) is in no figure: every n is A's 20
+    assert all("n=40" not in l["figures"] for l in lines)
+    text = md.read_text()
+    assert "python3 benchmarks/long_context_claims.py" in text and "| claim | where |" in text
+    assert json.loads((tmp_path / "c.json").read_text())["claims"] == lines
