@@ -497,9 +497,8 @@ def perplexity_rows(model, texts: dict, variants, n_tokens: int, dense_layers=()
         ids = context_ids(model.tokenizer, text)[:n_tokens]
         if len(ids) < n_tokens:
             raise ValueError(f"text {name!r} has {len(ids)} tokens, fewer than {n_tokens}")
-        shared = None
-        if last is not None and share_prefill and any(shares_dense_prefill(v) for v in vs + [Variant(DENSE)]):
-            shared = prefix_prefill(model, ids[:len(ids) - last - 1], None, chunk)
+        # the dense baseline always prefills dense, so the shared prefix always serves it
+        shared = prefix_prefill(model, ids[:len(ids) - last - 1], None, chunk) if last and share_prefill else None
 
         def nll(v, stats=None):
             if last is None:
