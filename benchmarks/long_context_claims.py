@@ -145,6 +145,8 @@ class TaskCell:
         kb = {(r["task"], r["seed"], r["depth"]): r["correct"] for r in self.records[b]}
         pairs = [(float(r["correct"]), float(kb[(r["task"], r["seed"], r["depth"])])) for r in self.records[a]
                  if (r["task"], r["seed"], r["depth"]) in kb]
+        if not pairs:                         # run on different examples: nothing to pair
+            return {"diff": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
         x, y = zip(*pairs)
         return bootstrap_diff(x, y, n_boot=2000, seed=0)
 
@@ -158,7 +160,9 @@ def _fmt(x, nd=2):
 
 
 def _diff(d):
-    return f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+    if not d["n"]:
+        return "no common examples"
+    return f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (paired n={d['n']})"
 
 
 def _ppl(r):
@@ -261,7 +265,7 @@ def task_claims(cell: TaskCell, length: int, protocol: str) -> list[dict]:
             above(b["lo"], b["hi"], 1.0) if b else UNDECIDED)
     # bounded caches against query-aware selection at equal keys, same dense layers
     for c in (c for c in names if info[c]["cache"] and not info[c]["attention"]):
-        if keys[c] is not None and keys[c] >= 0.9 * pooled[c]["positions"]:
+        if keys[c] is not None and pooled[c]["positions"] and keys[c] >= 0.9 * pooled[c]["positions"]:
             continue                     # a cache that keeps (nearly) every key bounds nothing (kivi2)
         ss = [s for s in plain if info[s]["dense_layers"] == info[c]["dense_layers"] and equal_keys(keys[s], keys[c])]
         for s in ss:
