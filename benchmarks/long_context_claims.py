@@ -67,6 +67,16 @@ def family(v) -> str:
                     if m.split("=")[0].strip().lower() not in ("seed", "mode"))
 
 
+# patterns fixed by position alone (or by a seed): they choose keys without looking at the query
+POSITIONAL = {"sinks", "window", "blocks", "strided", "fixed", "logstride", "landmarks", "loglandmarks",
+              "globals", "random", "ruvllm", "ashape"}
+
+
+def query_aware(v) -> bool:
+    """True when some member of the variant's attention spec scores keys against the query."""
+    return bool(v["attention"]) and any(f not in POSITIONAL for f in family(v).split("+"))
+
+
 def nominal_keys(v):
     """Keys a variant's spec asks for per query, where its spec says (topk=N, quest=P/N,
     sinks=S,window=W, streaming=S+W), else None: the fallback when a row has no keys read."""
@@ -210,7 +220,8 @@ def task_claims(cell: TaskCell, length: int, protocol: str) -> list[dict]:
     # top-k at <= 2% of the keys: its spec's key count where it gives one (topk=82 is 2% of 4096
     # rounded up: ceil), else the keys it read in its sparse layers
     for v in (v for v in plain if family(info[v]) == "topk"):
-        k = nominal_keys(info[v]) or keys[v]
+        pct = re.fullmatch(r"topk=([\d.]+)%", info[v]["attention"].strip())
+        k = float(pct.group(1)) / 100 * length if pct else (nominal_keys(info[v]) or keys[v])
         if k is not None and k <= math.ceil(0.02 * length):
             text, b = vs_dense(v)
             add("topk2", text, at_least(b["lo"], b["hi"], 0.95) if b else UNDECIDED)
@@ -267,7 +278,8 @@ def task_claims(cell: TaskCell, length: int, protocol: str) -> list[dict]:
     for c in (c for c in names if info[c]["cache"] and not info[c]["attention"]):
         if keys[c] is not None and pooled[c]["positions"] and keys[c] >= 0.9 * pooled[c]["positions"]:
             continue                     # a cache that keeps (nearly) every key bounds nothing (kivi2)
-        ss = [s for s in plain if info[s]["dense_layers"] == info[c]["dense_layers"] and equal_keys(keys[s], keys[c])]
+        ss = [s for s in plain if query_aware(info[s]) and info[s]["dense_layers"] == info[c]["dense_layers"]
+              and equal_keys(keys[s], keys[c])]
         for s in ss:
             d = cell.paired(s, c)
             add("bounded", f"`{s}` {cell.acc(s)} ({_fmt(keys[s], 0)} keys) − `{c}` {cell.acc(c)} "
