@@ -61,8 +61,9 @@ from minisparse.lab.stats import perplexity_ratio  # noqa: E402
 from minisparse.registry import resolve  # noqa: E402
 from minisparse.spec import parse_attention_spec, parse_cache_spec  # noqa: E402
 
-SPECS = ["dense", "topk=128", "topk=128/kv", "sinks=4,window=252", "sinks=4,window=1020",
-         "sinks=4,window=1020 +int8", "quest=16/256", "ivf=64/p8/c256,seed=2"]
+SPECS = ["dense", "topk=128", "topk=128/kv", "sinks=4,window=252", "sinks=4,window=764",
+         "sinks=4,window=764 +int8", "sinks=4,window=1020", "sinks=4,window=1020 +int8",
+         "quest=16/256", "ivf=64/p8/c256,seed=2"]
 INT8 = " +int8"                 # a variant's suffix: its steps take the 8-bit-activation products
 CACHES = ["streaming=4+252", "recursive=B256"]
 MODULES = ["argparse", "typing", "inspect", "subprocess", "pathlib", "dataclasses"]
