@@ -1,7 +1,12 @@
 """Decode steps of position patterns without a Selection: for one query (Tq = 1), a selector
 made of key ranges by position (Dense, Sinks, Window and their unions: what sinks + window
 decodes with) goes to the decode kernel (attend_decode) as the few ranges computed here, not
-through a Selection built, broadcast, merged and normalised in NumPy at every layer.
+through a Selection built, broadcast, merged and normalised in NumPy at every layer. The step is
+one compiled call (`_position_step`: ranges, kernel, counts): at 30 layers a token, the Python
+and NumPy around a kernel call cost about as much as a short window's rows.
+
+`position_ranges` is the rule in plain Python; `position_codes` + `_step_ranges` compute the same
+ranges inside the compiled step (tested equal).
 
 Everything else, and any call this does not cover (several queries, float16 buffers, keys out
 of position order, lse wanted), goes to minisparse.attention.attend with the fast kernel. The
@@ -53,7 +58,7 @@ def position_ranges(selector, qp: int, k_pos):
     return merged
 
 
-# A position pattern as codes for the compiled step: (kind, parameter) per member
+# the kinds of a position pattern's members, as codes the compiled step reads
 _DENSE, _SINKS, _WINDOW = 0, 1, 2
 
 
