@@ -441,3 +441,23 @@ def test_compiled_step_ranges_are_position_ranges(seed, spec, tk, gaps):
     lo, hi = _step_ranges(position_codes(sel), qp, k_pos.astype(np.int64))
     assert list(zip(lo.tolist(), hi.tolist())) == position_ranges(sel, qp, k_pos)
     assert position_codes(parse_attention_spec("topk=4")) is None
+
+
+def test_a_window_decode_step_takes_the_compiled_step(monkeypatch):
+    # the speed of a sinks + window decode rests on this path: a layer's step must not fall
+    # back to attend (a Selection built in NumPy) for a cache buffer with spare rows
+    from minisparse.fast import decode
+    from minisparse.spec import parse_attention_spec
+    calls = []
+    real = decode._position_step
+    monkeypatch.setattr(decode, "_position_step", lambda *a: calls.append(1) or real(*a))
+    r = np.random.default_rng(0)
+    q = r.standard_normal((6, 1, 16)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, 50, 16)).astype(np.float32)      # 40 keys held, 10 spare
+    kw = dict(q_pos=np.array([39]), k_pos=np.arange(40), buffer=True, return_stats=True)
+    sel = parse_attention_spec("sinks=4,window=8")
+    decode.attend(q, k, v, sel.at_layer(0, {}), **kw)
+    decode.attend(q, k, v, None, **kw)                                 # dense
+    assert calls == [1, 1]
+    decode.attend(q, k, v, parse_attention_spec("topk=4"), **kw)
+    assert calls == [1, 1]
