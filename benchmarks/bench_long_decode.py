@@ -22,9 +22,13 @@ np.copyto): the GGUF file's tensors once (every matrix is read once a token), pl
 K and V rows of the keys attended (mean over query heads, times Hkv: each KV head's rows are
 read once for its query heads when they agree, so this is the floor; float16 rows for
 llama.cpp), plus what the selection scans: every key's K row for exact top-k, two bound rows per
-page for Quest, the centroids for IVF. "of floor" = floor ms / measured ms (1.0 = at
-bandwidth). The first step is reported apart: it compiles and builds the per-layer indexes
+page for Quest, the centroids for IVF. "MB/token" = those bytes; "of floor" = floor ms / measured ms (1.0 = at bandwidth). The first step is reported apart: it compiles and builds the per-layer indexes
 (IVF's k-means, Quest's page bounds).
+
+A variant named "SPEC +int8" is SPEC with MINISPARSE_INT8's 8-bit-activation products
+(minisparse/fast/q8.py; llama.cpp quantises its activations to 8 bits the same way) switched on
+for its own steps only, so the float32 and the 8-bit weights part run side by side in one run;
+its quality columns compare it with the float32 dense reference.
 
 --layer-only: no model; one layer's decode attention (selection, index upkeep and kernel) at
 SmolLM2's shapes (Hq 9, Hkv 3, d 64) on random keys, each step appending a key as decode does:
@@ -52,12 +56,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minisparse  # noqa: E402
+from minisparse.fast import q8, quant  # noqa: E402
 from minisparse.lab.stats import perplexity_ratio  # noqa: E402
 from minisparse.registry import resolve  # noqa: E402
 from minisparse.spec import parse_attention_spec, parse_cache_spec  # noqa: E402
 
-SPECS = ["dense", "topk=128", "topk=128/kv", "sinks=4,window=252", "sinks=4,window=1020",
+SPECS = ["dense", "topk=128", "topk=128/kv", "sinks=4,window=252", "sinks=4,window=764",
+         "sinks=4,window=764 +int8", "sinks=4,window=1020", "sinks=4,window=1020 +int8",
          "quest=16/256", "ivf=64/p8/c256,seed=2"]
+INT8 = " +int8"                 # a variant's suffix: its steps take the 8-bit-activation products
 CACHES = ["streaming=4+252", "recursive=B256"]
 MODULES = ["argparse", "typing", "inspect", "subprocess", "pathlib", "dataclasses"]
 
@@ -97,6 +104,7 @@ def weight_bytes(model):
 def scan_bytes(spec, S, cfg):
     """Bytes a selection reads beyond the keys it attends, per layer (see the module docstring)."""
     row = cfg.n_kv_heads * cfg.head_dim * 4                       # one K row of every KV head
+    spec = spec.removesuffix(INT8)
     if spec.startswith("topk"):
         return S * row
     if spec.startswith("quest"):
@@ -169,14 +177,16 @@ def run_length(model, n, m, specs, caches, llama=None):
     prefill_s = time.perf_counter() - t0
     variants = {}
     for spec in specs:
-        variants[spec] = {"cache": copy.deepcopy(base),
-                          "attention": None if spec == "dense" else parse_attention_spec(spec)}
+        sel = spec[:-len(INT8)] if spec.endswith(INT8) else spec
+        variants[spec] = {"cache": copy.deepcopy(base), "int8": spec.endswith(INT8),
+                          "attention": None if sel == "dense" else parse_attention_spec(sel)}
     for spec in caches:
         c = parse_cache_spec(spec, model)
         model.prefill(prompt, cache=c)
         variants[spec + " (cache)"] = {"cache": c, "attention": None}
     if lcpp is not None:
         variants[LLAMA] = lcpp
+    int8_default = quant.INT8_DECODE
     for v in variants.values():
         v.update(agree=[], kl=[], keys=[], nll=[], **({} if "ms" in v else {"ms": []}))
     for i, (tok, nxt) in enumerate(zip(feed, target)):
@@ -186,10 +196,14 @@ def run_length(model, n, m, specs, caches, llama=None):
             if name == LLAMA:
                 lp = v["logits"][i]
             else:
-                t0 = time.perf_counter()
-                lg = model.forward([tok], v["cache"], attention=v["attention"], stats=st,
-                                   last_only=True)[-1]
-                v["ms"].append(1e3 * (time.perf_counter() - t0))
+                quant.INT8_DECODE = v.get("int8") or int8_default   # else as the environment says
+                try:
+                    t0 = time.perf_counter()
+                    lg = model.forward([tok], v["cache"], attention=v["attention"], stats=st,
+                                       last_only=True)[-1]
+                    v["ms"].append(1e3 * (time.perf_counter() - t0))
+                finally:
+                    quant.INT8_DECODE = int8_default
                 lp = logsoftmax(lg)
             v["keys"].append(float(np.mean([s["n_attended"].mean() for s in st])) if st
                              else float(len(prompt) + i + 1))
@@ -283,6 +297,13 @@ def main(argv=None):
         ap.error("--steps must be >= 2 (the first step is reported apart)")
     lengths = [int(x) for x in a.lengths.split(",")]
     specs = [s for s in a.specs.split(";") if s]
+    if a.layer_only and a.specs == ";".join(SPECS):
+        specs = [s for s in specs if not s.endswith(INT8)]         # no weights: no int8 part
+    elif a.layer_only and any(s.endswith(INT8) for s in specs):
+        ap.error(f"--layer-only runs no weights: {INT8.strip()} variants mean nothing there")
+    if any(s.endswith(INT8) for s in specs) and not q8.available():
+        ap.error(f"{INT8.strip()} variants need the 8-bit kernels (x86-64 with AVX2); this CPU "
+                 f"has not got them")
     caches = [s for s in a.caches.split(";") if s]
     if a.layer_only:
         bw = copy_bandwidth()
@@ -319,11 +340,13 @@ def main(argv=None):
     rows = []
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {wb / 1e6:.1f} MB a token; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"numba threads {_numba_threads()}; tokens decoded per variant: {decoded}"
+          f"numba threads {_numba_threads()}; MINISPARSE_INT8 default {int(quant.INT8_DECODE)}; "
+          f"tokens decoded per variant: {decoded}"
           + (f"; llama.cpp on {a.llama_threads} threads" if llama else ""), flush=True)
     print("| prompt | variant | keys/step | ms/token (median) | tok/s | x dense | x llama.cpp | "
-          "floor ms | of floor | first step ms | top-1 agree | KL nats | ppl ratio [95% CI] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "MB/token | floor ms | of floor | first step ms | top-1 agree | KL nats | "
+          "ppl ratio [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in lengths:
         pre_s, var = run_length(model, n, decoded[n], specs, caches, llama)
         dense_ms = float(np.median(var[next(iter(var))]["ms"][1:]))
@@ -351,7 +374,8 @@ def main(argv=None):
             xl = f"{r['x_llama_cpp']:.2f}" if llama else "—"
             ppl = f"{pr['ratio']:.3f} [{pr['lo']:.3f}, {pr['hi']:.3f}]" if pr else "—"
             print(f"| {n} | {name} | {keys:.0f} | {med:.1f} | {r['tok_s']:.1f} | "
-                  f"{r['x_dense']:.2f} | {xl} | {floor_ms:.1f} | {r['of_floor']:.2f} | "
+                  f"{r['x_dense']:.2f} | {xl} | {(wb + kv_bytes + scan) / 1e6:.1f} | "
+                  f"{floor_ms:.1f} | {r['of_floor']:.2f} | "
                   f"{r['first_ms']:.0f} | {r['top1_agree']:.2f} | {r['kl']:.4f} | {ppl} |",
                   flush=True)
     if a.out:
@@ -360,6 +384,7 @@ def main(argv=None):
             "model": str(path), "decoded_tokens": decoded, "copy_bandwidth_Bps": bw,
             "weight_bytes": wb, "load_average": os.getloadavg(),
             "numba_threads": _numba_threads(), "text": "stdlib sources: " + ", ".join(MODULES),
+            "int8_default": bool(quant.INT8_DECODE),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "llama.cpp": None if llama is None else {
                 "threads": a.llama_threads, "build": LLAMA_CPP_BUILD, "system_info": llama.info,

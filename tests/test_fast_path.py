@@ -423,3 +423,41 @@ def test_position_ranges_cover_the_patterns_and_refuse_the_rest():
     assert position_ranges(Sinks(0), 18, kp) == []
     assert position_ranges(TopK(2), 18, kp) is None
     assert position_ranges(Sinks(3) | TopK(2), 18, kp) is None
+
+
+@given(seed=st.integers(0, 2**31 - 1), spec=st.sampled_from(
+    ["dense", "sinks=4,window=8", "window=0", "sinks=3", "sinks=40,window=2",
+     "sinks=2,window=5,window=30", "window=3,sinks=1,window=12"]),
+    tk=st.integers(0, 70), gaps=st.booleans())
+def test_compiled_step_ranges_are_position_ranges(seed, spec, tk, gaps):
+    # the compiled decode step computes its ranges from position_codes; they must be the
+    # ranges position_ranges gives (the same list, in the same order)
+    from minisparse.fast.decode import _step_ranges, position_codes, position_ranges
+    from minisparse.spec import parse_attention_spec
+    r = np.random.default_rng(seed)
+    k_pos = np.cumsum(r.integers(1, 3, tk)) if gaps else np.arange(tk)
+    qp = int(k_pos[-1] + r.integers(0, 2)) if tk else int(r.integers(0, 5))
+    sel = parse_attention_spec(spec)
+    lo, hi = _step_ranges(position_codes(sel), qp, k_pos.astype(np.int64))
+    assert list(zip(lo.tolist(), hi.tolist())) == position_ranges(sel, qp, k_pos)
+    assert position_codes(parse_attention_spec("topk=4")) is None
+
+
+def test_a_window_decode_step_takes_the_compiled_step(monkeypatch):
+    # the speed of a sinks + window decode rests on this path: a layer's step must not fall
+    # back to attend (a Selection built in NumPy) for a cache buffer with spare rows
+    from minisparse.fast import decode
+    from minisparse.spec import parse_attention_spec
+    calls = []
+    real = decode._position_step
+    monkeypatch.setattr(decode, "_position_step", lambda *a: calls.append(1) or real(*a))
+    r = np.random.default_rng(0)
+    q = r.standard_normal((6, 1, 16)).astype(np.float32)
+    k, v = r.standard_normal((2, 2, 50, 16)).astype(np.float32)      # 40 keys held, 10 spare
+    kw = dict(q_pos=np.array([39]), k_pos=np.arange(40), buffer=True, return_stats=True)
+    sel = parse_attention_spec("sinks=4,window=8")
+    decode.attend(q, k, v, sel.at_layer(0, {}), **kw)
+    decode.attend(q, k, v, None, **kw)                                 # dense
+    assert calls == [1, 1]
+    decode.attend(q, k, v, parse_attention_spec("topk=4"), **kw)
+    assert calls == [1, 1]

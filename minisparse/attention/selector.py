@@ -175,14 +175,21 @@ class Composition(Selector):
     def deterministic(self):
         return all(m.deterministic for m in self.members)
 
+    def _remade(self, members):
+        """self when every member came back as itself (a decode step asks twice a layer: no
+        new composition then), else a new one of the same type."""
+        if all(a is b for a, b in zip(members, self.members)):
+            return self
+        return type(self)(*members)
+
     def bind(self, state):
-        return type(self)(*[m.bind(state) for m in self.members])
+        return self._remade([m.bind(state) for m in self.members])
 
     def at_layer(self, layer, shared):
-        return type(self)(*[m.at_layer(layer, shared) for m in self.members])
+        return self._remade([m.at_layer(layer, shared) for m in self.members])
 
     def for_layer(self, layer, state, k, v):
-        return type(self)(*[m.for_layer(layer, state, k, v) for m in self.members])
+        return self._remade([m.for_layer(layer, state, k, v) for m in self.members])
 
 
 class Union(Composition):

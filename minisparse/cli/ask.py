@@ -42,16 +42,22 @@ def run(args):
                             files=args.context, cache_spec=kv or args.cache, chunk=args.chunk,
                             attention=selector, dense_layers=dense_layers, prefill=args.prefill,
                             use_saved=not args.no_cache, stats=stats)
-    t0, first = time.perf_counter(), None
+    t0, first, pos0 = time.perf_counter(), None, None
     for piece in model.generate(suffix, **sampling, attention=selector, cache=cache, add_bos=False,
                                 dense_layers=cache_layers(selector, dense_layers), stats=stats):
-        first = first or time.perf_counter()
+        if first is None:                         # each later decode step adds one position
+            first, pos0 = time.perf_counter(), cache.next_pos
         sys.stdout.write(piece)
         sys.stdout.flush()
+    end = time.perf_counter()
     sys.stdout.write("\n")
     if kv is not None:
         print(flags.kv_line(cache), file=sys.stderr)
-    print(f"time to first answer token: {(first or time.perf_counter()) - t0:.2f} s", file=sys.stderr)
+    print(f"time to first answer token: {(first or end) - t0:.2f} s", file=sys.stderr)
+    steps = cache.next_pos - pos0 if pos0 is not None else 0
+    if steps > 0:
+        print(f"answer decode: {steps} steps after the first token, "
+              f"{1e3 * (end - first) / steps:.1f} ms a step", file=sys.stderr)
     if stats is not None:
         print(flags.density_line(stats, model.config.n_layers), file=sys.stderr)
     return 0

@@ -277,6 +277,35 @@ def _decode_keys(k_pos, e_pos, qp, k_sorted, r, rptr, rlo, rhi, iptr, idx, logw,
     return n
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _score_one(q, k, ek, Tk, g, h0, nh, j, lw, scale, sbuf, c):
+    """sbuf[a, c] = scale q[h0 + a] . key j + lw for a < nh (j >= Tk: pseudo-key j - Tk)."""
+    d = q.shape[2]
+    for a in range(nh):
+        sc = np.float32(0.0)
+        if j < Tk:
+            for i in range(d):
+                sc += q[h0 + a, 0, i] * k[g, j, i]
+        else:
+            for i in range(d):
+                sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
+        sbuf[a, c] = sc * scale + lw
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _weigh_one(v, ev, Tk, g, nh, j, sbuf, c, cacc):
+    """cacc[a] += sbuf[a, c] * value j for a < nh (j >= Tk: pseudo-key j - Tk)."""
+    d = cacc.shape[1]
+    for a in range(nh):
+        p = sbuf[a, c]
+        if j < Tk:
+            for i in range(d):
+                cacc[a, i] += p * v[g, j, i]
+        else:
+            for i in range(d):
+                cacc[a, i] += p * ev[g, j - Tk, i]
+
+
 @njit(cache=True, fastmath=_FM)
 def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, cacc, m, l, acc):
     """Query heads h0 .. h0+nh-1 (one query each) over keys js[c0:c1], lws[c0:c1] of KV head g:
@@ -286,20 +315,37 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
     Scores q . k in float32 (d products) into sbuf (nh, >= c1 - c0); weights exp(s - m) by
     _expf (float32, <= 1.5 ulp), summed with the weighted values in float32 within a chunk of
     CHUNK keys and in float64 across chunks: the row kernel's error structure, with the exact
-    max known before the first weight (no rescaling)."""
+    max known before the first weight (no rescaling).
+
+    Real keys go four at a time: four dot products per pass over q's row, four value rows per
+    update of the chunk's sums (each loads and stores cacc once, not four times), so the loops
+    are bound by the rows read rather than by the accumulator traffic. The grouping is a fixed
+    function of js, so the bits depend on the keys listed alone."""
     d = q.shape[2]
     n = c1 - c0
-    for c in range(n):                                           # pass 1: each K row once
-        j = js[c0 + c]
-        for a in range(nh):
-            sc = np.float32(0.0)
-            if j < Tk:
+    c = 0
+    while c < n:                                                 # pass 1: each K row once
+        if c + 4 <= n and max(js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]) < Tk:
+            j0, j1, j2, j3 = js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]
+            for a in range(nh):
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
                 for i in range(d):
-                    sc += q[h0 + a, 0, i] * k[g, j, i]
-            else:
-                for i in range(d):
-                    sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
-            sbuf[a, c] = sc * scale + lws[c0 + c]
+                    qi = q[h0 + a, 0, i]
+                    s0 += qi * k[g, j0, i]
+                    s1 += qi * k[g, j1, i]
+                    s2 += qi * k[g, j2, i]
+                    s3 += qi * k[g, j3, i]
+                sbuf[a, c] = s0 * scale + lws[c0 + c]
+                sbuf[a, c + 1] = s1 * scale + lws[c0 + c + 1]
+                sbuf[a, c + 2] = s2 * scale + lws[c0 + c + 2]
+                sbuf[a, c + 3] = s3 * scale + lws[c0 + c + 3]
+            c += 4
+        else:
+            _score_one(q, k, ek, Tk, g, h0, nh, js[c0 + c], lws[c0 + c], scale, sbuf, c)
+            c += 1
     for a in range(nh):
         mx = np.float32(-np.inf)
         for c in range(n):
@@ -313,16 +359,20 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
     for b0 in range(0, n, CHUNK):                                # pass 2: each V row once
         b1 = min(b0 + CHUNK, n)
         cacc[:nh] = 0.0
-        for c in range(b0, b1):
-            j = js[c0 + c]
-            for a in range(nh):
-                p = sbuf[a, c]
-                if j < Tk:
+        c = b0
+        while c < b1:
+            if c + 4 <= b1 and max(js[c0 + c], js[c0 + c + 1], js[c0 + c + 2],
+                                   js[c0 + c + 3]) < Tk:
+                j0, j1, j2, j3 = js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]
+                for a in range(nh):
+                    p0, p1, p2, p3 = sbuf[a, c], sbuf[a, c + 1], sbuf[a, c + 2], sbuf[a, c + 3]
                     for i in range(d):
-                        cacc[a, i] += p * v[g, j, i]
-                else:
-                    for i in range(d):
-                        cacc[a, i] += p * ev[g, j - Tk, i]
+                        cacc[a, i] += ((p0 * v[g, j0, i] + p1 * v[g, j1, i])
+                                       + (p2 * v[g, j2, i] + p3 * v[g, j3, i]))
+                c += 4
+            else:
+                _weigh_one(v, ev, Tk, g, nh, js[c0 + c], sbuf, c, cacc)
+                c += 1
         for a in range(nh):
             lsum = np.float32(0.0)
             for c in range(b0, b1):
