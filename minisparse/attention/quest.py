@@ -59,10 +59,12 @@ def page_bounds_all(k, page):
     return mn, mx
 
 
-def _quest_rows(q, k, hi, page, n_pages, mn, mx):
+def _quest_rows(q, k, k0, hi, page, n_pages, mn, mx):
     """Per (query head h, query t): bounds of the pages over the causal keys [0, hi[t]) — complete
     pages from mn/mx, the last partial page from its causal keys only — and the n_pages[r] pages
-    of highest bound (ties to the later page). Returns CSR ranges (ptr, lo, hi). Each row writes
+    of highest bound (ties to the later page). Returns CSR ranges (ptr, lo, hi). k holds the keys
+    from position k0 on (k0 a multiple of page at or before every row's partial page): only the
+    partial pages read keys, so a caller passes that tail, contiguous, not the whole cache. Each row writes
     its own CSR slice and depends on nothing else, so quest_rows_parallel (a prefill chunk's
     Hq * Tq rows on the threads) gives the same result as quest_rows (a decode step's Hq rows,
     where waking threads costs more than the rows)."""
@@ -93,8 +95,8 @@ def _quest_rows(q, k, hi, page, n_pages, mn, mx):
             b = np.full(d, -np.inf, np.float32)
             for j in range(nfull * page, hi[t]):
                 for i in range(d):
-                    a[i] = min(a[i], k[g, j, i])
-                    b[i] = max(b[i], k[g, j, i])
+                    a[i] = min(a[i], k[g, j - k0, i])
+                    b[i] = max(b[i], k[g, j - k0, i])
             ub[nfull] = page_bound(q[h, t], a, b)
         pick = np.empty(cnt[r], np.int64)
         take_top(ub, np.ones(npg, np.bool_), cnt[r], pick, 0)
@@ -184,7 +186,12 @@ class Quest(Selector):
         else:
             mn, mx = page_bounds_all(k, P)                                   # (Hkv, n_full, d)
         rows = quest_rows_parallel if q.shape[0] * q_pos.size >= PARALLEL_MIN_ROWS else quest_rows
-        ptr, lo, rhi = rows(q, k, hi, P, n_pages, mn, mx)
+        # Compiled kernels get contiguous arrays: a cache buffer's view [:, :S] is not, and a
+        # cached Numba kernel called with a non-contiguous array reloads itself at every call.
+        k0 = (int(hi.min()) // P) * P if hi.size else 0
+        tail = np.ascontiguousarray(k[:, k0:], np.float32)                   # (Hkv, Tk - k0, d)
+        mn, mx = np.ascontiguousarray(mn), np.ascontiguousarray(mx)
+        ptr, lo, rhi = rows(q, tail, k0, hi, P, n_pages, mn, mx)
         z = np.zeros(q.shape[0] * q_pos.size + 1, np.int64)
         return Selection.from_lists(z, np.zeros(0, np.int64), k.shape[1], head_kind=Q,
                                     n_heads=q.shape[0], tq=q_pos.size, r_ptr=ptr, r_lo=lo,
