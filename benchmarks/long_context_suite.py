@@ -50,26 +50,40 @@ def _floats(text, flag):
 
 def plot_rows(rows, path, title):
     """Accuracy against the share of keys read (log x), one panel per task, one point per
-    variant with its Wilson 95% interval; uninformative panels say so in their title."""
+    variant with its Wilson 95% interval; uninformative panels say so in their title. Each
+    variant keeps its colour and marker in every panel, and one legend serves them all."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    colours = plt.get_cmap("tab20").colors
+    markers = "os^vD<>pP*hX"
+    style = {v: (colours[i % 20], markers[i % len(markers)]) for i, v in enumerate(names)}
+    cols = min(3, len(tasks))
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows + 1.2), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax, task in zip(axes.flat, tasks):
         rs = [r for r in rows if r["task"] == task and r["density"]]
         for r in rs:
-            ax.errorbar([r["density"]], [r["acc"]], yerr=[[r["acc"] - r["lo"]], [r["hi"] - r["acc"]]],
-                        fmt="o", capsize=3, label=f"{r['variant']} (n={r['n']})")
+            c, m = style[r["variant"]]
+            h = ax.errorbar([r["density"]], [r["acc"]], yerr=[[r["acc"] - r["lo"]], [r["hi"] - r["acc"]]],
+                            fmt=m, color=c, mfc="none", capsize=3, label=f"{r['variant']}")
+            handles.setdefault(r["variant"], h)
         ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("share of keys read at the answer")
         ax.set_ylabel("accuracy")
         bad = any(r["uninformative"] for r in rs)
-        ax.set_title(task + (" (uninformative: dense < 50%)" if bad else ""), fontsize=9)
-        ax.legend(fontsize=7)
+        n = max((r["n"] for r in rs), default=0)
+        ax.set_title(f"{task} (n={n})" + (" uninformative: dense < 50%" if bad else ""), fontsize=9)
+    fig.legend([handles[v] for v in names if v in handles], [v for v in names if v in handles],
+               loc="lower center", ncol=min(4, len(handles)), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12 if nrows == 1 else 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"plot written to {path}", file=sys.stderr)
 

@@ -318,6 +318,25 @@ def test_suite_script_writes_last_token_perplexity_json_and_plot(tmp_path):
                     "--ppl-last", "256", "--variants", "topk=16", "--out", str(out)])
 
 
+def test_plot_script_summarises_records_anew_and_draws(tmp_path, capsys):
+    # a task JSON without pooled rows (written before they existed) gets them from its records
+    import json
+    bench = _script("long_context_suite")
+    out, png = tmp_path / "t.json", tmp_path / "t.png"
+    bench.main(["--model", "passkey", "--tasks", "passkey", "--length", "256", "--protocol", "query-aware",
+                "--variants", "dense;topk=8", "--n", "2", "--out", str(out)])
+    d = json.loads(out.read_text())
+    d.pop("pooled")
+    out.write_text(json.dumps(d))
+    capsys.readouterr()
+    _script("long_context_plot").main([str(out), "--png", str(png)])
+    table = capsys.readouterr().out
+    assert "| all tasks |" in table and "`topk=8`" in table and png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="expected 'records'"):
+        (tmp_path / "bad.json").write_text("{}")
+        _script("long_context_plot").main([str(tmp_path / "bad.json")])
+
+
 # ----------------------------------------------------------------------------- the claims script
 
 
