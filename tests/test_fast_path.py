@@ -276,7 +276,7 @@ def test_attend_refuses_a_spec_string():
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("T", [1, 3, 20])
-def test_fast_quant_linear_equals_plain_dequantise_then_matmul(qtype, T):
+def test_fast_quant_linear_equals_plain_dequantise_then_matmul(qtype, T, float_decode):
     # Both multiply the same float32 weights (the kernels' dequantisation is bit-exact,
     # test_quant_kernels) and sum n = in products in float32 in some order; every order errs by
     # <= gamma_k sum_j |t_j| with k = n + 36 roundings on the longest path (test_quant_kernels)

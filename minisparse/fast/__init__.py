@@ -8,8 +8,9 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
   QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
-  q8.py: its decode products on 8-bit activations, with MINISPARSE_INT8=1 (within a derived
-  bound of the exact product, tests/test_q8_kernels.py).
+  q8.py: its decode products on 8-bit activations rounded as llama.cpp rounds them, the default
+  (MINISPARSE_INT8=0: quant.py's float32 kernels; bounds and ggml's arithmetic bit for bit in
+  tests/test_q8_kernels.py).
 - `rope` here: a decode step's RoPE as one Numba pass, apply_rope's bits (tests/test_decode_step.py).
 - attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
   a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,

@@ -47,11 +47,13 @@ _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatT
 
 
 def available() -> bool:
-    """True on an x86-64 CPU with AVX2 (LLVM's view of the host, which is what Numba compiles for)."""
+    """True on an x86-64 CPU with AVX2 and F16C (LLVM's view of the host, which is what Numba
+    compiles for): F16C's vcvtps2ph rounds the block scales to float16."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     from llvmlite import binding
-    return bool(binding.get_host_cpu_features().get("avx2", False))
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx2", False) and features.get("f16c", False))
 
 
 # ----------------------------------------------------------------------------- x -> 8-bit blocks
