@@ -111,14 +111,19 @@ def warm_minisparse_kernels(int8=False):
             W = quantize(rng.standard_normal((64, 256)).astype(np.float32), qt)
             x, y = rng.standard_normal(256).astype(np.float32), np.empty(64, np.float32)
             q8.matvec_serial(int(qt), W, x, y), q8.matvec(int(qt), W, x, y)
-    for shape in ((64, 256), (256, 256)):                  # below / above PARALLEL_MIN_WEIGHTS
-        w = rng.standard_normal(shape).astype(np.float32)
-        for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-            W = QuantMatrix(quantize(w, qt), w.shape, qt)
-            with threads.prefill_threads(64):
-                for T in (1, 64):
-                    fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
-            W[np.arange(3)]
+    saved = fast_quant.INT8_DECODE
+    # filling the cache: the float32 decode kernels too, which a MINISPARSE_INT8=0 run takes
+    for decode_int8 in ({saved, False} if int8 else {saved}):
+        fast_quant.INT8_DECODE = decode_int8
+        for shape in ((64, 256), (256, 256)):              # below / above PARALLEL_MIN_WEIGHTS
+            w = rng.standard_normal(shape).astype(np.float32)
+            for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+                W = QuantMatrix(quantize(w, qt), w.shape, qt)
+                with threads.prefill_threads(64):
+                    for T in (1, 64):
+                        fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
+                W[np.arange(3)]
+    fast_quant.INT8_DECODE = saved
     for T in (1, 64):
         q = rng.standard_normal((2, T, 32)).astype(np.float32)
         with threads.prefill_threads(T):
