@@ -79,7 +79,9 @@ def minisparse_logits(model, ids, mode, nudge=False):
     from minisparse.fast import quant
     ops = model.ops
     if nudge:
-        model.ops = dataclasses.replace(ops, embed=lambda table, t: np.nextafter(ops.embed(table, t), np.float32(np.inf)))
+        def nudged(table, t):
+            return np.nextafter(ops.embed(table, t), np.float32(np.inf))          # (T, D)
+        model.ops = dataclasses.replace(ops, embed=nudged)
     saved = (quant.INT8_DECODE, quant.q8.matvec_serial, quant.q8.matvec)
     quant.INT8_DECODE = mode != "float32"
     if mode == "int8-f32-scales":
@@ -92,11 +94,16 @@ def minisparse_logits(model, ids, mode, nudge=False):
         model.ops = ops
 
 
+def log_softmax(z):
+    """Row-wise log-probabilities of logits z (T, V), in float64."""
+    z = z.astype(np.float64) - z.max(1, keepdims=True)                          # (T, V)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
 def compare(a, ref):
     """a, ref (T, V) logits -> the figures against ref."""
     d = a.astype(np.float64) - ref
-    ls = lambda z: z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)  # noqa: E731
-    lp, lq = ls(ref.astype(np.float64)), ls(a.astype(np.float64))
+    lp, lq = log_softmax(ref), log_softmax(a)
     kl = (np.exp(lp) * (lp - lq)).sum(1)
     return {"max_abs_median": float(np.median(np.abs(d).max(1))),
             "rms_median": float(np.median(np.sqrt((d ** 2).mean(1)))),
@@ -131,13 +138,15 @@ def main():
     # amplify that (no two implementations of the same rounding agree past a few layers unless
     # every other operation agrees to the bit)
     for mode in ("float32", "int8"):
-        rows[f"{mode} vs {mode}, 1-ulp nudged input"] = compare(minisparse_logits(model, ids, mode, nudge=True), base[mode])
+        nudged = minisparse_logits(model, ids, mode, nudge=True)
+        rows[f"{mode} vs {mode}, 1-ulp nudged input"] = compare(nudged, base[mode])
     import llama_cpp
     result = {"model": str(path), "tokens": len(ids), "seconds": round(time.time() - t0, 1),
               "llama_cpp": f"llama-cpp-python {llama_cpp.__version__}, F32 KV, 1 thread, one token per eval",
               "against_llama_cpp": rows}
     print(f"{len(ids)} tokens, one at a time, against llama.cpp's logits (the last rows: each other)")
-    print(f"{'minisparse decode':40s} {'max|d| med':>10s} {'rms med':>9s} {'KL mean':>9s} {'KL max':>9s} {'argmax':>8s}")
+    print(f"{'minisparse decode':40s} {'max|d| med':>10s} {'rms med':>9s} {'KL mean':>9s} "
+          f"{'KL max':>9s} {'argmax':>8s}")
     for k, r in rows.items():
         print(f"{k:40s} {r['max_abs_median']:10.4f} {r['rms_median']:9.4f} {r['kl_mean']:9.2e} "
               f"{r['kl_max']:9.2e} {r['argmax_agree']:4d}/{r['positions']}")
