@@ -271,6 +271,29 @@ def test_attend_refuses_a_spec_string():
         attend(x, x, x, "window=1")
 
 
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["head-view", "contiguous"])
+def test_prefill_rope_gives_apply_ropes_bits(monkeypatch, style, split, transposed):
+    # The Numba pass does apply_rope's float32 products and differences in its order (no fused
+    # multiply-add), row by row, so on a prefill's many positions, in one call or in row blocks
+    # side by side, into a new array or out, the bits are the same; rope_dim < d leaves the tail.
+    r = np.random.default_rng(int(split) + 2 * int(transposed))
+    T, H, d, rope_dim = 100, 3, 16, 12
+    x = r.standard_normal((T, H, d)).astype(np.float32).transpose(1, 0, 2) if transposed else \
+        r.standard_normal((H, T, d)).astype(np.float32)                    # (H, T, d)
+    cfg = type("C", (), {"rope_dim": rope_dim, "rope_base": 10000.0, "rope_scale": 1.0})
+    cos, sin = rope_tables(np.arange(7, 7 + T), cfg)                         # (T, r/2)
+    want = apply_rope(x, cos, sin, style, rope_dim)
+    if split:
+        split_everything(monkeypatch)
+    with threads.prefill_threads(T):
+        got = FAST.rope(x, cos, sin, style, rope_dim)
+        into = FAST.rope(x, cos, sin, style, rope_dim, out=np.empty_like(x))
+    for a in (got, into):
+        assert np.array_equal(a.view(np.uint32), want.view(np.uint32))
+
+
 # ----------------------------------------------------------------------------- quantised linear
 
 

@@ -70,12 +70,12 @@ def attend(q, k, v, selector=None, *args, **kwargs):
     return (decode.attend if q.shape[1] == 1 else prefill.attend)(q, k, v, selector, *args, **kwargs)
 
 
-# Up to this many positions RoPE runs as one Numba pass; NumPy's ~12 calls (slices, products,
-# strided stores) cost more than the arithmetic on a decode step's few rows.
+# Up to this many positions RoPE runs as one Numba call on this thread; above, by row blocks
+# side by side (threads.by_rows), which costs a few microseconds of its own.
 ROPE_NUMBA_MAX_T = 8
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)       # nogil: a prefill's row blocks run side by side
 def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
     """apply_rope's arithmetic, element by element: the same float32 products and differences
     in the same order (no fused multiply-add), so the same bits."""
@@ -93,18 +93,31 @@ def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
                 out[h, t, i] = x[h, t, i]
 
 
-_rope_by_rows = by_rows(1, 0, 0)(apply_rope)     # x (H, T, d) and the tables (T, r/2) per position
+def _rope_numba(x, cos, sin, style, rope_dim, out=None):
+    """apply_rope by _rope_rows, into out (or a new array): float32 arrays, a known style."""
+    out = np.empty_like(x) if out is None else out                            # (H, T, d)
+    _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
+    return out
+
+
+# x (H, T, d) and the tables (T, r/2) per position; NumPy's apply_rope for what _rope_rows
+# does not take. The Numba pass is also faster on a prefill's rows: NumPy's ~12 calls (slices,
+# products, strided stores) each pass over the data, the Numba loop once (docs/performance.md).
+_rope_by_rows = by_rows(1, 0, 0)(apply_rope)
+_rope_numba_by_rows = by_rows(1, 0, 0)(_rope_numba)
 
 
 def rope(x, cos, sin, style: str, rope_dim: int, out=None):
-    """model.apply_rope: one Numba pass for a decode step's few positions (float32 arrays),
-    else by row blocks; the same bits either way (tests/test_decode_step.py)."""
-    if (x.ndim == 3 and x.shape[1] <= ROPE_NUMBA_MAX_T and x.dtype == cos.dtype == sin.dtype == np.float32
-            and style in ("interleaved", "neox") and out is None and 0 < rope_dim <= x.shape[2]
-            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)):
-        out = np.empty_like(x)                                                # (H, T, d)
-        _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
-        return out
+    """model.apply_rope as Numba passes (float32 arrays): one for a decode step's few positions,
+    by row blocks for more; else NumPy's by row blocks. The same bits every way
+    (tests/test_decode_step.py, tests/test_fast_path.py)."""
+    if (x.ndim == 3 and x.dtype == cos.dtype == sin.dtype == np.float32
+            and style in ("interleaved", "neox") and 0 < rope_dim <= x.shape[2]
+            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)
+            and (out is None or (out.shape == x.shape and out.dtype == np.float32))):
+        if x.shape[1] <= ROPE_NUMBA_MAX_T and out is None:
+            return _rope_numba(x, cos, sin, style, rope_dim)
+        return _rope_numba_by_rows(x, cos, sin, style, rope_dim, out=out)
     return _rope_by_rows(x, cos, sin, style, rope_dim, out=out)
 
 
