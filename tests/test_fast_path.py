@@ -271,6 +271,37 @@ def test_attend_refuses_a_spec_string():
         attend(x, x, x, "window=1")
 
 
+@pytest.mark.parametrize("T", [1, 5, 300])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_fast_rms_norm_is_rms_norm_within_one_ulp_of_its_scale(monkeypatch, T, split, scale):
+    # Both sum the squares of the float32 row in float64 (each square exact), in different
+    # orders: the sums differ by at most gamma_D (float64) relative, D 2^-53 = 6e-14 here, and
+    # the float64 steps after (/ D, + eps, sqrt, 1 /) add a few 2^-53 each. Two float64 values so
+    # close round to the same float32 scale s or to neighbours: |s' - s| <= 2^-23 s. Each output
+    # is fl(fl(x s) w), within 2u + u^2 (u = 2^-24) of x s w; so the two outputs differ by at most
+    # |x w| (|s' - s| + (2u + u^2)(s + s')) <= |x w| s (2^-23 + 4u) (1 + 2^-23) <= 3.01 2^-23 |x w| s.
+    r = np.random.default_rng(T + int(split))
+    D = 576
+    x = (r.standard_normal((T, D)) * scale).astype(np.float32)
+    w = r.standard_normal(D).astype(np.float32)
+    if T > 1:
+        x[1] = 0                                                   # a row of zeros: 1 / sqrt(eps)
+    eps = 1e-5
+    plain = rms_norm(x, w, eps)
+    if split:
+        split_everything(monkeypatch)
+    with threads.prefill_threads(T):
+        fast = FAST.rms_norm(x, w, eps)
+        into = FAST.rms_norm(x, w, eps, out=np.empty_like(x))
+    x64 = x.astype(np.float64)
+    s = 1 / np.sqrt((x64 * x64).mean(1, keepdims=True) + eps)     # (T, 1)
+    bound = 3.01 * 2.0 ** -23 * np.abs(x64 * w) * s
+    for got in (fast, into):
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.all(np.abs(got.astype(np.float64) - plain) <= bound)
+
+
 @pytest.mark.parametrize("style", ["interleaved", "neox"])
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
 @pytest.mark.parametrize("transposed", [True, False], ids=["head-view", "contiguous"])
