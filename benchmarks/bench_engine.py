@@ -11,9 +11,10 @@ Left out: sampling cost (decode feeds the argmax), batching, GPU.
     python3 benchmarks/bench_engine.py --out benchmarks/bench_engine.json   # full (<= 10 min quiet)
     python3 benchmarks/bench_engine.py --quick                          # 1 repeat, 512 only
 
-minisparse-int8 is minisparse-quant with MINISPARSE_INT8=1 (decode products on 8-bit activations,
-minisparse/fast/q8.py). llama.cpp's build options are recorded from /work/wheels/BUILD_OPTIONS.txt
-(or LLAMA_CPP_BUILD_OPTIONS) and its own `llama_print_system_info()`.
+minisparse-quant runs the default decode products on 8-bit activations (minisparse/fast/q8.py,
+llama.cpp's rounding); minisparse-f32act is the same with MINISPARSE_INT8=0 (the float32
+kernels). llama.cpp's build options are recorded from /work/wheels/BUILD_OPTIONS.txt (or
+LLAMA_CPP_BUILD_OPTIONS) and its own `llama_print_system_info()`.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, where set, pin OpenBLAS to an older kernel; the benchmark
 re-executes itself without them (--keep-openblas-env keeps them) and records both settings.
@@ -37,9 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))     # workers: set per engine by the driver
-ENGINES = ("minisparse-quant", "minisparse-int8", "minisparse-f32", "llama.cpp", "transformers",
-           "minisparse-quant@1t", "minisparse-int8@1t", "llama.cpp@1t")   # @1t: the same on one thread
-ENGINE_ENV = {"minisparse-int8": {"MINISPARSE_INT8": "1"}}   # per engine, on top of the thread counts
+ENGINES = ("minisparse-quant", "minisparse-f32act", "minisparse-f32", "llama.cpp", "transformers",
+           "minisparse-quant@1t", "minisparse-f32act@1t", "llama.cpp@1t")   # @1t: the same on one thread
+ENGINE_ENV = {"minisparse-f32act": {"MINISPARSE_INT8": "0"}}   # per engine, on top of the thread counts
 BUILD_OPTIONS = Path(os.environ.get("LLAMA_CPP_BUILD_OPTIONS", "/work/wheels/BUILD_OPTIONS.txt"))
 
 
@@ -96,7 +97,8 @@ def warm_minisparse_kernels(int8=False):
     measured next is the runtime floor: interpreter, NumPy, Numba/LLVM, the compiled kernels (the
     serial and the parallel matvec of each in-place type, dequantisation, both attention paths)
     and the prefill thread pool with its BLAS controller. The integer decode kernels are loaded
-    where the run takes them (MINISPARSE_INT8=1) or int8 is set (filling Numba's cache)."""
+    where the run takes them (the default; not with MINISPARSE_INT8=0) or int8 is set (filling
+    Numba's cache)."""
     sys.path.insert(0, str(ROOT))
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import quantize
@@ -109,14 +111,19 @@ def warm_minisparse_kernels(int8=False):
             W = quantize(rng.standard_normal((64, 256)).astype(np.float32), qt)
             x, y = rng.standard_normal(256).astype(np.float32), np.empty(64, np.float32)
             q8.matvec_serial(int(qt), W, x, y), q8.matvec(int(qt), W, x, y)
-    for shape in ((64, 256), (256, 256)):                  # below / above PARALLEL_MIN_WEIGHTS
-        w = rng.standard_normal(shape).astype(np.float32)
-        for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-            W = QuantMatrix(quantize(w, qt), w.shape, qt)
-            with threads.prefill_threads(64):
-                for T in (1, 64):
-                    fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
-            W[np.arange(3)]
+    saved = fast_quant.INT8_DECODE
+    # filling the cache: the float32 decode kernels too, which a MINISPARSE_INT8=0 run takes
+    for decode_int8 in ({saved, False} if int8 else {saved}):
+        fast_quant.INT8_DECODE = decode_int8
+        for shape in ((64, 256), (256, 256)):              # below / above PARALLEL_MIN_WEIGHTS
+            w = rng.standard_normal(shape).astype(np.float32)
+            for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+                W = QuantMatrix(quantize(w, qt), w.shape, qt)
+                with threads.prefill_threads(64):
+                    for T in (1, 64):
+                        fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
+                W[np.arange(3)]
+    fast_quant.INT8_DECODE = saved
     for T in (1, 64):
         q = rng.standard_normal((2, T, 32)).astype(np.float32)
         with threads.prefill_threads(T):
@@ -226,7 +233,7 @@ def worker(spec):
         floor_mb = rss_mb()                    # + Numba/LLVM with the compiled kernels loaded
     t0 = time.perf_counter()
     ctx = max(spec["prefill"] + [0]) + spec["decode"] + 136
-    if engine in ("minisparse-quant", "minisparse-int8"):
+    if engine in ("minisparse-quant", "minisparse-f32act"):
         e = MiniEngine(path, dequant=False)
     elif engine == "minisparse-f32":
         e = MiniEngine(path, dequant=True)
@@ -471,7 +478,7 @@ def run(args):
 
 
 def _derive(row, path, ceil):
-    dequant = row["engine"].split("@")[0] not in ("minisparse-quant", "minisparse-int8", "llama.cpp")
+    dequant = row["engine"].split("@")[0] not in ("minisparse-quant", "minisparse-f32act", "llama.cpp")
     wb, _ = weight_bytes(path, dequant)
     row["weight_bytes_per_token"] = wb
     row["decode_frac_of_bandwidth"] = row["decode_tok_s"] * wb / (ceil["copy_gb_s"] * 1e9)
@@ -570,7 +577,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is reported)")
     ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--models", nargs="*", help="subset of: stories260K pydoc smollm2-135M-Q4_1")
-    ap.add_argument("--engines", nargs="*", help="subset of: minisparse-quant minisparse-f32 llama.cpp transformers")
+    ap.add_argument("--engines", nargs="*", help="subset of: " + " ".join(ENGINES))
     ap.add_argument("--gguf", nargs="*", help="extra models as NAME=PATH")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine x model")
     ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/L2_SIZE")

@@ -271,12 +271,66 @@ def test_attend_refuses_a_spec_string():
         attend(x, x, x, "window=1")
 
 
+@pytest.mark.parametrize("T", [1, 5, 300])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_fast_rms_norm_is_rms_norm_within_one_ulp_of_its_scale(monkeypatch, T, split, scale):
+    # Both sum the squares of the float32 row in float64 (each square exact), in different
+    # orders: the sums differ by at most gamma_D (float64) relative, D 2^-53 = 6e-14 here, and
+    # the float64 steps after (/ D, + eps, sqrt, 1 /) add a few 2^-53 each. Two float64 values so
+    # close round to the same float32 scale s or to neighbours: |s' - s| <= 2^-23 s. Each output
+    # is fl(fl(x s) w), within 2u + u^2 (u = 2^-24) of x s w; so the two outputs differ by at most
+    # |x w| (|s' - s| + (2u + u^2)(s + s')) <= |x w| s (2^-23 + 4u) (1 + 2^-23) <= 3.01 2^-23 |x w| s.
+    r = np.random.default_rng(T + int(split))
+    D = 576
+    x = (r.standard_normal((T, D)) * scale).astype(np.float32)
+    w = r.standard_normal(D).astype(np.float32)
+    if T > 1:
+        x[1] = 0                                                   # a row of zeros: 1 / sqrt(eps)
+    eps = 1e-5
+    plain = rms_norm(x, w, eps)
+    if split:
+        split_everything(monkeypatch)
+    with threads.prefill_threads(T):
+        fast = FAST.rms_norm(x, w, eps)
+        into = FAST.rms_norm(x, w, eps, out=np.empty_like(x))
+    x64 = x.astype(np.float64)
+    s = 1 / np.sqrt((x64 * x64).mean(1, keepdims=True) + eps)     # (T, 1)
+    bound = 3.01 * 2.0 ** -23 * np.abs(x64 * w) * s
+    for got in (fast, into):
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.all(np.abs(got.astype(np.float64) - plain) <= bound)
+
+
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["head-view", "contiguous"])
+def test_prefill_rope_gives_apply_ropes_bits(monkeypatch, style, split, transposed):
+    # The Numba pass does apply_rope's float32 products and differences in its order (no fused
+    # multiply-add), row by row, so on a prefill's many positions, in one call or in row blocks
+    # side by side, into a new array or out, the bits are the same; rope_dim < d leaves the tail.
+    r = np.random.default_rng(int(split) + 2 * int(transposed))
+    T, H, d, rope_dim = 100, 3, 16, 12
+    x = r.standard_normal((T, H, d)).astype(np.float32).transpose(1, 0, 2) if transposed else \
+        r.standard_normal((H, T, d)).astype(np.float32)                    # (H, T, d)
+    cfg = type("C", (), {"rope_dim": rope_dim, "rope_base": 10000.0, "rope_scale": 1.0})
+    cos, sin = rope_tables(np.arange(7, 7 + T), cfg)                         # (T, r/2)
+    want = apply_rope(x, cos, sin, style, rope_dim)
+    if split:
+        split_everything(monkeypatch)
+    with threads.prefill_threads(T):
+        got = FAST.rope(x, cos, sin, style, rope_dim)
+        into = FAST.rope(x, cos, sin, style, rope_dim, out=np.empty_like(x))
+    for a in (got, into):
+        assert np.array_equal(a.view(np.uint32), want.view(np.uint32))
+
+
 # ----------------------------------------------------------------------------- quantised linear
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("T", [1, 3, 20])
-def test_fast_quant_linear_equals_plain_dequantise_then_matmul(qtype, T):
+def test_fast_quant_linear_equals_plain_dequantise_then_matmul(qtype, T, float_decode):
     # Both multiply the same float32 weights (the kernels' dequantisation is bit-exact,
     # test_quant_kernels) and sum n = in products in float32 in some order; every order errs by
     # <= gamma_k sum_j |t_j| with k = n + 36 roundings on the longest path (test_quant_kernels)

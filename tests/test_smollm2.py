@@ -34,7 +34,7 @@ def test_prompt_tokenizes_like_llamacpp(smollm2):
     assert smollm2.tokenizer.encode(GOLDEN["prompt"]) == GOLDEN["prompt_ids"]
 
 
-def test_greedy_continuation_equals_golden(smollm2):
+def test_greedy_continuation_equals_golden(smollm2, float_decode):
     text = "".join(smollm2.generate(GOLDEN["prompt"], max_new_tokens=GOLDEN["max_new_tokens"],
                                     temperature=0))
     # Exact equality is sound: the smallest top-2 logit margin on this path is 0.069
@@ -43,7 +43,7 @@ def test_greedy_continuation_equals_golden(smollm2):
     assert text == GOLDEN["text"]
 
 
-def test_cached_decode_logits_equal_uncached_recomputation(smollm2):
+def test_cached_decode_logits_equal_uncached_recomputation(smollm2, float_decode):
     prompt, gen = GOLDEN["prompt_ids"], GOLDEN["ids"][:12]
     cache = smollm2.new_cache()
     rows = [smollm2.forward(prompt, cache)[-1]]                       # (V,)

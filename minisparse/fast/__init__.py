@@ -8,9 +8,12 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   (`prefill_heap`); both enter through `long_forward`.
 - quant.py: Numba kernels that multiply straight from GGUF quant blocks (`linear` on a
   QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
-  q8.py: its decode products on 8-bit activations, with MINISPARSE_INT8=1 (within a derived
-  bound of the exact product, tests/test_q8_kernels.py).
-- `rope` here: a decode step's RoPE as one Numba pass, apply_rope's bits (tests/test_decode_step.py).
+  q8.py: its decode products on 8-bit activations rounded as llama.cpp rounds them, the default
+  (MINISPARSE_INT8=0: quant.py's float32 kernels; bounds and ggml's arithmetic bit for bit in
+  tests/test_q8_kernels.py).
+- `rope` here: RoPE as Numba passes (by row blocks on a prefill), apply_rope's bits
+  (tests/test_decode_step.py); `fast_rms_norm`: RMSNorm as one Numba pass per row block, within
+  one ulp of its float32 scale (tests/test_fast_path.py).
 - attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
   a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
   with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
@@ -69,12 +72,48 @@ def attend(q, k, v, selector=None, *args, **kwargs):
     return (decode.attend if q.shape[1] == 1 else prefill.attend)(q, k, v, selector, *args, **kwargs)
 
 
-# Up to this many positions RoPE runs as one Numba pass; NumPy's ~12 calls (slices, products,
-# strided stores) cost more than the arithmetic on a decode step's few rows.
+@njit(cache=True, nogil=True)       # nogil: a prefill's row blocks run side by side
+def _rms_rows(x, w, eps, out):
+    """model.rms_norm on x (T, D), row by row: the squares summed in float64 in order (einsum sums
+    them in its own order), then x * scale * w in float32, as rms_norm multiplies."""
+    T, D = x.shape
+    for t in range(T):
+        ms = 0.0
+        for j in range(D):
+            v = np.float64(x[t, j])
+            ms += v * v
+        scale = np.float32(1.0 / np.sqrt(ms / D + eps))
+        for j in range(D):
+            out[t, j] = (x[t, j] * scale) * w[j]
+
+
+def _rms_norm_numba(x, w, eps, out=None):
+    out = np.empty_like(x) if out is None else out                            # (T, D)
+    _rms_rows(x, w, float(eps), out)
+    return out
+
+
+_rms_norm_by_rows = by_rows(0, None, None)(rms_norm)    # row t of the output reads row t of x only
+_rms_norm_numba_by_rows = by_rows(0, None, None)(_rms_norm_numba)
+
+
+def fast_rms_norm(x, w, eps, out=None):
+    """model.rms_norm: one Numba pass per row block for float32 (T, D) rows, where einsum and two
+    NumPy products cost ~6 us of calls on a decode step's one row; else NumPy's by row blocks.
+    The float64 sum in another order may move the float32 scale by one ulp: within a bound
+    derived in tests/test_fast_path.py."""
+    if (x.ndim == 2 and x.dtype == w.dtype == np.float32 and w.shape == (x.shape[1],)
+            and (out is None or (out.shape == x.shape and out.dtype == np.float32))):
+        return _rms_norm_numba_by_rows(x, w, eps, out=out)
+    return _rms_norm_by_rows(x, w, eps, out=out)
+
+
+# Up to this many positions RoPE runs as one Numba call on this thread; above, by row blocks
+# side by side (threads.by_rows), which costs a few microseconds of its own.
 ROPE_NUMBA_MAX_T = 8
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)       # nogil: a prefill's row blocks run side by side
 def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
     """apply_rope's arithmetic, element by element: the same float32 products and differences
     in the same order (no fused multiply-add), so the same bits."""
@@ -92,18 +131,31 @@ def _rope_rows(x, cos, sin, interleaved, rope_dim, out):
                 out[h, t, i] = x[h, t, i]
 
 
-_rope_by_rows = by_rows(1, 0, 0)(apply_rope)     # x (H, T, d) and the tables (T, r/2) per position
+def _rope_numba(x, cos, sin, style, rope_dim, out=None):
+    """apply_rope by _rope_rows, into out (or a new array): float32 arrays, a known style."""
+    out = np.empty_like(x) if out is None else out                            # (H, T, d)
+    _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
+    return out
+
+
+# x (H, T, d) and the tables (T, r/2) per position; NumPy's apply_rope for what _rope_rows
+# does not take. The Numba pass is also faster on a prefill's rows: NumPy's ~12 calls (slices,
+# products, strided stores) each pass over the data, the Numba loop once (docs/performance.md).
+_rope_by_rows = by_rows(1, 0, 0)(apply_rope)
+_rope_numba_by_rows = by_rows(1, 0, 0)(_rope_numba)
 
 
 def rope(x, cos, sin, style: str, rope_dim: int, out=None):
-    """model.apply_rope: one Numba pass for a decode step's few positions (float32 arrays),
-    else by row blocks; the same bits either way (tests/test_decode_step.py)."""
-    if (x.ndim == 3 and x.shape[1] <= ROPE_NUMBA_MAX_T and x.dtype == cos.dtype == sin.dtype == np.float32
-            and style in ("interleaved", "neox") and out is None and 0 < rope_dim <= x.shape[2]
-            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)):
-        out = np.empty_like(x)                                                # (H, T, d)
-        _rope_rows(x, cos, sin, style == "interleaved", rope_dim, out)
-        return out
+    """model.apply_rope as Numba passes (float32 arrays): one for a decode step's few positions,
+    by row blocks for more; else NumPy's by row blocks. The same bits every way
+    (tests/test_decode_step.py, tests/test_fast_path.py)."""
+    if (x.ndim == 3 and x.dtype == cos.dtype == sin.dtype == np.float32
+            and style in ("interleaved", "neox") and 0 < rope_dim <= x.shape[2]
+            and rope_dim % 2 == 0 and cos.shape == sin.shape == (x.shape[1], rope_dim // 2)
+            and (out is None or (out.shape == x.shape and out.dtype == np.float32))):
+        if x.shape[1] <= ROPE_NUMBA_MAX_T and out is None:
+            return _rope_numba(x, cos, sin, style, rope_dim)
+        return _rope_numba_by_rows(x, cos, sin, style, rope_dim, out=out)
     return _rope_by_rows(x, cos, sin, style, rope_dim, out=out)
 
 
@@ -116,7 +168,7 @@ def long_forward(T: int):
 
 FAST = Ops(
     embed=embed,
-    rms_norm=by_rows(0, None, None)(rms_norm),   # row t of the output reads row t of x only
+    rms_norm=fast_rms_norm,
     linear=linear,
     rope=rope,
     glu=by_rows(0, 0)(glu),

@@ -12,11 +12,18 @@ product to turn into those instructions (the same loop written in Numba compiles
 calling the two instructions by their LLVM names. x86 with AVX2 only (`available()`); elsewhere,
 and for the other quant types, quant.py's float kernels run.
 
-The numbers change: x becomes x_hat = dx * qx per block of 32 (dx = max|x_block| / 127, qx =
-round(x / dx), |x - x_hat| <= dx / 2 per element), llama.cpp's Q8_0 / Q8_1 activations. The
-integer sums are exact (|sum| <= 32 * 255 * 127 < 2^24, also exactly representable in float32);
-the float error is that of a sum over the blocks. tests/test_q8_kernels.py derives and checks
-the bound. Block layouts: ggml-common.h (block_q4_0, block_q4_1, block_q8_0, block_q8_1).
+The numbers change: x becomes x_hat = dx * qx per block of 32 (qx = round(x * 127 / max|x_block|),
+dx = max|x_block| / 127 stored as float16), llama.cpp's Q8_0 / Q8_1 activations, rounded as its
+AVX2 `quantize_row_q8_0` / `quantize_row_q8_1` round them: the scale dx and Q8_1's dx * sum(qx)
+are kept as float16, which moves each block's scale by up to 2^-11 of itself. That rounding is
+not a detail: on a two-layer Q8_0 model the float16 scales are what brings these logits to within
+float32 rounding of llama.cpp's, and float32 scales leave them 0.09 apart (docs/performance.md).
+The integer sums are exact (|sum| <= 32 * 128 * 127 < 2^24, also exactly representable in
+float32); each block's sum is multiplied into eight lanes by d * dx, and the lanes are summed in
+the order of ggml's `hsum_float_8`, then the additive term (Q4_1's). Q4_0 multiplies the signed
+nibble - 8 by qx, as ggml's `vec_dot_q4_0_q8_0`. tests/test_q8_kernels.py derives and checks the
+bounds, and holds the kernels to a NumPy transcription of ggml's AVX2 dot products. Block
+layouts: ggml-common.h (block_q4_0, block_q4_1, block_q8_0, block_q8_1).
 """
 from __future__ import annotations
 
@@ -40,21 +47,40 @@ _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatT
 
 
 def available() -> bool:
-    """True on an x86-64 CPU with AVX2 (LLVM's view of the host, which is what Numba compiles for)."""
+    """True on an x86-64 CPU with AVX2 and F16C (LLVM's view of the host, which is what Numba
+    compiles for): F16C's vcvtps2ph rounds the block scales to float16."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     from llvmlite import binding
-    return bool(binding.get_host_cpu_features().get("avx2", False))
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx2", False) and features.get("f16c", False))
 
 
 # ----------------------------------------------------------------------------- x -> 8-bit blocks
 
 
+@intrinsic
+def _half(typingctx, v):
+    """v (float32) rounded to the nearest float16 (ties to even, as F16C's vcvtps2ph and ggml's
+    GGML_FP32_TO_FP16), returned as float32; v itself where float16 would overflow to inf (a block
+    of |x| above 127 * 65504: llama.cpp's scale turns inf there, this one stays finite)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        h = builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32)
+        big = builder.fcmp_ordered(">", builder.call(_fn(builder.module, "llvm.fabs.f32", _F32, [_F32]), [h]),
+                                   ir.Constant(_F32, 65504.0))
+        return builder.select(big, args[0], h)
+    return types.float32(types.float32), codegen
+
+
 @njit(cache=True)
 def quantize(x, qx, dx, sx):
-    """x (n,) float32 -> qx (n,) int8, dx (n/32,) the block scales, sx (n/32,) = dx * sum(qx) per
-    block (Q4_0 and Q4_1's additive terms multiply it). x_hat = dx * qx; |x - x_hat| <= dx / 2
-    up to the roundings of dx and of x / dx (the tests' bound: dx (1/2 + 400 u))."""
+    """x (n,) float32 -> qx (n,) int8, dx (n/32,) the block scales, sx (n/32,) per block the
+    float16 rounding of d * sum(qx), d = max|x_block| / 127 in float32 (Q4_1's additive term
+    multiplies it), both as llama.cpp's Q8_1 keeps them. x_hat = dx * qx; qx = round(x / d), so
+    |x - d qx| <= d (1/2 + 400 u) (the roundings of d and of x / d) and dx = half(d)."""
     for b in range(x.size // 32):
         amax = np.float32(0.0)
         for j in range(32):
@@ -66,13 +92,13 @@ def quantize(x, qx, dx, sx):
             q = np.int32(np.rint(x[32 * b + j] * inv))
             qx[32 * b + j] = q
             s += q
-        dx[b], sx[b] = d, d * np.float32(s)
+        dx[b], sx[b] = _half(d), _half(d * np.float32(s))
 
 
 # ----------------------------------------------------------------------------- one row . x_hat
 # One intrinsic per weight type: a loop over the row's blocks in LLVM IR. Each block gives eight
 # int32 partial sums (`_pair_sums`), converted to float32 and multiplied into eight running lanes
-# by the block's scale d * dx; the additive term of Q4_0 / Q4_1 goes through sx:
+# by the block's scale d * dx; the additive term of Q4_1 goes through sx:
 # sum_j (d q_j + m) x_hat_j = d dx sum_j q_j qx_j + m sx. The lanes are summed once per row.
 
 
@@ -113,10 +139,21 @@ def _f16(builder, base, offset, intp):
     return builder.fpext(builder.load(p, align=1), _F32)
 
 
+def _signed_pair_sums(builder, q, xv):
+    """_pair_sums of signed bytes q and xv: pmaddubsw wants one unsigned operand, so |q| times
+    xv with q's sign (psignb: xv negated where q < 0, zeroed where q = 0), as ggml's
+    mul_sum_i8_pairs does."""
+    v32 = ir.VectorType(_I8, 32)
+    absq = builder.call(_fn(builder.module, "llvm.abs.v32i8", v32, [v32, ir.IntType(1)]),
+                        [q, ir.Constant(ir.IntType(1), 0)])
+    signed = builder.call(_fn(builder.module, "llvm.x86.avx2.psign.b", v32, [v32, v32]), [xv, q])
+    return _pair_sums(builder, absq, signed)
+
+
 def _block_q4_0(builder, base, xv, intp):
-    # d (f16) | 16 bytes of nibbles; w = d (nibble - 8): d dx sum(nibble qx) - 8 d sx
-    d = _f16(builder, base, 0, intp)
-    return _pair_sums(builder, _nibbles(builder, base, 2, intp), xv), d, builder.fmul(d, ir.Constant(_F32, -8.0))
+    # d (f16) | 16 bytes of nibbles; w = d (nibble - 8): the signed nibble - 8 times qx, as ggml
+    q = builder.sub(_nibbles(builder, base, 2, intp), ir.Constant(ir.VectorType(_I8, 32), [8] * 32))
+    return _signed_pair_sums(builder, q, xv), _f16(builder, base, 0, intp), None
 
 
 def _block_q4_1(builder, base, xv, intp):
@@ -126,14 +163,17 @@ def _block_q4_1(builder, base, xv, intp):
 
 
 def _block_q8_0(builder, base, xv, intp):
-    # d (f16) | 32 int8 q; w = d q. pmaddubsw wants one unsigned operand: |q| times qx with q's
-    # sign (psignb: qx negated where q < 0, zeroed where q = 0), as llama.cpp does
+    # d (f16) | 32 int8 q; w = d q
     v32 = ir.VectorType(_I8, 32)
     q = builder.load(builder.bitcast(builder.gep(base, [ir.Constant(intp, 2)]), ir.PointerType(v32)), align=1)
-    absq = builder.call(_fn(builder.module, "llvm.abs.v32i8", v32, [v32, ir.IntType(1)]),
-                        [q, ir.Constant(ir.IntType(1), 0)])
-    signed = builder.call(_fn(builder.module, "llvm.x86.avx2.psign.b", v32, [v32, v32]), [xv, q])
-    return _pair_sums(builder, absq, signed), _f16(builder, base, 0, intp), None
+    return _signed_pair_sums(builder, q, xv), _f16(builder, base, 0, intp), None
+
+
+def _hsum8(builder, lanes):
+    """The eight lanes summed in ggml's hsum_float_8 order: ((l4 + l0) + (l6 + l2)) + ((l5 + l1) + (l7 + l3))."""
+    e = [builder.extract_element(lanes, ir.Constant(_I32, k)) for k in range(8)]
+    r = [builder.fadd(e[k + 4], e[k]) for k in range(4)]
+    return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
 
 
 def _row_dot(block_bytes, block):
@@ -182,10 +222,7 @@ def _row_dot(block_bytes, block):
             builder.branch(head)
 
             builder.position_at_end(done)
-            total = extra
-            for k in range(8):
-                total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(_I32, k)))
-            return total
+            return builder.fadd(_hsum8(builder, lanes), extra)
         return types.float32(w, qx, dx, sx), codegen
     return dot
 

@@ -5,8 +5,8 @@ plain path in minisparse/quant.py calls) define them, bit for bit. Decode (few r
 fused kernel: each thread dequantises one weight row into a small buffer and dots it with x;
 prefill dequantises a tile of rows to float32 and hands it to BLAS sgemm, so memory stays bounded
 by the tile. Integer dot products on 8-bit activations (llama.cpp's `vec_dot`; they change the
-numbers) are q8.py's, taken for decode when MINISPARSE_INT8=1 (`INT8_DECODE`). Block layouts:
-ggml-common.h / ggml-quants.c.
+numbers, as llama.cpp's do) are q8.py's, taken for decode by default (`INT8_DECODE`;
+MINISPARSE_INT8=0 takes the float32 kernels here). Block layouts: ggml-common.h / ggml-quants.c.
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ INT8_ENV = "MINISPARSE_INT8"
 
 
 def _int8_decode() -> bool:
-    """MINISPARSE_INT8=1: decode products of Q4_0 / Q4_1 / Q8_0 matrices on 8-bit activations
-    (q8.py), where the CPU has the instructions; 0 or unset: the float32 kernels below."""
-    value = os.environ.get(INT8_ENV, "0").strip()
+    """MINISPARSE_INT8=1 or unset: decode products of Q4_0 / Q4_1 / Q8_0 matrices on 8-bit
+    activations (q8.py: llama.cpp's arithmetic), where the CPU has the instructions; 0: the
+    float32 kernels below (the exact product of the stored weights, up to float32 sums)."""
+    value = os.environ.get(INT8_ENV, "1").strip()
     if value not in ("0", "1"):
         raise ValueError(f"{INT8_ENV}={value!r}: expected 0 (float32 activations) or 1 (8-bit ones)")
     return value == "1" and q8.available()
