@@ -16,10 +16,41 @@ from long_context_suite import plot_ppl_rows, plot_rows
 from minisparse.lab.suite import markdown_table, pooled_rows, summarize
 
 
+def matrix(rows) -> str:
+    """Variants down, tasks across (right answers / n, * where dense < 50%: uninformative), then
+    the pooled accuracy over the informative tasks with its Wilson interval, the ratio to dense
+    with its paired bootstrap interval, and the keys read per query."""
+    cells = [r for r in rows if r["task"] != "all tasks"]
+    tasks = list(dict.fromkeys(r["task"] for r in cells))
+    names = list(dict.fromkeys(r["variant"] for r in cells))
+    pooled = {r["variant"]: r for r in rows if r["task"] == "all tasks"}
+    head = ["variant"] + [t + ("*" if any(r["uninformative"] for r in cells if r["task"] == t) else "")
+                          for t in tasks] + ["pooled accuracy [95% CI]", "vs dense [95% CI]", "keys read (share)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in names:
+        line = [f"`{v}`"]
+        for t in tasks:
+            r = next((r for r in cells if r["task"] == t and r["variant"] == v), None)
+            line.append("-" if r is None else f"{round(r['acc'] * r['n'])}/{r['n']}")
+        p = pooled.get(v)
+        if p is None:
+            line += ["-", "-", "-"]
+        else:
+            b = p.get("vs_dense")
+            line += [f"{p['acc']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] (n={p['n']})",
+                     "-" if not b else f"{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]",
+                     f"{p['keys_read']:.0f} ({p['density']:.1%})" if p.get("keys_read") else "-"]
+        out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", help="a JSON written by benchmarks/long_context_suite.py")
     ap.add_argument("--png", help="draw the plot here (accuracy or perplexity ratio against keys read)")
+    ap.add_argument("--matrix", action="store_true",
+                    help="print a compact table instead: one row per variant, right/n per task "
+                         "(* marks a task where dense scores below 50%%), then the pooled row's figures")
     ap.add_argument("--title", help="the plot's title (default: model, length and protocol from the JSON)")
     a = ap.parse_args(argv)
     try:
@@ -29,7 +60,7 @@ def main(argv=None):
     records = d.get("records")
     if records:
         rows = summarize(records) + pooled_rows(records)
-        print(markdown_table(rows))
+        print(matrix(rows) if a.matrix else markdown_table(rows))
         r0 = records[0]
         title = a.title or f"{Path(d.get('model', '?')).stem}, {r0['target_tokens']} tokens, {r0['protocol']}"
         if a.png:

@@ -332,6 +332,12 @@ def test_plot_script_summarises_records_anew_and_draws(tmp_path, capsys):
     _script("long_context_plot").main([str(out), "--png", str(png)])
     table = capsys.readouterr().out
     assert "| all tasks |" in table and "`topk=8`" in table and png.stat().st_size > 1000
+    _script("long_context_plot").main([str(out), "--matrix"])
+    rows = {l.split(" | ")[0]: l for l in capsys.readouterr().out.splitlines() if l.startswith("| `")}
+    right = {r["variant"]: sum(x["correct"] for x in d["records"] if x["variant"] == r["variant"])
+             for r in d["rows"]}
+    for v, k in right.items():                    # each variant's right answers out of its 2
+        assert f" {k}/2 " in rows[f"| `{v}`"]
     with pytest.raises(SystemExit, match="expected 'records'"):
         (tmp_path / "bad.json").write_text("{}")
         _script("long_context_plot").main([str(tmp_path / "bad.json")])
