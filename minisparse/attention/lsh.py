@@ -105,8 +105,7 @@ def hash_codes(x, WT, offs, K, L, pos, upto, out):
                 for l in range(L):
                     code = np.int64(0)
                     for bit in range(K):
-                        if acc[u, l * K + bit] > offs[c, h, l * K + bit]:
-                            code |= np.int64(1) << bit
+                        code |= np.int64(acc[u, l * K + bit] > offs[c, h, l * K + bit]) << bit
                     out[c, h, l, j0 + u] = code
 
 
@@ -253,39 +252,38 @@ def ranked_rows(counts, budget, L):
     tables, ties to the later key (topk.top_rows' rule), ascending. counts (R, Tk) from
     lsh_counts hold 0..L, so each row's threshold comes from a histogram, not a sort."""
     R, Tk = counts.shape
-    nb = np.empty(R, np.int64)
+    nb = np.empty(R, np.int64)                   # keys the row takes
+    cut = np.empty(R, np.int64)                  # the nb-th largest count
+    skip = np.empty(R, np.int64)                 # keys at that count passed over (the earliest)
     for r in prange(R):
-        e = 0
+        h4 = np.zeros((4, L + 2), np.int64)      # four histograms: no store-to-load chain
         for j in range(Tk):
-            e += counts[r, j] >= 0
-        nb[r] = min(budget[r], e)
+            h4[j % 4, counts[r, j] + 1] += 1     # -1 (not causal) lands in bin 0
+        hist = h4[0] + h4[1] + h4[2] + h4[3]
+        b = min(budget[r], Tk - hist[0])
+        above, cs = 0, L
+        while b > 0 and above + hist[cs + 1] < b:
+            above += hist[cs + 1]
+            cs -= 1
+        nb[r] = b
+        cut[r], skip[r] = (cs, hist[cs + 1] - (b - above)) if b > 0 else (L + 1, 0)
     ptr = np.zeros(R + 1, np.int64)
     ptr[1:] = np.cumsum(nb)
     idx = np.empty(ptr[-1], np.int64)
     for r in prange(R):
-        b = nb[r]
-        if b == 0:
-            continue
-        h4 = np.zeros((4, L + 2), np.int64)     # four histograms: no store-to-load chain
-        for j in range(Tk):
-            h4[j % 4, counts[r, j] + 1] += 1     # -1 (not causal) lands in bin 0
-        hist = h4[0, 1:] + h4[1, 1:] + h4[2, 1:] + h4[3, 1:]
-        above, cs = 0, L                         # cs: the b-th largest count
-        while above + hist[cs] < b:
-            above += hist[cs]
-            cs -= 1
-        need, cut, j = b - above, Tk, Tk - 1     # ties at cs: the `need` latest
-        while need > 0:
-            if counts[r, j] == cs:
-                cut = j
-                need -= 1
-            j -= 1
-        o = ptr[r]
-        for j in range(Tk):
+        buf = np.empty(Tk, np.int64)
+        cs, sk = cut[r], skip[r]
+        o = 0
+        seen = 0                                 # keys at count cs so far
+        for j in range(Tk):                      # branch-free: write, then advance if taken
             c = counts[r, j]
-            if c > cs or (c == cs and j >= cut):
-                idx[o] = j
-                o += 1
+            tie = c == cs
+            buf[o] = j
+            o += (c > cs) | (tie & (seen >= sk))
+            seen += tie
+            if o == Tk:
+                break
+        idx[ptr[r]:ptr[r + 1]] = buf[:o]
     return ptr, idx
 
 
@@ -454,7 +452,8 @@ class LSH(Ranked):
             last = np.full(ends.size, np.iinfo(np.int64).min)                  # (C,) latest row
             np.maximum.at(last, row_centre, q_pos)
             kcodes = codes_of(k, W, mu, self.K, self.L, k_pos, last)           # (C, Hkv, L, Tk)
-            kn = centred_sqnorms(k, mu)                                        # (C, Hkv, Tk)
+            # only the sampler's weights need the centred keys' norms
+            kn = centred_sqnorms(k, mu) if self.mode == "sample" else np.zeros((0, 0, 0))
         qcodes = codes_of(q, W, np.zeros((1, q.shape[0], d)), self.K, self.L)[0]  # (Hq, L, Tq)
         counts = lsh_counts(qcodes, kcodes, row_centre.astype(np.int64), q_pos, k_pos,
                             q.shape[0] // Hkv)
@@ -467,6 +466,8 @@ class LSH(Ranked):
         counts = np.where(c >= 0, c, -np.inf)                                  # (R, Tk)
         logw = np.zeros((0, 0), np.float32)
         if want_logw:
+            if kn.shape[0] == 0:                                               # rank mode
+                kn = centred_sqnorms(k, mu)
             ptr, idx, lw = sampled_rows(q, k, c, row_centre, mu, kn, self.K, self.L)
             logw = np.zeros(c.shape, np.float32)                               # (R, Tk)
             logw[np.repeat(np.arange(c.shape[0]), np.diff(ptr)), idx] = lw
