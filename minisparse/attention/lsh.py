@@ -367,7 +367,9 @@ class LSH(Ranked):
       causal keys colliding with the query in the most tables; ties go to the later key.
     mode="sample" (MagicPIG): take every causal key colliding in >= 2 tables, with log-weight
       -log P(sampled) so the softmax sums are importance-weighted (unbiased for the numerator
-      and the normaliser). Compose with Sinks | Window to keep those exact.
+      and the normaliser). Compose with Sinks | Window to keep those exact. A budget (k or
+      fraction) caps the keys a row samples: past it, those colliding in the most tables stay,
+      each with its weight (a truncated sample: no longer unbiased).
     `seed` fixes the planes (recorded in describe()); `index` an LSHIndex bound for decode.
 
     >>> import numpy as np
@@ -390,8 +392,9 @@ class LSH(Ranked):
         self.block = int(block)
         if mode == "rank":
             self.k, self.fraction = check_budget("LSH(mode='rank')", k, fraction)
-        else:
-            self.k = self.fraction = None
+        else:                                   # an optional cap on the keys sampled
+            self.k, self.fraction = ((None, None) if k is None and fraction is None
+                                     else check_budget("LSH(mode='sample')", k, fraction))
             self.exact_subset = False           # weighted by -log P(sampled)
         self.index = index
 
@@ -484,6 +487,14 @@ class LSH(Ranked):
             b = row_budgets(self.k, self.fraction, q_pos, k_pos, q.shape[0])
             ptr, idx = ranked_rows(c, b, self.L)
         else:
+            if self.k is not None or self.fraction is not None:
+                # the cap: of the sampled keys, the budget colliding in the most tables
+                b = row_budgets(self.k, self.fraction, q_pos, k_pos, q.shape[0])
+                ptr, idx = ranked_rows(np.where(c >= 2, c, np.int16(-1)), b, self.L)
+                kept = np.full(c.shape, -1, np.int16)                          # (R, Tk)
+                rows = np.repeat(np.arange(c.shape[0]), np.diff(ptr))
+                kept[rows, idx] = c[rows, idx]
+                c = kept
             ptr, idx, logw = sampled_rows(q, k, c, row_centre, mu, kn, self.K, self.L)
         return Selection.from_lists(ptr, idx, k.shape[1], head_kind=Q, n_heads=q.shape[0],
                                     tq=q_pos.size, logw=logw, normalized=True)
@@ -491,7 +502,8 @@ class LSH(Ranked):
     def describe(self):
         kl = f"K{self.K}L{self.L}" + ("" if self.block == CENTRE_BLOCK else f"B{self.block}")
         if self.mode == "sample":
-            return f"magicpig={kl},seed={self.seed}"
+            cap = "" if self.k is None and self.fraction is None else "/" + budget_text(self.k, self.fraction)
+            return f"magicpig={kl}{cap},seed={self.seed}"
         return f"lsh={kl}/{budget_text(self.k, self.fraction)},seed={self.seed}"
 
     @staticmethod
@@ -524,6 +536,9 @@ class LSH(Ranked):
 
     @staticmethod
     def magicpig_from_spec(val):
-        """`magicpig=K8L75` (sampler); seed via `,seed=N`; add sinks/window exactly by union."""
-        K, L, block = LSH.parse_klb(val or "", f"magicpig={val}")
-        return LSH(K, L, 0, "sample", block=block)
+        """`magicpig=K8L75` (sampler); `magicpig=K8L75/256` or `/5%` caps the keys a row samples
+        (those colliding in the most tables); seed via `,seed=N`; sinks/window exactly by union."""
+        kl, _, b = (val or "").partition("/")
+        K, L, block = LSH.parse_klb(kl, f"magicpig={val}")
+        k, f = parse_budget(b, f"magicpig={val}") if b else (None, None)
+        return LSH(K, L, 0, "sample", k, f, block=block)
