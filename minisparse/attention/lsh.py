@@ -80,9 +80,10 @@ def hash_codes(x, WT, offs, K, L, pos, upto, out):
     j has bit c set when (W x_j)[l*K + c] > offs[., h, l*K + c] (offs (C, H, KL) = W mu).
 
     W x_j is summed over i in order whatever the batch (as `project` does, up to fused
-    multiply-adds): a key hashes alike in prefill and in decode. WT (d, KL) = W.T; four vectors share each row of WT read, and
-    their projections stay in a local buffer (no (H, T, KL) array). Only vectors with
-    pos[j] <= upto[c] are coded against centre c (no later query reads the others)."""
+    multiply-adds): a key hashes alike in prefill and in decode. WT (d, KL) = W.T; four
+    vectors share each row of WT read, and their projections stay in a local buffer (no
+    (H, T, KL) array). Only vectors with pos[j] <= upto[c] are coded against centre c (no
+    later query reads the others)."""
     H, T, d = x.shape
     C = offs.shape[0]
     B = K * L
@@ -434,8 +435,9 @@ class LSH(Ranked):
 
     def counts(self, q, k, q_pos, k_pos):
         """(counts (Hq*Tq, Tk) int16 from lsh_counts, -1 where not causal; row_centre (Tq,);
-        mu (C, Hkv, d) the centres; kn (C, Hkv, >= Tk) the centred keys' squared norms). Keys are hashed once per centre the rows use, or read
-        from the bound index when it holds the one centre they need."""
+        mu (C, Hkv, d) the centres; kn (C, Hkv, >= Tk) the centred keys' squared norms, empty
+        in rank mode). Keys are hashed once per centre the rows use, or read from the bound
+        index when it holds the one centre they need."""
         if q is None:
             raise ValueError("LSH: needs the queries (content-based), got q=None")
         Hkv, Tk, d = k.shape
