@@ -46,7 +46,7 @@ def main(argv=None):
         a.tokens, a.variants = 1024, QUICK
 
     import minisparse
-    from minisparse.lab.runner import parse_variants, run_text
+    from minisparse.lab.runner import budget_text, parse_variants, run_text
     from minisparse.lab.texts import builtin_text
     model = minisparse.load_model(a.model)
     ids = model.tokenizer.encode(builtin_text(a.builtin))[:a.tokens]
@@ -62,6 +62,7 @@ def main(argv=None):
         row = {"variant": var.spec, "wall_seconds": wall, "dense_seconds": res["dense"]["seconds"],
                "variant_seconds": v.get("seconds"), "error": v.get("error"),
                "ppl_ratio": v.get("lm", {}).get("ppl_ratio"),
+               "budget": budget_text(v.get("budget", {}).get("nominal", {})),
                "keys_read": v.get("budget", {}).get("keys_read_mean")}
         rows.append(row)
         print(f"{var.spec}: {wall:.1f} s (dense {row['dense_seconds']:.1f} s, variant "
@@ -72,13 +73,13 @@ def main(argv=None):
     print(f"\n{a.model}, {a.tokens} tokens of --builtin {a.builtin}, analysis {a.analysis} rows, "
           f"chunk {a.chunk}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           f"(a shared machine: figures are upper bounds)\n")
-    print("| variant | wall s (dense + variant) | variant s | ppl ratio | keys read |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | budget | wall s (dense + variant) | variant s | ppl ratio | keys read |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         vs = "error: " + r["error"] if r["error"] else f"{r['variant_seconds']:.1f}"
         ppl = "—" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.3f}"
         keys = "—" if r["keys_read"] is None else f"{r['keys_read']:.0f}"
-        print(f"| `{r['variant']}` | {r['wall_seconds']:.1f} | {vs} | {ppl} | {keys} |")
+        print(f"| `{r['variant']}` | {r['budget']} | {r['wall_seconds']:.1f} | {vs} | {ppl} | {keys} |")
     print(f"\nwhole run: {total / 60:.1f} min; a suite run (one dense forward, then every variant) "
           f"takes about the dense forward once plus the variant column's sum: "
           f"{(rows[0]['dense_seconds'] + sum(r['variant_seconds'] or 0 for r in rows)) / 60:.1f} min"

@@ -107,7 +107,10 @@ def test_results_carry_every_field(eval_run):
         assert {"ppl", "ppl_dense", "ppl_ratio", "kl", "agreement"} <= set(r["lm"])
         assert len(r["layers"]) == res["model_config"]["n_layers"]
         assert {"density", "recall", "rel_error"} <= set(r["layers"][0])
-    assert (out / "results.md").read_text().count("| `") == 4
+    md = (out / "results.md").read_text()
+    assert md.count("| `") == 4
+    # the budget as stated beside the keys read (issue 19: both, with the realised keys)
+    assert "| variant | budget | keys read |" in md and "| `window=16` | 16 keys | " in md
     assert (out / "quality_vs_density.png").stat().st_size > 1000
 
 

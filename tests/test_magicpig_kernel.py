@@ -65,3 +65,25 @@ def test_magicpig_without_its_weights_differs_from_the_reference():
     weighted = dense_reference(q, k, v, mask=mask, logw=logw)
     unweighted = dense_reference(q, k, v, mask=mask)
     assert np.abs(weighted - unweighted).max() > 1e3 * kernel_tol(q, k, v, logw=logw)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 30), st.booleans())
+def test_capped_magicpig_keeps_the_most_colliding_of_its_sampled_keys_with_their_weights(seed, b, frac):
+    # magicpig=K/L/B: a row's sampled keys (>= 2 tables) beyond the budget are dropped, those
+    # colliding in the most tables kept (ties to the later key), each with its uncapped weight
+    r = np.random.default_rng(seed)
+    q, k = r.standard_normal((2, 12, 8)).astype(np.float32), r.standard_normal((1, 60, 8)).astype(np.float32)
+    q_pos, k_pos = np.arange(48, 60), np.arange(60)
+    cap = {"fraction": (b + 1) / 31} if frac else {"k": b}
+    full = LSH(3, 12, seed=seed % 5, mode="sample").select(q, k, q_pos, k_pos)
+    capped = LSH(3, 12, seed=seed % 5, mode="sample", **cap).select(q, k, q_pos, k_pos)
+    counts, logw = LSH(3, 12, seed=seed % 5, mode="sample").collisions(q, k, q_pos, k_pos, True)
+    budget = np.full(12, b) if not frac else np.ceil(cap["fraction"] * (q_pos + 1) - 1e-9)
+    for row in range(24):
+        got = capped.idx[capped.idx_ptr[row]:capped.idx_ptr[row + 1]]
+        have = full.idx[full.idx_ptr[row]:full.idx_ptr[row + 1]]
+        c = counts[row]
+        want = sorted(sorted(have, key=lambda j: (c[j], j))[::-1][:int(budget[row % 12])])
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(capped.logw[capped.idx_ptr[row]:capped.idx_ptr[row + 1]],
+                                      logw[row, got])

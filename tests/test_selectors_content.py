@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from minisparse.attention import (IVF, LSH, Hybrid, IVFIndex, LSHIndex, Quest, Sinks, TopK,
                                   Window, attend, dense_reference, merge_lse, reference_kernel)
 from minisparse.spec import parse_attention_spec
-from minisparse.attention.lsh import lsh_rows, p_sampled, planes, project
+from minisparse.attention.lsh import lsh_counts, p_sampled, planes, project
 from minisparse.attention.selection import append_along
 from minisparse.attention.quest import PageBounds, page_bound, page_bounds_all, page_minmax
 from minisparse.testing import kernel_tol
@@ -183,26 +183,31 @@ def test_simhash_bit_collision_rate_matches_one_minus_angle_over_pi(seed, theta,
     k = b.astype(np.float32).reshape(1, 1, d)
     theta32 = math.acos(np.clip(q.ravel().astype(np.float64) @ k.ravel() /
                                 np.linalg.norm(q) / np.linalg.norm(k), -1, 1))
-    kcodes = (project(k, W) > 0).astype(np.int64).transpose(0, 2, 1).copy()  # (1, L=N, 1), K = 1
-    counts, _ = lsh_rows(q, k, project(q, W), np.zeros((1, 0, 0)), kcodes, np.zeros((1, d)),
-                         1, N, np.array([0]), np.array([0]), False)
+    # K = 1: a table's code is its one bit; N > 255 tables also runs the count's byte carry
+    kcodes = (project(k, W) > 0).astype(np.uint8).transpose(0, 2, 1)[None].copy()  # (1, 1, N, 1)
+    qcodes = (project(q, W) > 0).astype(np.uint8).transpose(0, 2, 1).copy()      # (1, N, 1)
+    counts = lsh_counts(qcodes, kcodes, np.array([0]), np.array([0]), np.array([0]), 1)
     rate = counts[0, 0] / N
     # Binomial(N, p): Hoeffding P(|rate - p| >= eps) <= 2 exp(-2 N eps^2) = 1e-9 at
     # eps = sqrt(ln(2e9) / (2N)) = 0.0256 (25 draws: failure odds < 3e-8 if the law holds)
     assert abs(rate - (1 - theta32 / math.pi)) <= math.sqrt(math.log(2e9) / (2 * N))
 
 
-@given(seeds, st.integers(1, 30), st.integers(1, 6), st.integers(1, 12))
-def test_lsh_counts_and_weights_equal_a_numpy_simhash_of_causally_centred_keys(seed, tk, K, L):
+@given(seeds, st.integers(1, 30), st.integers(1, 6), st.integers(1, 12), st.integers(1, 12))
+def test_lsh_counts_and_weights_equal_a_numpy_simhash_of_block_centred_keys(seed, tk, K, L, block):
+    # the rule, written plainly: a query at position p centres the keys by the mean of its own
+    # causal keys in the first block (p < block), else of the keys at positions < block*floor(p/block)
     q, k, _ = qkv(seed, 2, 1, min(tk, 4), tk)
     hq, tq, d = q.shape
     q_pos = np.arange(tk - tq, tk)
-    counts, logw = LSH(K, L, seed=seed % 97, mode="sample").collisions(q, k, q_pos, np.arange(tk), True)
+    sel = LSH(K, L, seed=seed % 97, mode="sample", block=block)
+    counts, logw = sel.collisions(q, k, q_pos, np.arange(tk), True)
     W = planes(seed % 97, K, L, d)                                             # (KL, d)
     for h in range(hq):
         for t in range(tq):
             n = q_pos[t] + 1
-            mu = k[0, :n].astype(np.float64).mean(0)                           # causal mean
+            e = n if q_pos[t] < block else q_pos[t] // block * block
+            mu = k[0, :e].astype(np.float64).mean(0)                           # the row's centre
             pk = (k[0, :n] - mu) @ W.T                                         # (n, KL)
             pq = q[h, t].astype(np.float64) @ W.T                              # (KL,)
             same = ((pk > 0) == (pq > 0)).reshape(n, L, K)
@@ -278,21 +283,92 @@ def test_magicpig_over_32_seeds_approaches_dense_and_correction_lowers_error(d, 
     assert err(oc.mean(0)) < err(ou.mean(0))
 
 
-@given(seeds, st.integers(4, 30))
-def test_lsh_bound_index_decode_step_equals_prefill_row(seed, tk):
+@given(seeds, st.integers(4, 30), st.integers(1, 8))
+def test_lsh_decode_through_its_index_equals_prefill_row(seed, tk, block):
+    # decode as model.forward runs it: for_layer binds the layer's LSHIndex (built at the first
+    # step, extended per token, rebuilt as the query enters each new block); step i must read
+    # the keys, with the weights, that the unbound prefill gives row i
     q, k, v = qkv(seed, 2, 1, tk, tk)
-    n0 = tk // 2
-    ix = LSHIndex(k[:, :n0], bits=3, tables=12, seed=5)       # frozen after "prefill"
-    ix.extend(k[:, n0:])
     for mode, kw in (("rank", {"k": 4}), ("sample", {})):
-        sel = Window(1) | LSH(3, 12, seed=5, mode=mode, **kw).bind(ix)
+        lsh = LSH(3, 12, seed=5, mode=mode, block=block, **kw)
         # the reference kernel reads each row alone: the same key set gives the same bits (the
         # fast path's decode kernel sums in its own float32 order)
-        pre = attend(q, k, v, sel, kernel=reference_kernel)
+        pre = attend(q, k, v, Window(1) | lsh, kernel=reference_kernel)
+        state, last, built = {}, None, 0
         for i in range(tk):
-            dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], sel, q_pos=[i],
+            bound = lsh.for_layer(0, state, k[:, :i + 1], v[:, :i + 1])
+            end = i + 1 if i < block else i // block * block           # keys the centre averages
+            assert bound.index is not None and bound.index.end == end
+            built, last = built + (bound.index is not last), bound.index
+            dec = attend(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], Window(1) | bound, q_pos=[i],
                          kernel=reference_kernel)
             np.testing.assert_array_equal(dec[:, 0], pre[:, i])
+        # one index per centre: per step in the first block, then per block entered
+        assert built == len({i + 1 if i < block else i // block * block for i in range(tk)})
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 30),
+       st.integers(0, 40), st.booleans(), st.sampled_from([(4, 8), (8, 3)]), st.integers(1, 16))
+def test_lsh_collisions_of_a_chunk_equal_those_of_each_row_alone(seed, heads, tq, extra, gapped,
+                                                                 kl, block):
+    # a prefill chunk groups its rows by centre and hashes every key once per centre; a row's
+    # counts and log-weights must not depend on the rows it came with (gapped positions too)
+    (hq, hkv), (K, L) = heads, kl
+    r = np.random.default_rng(seed)
+    tk, d = tq + extra, 8
+    q = r.standard_normal((hq, tq, d)).astype(np.float32)
+    k = r.standard_normal((hkv, tk, d)).astype(np.float32)
+    k_pos = np.cumsum(r.integers(1, 4, tk) if gapped else np.ones(tk, np.int64))
+    q_pos = k_pos[tk - tq:].copy()
+    sel = LSH(K, L, seed=seed % 7, mode="sample", block=block)
+    counts, logw = sel.collisions(q, k, q_pos, k_pos, True)
+    for t in range(tq):
+        c1, w1 = sel.collisions(q[:, t:t + 1], k, q_pos[t:t + 1], k_pos, True)
+        np.testing.assert_array_equal(counts.reshape(hq, tq, tk)[:, t], c1)
+        np.testing.assert_array_equal(logw.reshape(hq, tq, tk)[:, t], w1)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (4, 2)]), st.integers(1, 20),
+       st.integers(0, 40), st.sampled_from([(2, 3), (4, 8), (1, 300)]), st.integers(0, 12),
+       st.booleans())
+def test_lsh_rank_takes_the_keys_of_ranked_select_over_its_counts(seed, heads, tq, extra, kl, b,
+                                                                  frac):
+    # LSH(mode="rank") thresholds each row's integer counts by a histogram; Ranked._select ranks
+    # the same counts (float64, -inf where not causal) by topk.top_rows: the very same keys,
+    # ties to the later key included (few tables: many ties)
+    from minisparse.attention.topk import Ranked
+    (hq, hkv), (K, L) = heads, kl
+    r = np.random.default_rng(seed)
+    tk, d = tq + extra, 8
+    q = r.standard_normal((hq, tq, d)).astype(np.float32)
+    k = r.standard_normal((hkv, tk, d)).astype(np.float32)
+    k_pos = np.arange(tk)
+    q_pos = k_pos[tk - tq:].copy()
+    sel = LSH(K, L, seed=seed % 7, block=5, **({"fraction": (b + 1) / 13} if frac else {"k": b}))
+    mine, ref = sel.select(q, k, q_pos, k_pos), Ranked._select(sel, q, k, q_pos, k_pos)
+    np.testing.assert_array_equal(mine.idx_ptr, ref.idx_ptr)
+    np.testing.assert_array_equal(mine.idx, ref.idx)
+
+
+def test_lsh_for_layer_builds_its_index_per_block_and_extends_it_within_one():
+    # the index holds codes against one block's centre: extended while the query stays in that
+    # block, rebuilt when it enters the next (at every step in the first block, where each row
+    # centres by its own causal keys); one index per layer; no state: unbound
+    sel = LSH(3, 4, seed=5, k=4, block=8)
+    k = rand(0, 2, 40, 8)
+    state = {}
+    ix = sel.for_layer(0, state, k[:, :10], None).index         # query at 9: block [8, 16)
+    assert ix.n == 10 and ix.end == 8
+    np.testing.assert_array_equal(ix.mu, k[:, :8].astype(np.float64).mean(1))
+    for S in range(11, 17):
+        assert sel.for_layer(0, state, k[:, :S], None).index is ix and ix.n == S   # extended
+    fresh = sel.for_layer(0, state, k[:, :17], None).index      # query at 16: the next block
+    assert fresh is not ix and fresh.end == 16 and state[(sel.describe(), 0)] is fresh
+    assert sel.for_layer(1, state, k[:, :17], None).index is not fresh   # one index per layer
+    first = sel.for_layer(0, state, k[:, :5], None).index               # fewer keys: a new cache
+    assert first.n == 5 and first.end == 5                             # first block: own keys
+    assert sel.for_layer(0, state, k[:, :6], None).index is not first  # a new centre per step
+    assert sel.for_layer(0, None, k[:, :5], None) is sel                 # no state: unbound
 
 
 # ---- Hybrid ------------------------------------------------------------------------------------
@@ -375,7 +451,7 @@ def test_extended_indexes_keep_every_earlier_key(seed, n0, steps):
         assert ivf.n == lsh.n == n and ivf.assign.shape[1] == n and lsh.codes.shape[2] == n
 
 
-@pytest.mark.parametrize("sel", [IVF(4, nprobe=2), LSH(3, 4, seed=5, k=4)], ids=["ivf", "lsh"])
+@pytest.mark.parametrize("sel", [IVF(4, nprobe=2)], ids=["ivf"])
 def test_for_layer_extends_its_index_then_rebuilds_it_once_stale(sel):
     # a layer's index is built at the first decode step, extended while the keys at most double
     # (the centroids / the mean were fitted on the first n_fit keys), rebuilt after that; another
@@ -411,7 +487,8 @@ def test_ivf_extend_assigns_nearest_centroid_and_touches_fewer_keys():
 
 def test_spec_tokens_round_trip():
     for s in ["topk=64", "topk=2%", "topk=64/kv", "topk=8/kv/r16", "quest=16/5%", "quest=8/64",
-              "lsh=K8L75/5%,seed=0", "magicpig=K8L75,seed=3", "ivf=64/p8", "ivf=2%/p16/c256",
+              "lsh=K8L75/5%,seed=0", "magicpig=K8L75,seed=3", "lsh=K8L75B64/5%,seed=0",
+              "magicpig=K4L20B128,seed=1", "ivf=64/p8", "ivf=2%/p16/c256",
               "hybrid=5%/0.5/K8L75", "sinks=4,window=64,magicpig=K8L75,seed=1"]:
         assert parse_attention_spec(s).describe() == s
     for bad in ["topk", "topk=abc", "topk=8/xx", "quest=16", "lsh=K8", "magicpig=8x75",
@@ -471,27 +548,6 @@ def test_quest_rows_on_threads_equal_quest_rows_serial(seed, page, budget_pages)
         np.testing.assert_array_equal(a, c)                   # the tail alone reads the same keys
 
 
-@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 30),
-       st.integers(0, 40), st.booleans(), st.sampled_from([(4, 8), (8, 3)]))
-def test_lsh_rows_sorted_equal_lsh_rows_bit_for_bit(seed, heads, tq, extra, gapped, kl):
-    # a prefill chunk over keys in position order takes lsh_rows_sorted (prefix-sum means,
-    # plane-by-plane compares, rows on the threads): the same counts and log-weights
-    from minisparse.attention.lsh import lsh_rows_sorted
-    (hq, hkv), (K, L) = heads, kl
-    r = np.random.default_rng(seed)
-    tk, d = tq + extra, 8
-    q = r.standard_normal((hq, tq, d)).astype(np.float32)
-    k = r.standard_normal((hkv, tk, d)).astype(np.float32)
-    k_pos = np.cumsum(r.integers(1, 4, tk) if gapped else np.ones(tk, np.int64))
-    q_pos = k_pos[tk - tq:].copy()
-    W = planes(seed % 7, K, L, d)
-    Pq, Pk = project(q, W), project(k, W)
-    for want_logw in (False, True):
-        a = lsh_rows(q, k, Pq, Pk, np.zeros((0, 0, 0), np.int64), np.zeros((hkv, d)), K, L,
-                     q_pos, k_pos, want_logw)
-        b = lsh_rows_sorted(q, k, Pq, Pk, K, L, q_pos, k_pos, want_logw)
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
 @given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(1, 60), st.booleans())
 def test_top_rows_threshold_path_takes_the_keys_of_the_general_path(seed, tq, tk, ties):
     # without recent keys or exclusions top_rows takes its thresholds from NumPy's partition;

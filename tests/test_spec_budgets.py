@@ -12,12 +12,14 @@ KEYS = [64, 128, 256, 512, 1024]
 # (None: an approximate one, which reads at most its Budget)
 ABSOLUTE = [("topk={}", 0, 0), ("topk={}/kv", 0, 0), ("quest=16/{}", 0, 0),
             ("ivf={}/p8,seed=1", 0, None), ("lsh=K8L75/{},seed=1", 0, None),
+            ("magicpig=K8L75/{},seed=1", 0, None),
             ("hybrid={}/0.5", 0, 0), ("random={}x1,seed=1", 4 + 16, None),
             ("window={}", 0, 1),     # a window of B: the B keys before the query, and its own
             ("tidal={}/13", 0, 0),   # outside a model: top-k
             ("ashape=4/{}", 4, 4),   # 4 sinks and a window of B keys
             ("vslash={}/0/s4/b64", 4 + 64, None)]   # B columns, 4 sinks, 64 band diagonals
 FRACTION = ["topk={}", "topk={}/kv", "quest=16/{}", "ivf={}/p8,seed=1", "lsh=K8L75/{},seed=1",
+            "magicpig=K8L75/{},seed=1",
             "hybrid={}/0.5", "random={}x1,seed=1", "tidal={}/13", "vslash={}/0/s4/b0"]
 
 

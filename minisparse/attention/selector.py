@@ -93,9 +93,10 @@ class Selector:
         this step's append. Selectors with per-layer indexes (IVF, LSH, Landmarks) build theirs at
         the first decode step (from keys all <= the query: causal), keep it in `state` and extend
         it as keys arrive, as MagicPIG and the top-k paper build theirs after prefill. Prefill
-        runs the selector's per-call rule. An approximate index (IVF, LSH) is the one exception
-        to "decode step i equals prefill row i": its sets depend on when it was built; Landmarks'
-        running means equal the static ones bit for bit. Default: no state, the selector itself."""
+        runs the selector's per-call rule. An approximate index (IVF) is the one exception
+        to "decode step i equals prefill row i": its sets depend on when it was built; LSH's
+        index is rebuilt per block as its rule's centre moves, and Landmarks' running means
+        equal the static ones, both bit for bit. Default: no state, the selector itself."""
         return self
 
     def with_options(self, **options) -> "Selector":

@@ -363,6 +363,14 @@ def _f(x, fmt="{:.3f}"):
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
 
 
+def budget_text(nominal: dict) -> str:
+    """The budget as the spec states it: "256 keys", "5%", both when a union adds them, or "—"
+    for rules that fix neither (dense, MagicPIG uncapped, strided)."""
+    keys, frac = nominal.get("keys"), nominal.get("fraction")
+    parts = ([f"{keys} keys"] if keys else []) + ([f"{100 * frac:g}%"] if frac else [])
+    return " + ".join(parts) or "—"
+
+
 def markdown_table(res: dict) -> str:
     """The text results as a Markdown table (one row per variant, dense first)."""
     t = res["text"]
@@ -370,16 +378,17 @@ def markdown_table(res: dict) -> str:
              f"rows {t['analysis_rows'][0]}..{t['analysis_rows'][1] - 1}, protocol {t['protocol']}, "
              f"dense layers {res['dense_layers'] or 'none'}, seed {res['seed']}; dense perplexity "
              f"{t['dense']['ppl']:.3f} over those rows.", "",
-             "| variant | keys read | density (mean ± sd) | density, sparse layers | mass recall | "
-             "rel. error ‖o_S−o‖/‖o‖ | ppl ratio | KL (nats) | agreement | s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | budget | keys read | density (mean ± sd) | density, sparse layers | "
+             "mass recall | rel. error ‖o_S−o‖/‖o‖ | ppl ratio | KL (nats) | agreement | s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t["variants"]:
         if r["kind"] == "error":
-            lines.append(f"| `{r['spec']}` | error: {r['error']} ||||||||| ")
+            lines.append(f"| `{r['spec']}` | error: {r['error']} |||||||||| ")
             continue
         lm = r["lm"]
         lines.append(
-            f"| `{r['spec']}` | {r['budget']['keys_read_mean']:.1f} | {r['density']['mean']:.3f} ± "
+            f"| `{r['spec']}` | {budget_text(r['budget']['nominal'])} | "
+            f"{r['budget']['keys_read_mean']:.1f} | {r['density']['mean']:.3f} ± "
             f"{r['density']['std']:.3f} | {sparse_density(r):.3f} | {_f(r['recall']['mean'])} | {_f(r['rel_error']['mean'], '{:.4f}')} | "
             f"{_f(lm['ppl_ratio'], '{:.4f}')} | {_f(lm['kl'], '{:.4f}')} | {_f(lm['agreement'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
