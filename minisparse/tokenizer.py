@@ -195,10 +195,15 @@ class Pieces:
 
     def __init__(self, items, text: bool = True):
         self.text = text
-        raw = [t.encode("utf-8") for t in items] if text else items
-        self.offsets = np.zeros(len(raw) + 1, np.int64)
-        np.cumsum([len(b) for b in raw], out=self.offsets[1:])
-        self.blob = b"".join(raw)
+        # one item at a time into a growing buffer: no list of encoded items alongside the input
+        data, lengths = bytearray(), []
+        for item in items:
+            b = item.encode("utf-8") if text else item
+            data += b
+            lengths.append(len(b))
+        self.offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.blob = bytes(data)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -236,7 +241,7 @@ class Tokenizer:
         # a vocabulary is 30k-250k pieces: kept as two blobs (the texts, and the bytes each piece
         # renders as) with offsets, not as lists of Python objects, which would hold several times
         # their size for the whole run
-        self._bytes = Pieces([self._piece_bytes(t, int(ty)) for t, ty in zip(tokens, types)], text=False)
+        self._bytes = Pieces((self._piece_bytes(t, int(ty)) for t, ty in zip(tokens, types)), text=False)
         self.tokens = tokens if isinstance(tokens, Pieces) else Pieces(tokens)
         self.types = np.asarray(types, np.int8)
         self.vocab_size = len(self.tokens)
