@@ -10,6 +10,8 @@ also goes through the tokenizer, so its working memory counts). `model part` is 
 by run, so a loaded machine weighs on both alike.
 
     python3 benchmarks/bench_rss.py --roots . ../main --runs 3     # this checkout vs main
+    python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
+    python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
 """
 from __future__ import annotations
 
@@ -68,6 +70,79 @@ def worker(root, model, steps):
     print(json.dumps(out))
 
 
+def tokenizer_parts(root, model):
+    """Anonymous RSS of the tokenizer's parts, each built on its own with the heap trimmed between
+    (glibc's malloc_trim), so freed temporaries do not count: the whole Tokenizer, the tokenizers
+    library's BPE model from the vocabulary alone and with the merges, and the compact tables."""
+    import ctypes
+    import gc
+    sys.path.insert(0, str(Path(root).resolve()))
+    import minisparse.registry
+    from minisparse.gguf_io import open_gguf
+    from minisparse.tokenizer import load_tokenizer
+    from tokenizers import Tokenizer as HF, models
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def anon():
+        gc.collect(), trim(0)
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+
+    f = open_gguf(minisparse.registry.resolve(model) if not Path(model).is_file() else model, model=True)
+    out, a = {}, anon()
+    tok = load_tokenizer(f)
+    out["Tokenizer"] = anon() - a
+    out["compact tables (tracked)"] = sum(x.blob.__sizeof__() + x.offsets.nbytes for x in (tok.tokens, tok._bytes)) \
+        / 2**20 + tok.types.nbytes / 2**20
+    tokens, raw = f.get("tokenizer.ggml.tokens"), f.get("tokenizer.ggml.merges")
+    # what the tables replaced: the token texts, their bytes and types as lists of Python objects
+    # (the types' items are small ints, which Python shares: only their list counts)
+    as_lists = (tokens, [tok.token_bytes(i) for i in range(len(tokens))])
+    out["the same as lists (getsizeof)"] = (sum(sys.getsizeof(v) + sum(map(sys.getsizeof, v)) for v in as_lists)
+                                            + sys.getsizeof([0] * len(tokens))) / 2**20
+    del tok, as_lists
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in raw]
+    a = anon()
+    bpe_vocab = HF(models.BPE(vocab, []))
+    b = anon()
+    out["HF BPE, vocabulary only"] = b - a
+    bpe = HF(models.BPE(vocab, merges))
+    out["HF BPE, vocabulary and merges"] = anon() - b
+    del bpe, bpe_vocab
+    print(json.dumps(out))
+
+
+def kv_fill(root, rounds=7):
+    """What lazy allocation costs: filling a SmolLM2-shaped cache (30 layers, 3 KV heads, d 64)
+    with a 2048-token prefill and 32 decode steps after it (one doubling), from a new cache each
+    time, with the cache's `lazy_zeros` and with np.zeros in its place; interleaved, medians."""
+    import time
+    from types import SimpleNamespace
+    import numpy as np
+    sys.path.insert(0, str(Path(root).resolve()))
+    import minisparse.cache.dense as dense
+    cfg, lazy = SimpleNamespace(n_layers=30, n_kv_heads=3, head_dim=64), dense.lazy_zeros
+    k = np.ones((3, 2048, 64), np.float32)
+
+    def fill():
+        t, c = time.perf_counter(), dense.KVCache(cfg)
+        for T in [2048] + [1] * 32:
+            for layer in range(30):
+                c.update(layer, k[:, :T], k[:, :T], c.next_pos + np.arange(T))
+            c.advance(T)
+        return time.perf_counter() - t
+
+    times = {"lazy_zeros": [], "np.zeros": []}
+    for _ in range(rounds):
+        for name in times:
+            dense.lazy_zeros = lazy if name == "lazy_zeros" else (lambda shape, dtype=np.float32: np.zeros(shape, dtype))
+            times[name].append(fill())
+    dense.lazy_zeros = lazy
+    print(json.dumps({n: round(statistics.median(v) * 1e3, 1) for n, v in times.items()}), "ms")
+
+
 STEPS = ("runtime", "floor", "gguf+weights", "tokenizer", "encode", "warm-up", "prefill128", "decode", "peak")
 
 
@@ -78,8 +153,14 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "bench_rss.json"))
+    ap.add_argument("--tokenizer-parts", action="store_true", help="only the tokenizer's parts (glibc)")
+    ap.add_argument("--kv-fill", action="store_true", help="only the cost of a lazily allocated cache")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.kv_fill:
+        return kv_fill(a.roots[0])
+    if a.tokenizer_parts:
+        return tokenizer_parts(a.roots[0], a.model)
     if a.worker:
         return worker(a.worker, a.model, a.steps)
     rows = {r: [] for r in a.roots}
