@@ -12,6 +12,8 @@ import os
 import re
 import warnings
 
+import numpy as np
+
 from gguf.constants import GGUFValueType as VT
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
@@ -183,6 +185,43 @@ def _build_gpt2(src, tokens, f: GGUFFile, pre: str) -> HFTokenizer:
 # ---------------------------------------------------------------------------------------------
 # The public wrapper
 # ---------------------------------------------------------------------------------------------
+class Pieces:
+    """A read-only sequence of strings (or of bytes, text=False) stored as one bytes blob and the
+    int64 offsets of its items: item i is blob[offsets[i]:offsets[i + 1]], decoded for text.
+
+    >>> p = Pieces(["a", "bc", ""]); len(p), p[1], list(p)
+    (3, 'bc', ['a', 'bc', ''])
+    """
+
+    def __init__(self, items, text: bool = True):
+        self.text = text
+        # one item at a time into a growing buffer: no list of encoded items alongside the input
+        data, lengths = bytearray(), []
+        for item in items:
+            b = item.encode("utf-8") if text else item
+            data += b
+            lengths.append(len(b))
+        self.offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.blob = bytes(data)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"piece {i} of a vocabulary of {n}")
+        i = int(i) % n
+        b = self.blob[self.offsets[i]:self.offsets[i + 1]]
+        return b.decode("utf-8") if self.text else b
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class Tokenizer:
     """A GGUF vocabulary as llama.cpp tokenizes it, wrapping `tokenizers.Tokenizer` (`.hf`).
 
@@ -199,12 +238,15 @@ class Tokenizer:
         self.hf, self.model, self.pre = hf, model, pre
         self.bos_id, self.eos_id, self.eot_ids = bos_id, eos_id, eot_ids
         self.add_bos, self.add_space_prefix, self.chat_template = add_bos, add_space_prefix, chat_template
-        self.tokens, self.types = tokens, types
-        self.vocab_size = len(tokens)
-        self._bytes = [self._piece_bytes(i) for i in range(len(tokens))]
+        # a vocabulary is 30k-250k pieces: kept as two blobs (the texts, and the bytes each piece
+        # renders as) with offsets, not as lists of Python objects, which would hold several times
+        # their size for the whole run
+        self._bytes = Pieces((self._piece_bytes(t, int(ty)) for t, ty in zip(tokens, types)), text=False)
+        self.tokens = tokens if isinstance(tokens, Pieces) else Pieces(tokens)
+        self.types = np.asarray(types, np.int8)
+        self.vocab_size = len(self.tokens)
 
-    def _piece_bytes(self, i: int) -> bytes:
-        t, ty = self.tokens[i], self.types[i]
+    def _piece_bytes(self, t: str, ty: int) -> bytes:
         if ty in (CONTROL, UNKNOWN, UNUSED):
             return b""  # rendered as nothing, as llama.cpp's token_to_piece(special=false)
         if ty == USER_DEFINED:

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES, LOCAL_FIXTURES, ROOT, shared_fixture
 from minisparse.errors import GGUFError
-from minisparse.tokenizer import _BYTE_LEVEL, PRE_REGEXES, load_tokenizer
+from minisparse.gguf_io import open_gguf
+from minisparse.tokenizer import _BYTE_LEVEL, _EOG_TEXTS, PRE_REGEXES, Pieces, load_tokenizer
 
 VOCABS = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-phi-3.gguf", "ggml-vocab-gpt-2.gguf"]
 ALL = ["vocab/" + v for v in VOCABS] + ["stories260K.gguf"]
@@ -441,3 +442,36 @@ def test_ill_typed_and_unsupported_fields_are_named(tmp_path):
         load_tokenizer(p)   # GGUFError is a ValueError too
     with pytest.raises(GGUFError, match="no such file"):
         load_tokenizer(tmp_path / "absent.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# The compact vocabulary tables (Pieces: one blob + offsets instead of lists of Python objects)
+# ---------------------------------------------------------------------------------------------
+@given(st.lists(st.text(st.characters(blacklist_categories=["Cs"]), max_size=6), max_size=40))
+def test_pieces_hold_every_item(items):
+    """Text and bytes Pieces give back each item exactly, by positive and negative index, as a
+    slice and by iteration; an index outside the list raises IndexError as a list's does."""
+    p, b = Pieces(items), Pieces([s.encode("utf-8") for s in items], text=False)
+    assert len(p) == len(b) == len(items)
+    assert list(p) == items and p[:] == items and p[1::2] == items[1::2]
+    assert [b[i] for i in range(len(items))] == [s.encode("utf-8") for s in items]
+    for i in range(-len(items), len(items)):
+        assert p[i] == items[i]
+    for i in (len(items), -len(items) - 1):
+        with pytest.raises(IndexError):
+            p[i]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_compact_tables_match_the_gguf_lists(name):
+    """tokens and types as stored compactly are the file's own lists, item for item, and each
+    token's bytes, read back from the blob, are the bytes computed from the file's text and type."""
+    t = tok(name)
+    f = open_gguf(shared_fixture(name))
+    stored = f.get("tokenizer.ggml.tokens")
+    assert t.vocab_size == len(stored) and list(t.tokens) == stored
+    types = f.get("tokenizer.ggml.token_type")
+    if types is not None:     # the loader marks end-of-generation texts as control tokens
+        assert [int(x) for x in t.types] == [3 if s in _EOG_TEXTS else int(ty) for s, ty in zip(stored, types)]
+    assert [t.token_bytes(i) for i in range(t.vocab_size)] == \
+        [t._piece_bytes(s, int(ty)) for s, ty in zip(stored, t.types)]

@@ -403,11 +403,12 @@ def _normalize(rptr, rlo, rhi, iptr, idx, logw, exact, tk, elo, ehi):
 
 
 # ---- helpers selectors share ---------------------------------------------------------------
-def reserve(buf, n, need, axis):
+def reserve(buf, n, need, axis, zeros=np.zeros):
     """buf with room for `need` entries along `axis`, its first n kept: buf itself when it is
     big enough, else a zeroed buffer of max(need, twice the capacity) (so appending one entry at
-    a time costs O(1) amortised). The one growth-by-doubling rule of the package: the dense KV
-    cache, the gate's running state and the growing key indexes (IVF, LSH) all grow with it.
+    a time costs O(1) amortised), made by `zeros(shape, dtype)`. The one growth-by-doubling rule
+    of the package: the dense KV cache, the gate's running state and the growing key indexes
+    (IVF, LSH) all grow with it.
 
     >>> reserve(np.zeros((2, 3)), 3, 4, axis=1).shape
     (2, 6)
@@ -417,7 +418,7 @@ def reserve(buf, n, need, axis):
         return buf
     shape = list(buf.shape)
     shape[axis] = max(2 * cap, need)
-    grown = np.zeros(shape, buf.dtype)
+    grown = zeros(shape, buf.dtype)
     keep = (slice(None),) * axis + (slice(0, n),)
     grown[keep] = buf[keep]
     return grown

@@ -5,10 +5,35 @@ their positions, as llama.cpp's KV cache holds them.
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from ..attention.selection import reserve
 from .base import Cache
+
+# below this a buffer is an ordinary np.zeros: a mapping of its own would cost more than it saves
+LAZY_MIN_BYTES = 1 << 20
+
+
+def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zeroed, writable array whose memory the system provides page by page as it is first
+    written, and takes back when the array goes: a private anonymous mapping of its own.
+
+    np.zeros is lazy only while glibc serves it with a fresh mapping; once large blocks have been
+    freed, glibc raises its mapping threshold and serves the next ones from its heap, clearing
+    (so touching) every page. A KV cache is allocated at its capacity and filled a slot at a time,
+    so it would be resident in full from the first token. Small or non-Linux: np.zeros.
+
+    >>> a = lazy_zeros((4, 1 << 18)); a[0, :3] = 1; a.shape, float(a.sum())
+    ((4, 262144), 3.0)
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if nbytes < LAZY_MIN_BYTES or None in flags:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags[0] | flags[1]), dtype).reshape(shape)
 
 
 class KVCache(Cache):
@@ -29,8 +54,8 @@ class KVCache(Cache):
     def __init__(self, cfg, capacity: int = 256, dtype=np.float32):
         self.cfg, self.dtype = cfg, np.dtype(dtype)
         shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = np.zeros(shape, self.dtype)                  # (L, Hkv, cap, d)
-        self.v = np.zeros(shape, self.dtype)
+        self.k = lazy_zeros(shape, self.dtype)                # (L, Hkv, cap, d)
+        self.v = lazy_zeros(shape, self.dtype)
         self.pos = np.zeros(capacity, np.int64)               # (cap,) original positions
         self.n = 0                                            # positions held
         self.next_pos = 0                                     # position of the next token
@@ -47,8 +72,8 @@ class KVCache(Cache):
         q is for caches that score keys by attention; this one keeps all."""
         T = k_new.shape[1]
         S = self.n + T
-        self.k = reserve(self.k, self.n, S, axis=2)           # (L, Hkv, cap', d)
-        self.v = reserve(self.v, self.n, S, axis=2)
+        self.k = reserve(self.k, self.n, S, axis=2, zeros=lazy_zeros)   # (L, Hkv, cap', d)
+        self.v = reserve(self.v, self.n, S, axis=2, zeros=lazy_zeros)
         self.pos = reserve(self.pos, self.n, S, axis=0)       # (cap',)
         self.k[layer, :, self.n:S] = k_new
         self.v[layer, :, self.n:S] = v_new

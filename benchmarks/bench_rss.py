@@ -1,0 +1,191 @@
+"""Where a model's resident memory goes: bench_engine.py's RSS measurement, step by step.
+
+Each worker is a fresh subprocess that imports minisparse from one source tree (`--roots`; the
+first is this checkout), takes the runtime floor as bench_engine.py does (`warm_minisparse_kernels`:
+Python, NumPy, Numba/LLVM and the compiled kernels, no model), then loads the model and records
+RSS after each step: the GGUF walk and weights, the tokenizer, encoding a prompt, a 128-token
+prefill and 32 decode steps (bench_engine.py's decode run, which uses random ids: here the prompt
+also goes through the tokenizer, so its working memory counts). `model part` is the peak RSS
+(VmHWM) minus the floor, over the GGUF file's size: issue 23's memory figure. Roots alternate run
+by run, so a loaded machine weighs on both alike.
+
+    python3 benchmarks/bench_rss.py --roots . ../main --runs 3     # this checkout vs main
+    python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
+    python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 8
+
+
+def worker(root, model, steps):
+    sys.path.insert(0, str(Path(root).resolve()))
+    import numpy as np
+    import minisparse
+    import minisparse.registry
+    from minisparse.gguf_io import load_gguf
+    from minisparse.model import Model
+    from minisparse import fast as fast_path
+    sys.path.insert(1, str(HERE))
+    from bench_engine import peak_rss_mb, rss_mb, rss_parts_mb, warm_minisparse_kernels
+    path = minisparse.registry.resolve(model) if not Path(model).is_file() else model
+    out = {"root": str(root), "runtime": rss_mb()}
+    warm_minisparse_kernels()
+    out["floor"] = rss_mb()
+    out["floor_parts"] = rss_parts_mb()
+    cfg, weights, f = load_gguf(path, dequant=False)
+    out["gguf+weights"] = rss_mb()
+    from minisparse.tokenizer import load_tokenizer
+    tok = load_tokenizer(f)
+    del f
+    out["tokenizer"] = rss_mb()
+    m = Model(cfg, weights, tok, path, ops=fast_path.FAST)
+    ids = tok.encode(PROMPT)
+    out["encode"] = rss_mb()
+    rng = np.random.default_rng(0)
+    m.forward([1] + rng.integers(3, cfg.n_vocab, 15).tolist(), m.new_cache(), last_only=True)  # warm-up
+    out["warm-up"] = rss_mb()
+    ids = (ids + rng.integers(3, cfg.n_vocab, 128).tolist())[:128]
+    cache = m.new_cache()
+    t = int(np.argmax(m.forward(ids, cache, last_only=True)[-1]))
+    out["prefill128"] = rss_mb()
+    text = []
+    for _ in range(steps):
+        t = int(np.argmax(m.forward([t], cache)[-1]))
+        text.append(tok.decode_piece(t))
+    out["decode"] = rss_mb()
+    out["peak"] = peak_rss_mb()
+    out["parts"] = rss_parts_mb(path)
+    out["gguf_mb"] = Path(path).stat().st_size / 2**20
+    out["model_part_x"] = (out["peak"] - out["floor"]) / out["gguf_mb"]
+    print(json.dumps(out))
+
+
+def tokenizer_parts(root, model):
+    """Anonymous RSS of the tokenizer's parts, each built on its own with the heap trimmed between
+    (glibc's malloc_trim), so freed temporaries do not count: the whole Tokenizer, the tokenizers
+    library's BPE model from the vocabulary alone and with the merges, and the compact tables."""
+    import ctypes
+    import gc
+    sys.path.insert(0, str(Path(root).resolve()))
+    import minisparse.registry
+    from minisparse.gguf_io import open_gguf
+    from minisparse.tokenizer import load_tokenizer
+    from tokenizers import Tokenizer as HF, models
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def anon():
+        gc.collect(), trim(0)
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+
+    f = open_gguf(minisparse.registry.resolve(model) if not Path(model).is_file() else model, model=True)
+    out, a = {}, anon()
+    tok = load_tokenizer(f)
+    out["Tokenizer"] = anon() - a
+    out["compact tables (tracked)"] = sum(x.blob.__sizeof__() + x.offsets.nbytes for x in (tok.tokens, tok._bytes)) \
+        / 2**20 + tok.types.nbytes / 2**20
+    tokens, raw = f.get("tokenizer.ggml.tokens"), f.get("tokenizer.ggml.merges")
+    # what the tables replaced: the token texts, their bytes and types as lists of Python objects
+    # (the types' items are small ints, which Python shares: only their list counts)
+    as_lists = (tokens, [tok.token_bytes(i) for i in range(len(tokens))])
+    out["the same as lists (getsizeof)"] = (sum(sys.getsizeof(v) + sum(map(sys.getsizeof, v)) for v in as_lists)
+                                            + sys.getsizeof([0] * len(tokens))) / 2**20
+    del tok, as_lists
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in raw]
+    a = anon()
+    bpe_vocab = HF(models.BPE(vocab, []))
+    b = anon()
+    out["HF BPE, vocabulary only"] = b - a
+    bpe = HF(models.BPE(vocab, merges))
+    out["HF BPE, vocabulary and merges"] = anon() - b
+    del bpe, bpe_vocab
+    print(json.dumps(out))
+
+
+def kv_fill(root, rounds=7):
+    """What lazy allocation costs: filling a SmolLM2-shaped cache (30 layers, 3 KV heads, d 64)
+    with a 2048-token prefill and 32 decode steps after it (one doubling), from a new cache each
+    time, with the cache's `lazy_zeros` and with np.zeros in its place; interleaved, medians."""
+    import time
+    from types import SimpleNamespace
+    import numpy as np
+    sys.path.insert(0, str(Path(root).resolve()))
+    import minisparse.cache.dense as dense
+    cfg, lazy = SimpleNamespace(n_layers=30, n_kv_heads=3, head_dim=64), dense.lazy_zeros
+    k = np.ones((3, 2048, 64), np.float32)
+
+    def fill():
+        t, c = time.perf_counter(), dense.KVCache(cfg)
+        for T in [2048] + [1] * 32:
+            for layer in range(30):
+                c.update(layer, k[:, :T], k[:, :T], c.next_pos + np.arange(T))
+            c.advance(T)
+        return time.perf_counter() - t
+
+    times = {"lazy_zeros": [], "np.zeros": []}
+    for _ in range(rounds):
+        for name in times:
+            dense.lazy_zeros = lazy if name == "lazy_zeros" else (lambda shape, dtype=np.float32: np.zeros(shape, dtype))
+            times[name].append(fill())
+    dense.lazy_zeros = lazy
+    print(json.dumps({n: round(statistics.median(v) * 1e3, 1) for n, v in times.items()}), "ms")
+
+
+STEPS = ("runtime", "floor", "gguf+weights", "tokenizer", "encode", "warm-up", "prefill128", "decode", "peak")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--roots", nargs="+", default=["."], help="source trees to import minisparse from")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "bench_rss.json"))
+    ap.add_argument("--tokenizer-parts", action="store_true", help="only the tokenizer's parts (glibc)")
+    ap.add_argument("--kv-fill", action="store_true", help="only the cost of a lazily allocated cache")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.kv_fill:
+        return kv_fill(a.roots[0])
+    if a.tokenizer_parts:
+        return tokenizer_parts(a.roots[0], a.model)
+    if a.worker:
+        return worker(a.worker, a.model, a.steps)
+    rows = {r: [] for r in a.roots}
+    env = {**os.environ, "PYTHONPATH": ""}
+    for i in range(a.runs):
+        for r in a.roots:
+            p = subprocess.run([sys.executable, __file__, "--worker", r, "--model", a.model,
+                                "--steps", str(a.steps)], capture_output=True, text=True, env=env, cwd=r)
+            if p.returncode:
+                sys.exit(f"worker {r} failed:\n{p.stderr[-3000:]}")
+            rows[r].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    print(f"{'root':<12}" + "".join(f"{s:>13}" for s in STEPS) + f"{'model part':>12}")
+    for r, runs in rows.items():
+        med = {s: statistics.median(x[s] for x in runs) for s in STEPS}
+        part = statistics.median(x["model_part_x"] for x in runs)
+        print(f"{r:<12}" + "".join(f"{med[s]:13.1f}" for s in STEPS) + f"{part:11.2f}x")
+    print("\nthe model part at the end of decode (MB, medians), by kind of page (/proc/self/status, smaps):")
+    print(f"{'root':<12}{'GGUF pages':>12}{'other file pages':>18}{'anonymous':>11}")
+    for r, runs in rows.items():
+        gg = statistics.median(x["parts"]["gguf_mapped"] for x in runs)
+        fi = statistics.median(x["parts"]["RssFile"] - x["floor_parts"]["RssFile"] for x in runs) - gg
+        an = statistics.median(x["parts"]["RssAnon"] - x["floor_parts"]["RssAnon"] for x in runs)
+        print(f"{r:<12}{gg:12.1f}{fi:18.1f}{an:11.1f}")
+    Path(a.out).write_text(json.dumps({"model": a.model, "runs": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
