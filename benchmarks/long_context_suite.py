@@ -70,7 +70,9 @@ def plot_rows(rows, path, title):
         rs = [r for r in rows if r["task"] == task and r["density"]]
         for r in rs:
             c, m = style[r["variant"]]
-            h = ax.errorbar([r["density"]], [r["acc"]], yerr=[[r["acc"] - r["lo"]], [r["hi"] - r["acc"]]],
+            # max(0, .): Wilson's bound at 0/n or n/n lands a rounding error past the point
+            yerr = [[max(0.0, r["acc"] - r["lo"])], [max(0.0, r["hi"] - r["acc"])]]
+            h = ax.errorbar([r["density"]], [r["acc"]], yerr=yerr,
                             fmt=m, color=c, mfc="none", capsize=3, label=f"{r['variant']}")
             handles.setdefault(r["variant"], h)
         ax.set_xscale("log")
@@ -99,7 +101,8 @@ def plot_ppl_rows(rows, path, title):
     fig, axes = plt.subplots(1, len(texts), figsize=(4.5 * len(texts), 3.8), squeeze=False)
     for ax, text in zip(axes[0], texts):
         for r in (r for r in rows if r["text"] == text and r["keys_read"]):
-            ax.errorbar([r["keys_read"]], [r["ratio"]], yerr=[[r["ratio"] - r["lo"]], [r["hi"] - r["ratio"]]],
+            ax.errorbar([r["keys_read"]], [r["ratio"]],
+                        yerr=[[max(0.0, r["ratio"] - r["lo"])], [max(0.0, r["hi"] - r["ratio"])]],
                         fmt="o", capsize=3, label=f"{r['variant']} ({r['density']:.1%})")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
