@@ -16,16 +16,35 @@ from long_context_suite import plot_ppl_rows, plot_rows
 from minisparse.lab.suite import markdown_table, pooled_rows, summarize
 
 
-def matrix(rows) -> str:
+def kept(records) -> dict:
+    """Per variant: (examples it answers right among those dense answers right, those dense
+    answers right), over every task, informative or not: what a variant keeps of dense's answers."""
+    key = lambda r: (r["task"], r["seed"], r["depth"], r["protocol"], r["target_tokens"])
+    dense = {key(r) for r in records if r["attention"] is None and r["cache"] is None and r["correct"]}
+    out = {}
+    for r in records:
+        a, b = out.get(r["variant"], (0, 0))
+        if key(r) in dense:
+            out[r["variant"]] = (a + bool(r["correct"]), b + 1)
+        else:
+            out[r["variant"]] = (a, b)
+    return out
+
+
+def matrix(rows, records=None) -> str:
     """Variants down, tasks across (right answers / n, * where dense < 50%: uninformative), then
     the pooled accuracy over the informative tasks with its Wilson interval, the ratio to dense
-    with its paired bootstrap interval, and the keys read per query."""
+    with its paired bootstrap interval, the keys read per query, and (given the records) how many
+    of the examples dense answers right, over all tasks, the variant answers right too."""
     cells = [r for r in rows if r["task"] != "all tasks"]
     tasks = list(dict.fromkeys(r["task"] for r in cells))
     names = list(dict.fromkeys(r["variant"] for r in cells))
     pooled = {r["variant"]: r for r in rows if r["task"] == "all tasks"}
     head = ["variant"] + [t + ("*" if any(r["uninformative"] for r in cells if r["task"] == t) else "")
                           for t in tasks] + ["pooled accuracy [95% CI]", "vs dense [95% CI]", "keys read (share)"]
+    k = kept(records) if records else {}
+    if k:
+        head.append("of dense's right answers (all tasks)")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in names:
         line = [f"`{v}`"]
@@ -40,6 +59,9 @@ def matrix(rows) -> str:
             line += [f"{p['acc']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] (n={p['n']})",
                      "-" if not b else f"{b['ratio']:.2f} [{b['lo']:.2f}, {b['hi']:.2f}]",
                      f"{p['keys_read']:.0f} ({p['density']:.1%})" if p.get("keys_read") else "-"]
+        if k:
+            a, b = k.get(v, (0, 0))
+            line.append(f"{a}/{b}")
         out.append("| " + " | ".join(line) + " |")
     return "\n".join(out)
 
@@ -60,7 +82,7 @@ def main(argv=None):
     records = d.get("records")
     if records:
         rows = summarize(records) + pooled_rows(records)
-        print(matrix(rows) if a.matrix else markdown_table(rows))
+        print(matrix(rows, records) if a.matrix else markdown_table(rows))
         r0 = records[0]
         title = a.title or f"{Path(d.get('model', '?')).stem}, {r0['target_tokens']} tokens, {r0['protocol']}"
         if a.png:

@@ -338,6 +338,10 @@ def test_plot_script_summarises_records_anew_and_draws(tmp_path, capsys):
              for r in d["rows"]}
     for v, k in right.items():                    # each variant's right answers out of its 2
         assert f" {k}/2 " in rows[f"| `{v}`"]
+    both = sum(x["correct"] and any(y["variant"] == "dense" and y["correct"] and y["seed"] == x["seed"]
+                                    for y in d["records"]) for x in d["records"] if x["variant"] == "topk=8")
+    assert rows["| `dense`"].endswith(f" {right['dense']}/{right['dense']} |")   # dense keeps all its own
+    assert rows["| `topk=8`"].endswith(f" {both}/{right['dense']} |")
     with pytest.raises(SystemExit, match="expected 'records'"):
         (tmp_path / "bad.json").write_text("{}")
         _script("long_context_plot").main([str(tmp_path / "bad.json")])
