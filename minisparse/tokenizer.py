@@ -243,7 +243,10 @@ class Tokenizer:
         # their size for the whole run
         self._bytes = Pieces((self._piece_bytes(t, int(ty)) for t, ty in zip(tokens, types)), text=False)
         self.tokens = tokens if isinstance(tokens, Pieces) else Pieces(tokens)
-        self.types = np.asarray(types, np.int8)
+        types = np.asarray(types, np.int64)
+        # the six known types fit int8; a file may hold others (llama.cpp reads them as undefined)
+        small = types.size == 0 or (types.min() >= -128 and types.max() <= 127)
+        self.types = types.astype(np.int8) if small else types
         self.vocab_size = len(self.tokens)
 
     def _piece_bytes(self, t: str, ty: int) -> bytes:
