@@ -127,8 +127,9 @@ def load(paths):
     records, ppl = [], []
     for p in paths:
         d = json.loads(Path(p).read_text())
-        if "records" in d:
-            records += d["records"]
+        if "records" in d:        # each record names its model: two models' cells never mix
+            model = Path(str(d.get("model", ""))).stem
+            records += [{"model": model, **r} for r in d["records"]]
         elif d.get("rows") and "ppl_sparse" in d["rows"][0]:
             ppl += [{"protocol": "whole-text", "last": None, **r} for r in d["rows"]]
         else:
@@ -195,9 +196,9 @@ CLAIMS = {
 }
 
 
-def task_claims(cell: TaskCell, length: int, protocol: str) -> list[dict]:
+def task_claims(cell: TaskCell, length: int, protocol: str, model: str = "") -> list[dict]:
     out = []
-    where = f"{length} tokens, {protocol}"
+    where = (f"{model}, " if model else "") + f"{length} tokens, {protocol}"
 
     def add(claim, figures, verdict):
         out.append({"claim": claim, "text": CLAIMS[claim], "where": where, "figures": figures, "verdict": verdict})
@@ -331,7 +332,8 @@ def ppl_claims(rows, text: str, length: int, protocol: str) -> list[dict]:
         bounds = not (keys[c] and r.get("positions") and keys[c] >= 0.9 * r["positions"])
         if r["cache"] and not r["attention"] and bounds:
             for s in plain:
-                if by[s]["dense_layers"] == r["dense_layers"] and equal_keys(keys[s], keys[c]):
+                if (query_aware(by[s]) and by[s]["dense_layers"] == r["dense_layers"]
+                        and equal_keys(keys[s], keys[c])):
                     add("bounded", s, c)
     for v, r in by.items():
         if r["dense_layers"] and (r["attention"] or r["cache"]):
@@ -347,9 +349,9 @@ def check(records, ppl) -> list[dict]:
     lines = []
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["target_tokens"], r["protocol"]), []).append(r)
-    for (length, protocol), rs in sorted(groups.items()):
-        lines += task_claims(TaskCell(rs), length, protocol)
+        groups.setdefault((r.get("model", ""), r["target_tokens"], r["protocol"]), []).append(r)
+    for (model, length, protocol), rs in sorted(groups.items()):
+        lines += task_claims(TaskCell(rs), length, protocol, model)
     pg: dict = {}
     for r in ppl:
         name = r["protocol"] + ("" if r.get("last") is None else f" {r['last']}")
