@@ -393,6 +393,21 @@ def _ppl_row(variant, ratio, lo, hi, keys):
             "density": keys / 8000, "layer_density": [keys / 8000] * 4}
 
 
+def test_claims_script_keeps_two_models_cells_apart(tmp_path):
+    # the same length and protocol on two models are two cells: model A's dense right on every
+    # example must not pool with model B's records where top-k is right on half
+    import json
+    claims = _script("long_context_claims")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    recs = _claims_records()
+    a.write_text(json.dumps({"model": "models/alpha.gguf", "records": recs}))
+    b.write_text(json.dumps({"model": "models/beta.gguf", "records": recs}))
+    lines = claims.main([str(a), str(b)])
+    topk = [l for l in lines if l["claim"] == "topk2" and "`topk=82`" in l["figures"]]
+    assert sorted(l["where"].split(",")[0] for l in topk) == ["alpha", "beta"]
+    assert all("(n=20)" in l["figures"] for l in topk)     # not 40: nothing pooled across models
+
+
 def test_claims_script_gives_the_verdicts_known_by_construction(tmp_path):
     import json
     claims = _script("long_context_claims")
