@@ -110,6 +110,13 @@ def sparse_keys(rs, dense_layers):
     return sum(vals) / len(vals) if vals else None
 
 
+def peers(v, pool, info, keys, want) -> list:
+    """The variants w of pool with want(info[w]) that are v's peers: the same layers kept dense
+    and, within EQUAL_KEYS, the same keys read."""
+    return [w for w in pool if want(info[w]) and info[w]["dense_layers"] == info[v]["dense_layers"]
+            and equal_keys(keys[w], keys[v])]
+
+
 def _key(v) -> tuple:
     """What a variant is, apart from its name."""
     return (v["attention"], v["cache"], tuple(v["dense_layers"] or ()), bool(v.get("uncorrected", False)))
@@ -233,15 +240,13 @@ def task_claims(cell: TaskCell, length: int, protocol: str, model: str = "") -> 
             continue
         text, b = vs_dense(v)
         add("quest256", text, at_least(b["lo"], b["hi"], 0.95) if b else UNDECIDED)
-        for t in (t for t in plain if family(info[t]) == "topk" and info[t]["dense_layers"] == info[v]["dense_layers"]
-                  and equal_keys(keys[t], keys[v])):
+        for t in peers(v, plain, info, keys, lambda x: family(x) == "topk"):
             d = cell.paired(v, t)
             add("quest_topk", f"`{v}` {cell.acc(v)} ({_fmt(keys[v], 0)} keys) − `{t}` {cell.acc(t)} "
                               f"({_fmt(keys[t], 0)} keys): {_diff(d)}", at_least(d["lo"], d["hi"], -0.05))
     # MagicPIG vs Quest at equal keys, same dense layers
     for v in (v for v in plain if family(info[v]) == "magicpig"):
-        qs = [q for q in plain if family(info[q]) == "quest" and info[q]["dense_layers"] == info[v]["dense_layers"]
-              and equal_keys(keys[q], keys[v])]
+        qs = peers(v, plain, info, keys, lambda x: family(x) == "quest")
         for q in qs:
             d = cell.paired(v, q)
             add("magicpig_quest", f"`{v}` {cell.acc(v)} ({_fmt(keys[v], 0)} keys) − `{q}` {cell.acc(q)} "
@@ -260,8 +265,7 @@ def task_claims(cell: TaskCell, length: int, protocol: str, model: str = "") -> 
         add("correction", f"`{c}` {cell.acc(c)} − `{u}` {cell.acc(u)}: {_diff(d)}", above(d["lo"], d["hi"], 0))
     # sinks + window against a window alone at equal keys, same dense layers
     for v in (v for v in plain if family(info[v]) == "sinks+window"):
-        ws = [w for w in plain if family(info[w]) == "window" and info[w]["dense_layers"] == info[v]["dense_layers"]
-              and equal_keys(keys[w], keys[v])]
+        ws = peers(v, plain, info, keys, lambda x: family(x) == "window")
         for w in ws:
             d = cell.paired(v, w)
             add("sinks", f"`{v}` {cell.acc(v)} − `{w}` {cell.acc(w)}: {_diff(d)}", above(d["lo"], d["hi"], 0))
@@ -279,8 +283,7 @@ def task_claims(cell: TaskCell, length: int, protocol: str, model: str = "") -> 
     for c in (c for c in names if info[c]["cache"] and not info[c]["attention"]):
         if keys[c] is not None and pooled[c]["positions"] and keys[c] >= 0.9 * pooled[c]["positions"]:
             continue                     # a cache that keeps (nearly) every key bounds nothing (kivi2)
-        ss = [s for s in plain if query_aware(info[s]) and info[s]["dense_layers"] == info[c]["dense_layers"]
-              and equal_keys(keys[s], keys[c])]
+        ss = peers(c, plain, info, keys, query_aware)
         for s in ss:
             d = cell.paired(s, c)
             add("bounded", f"`{s}` {cell.acc(s)} ({_fmt(keys[s], 0)} keys) − `{c}` {cell.acc(c)} "
@@ -314,15 +317,13 @@ def ppl_claims(rows, text: str, length: int, protocol: str) -> list[dict]:
                     "verdict": lower_ppl(by[a], by[b])})
 
     for v in plain:
-        f, dl = family(by[v]), by[v]["dense_layers"]
+        f = family(by[v])
         if f == "magicpig":
-            for q in plain:
-                if family(by[q]) == "quest" and by[q]["dense_layers"] == dl and equal_keys(keys[q], keys[v]):
-                    add("magicpig_quest", v, q)
+            for q in peers(v, plain, by, keys, lambda x: family(x) == "quest"):
+                add("magicpig_quest", v, q)
         if f == "sinks+window":
-            for w in plain:
-                if family(by[w]) == "window" and by[w]["dense_layers"] == dl and equal_keys(keys[w], keys[v]):
-                    add("sinks", v, w)
+            for w in peers(v, plain, by, keys, lambda x: family(x) == "window"):
+                add("sinks", v, w)
     for u, r in by.items():
         if r.get("uncorrected"):
             c = next((v for v in plain if _key(by[v])[:3] == _key(r)[:3]), None)
@@ -331,10 +332,8 @@ def ppl_claims(rows, text: str, length: int, protocol: str) -> list[dict]:
     for c, r in by.items():
         bounds = not (keys[c] and r.get("positions") and keys[c] >= 0.9 * r["positions"])
         if r["cache"] and not r["attention"] and bounds:
-            for s in plain:
-                if (query_aware(by[s]) and by[s]["dense_layers"] == r["dense_layers"]
-                        and equal_keys(keys[s], keys[c])):
-                    add("bounded", s, c)
+            for s in peers(c, plain, by, keys, query_aware):
+                add("bounded", s, c)
     for v, r in by.items():
         if r["dense_layers"] and (r["attention"] or r["cache"]):
             k = _key(r)
