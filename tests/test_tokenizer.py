@@ -475,3 +475,24 @@ def test_compact_tables_match_the_gguf_lists(name):
         assert [int(x) for x in t.types] == [3 if s in _EOG_TEXTS else int(ty) for s, ty in zip(stored, types)]
     assert [t.token_bytes(i) for i in range(t.vocab_size)] == \
         [t._piece_bytes(s, int(ty)) for s, ty in zip(stored, t.types)]
+
+
+def test_token_types_outside_int8_are_kept_as_written(tmp_path):
+    # the six known types fit the compact int8 array; a file may hold other values (llama.cpp
+    # reads them as undefined): they are kept exactly, not wrapped to another type's code
+    path = tmp_path / "odd_types.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    n = 300
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [f"\u2581t{i}" for i in range(n - 259)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * n)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n - 260) + [184])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    tok = load_tokenizer(path)
+    assert int(tok.types[-1]) == 184 and int(tok.types[0]) == 2
+    assert tok.tokens[n - 1] == toks[n - 1]
