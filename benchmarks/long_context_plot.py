@@ -75,6 +75,8 @@ def main(argv=None):
                          "(* marks a task where dense scores below 50%%), then the pooled row's figures")
     ap.add_argument("--title", help="the plot's title (default: model, length and protocol from the JSON)")
     a = ap.parse_args(argv)
+    if a.title and not a.png:
+        ap.error("--title names the plot: it needs --png")
     try:
         d = json.loads(Path(a.json).read_text())
     except (OSError, ValueError) as e:
@@ -88,6 +90,9 @@ def main(argv=None):
         if a.png:
             plot_rows(rows, a.png, title)
     elif d.get("rows") and "text" in d["rows"][0]:
+        if a.matrix:
+            raise SystemExit(f"{a.json}: --matrix lays out a task table (variants x tasks); "
+                             f"this is a perplexity table")
         rows = d["rows"]
         for r in rows:
             print(f"| {r['text']} | {r['length']} | `{r['variant']}` | {r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] |")

@@ -342,6 +342,9 @@ def test_plot_script_summarises_records_anew_and_draws(tmp_path, capsys):
                                     for y in d["records"]) for x in d["records"] if x["variant"] == "topk=8")
     assert rows["| `dense`"].endswith(f" {right['dense']}/{right['dense']} |")   # dense keeps all its own
     assert rows["| `topk=8`"].endswith(f" {both}/{right['dense']} |")
+    with pytest.raises(SystemExit):                    # a title without a plot is refused
+        _script("long_context_plot").main([str(out), "--title", "t"])
+    assert "--png" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="expected 'records'"):
         (tmp_path / "bad.json").write_text("{}")
         _script("long_context_plot").main([str(tmp_path / "bad.json")])
