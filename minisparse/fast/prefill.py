@@ -267,6 +267,23 @@ def selection_mask(s, cols, rptr, rlo, rhi, iptr, idx, logw, rows, qp, k_pos, b,
 # ---- the tile loop ----------------------------------------------------------------------------
 
 
+def by_tiles(q, k, tile, block=None, workers=None):
+    """Run tile(t0, t1, g, out, lse, natt) for every query tile [t0, t1) of `block` rows (default
+    fa.TILE_ROWS query-head rows) and KV head g, side by side; each writes its rows of out
+    (Hq, Tq, d) f32, lse (Hq, Tq) f64 and natt (Hq, Tq) int64, which start as 0, -inf and 0 (a
+    tile that reads no key leaves them so). Returns (out, lse, natt)."""
+    Hq, Tq, d = q.shape
+    Hkv = k.shape[0]
+    block = max(1, fa.TILE_ROWS // (Hq // Hkv)) if block is None else int(block)
+    out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
+    lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
+    natt = np.zeros((Hq, Tq), np.int64)                          # (Hq, Tq)
+    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
+    side_by_side(lambda item: tile(item[0], min(item[0] + block, Tq), item[1], out, lse, natt),
+                 items, workers)
+    return out, lse, natt
+
+
 def masked_tiles(q, k, v, q_pos, k_pos, scale, mask, block=None, workers=None):
     """Causal attention of q (Hq, Tq, d) over k, v (Hkv, Tk, d) f32 by query tiles, each tile's
     scores hidden by `mask` before the softmax; keys must be in position order.
@@ -279,16 +296,10 @@ def masked_tiles(q, k, v, q_pos, k_pos, scale, mask, block=None, workers=None):
     attend_tiles returns, for the keys the mask leaves.
     """
     Hq, Tq, d = q.shape
-    Hkv = k.shape[0]
-    G = Hq // Hkv
-    block = max(1, fa.TILE_ROWS // G) if block is None else int(block)
-    out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
-    lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
-    natt = np.zeros((Hq, Tq), np.int64)                          # (Hq, Tq)
+    G = Hq // k.shape[0]
     sc = np.float32(scale)
 
-    def tile(t0, g):
-        t1 = min(t0 + block, Tq)
+    def tile(t0, t1, g, out, lse, natt):
         b = t1 - t0
         h0, h1 = g * G, (g + 1) * G
         qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
@@ -308,9 +319,7 @@ def masked_tiles(q, k, v, q_pos, k_pos, scale, mask, block=None, workers=None):
         with np.errstate(divide="ignore"):                              # log 0 = -inf: no key
             lse[h0:h1, t0:t1] = (m + np.log(l.astype(np.float64))).reshape(G, b)
 
-    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
-    side_by_side(lambda item: tile(*item), items, workers)
-    return out, lse, natt
+    return by_tiles(q, k, tile, block, workers)
 
 
 def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None):
@@ -324,18 +333,12 @@ def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None
     [1, 2, 3, 4, 5, 5, 5, 5, 5, 5]
     """
     Hq, Tq, d = q.shape
-    Hkv = k.shape[0]
-    G = Hq // Hkv
-    block = max(1, fa.TILE_ROWS // G) if block is None else int(block)
+    G = Hq // k.shape[0]
     n_vis = np.searchsorted(k_pos, q_pos, side="right")                 # (Tq,) causal prefix
     budget = row_budgets(sel.k, sel.fraction, q_pos, k_pos, 1)          # (Tq,)
-    out = np.zeros((Hq, Tq, d), np.float32)                             # (Hq, Tq, d)
-    lse = np.full((Hq, Tq), -np.inf)                                    # (Hq, Tq)
-    natt = np.zeros((Hq, Tq), np.int64)                                 # (Hq, Tq)
     sc = np.float32(scale)
 
-    def tile(t0, g):
-        t1 = min(t0 + block, Tq)
+    def tile(t0, t1, g, out, lse, natt):
         b = t1 - t0
         S = int(n_vis[t0:t1].max())
         if S == 0:
@@ -352,9 +355,7 @@ def topk_tiles(q, k, v, q_pos, k_pos, scale, sel: TopK, block=None, workers=None
         lse[h0:h1, t0:t1] = ls.reshape(G, b)
         natt[h0:h1, t0:t1] = n_att.reshape(G, b)
 
-    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
-    side_by_side(lambda item: tile(*item), items, workers)
-    return out, lse, natt
+    return by_tiles(q, k, tile, block, workers)
 
 
 def topk_selection(q, k, q_pos, k_pos, sel: TopK, block=None) -> Selection:
