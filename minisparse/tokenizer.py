@@ -1,7 +1,9 @@
-"""GGUF tokenizer metadata -> an HF `tokenizers.Tokenizer` that splits text exactly as llama.cpp does.
+"""GGUF tokenizer metadata -> a tokenizer that splits text exactly as llama.cpp does.
 
-Two families: `llama` (SentencePiece, rebuilt as BPE with byte fallback and merges ranked by piece
-score) and `gpt2` (byte-level BPE with the pre-tokeniser regexes of llama.cpp's `llama-vocab.cpp`).
+Two families: `llama` (SentencePiece, rebuilt as an HF `tokenizers` BPE with byte fallback and
+merges ranked by piece score) and `gpt2` (byte-level BPE with the pre-tokeniser regexes of
+llama.cpp's `llama-vocab.cpp`: minisparse's own encoder over compact tables, `bpe.py`, or with
+backend="tokenizers" the library's BPE model, which it is tested against).
 Left out: WordPiece/Unigram (`bert`, `t5`) vocabularies and chat templates (the raw template string
 is exposed). Follows the GGUF spec's `tokenizer.ggml.*` keys and llama.cpp's tokenizer test vectors.
 """
@@ -19,6 +21,7 @@ from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from .bpe import BYTE_CHARS, ByteLevelBPE
 from .errors import GGUFError
 from .gguf_check import GGUFArray, GGUFFile
 
@@ -60,21 +63,10 @@ _IGNORE_MERGES = {"llama3"}
 _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
               "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<eos>"}
 SUPPORTED_MODELS = ("llama", "gpt2")
+# what encodes a gpt2-family vocabulary: minisparse's ByteLevelBPE, or the tokenizers library's BPE
+BACKENDS = ("minisparse", "tokenizers")
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte <-> printable-char map (inverted): char -> byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:  # the unprintable bytes are moved to 256, 257, ... in order
-            chars[b] = chr(256 + n)
-            n += 1
-    return {c: b for b, c in chars.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +146,34 @@ def _build_spm(src, tokens, f: GGUFFile) -> tuple[HFTokenizer, bool]:
     return hf, add_space
 
 
-def _build_gpt2(src, tokens, f: GGUFFile, pre: str) -> HFTokenizer:
+def _pre_key(src, pre: str) -> str:
+    """The PRE_REGEXES entry of a GGUF `pre` name; an unknown name warns and takes GPT-2's."""
+    key = PRE_ALIASES.get(pre)
+    if key is None:
+        warnings.warn(f"{src}: tokenizer.ggml.pre '{pre}' is not known to minisparse; using the GPT-2 "
+                      f"regex (known: {', '.join(sorted(PRE_ALIASES))})", stacklevel=4)
+        key = "gpt2"
+    return key
+
+
+def _pre_splits(key: str):
+    """The regexes of PRE_REGEXES[key] as the tokenizers library's Split pre-tokenisers, in turn."""
+    return [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[key]]
+
+
+def _build_gpt2(src, pieces: "Pieces", f: GGUFFile, pre: str, added) -> ByteLevelBPE:
+    merges = _field(f, src, "tokenizer.ggml.merges", "str[]")
+    key = _pre_key(src, pre)
+    try:
+        return ByteLevelBPE(pieces, merges, pre_tokenizers.Sequence(_pre_splits(key)),
+                            ignore_merges=key in _IGNORE_MERGES, added=added)
+    except ValueError as e:
+        raise GGUFError(f"{src}: field 'tokenizer.ggml.merges': {e}") from None
+
+
+def _build_gpt2_hf(src, tokens, f: GGUFFile, pre: str) -> HFTokenizer:
+    """The same vocabulary as the tokenizers library's BPE model (load_tokenizer's
+    backend="tokenizers"): the reference ByteLevelBPE is tested against."""
     merges_raw = _field(f, src, "tokenizer.ggml.merges", "str[]")
     vocab = {}
     for i, t in enumerate(tokens):
@@ -168,16 +187,11 @@ def _build_gpt2(src, tokens, f: GGUFFile, pre: str) -> HFTokenizer:
         left, right = m[:cut], m[cut + 1:]
         if left in vocab and right in vocab and left + right in vocab:
             merges.append((left, right))
-    key = PRE_ALIASES.get(pre)
-    if key is None:
-        warnings.warn(f"{src}: tokenizer.ggml.pre '{pre}' is not known to minisparse; using the GPT-2 "
-                      f"regex (known: {', '.join(sorted(PRE_ALIASES))})", stacklevel=3)
-        key = "gpt2"
+    key = _pre_key(src, pre)
     hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=key in _IGNORE_MERGES))
     # regexes run on the raw text, then ByteLevel maps each byte to its printable stand-in
     hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[key]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        _pre_splits(key) + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     return hf
 
@@ -223,7 +237,8 @@ class Pieces:
 
 
 class Tokenizer:
-    """A GGUF vocabulary as llama.cpp tokenizes it, wrapping `tokenizers.Tokenizer` (`.hf`).
+    """A GGUF vocabulary as llama.cpp tokenizes it: with minisparse's `ByteLevelBPE` (`.bpe`) for the
+    gpt2 family, else wrapping a `tokenizers.Tokenizer` (`.hf`; None when `.bpe` encodes).
 
     Lone surrogates (a Python str can hold them, UTF-8 cannot) are replaced by U+FFFD before
     encoding, which is what a UTF-8 decoder makes of the bytes such a string would come from.
@@ -234,8 +249,11 @@ class Tokenizer:
     """
 
     def __init__(self, hf, *, model, pre, tokens, types, bos_id, eos_id, eot_ids, add_bos,
-                 add_space_prefix, chat_template):
-        self.hf, self.model, self.pre = hf, model, pre
+                 add_space_prefix, chat_template, bpe: ByteLevelBPE | None = None):
+        if (hf is None) == (bpe is None):
+            raise ValueError("Tokenizer: expected exactly one of hf (a tokenizers.Tokenizer) and bpe "
+                             "(a ByteLevelBPE)")
+        self.hf, self.bpe, self.model, self.pre = hf, bpe, model, pre
         self.bos_id, self.eos_id, self.eot_ids = bos_id, eos_id, eot_ids
         self.add_bos, self.add_space_prefix, self.chat_template = add_bos, add_space_prefix, chat_template
         # a vocabulary is 30k-250k pieces: kept as two blobs (the texts, and the bytes each piece
@@ -267,15 +285,20 @@ class Tokenizer:
         llama.cpp's test vectors and `llama_tokenize(..., parse_special=false)`) leaves control
         tokens such as "<s>" in the text as plain text; user-defined tokens are always matched."""
         text = _SURROGATES.sub("\ufffd", text)
-        # one shared HF object: the flag is set on every call (not thread-safe; fine for this engine)
-        self.hf.encode_special_tokens = not parse_special
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if self.bpe is not None:
+            ids = self.bpe.encode(text, parse_special)
+        else:
+            # one shared HF object: the flag is set on every call (not thread-safe; fine for this engine)
+            self.hf.encode_special_tokens = not parse_special
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids) -> str:
         """Text of `ids`; control tokens (BOS, EOS, ...) render as nothing."""
+        if self.bpe is not None:    # each token's bytes, joined: a character may span tokens
+            return b"".join(map(self._bytes.__getitem__, ids)).decode("utf-8", errors="replace")
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def token_bytes(self, i: int) -> bytes:
@@ -319,12 +342,14 @@ class StreamDecoder:
         return self._emit(self._utf8.decode(b"", final=True))
 
 
-_BYTE_LEVEL = _byte_level_table()
+_BYTE_LEVEL = {c: b for b, c in enumerate(BYTE_CHARS)}   # GPT-2's byte-level char -> byte value
 
 
-def load_tokenizer(path_or_file) -> Tokenizer:
+def load_tokenizer(path_or_file, backend: str = "minisparse") -> Tokenizer:
     """Tokenizer of a GGUF file: a path, or a `GGUFFile` already open (`gguf_io.open_gguf`), so the
-    file is walked once.
+    file is walked once. backend="tokenizers" encodes a gpt2-family vocabulary with the tokenizers
+    library's BPE model instead of minisparse's (the same ids; the library's tables take more
+    memory); the llama family always uses the library.
 
     >>> tok = load_tokenizer("../shared/fixtures/vocab/ggml-vocab-llama-spm.gguf")  # doctest: +SKIP
     >>> tok.encode("Hello world", add_bos=False)                                    # doctest: +SKIP
@@ -338,6 +363,8 @@ def load_tokenizer(path_or_file) -> Tokenizer:
         raise TypeError(f"load_tokenizer: expected a path or a minisparse GGUFFile (open_gguf(path)), "
                         f"got {type(path_or_file).__name__}")
     src = f.path
+    if backend not in BACKENDS:
+        raise ValueError(f"load_tokenizer: backend {backend!r} is not known; expected one of {', '.join(BACKENDS)}")
 
     model = _field(f, src, "tokenizer.ggml.model", "str")
     if model not in SUPPORTED_MODELS:
@@ -357,12 +384,15 @@ def load_tokenizer(path_or_file) -> Tokenizer:
         v = _field(f, src, key, "int", required=False, default=default)
         return v if v is not None and 0 <= v < len(tokens) else None  # 2**32-1 means "none"
 
+    hf = bpe = None
     if model == "llama":
         hf, add_space = _build_spm(src, tokens, f)
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2)
         add_bos_default = True
     else:
-        hf, add_space = _build_gpt2(src, tokens, f, pre), False
+        add_space = False
+        if backend == "tokenizers":
+            hf = _build_gpt2_hf(src, tokens, f, pre)
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", None), tok_id("tokenizer.ggml.eos_token_id", None)
         add_bos_default = PRE_ALIASES.get(pre) == "llama3"  # llama.cpp turns BOS on for llama3 vocabs
     add_bos = _field(f, src, "tokenizer.ggml.add_bos_token", "bool", required=False,
@@ -385,10 +415,17 @@ def load_tokenizer(path_or_file) -> Tokenizer:
 
     # control/unknown tokens are special (not matched in text unless parse_special); user-defined
     # ones are matched always, as llama.cpp's tokenizer_st_partition does
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip(t))
-                           for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
-    hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t))
-                   for t, ty in zip(tokens, types) if ty == USER_DEFINED])  # ids already in the vocab: kept
+    special = [t for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
+    user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    pieces = Pieces(tokens)
+    if hf is not None:
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip(t)) for t in special])
+        hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t))
+                       for t in user])  # ids already in the vocab: kept
+    else:
+        added = [(t, True, rstrip(t)) for t in special] + [(t, False, rstrip(t)) for t in user]
+        bpe = _build_gpt2(src, pieces, f, pre, added)
     template = _field(f, src, "tokenizer.chat_template", "str", required=False)
-    return Tokenizer(hf, model=model, pre=pre, tokens=tokens, types=types, bos_id=bos, eos_id=eos,
-                     eot_ids=eot, add_bos=add_bos, add_space_prefix=add_space, chat_template=template)
+    return Tokenizer(hf, model=model, pre=pre, tokens=pieces, types=types, bos_id=bos, eos_id=eos,
+                     eot_ids=eot, add_bos=add_bos, add_space_prefix=add_space, chat_template=template,
+                     bpe=bpe)
