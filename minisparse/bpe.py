@@ -48,7 +48,7 @@ class TextIndex:
     def __init__(self, texts):
         self.texts = texts                                          # (V,) a sequence of str
         h = np.fromiter((hash(t) for t in texts), np.int64, count=len(texts))
-        self.order = np.argsort(h, kind="stable")                   # (V,) ids, by hash then id
+        self.order = np.argsort(h, kind="stable").astype(np.int32)  # (V,) ids, by hash then id
         self.hashes = h[self.order]                                 # (V,) sorted
 
     def first(self, hashes: np.ndarray) -> np.ndarray:
@@ -115,6 +115,8 @@ class ByteLevelBPE:
         # is the leftmost-longest match of the library's Aho-Corasick automaton
         texts_by_len = sorted(self._added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, texts_by_len))) if texts_by_len else None
+        if not ignore_merges:
+            self.index = None         # only ignore_merges looks a text up while encoding
 
     def _merge_table(self, merges) -> tuple[array, array]:
         """Sorted pair keys (left id << 32 | right id) and, for each, rank << 32 | merged id: two
@@ -124,15 +126,22 @@ class ByteLevelBPE:
         for k, m in enumerate(merges):
             left, right = self._parts(m)
             hashes[0, k], hashes[1, k], hashes[2, k] = hash(left), hash(right), hash(left + right)
-        at = [self.index.first(h) for h in hashes]                      # 3 x (n,)
-        keys, vals, rank = array("q"), array("q"), 0
+        at = np.stack([self.index.first(h) for h in hashes])             # (3, n) -1: no such hash
+        del hashes
+        # the first candidate id of each part, -1 where no token has its hash; as arrays of the
+        # standard library, whose items come out as Python ints quickly (no list of 150k ints)
+        cand = [array("q", np.where(at[j] >= 0, self.index.order[at[j]], -1).astype(np.int64).tobytes())
+                for j in range(3)]
+        texts, keys, vals, rank = self.texts, array("q"), array("q"), 0
         for k, m in enumerate(merges):
-            if at[0][k] < 0 or at[1][k] < 0 or at[2][k] < 0:
+            a, b, ab = cand[0][k], cand[1][k], cand[2][k]
+            if a < 0 or b < 0 or ab < 0:
                 continue
             left, right = self._parts(m)
-            a, b, ab = (self.index.confirm(int(at[j][k]), s) for j, s in enumerate((left, right, left + right)))
-            if min(a, b, ab) < 0:
-                continue
+            if texts[a] != left or texts[b] != right or texts[ab] != left + right:   # equal hashes
+                a, b, ab = (self.index.confirm(int(at[j, k]), s) for j, s in enumerate((left, right, left + right)))
+                if min(a, b, ab) < 0:
+                    continue
             keys.append(a << 32 | b)
             vals.append(rank << 32 | ab)
             rank += 1
@@ -192,7 +201,7 @@ class ByteLevelBPE:
         ids = self._cache.get(word)
         if ids is None:
             raw = word.encode("utf-8")
-            whole = self.index.get(raw.decode("latin-1").translate(_TO_BYTE_CHARS)) if self.ignore_merges else None
+            whole = self.index.get(raw.decode("latin-1").translate(_TO_BYTE_CHARS)) if self.index is not None else None
             if whole is not None:
                 ids = [whole]
             else:                     # a byte the vocabulary lacks is dropped, as by the library

@@ -13,6 +13,7 @@ import codecs
 import os
 import re
 import warnings
+from array import array
 
 import numpy as np
 
@@ -81,10 +82,11 @@ _EXPECT = {"str": "a string", "int": "an integer", "bool": "a bool", "float": "a
            "str[]": "an array of strings", "float[]": "an array of float32", "int[]": "an array of int32"}
 
 
-def _field(f: GGUFFile, src, key, expect: str, required=True, default=None):
+def _field(f: GGUFFile, src, key, expect: str, required=True, default=None, as_list=True):
     """Value of metadata `key`, checked against `expect` ('str', 'int', 'bool', 'float',
     'str[]', 'float[]', 'int[]') by its stored GGUF type before it is read; GGUFError naming file
-    and key when missing or ill-typed. Arrays come back as Python lists (numbers as int/float)."""
+    and key when missing or ill-typed. Arrays come back as Python lists (numbers as int/float), or
+    with as_list=False compact: numbers as a NumPy copy, strings as `Pieces`."""
     if key not in f.metadata:
         if required:
             raise GGUFError(f"{src}: field '{key}': missing; expected {_EXPECT[expect]}")
@@ -98,8 +100,12 @@ def _field(f: GGUFFile, src, key, expect: str, required=True, default=None):
         got = f"a {vtype.name} ({stored!r:.40})"
     if not ok:
         raise GGUFError(f"{src}: field '{key}': got {got}; expected {_EXPECT[expect]}")
+    if not as_list and expect == "str[]":
+        return Pieces.from_gguf(f, stored)
     val = f.get(key)
-    return val.tolist() if expect in ("int[]", "float[]") else val
+    if expect in ("int[]", "float[]"):
+        return val.tolist() if as_list else np.array(val)
+    return val
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def _pre_splits(key: str):
 
 
 def _build_gpt2(src, pieces: "Pieces", f: GGUFFile, pre: str, added) -> ByteLevelBPE:
-    merges = _field(f, src, "tokenizer.ggml.merges", "str[]")
+    merges = _field(f, src, "tokenizer.ggml.merges", "str[]", as_list=False)
     key = _pre_key(src, pre)
     try:
         return ByteLevelBPE(pieces, merges, pre_tokenizers.Sequence(_pre_splits(key)),
@@ -210,13 +216,34 @@ class Pieces:
     def __init__(self, items, text: bool = True):
         self.text = text
         # one item at a time into a growing buffer: no list of encoded items alongside the input
-        data, lengths = bytearray(), []
+        data, lengths = bytearray(), array("q")
         for item in items:
             b = item.encode("utf-8") if text else item
             data += b
             lengths.append(len(b))
-        self.offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=self.offsets[1:])
+        self._set(data, lengths)
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile, arr: GGUFArray) -> "Pieces":
+        """The strings of a GGUF string array (u64 length, then UTF-8 bytes, each) copied from the
+        file's map byte for byte: no Python str per item. The walk that opened `f` checked every
+        length and that every item is UTF-8."""
+        self = cls.__new__(cls)
+        self.text = True
+        data, lengths, mv, pos = bytearray(), array("q"), memoryview(f.data), arr.offset
+        for _ in range(arr.length):
+            n = int.from_bytes(mv[pos:pos + 8], "little")
+            data += mv[pos + 8:pos + 8 + n]
+            lengths.append(n)
+            pos += 8 + n
+        self._set(data, lengths)
+        return self
+
+    def _set(self, data: bytearray, lengths: array):
+        # int32 offsets where the blob allows (a vocabulary's is a few MB): half the size
+        dtype = np.int32 if len(data) < 2**31 else np.int64
+        self.offsets = np.zeros(len(lengths) + 1, dtype)
+        np.cumsum(np.frombuffer(lengths, np.int64), out=self.offsets[1:])
         self.blob = bytes(data)
 
     def __len__(self) -> int:
@@ -233,7 +260,11 @@ class Pieces:
         return b.decode("utf-8") if self.text else b
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        blob, text = self.blob, self.text
+        for start in range(0, len(self), 4096):       # offsets as Python ints a block at a time
+            ends = self.offsets[start:start + 4097].tolist()
+            for a, b in zip(ends, ends[1:]):
+                yield blob[a:b].decode("utf-8") if text else blob[a:b]
 
 
 class Tokenizer:
@@ -370,11 +401,13 @@ def load_tokenizer(path_or_file, backend: str = "minisparse") -> Tokenizer:
     if model not in SUPPORTED_MODELS:
         raise GGUFError(f"{src}: field 'tokenizer.ggml.model': '{model}' is not supported; "
                         f"expected one of {', '.join(SUPPORTED_MODELS)}")
-    tokens = _field(f, src, "tokenizer.ggml.tokens", "str[]")
-    if not tokens:
+    # the vocabulary as one blob + offsets from the start: a list of its 50k-250k texts, even
+    # for a moment, leaves the heap fragmented for the rest of the run
+    tokens = _field(f, src, "tokenizer.ggml.tokens", "str[]", as_list=False)
+    if not len(tokens):
         raise GGUFError(f"{src}: field 'tokenizer.ggml.tokens': empty; expected at least one token")
-    types = _field(f, src, "tokenizer.ggml.token_type", "int[]", required=False,
-                   default=[NORMAL] * len(tokens))
+    types = _field(f, src, "tokenizer.ggml.token_type", "int[]", required=False, as_list=False,
+                   default=np.full(len(tokens), NORMAL))
     if len(types) != len(tokens):
         raise GGUFError(f"{src}: field 'tokenizer.ggml.token_type': has {len(types)} entries; "
                         f"expected one per token ({len(tokens)})")
@@ -386,20 +419,21 @@ def load_tokenizer(path_or_file, backend: str = "minisparse") -> Tokenizer:
 
     hf = bpe = None
     if model == "llama":
-        hf, add_space = _build_spm(src, tokens, f)
+        hf, add_space = _build_spm(src, list(tokens), f)
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", 1), tok_id("tokenizer.ggml.eos_token_id", 2)
         add_bos_default = True
     else:
         add_space = False
         if backend == "tokenizers":
-            hf = _build_gpt2_hf(src, tokens, f, pre)
+            hf = _build_gpt2_hf(src, list(tokens), f, pre)
         bos, eos = tok_id("tokenizer.ggml.bos_token_id", None), tok_id("tokenizer.ggml.eos_token_id", None)
         add_bos_default = PRE_ALIASES.get(pre) == "llama3"  # llama.cpp turns BOS on for llama3 vocabs
     add_bos = _field(f, src, "tokenizer.ggml.add_bos_token", "bool", required=False,
                      default=add_bos_default)
 
-    types = [CONTROL if t in _EOG_TEXTS else ty for t, ty in zip(tokens, types)]
+    types = np.array(types, np.int64)                   # a copy: the file's view is read-only
     eot = {i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
+    types[list(eot)] = CONTROL
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         if (i := tok_id(key, None)) is not None:
             eot.add(i)
@@ -415,17 +449,16 @@ def load_tokenizer(path_or_file, backend: str = "minisparse") -> Tokenizer:
 
     # control/unknown tokens are special (not matched in text unless parse_special); user-defined
     # ones are matched always, as llama.cpp's tokenizer_st_partition does
-    special = [t for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
-    user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    pieces = Pieces(tokens)
+    special = [tokens[i] for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN))]
+    user = [tokens[i] for i in np.flatnonzero(types == USER_DEFINED)]
     if hf is not None:
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip(t)) for t in special])
         hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t))
                        for t in user])  # ids already in the vocab: kept
     else:
         added = [(t, True, rstrip(t)) for t in special] + [(t, False, rstrip(t)) for t in user]
-        bpe = _build_gpt2(src, pieces, f, pre, added)
+        bpe = _build_gpt2(src, tokens, f, pre, added)
     template = _field(f, src, "tokenizer.chat_template", "str", required=False)
-    return Tokenizer(hf, model=model, pre=pre, tokens=pieces, types=types, bos_id=bos, eos_id=eos,
+    return Tokenizer(hf, model=model, pre=pre, tokens=tokens, types=types, bos_id=bos, eos_id=eos,
                      eot_ids=eot, add_bos=add_bos, add_space_prefix=add_space, chat_template=template,
                      bpe=bpe)
