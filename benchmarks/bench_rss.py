@@ -12,6 +12,7 @@ by run, so a loaded machine weighs on both alike.
     python3 benchmarks/bench_rss.py --roots . ../main --runs 3     # this checkout vs main
     python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
     python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
+    python3 benchmarks/bench_rss.py --encode                       # minisparse's BPE vs the library's
 """
 from __future__ import annotations
 
@@ -143,6 +144,53 @@ def kv_fill(root, rounds=7):
     print(json.dumps({n: round(statistics.median(v) * 1e3, 1) for n, v in times.items()}), "ms")
 
 
+def encode(root, models, rounds=5, n_tokens=8192):
+    """The gpt2-family encoders side by side: minisparse's ByteLevelBPE and the tokenizers library's
+    BPE (load_tokenizer's backend="tokenizers"). Equal ids on real text (Python's bundled
+    documentation, pydoc_data.topics, and Python source files, each whole) as `generate` encodes a
+    prompt and as `ask` encodes a document and a question (ask.split_prompt: the chat template,
+    special tokens parsed), equal text back; and the time to encode an n_tokens-token document
+    with a new tokenizer (no word remembered), interleaved, medians of `rounds`."""
+    import time
+    sys.path.insert(0, str(Path(root).resolve()))
+    import argparse as argparse_module
+    import minisparse.registry
+    import minisparse.tokenizer as tokenizer_module
+    from pydoc_data.topics import topics
+    from minisparse.ask import split_prompt
+    from minisparse.tokenizer import load_tokenizer
+    texts = {"pydoc_data.topics": "\n\n".join(topics[k] for k in sorted(topics)),
+             "argparse.py": Path(argparse_module.__file__).read_text(encoding="utf-8"),
+             "minisparse/tokenizer.py": Path(tokenizer_module.__file__).read_text(encoding="utf-8")}
+    out = {}
+    for model in models:
+        path = minisparse.registry.resolve(model) if not Path(model).is_file() else model
+        own, lib = load_tokenizer(path), load_tokenizer(path, backend="tokenizers")
+        row = {"same_ids": {}, "tokens": {}}
+        for name, text in texts.items():
+            ids = own.encode(text)                                          # generate
+            asked = [split_prompt(t, text, "What does it say about lists?") for t in (own, lib)]   # ask
+            row["same_ids"][name] = (ids == lib.encode(text) and own.decode(ids) == lib.decode(ids)
+                                     and asked[0] == asked[1])
+            row["tokens"][name] = len(ids)
+        ids = lib.encode(texts["pydoc_data.topics"])[:n_tokens]
+        doc = lib.decode(ids)                                 # a document of n_tokens tokens
+        times = {"minisparse": [], "tokenizers": []}
+        for _ in range(rounds):
+            for backend in times:
+                tok = load_tokenizer(path, backend=backend)
+                t = time.perf_counter()
+                tok.encode(doc)
+                times[backend].append(time.perf_counter() - t)
+        row["doc_tokens"] = len(lib.encode(doc))
+        row["encode_ms"] = {b: round(statistics.median(v) * 1e3, 1) for b, v in times.items()}
+        out[model] = row
+        print(f"{model}: same ids {row['same_ids']} ({row['tokens']} tokens); encoding a "
+              f"{row['doc_tokens']}-token document, new tokenizer, median of {rounds}: "
+              + ", ".join(f"{b} {ms} ms" for b, ms in row["encode_ms"].items()))
+    (HERE / "bench_rss_encode.json").write_text(json.dumps(out, indent=1))
+
+
 STEPS = ("runtime", "floor", "gguf+weights", "tokenizer", "encode", "warm-up", "prefill128", "decode", "peak")
 
 
@@ -155,10 +203,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "bench_rss.json"))
     ap.add_argument("--tokenizer-parts", action="store_true", help="only the tokenizer's parts (glibc)")
     ap.add_argument("--kv-fill", action="store_true", help="only the cost of a lazily allocated cache")
+    ap.add_argument("--encode", nargs="*", metavar="MODEL",
+                    help="only compare the gpt2-family encoders on these models (default smollm2 and pydoc)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.kv_fill:
         return kv_fill(a.roots[0])
+    if a.encode is not None:
+        return encode(a.roots[0], a.encode or ["smollm2", "models/minisparse-pydoc.gguf"])
     if a.tokenizer_parts:
         return tokenizer_parts(a.roots[0], a.model)
     if a.worker:
