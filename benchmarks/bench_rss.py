@@ -73,8 +73,9 @@ def worker(root, model, steps):
 
 def tokenizer_parts(root, model):
     """Anonymous RSS of the tokenizer's parts, each built on its own with the heap trimmed between
-    (glibc's malloc_trim), so freed temporaries do not count: the whole Tokenizer, the tokenizers
-    library's BPE model from the vocabulary alone and with the merges, and the compact tables."""
+    (glibc's malloc_trim), so freed temporaries do not count: the whole Tokenizer (minisparse's
+    BPE, and the tokenizers library's with backend="tokenizers"), the tokenizers library's BPE
+    model from the vocabulary alone and with the merges, and the compact tables."""
     import ctypes
     import gc
     sys.path.insert(0, str(Path(root).resolve()))
@@ -92,10 +93,16 @@ def tokenizer_parts(root, model):
 
     f = open_gguf(minisparse.registry.resolve(model) if not Path(model).is_file() else model, model=True)
     out, a = {}, anon()
+    tok = load_tokenizer(f, backend="tokenizers")
+    out["Tokenizer, backend=tokenizers"] = anon() - a
+    del tok
+    a = anon()
     tok = load_tokenizer(f)
     out["Tokenizer"] = anon() - a
-    out["compact tables (tracked)"] = sum(x.blob.__sizeof__() + x.offsets.nbytes for x in (tok.tokens, tok._bytes)) \
-        / 2**20 + tok.types.nbytes / 2**20
+    bpe = tok.bpe
+    merge_tables = (len(bpe.pair_keys) + len(bpe.pair_vals)) * 8 if bpe is not None else 0
+    out["compact tables (tracked)"] = (sum(x.blob.__sizeof__() + x.offsets.nbytes for x in (tok.tokens, tok._bytes))
+                                       + tok.types.nbytes + merge_tables) / 2**20
     tokens, raw = f.get("tokenizer.ggml.tokens"), f.get("tokenizer.ggml.merges")
     # what the tables replaced: the token texts, their bytes and types as lists of Python objects
     # (the types' items are small ints, which Python shares: only their list counts)
