@@ -121,12 +121,11 @@ class ByteLevelBPE:
     def _merge_table(self, merges) -> tuple[array, array]:
         """Sorted pair keys (left id << 32 | right id) and, for each, rank << 32 | merged id: two
         int64 arrays, looked up by binary search."""
-        n = len(merges)
-        hashes = np.empty((3, n), np.int64)                             # left, right, left + right
-        for k, m in enumerate(merges):
+        hashes = array("q")                                             # left, right, left + right, ...
+        for m in merges:
             left, right = self._parts(m)
-            hashes[0, k], hashes[1, k], hashes[2, k] = hash(left), hash(right), hash(left + right)
-        at = np.stack([self.index.first(h) for h in hashes])             # (3, n) -1: no such hash
+            hashes.extend((hash(left), hash(right), hash(left + right)))
+        at = self.index.first(np.frombuffer(hashes, np.int64)).reshape(-1, 3).T   # (3, n) -1: no such hash
         del hashes
         # the first candidate id of each part, -1 where no token has its hash; as arrays of the
         # standard library, whose items come out as Python ints quickly (no list of 150k ints)

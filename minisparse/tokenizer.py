@@ -252,11 +252,13 @@ class Pieces:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
+        n = len(self.offsets) - 1
         if not -n <= i < n:
             raise IndexError(f"piece {i} of a vocabulary of {n}")
-        i = int(i) % n
-        b = self.blob[self.offsets[i]:self.offsets[i + 1]]
+        if i < 0:
+            i += n
+        offsets = self.offsets
+        b = self.blob[offsets[i]:offsets[i + 1]]
         return b.decode("utf-8") if self.text else b
 
     def __iter__(self):
