@@ -16,7 +16,7 @@ import minisparse.fast.attention as kernel
 from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense_reference,
                                   store_kv)
 from minisparse.fast import threads
-from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, attend_tiles
+from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, _softmax_rows, attend_tiles
 from minisparse.spec import parse_attention_spec
 
 from minisparse.testing import kernel_tol
@@ -350,3 +350,46 @@ def test_exp_rows_equal_float64_softmax_numerators_and_sums(seed, R, S):
     # (gamma_S for the sum in any order) + S * 1.7e-38
     ref = np.exp(x.astype(np.float64)).sum(axis=1)
     assert (np.abs(l - ref) <= (S + 2 * EXP_ULP) * U * ref + S * 1.7e-38).all()
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 6), st.integers(1, 300))
+def test_softmax_rows_mask_max_exp_and_sum_as_numpy_and_exp_rows_would(seed, G, b, S):
+    # the sorted-keys tiles' one pass: row h*b + t sees keys [0, n_vis[t]) (any count 0..S, so
+    # every residue mod 16 and rows that see nothing), -inf scores among them too (a score can
+    # be -inf only from infinite inputs, but the pass must not treat it as hidden by accident)
+    r = np.random.default_rng(seed)
+    s = (r.standard_normal((G * b, S)) * r.choice([1, 10, 100])).astype(np.float32)
+    s[r.random(s.shape) < 0.05] = -np.inf
+    n_vis = r.integers(0, S + 1, b)
+    n_vis[0] = S if b > 1 else n_vis[0]
+    rows_n = np.tile(n_vis, G)                                    # (G*b,) each row's visible count
+    vis = np.arange(S)[None, :] < rows_n[:, None]                 # (G*b, S)
+    m_np = np.where(vis, s, -np.inf).max(axis=1)                  # what the masked NumPy max gives
+    m_np[m_np == -np.inf] = 0.0
+    e, m, l = s.copy(), np.empty(G * b, np.float32), np.empty(G * b, np.float32)
+    _softmax_rows(e, n_vis, m, l)
+    np.testing.assert_array_equal(m, m_np)                        # a max is exact in any order
+    assert (e[~vis] == 0).all()                                   # hidden keys: weight exactly 0
+    x = np.where(vis, s - m[:, None], -np.inf)                    # exact or -inf
+    kept = x >= -87                                               # below: _expf gives exactly 0
+    assert (ulps(e[kept], x[kept]) <= EXP_ULP).all()
+    assert (e[vis & ~kept] == 0).all()
+    # l: exp_rows' bound (a float32 sum in another order of the same terms), gamma_S
+    ref = np.exp(x.astype(np.float64)).sum(axis=1)
+    assert (np.abs(l - ref) <= (S + 2 * EXP_ULP) * U * ref + S * 1.7e-38).all()
+    # and it is what _exp_rows gives after NumPy's masking and max, but for the sum's order
+    s2 = np.where(vis, s, -np.inf).astype(np.float32)
+    l2 = np.empty_like(l)
+    _exp_rows(s2, m_np, l2)
+    np.testing.assert_array_equal(e, s2)
+    np.testing.assert_allclose(l, l2, rtol=2 * S * U, atol=0)
+
+
+def test_softmax_rows_nan_score_makes_its_row_nan():
+    # NaN (from NaN inputs) must not be hidden by the max: NumPy's max gives NaN there, which
+    # the old path's exp turned into a NaN row; here the exp of the NaN itself does it
+    s = np.array([[0.0, np.nan, -1.0, 2.0], [0.0, 1.0, np.nan, 3.0]], np.float32)
+    m, l = np.empty(2, np.float32), np.empty(2, np.float32)
+    _softmax_rows(s, np.array([4, 2]), m, l)
+    assert np.isnan(l[0]) and np.isnan(s[0, 1])
+    assert np.isfinite(l[1]) and (s[1, 2:] == 0).all() and m[1] == 1.0

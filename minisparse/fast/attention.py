@@ -565,6 +565,54 @@ def _exp_rows(s, m, l):
         l[r] = lanes.sum() + tail
 
 
+@njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
+def _softmax_rows(s, n_vis, m, l):
+    """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s
+    (G*b, S) f32 scaled scores (row h*b + t: head h of the group, query t), whose keys
+    [0, n = n_vis[t]) are visible (keys in position order: a prefix), m[r] <- the max of
+    s[r, :n] (0 when n = 0), s[r, :n] <- exp(s[r, :n] - m[r]), s[r, n:] <- 0 and l[r] <- the
+    sum of the row. n_vis (b,) int64 <= S; m, l (G*b,) f32.
+
+    What the tiles did in NumPy and _exp_rows (mask the hidden keys with -inf, row max, then
+    subtract, exp and sum) with the same numbers: the max is exact in any order, the exp is
+    _expf, a hidden key's weight is exactly 0; only the sum's order differs (16 lanes over the
+    visible keys). Per row, the max pass leaves the row in L1 for the exp pass, where NumPy's
+    max and the masking each read the whole tile once more. A NaN score makes its row NaN
+    (through the exp and the sum), as the max of NumPy would."""
+    R, S = s.shape
+    b = n_vis.shape[0]
+    lanes = np.empty(16, np.float32)
+    for r in range(R):
+        row, n = s[r], n_vis[r % b]
+        lanes[:] = -np.inf
+        for blk in range(n // 16):
+            for u in range(16):
+                x = row[16 * blk + u]
+                lanes[u] = x if x > lanes[u] else lanes[u]
+        mr = np.float32(-np.inf)
+        for u in range(16):
+            mr = lanes[u] if lanes[u] > mr else mr
+        for j in range(n // 16 * 16, n):
+            mr = row[j] if row[j] > mr else mr
+        if mr == -np.inf:
+            mr = np.float32(0.0)                          # no visible key (or all -inf): l = 0
+        lanes[:] = 0.0
+        for blk in range(n // 16):
+            for u in range(16):
+                e = _expf(row[16 * blk + u] - mr)
+                row[16 * blk + u] = e
+                lanes[u] += e
+        tail = np.float32(0.0)
+        for j in range(n // 16 * 16, n):
+            e = _expf(row[j] - mr)
+            row[j] = e
+            tail += e
+        for j in range(n, S):
+            row[j] = 0.0
+        m[r] = mr
+        l[r] = lanes.sum() + tail
+
+
 # Rows of one product (G * B): large enough for sgemm to run near its peak, small enough that
 # a tile's scores (G * B, S) stay in cache-sized pieces (docs/performance.md: the measurement).
 TILE_ROWS = 256
@@ -626,13 +674,17 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
         h0, h1 = g * G, (g + 1) * G
         qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
         s = qt @ k[g, :S].T                                             # (G*b, d) @ (d, S)
-        if S0 < S:
-            hidden = k_pos[S0:S] > qp[:, None]                          # (b, S - S0) not yet causal
-            np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
-        m = s.max(axis=1)                                               # (G*b,) row max
-        m[m == -np.inf] = 0.0                                           # rows seeing no key
-        l = np.empty(G * b, np.float32)                                 # (G*b,)
-        _exp_rows(s, m, l)               # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
+        m = np.empty(G * b, np.float32)                                 # (G*b,) row max
+        l = np.empty(G * b, np.float32)                                 # (G*b,) row sums
+        if k_sorted:                     # row t sees keys [0, n_vis[t0 + t]): mask, max, exp, sum
+            _softmax_rows(s, n_vis[t0:t1], m, l)                        # in one pass per row
+        else:
+            if S0 < S:
+                hidden = k_pos[S0:S] > qp[:, None]                      # (b, S - S0) not yet causal
+                np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
+            s.max(axis=1, out=m)                                        # (G*b,) row max
+            m[m == -np.inf] = 0.0                                       # rows seeing no key
+            _exp_rows(s, m, l)           # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
         m, l = m[:, None], l[:, None]                                   # (G*b, 1)
         o = s @ v[g, :S]                                                # (G*b, S) @ (S, d)
         o /= np.where(l > 0, l, 1)                                      # (G*b, d)
