@@ -393,3 +393,15 @@ def test_softmax_rows_nan_score_makes_its_row_nan():
     _softmax_rows(s, np.array([4, 2]), m, l)
     assert np.isnan(l[0]) and np.isnan(s[0, 1])
     assert np.isfinite(l[1]) and (s[1, 2:] == 0).all() and m[1] == 1.0
+
+
+def test_tiles_nan_input_gives_nan_rows_not_minus_inf():
+    # a NaN score must show in out and lse (as NumPy's division and log showed it), not pass
+    # for a row without keys (lse -inf)
+    r = np.random.default_rng(2)
+    q = r.standard_normal((2, 40, 32)).astype(np.float32)
+    k, v = r.standard_normal((2, 1, 40, 32)).astype(np.float32)
+    q[0, 5, 3] = np.nan
+    out, lse, _ = attend_tiles(q, k, v, np.arange(40), np.arange(40), 0.125, block=16)
+    assert np.isnan(out[0, 5]).all() and np.isnan(lse[0, 5])
+    assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all() and np.isfinite(lse[0, :5]).all()

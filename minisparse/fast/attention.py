@@ -613,6 +613,23 @@ def _softmax_rows(s, n_vis, m, l):
         l[r] = lanes.sum() + tail
 
 
+@njit(cache=True, nogil=True, error_model="numpy")           # nogil: tiles run side by side
+def _finish_rows(o, m, l, out, lse):
+    """A tile's results from its PV product o (G*b, d) f32 and its rows' max m and sum l (G*b,)
+    f32: out (G, b, d) <- o / l, and lse (G, b) f64 <- m + log(l) (-inf where l = 0: a row
+    that sees no key, whose o row is 0 and stays 0). The float32 division and the float64
+    log-sum-exp that NumPy computed in four calls and two temporaries."""
+    G, b, d = out.shape
+    for h in range(G):
+        for t in range(b):
+            r = h * b + t
+            lr = l[r]
+            div = lr if lr > 0 else np.float32(1.0)
+            for i in range(d):
+                out[h, t, i] = o[r, i] / div
+            lse[h, t] = -np.inf if lr == 0 else np.float64(m[r]) + np.log(np.float64(lr))
+
+
 # Rows of one product (G * B): large enough for sgemm to run near its peak, small enough that
 # a tile's scores (G * B, S) stay in cache-sized pieces (docs/performance.md: the measurement).
 TILE_ROWS = 256
@@ -685,16 +702,14 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
             s.max(axis=1, out=m)                                        # (G*b,) row max
             m[m == -np.inf] = 0.0                                       # rows seeing no key
             _exp_rows(s, m, l)           # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
-        m, l = m[:, None], l[:, None]                                   # (G*b, 1)
         o = s @ v[g, :S]                                                # (G*b, S) @ (S, d)
-        o /= np.where(l > 0, l, 1)                                      # (G*b, d)
-        out[h0:h1, t0:t1] = o.reshape(G, b, d)                          # (G, b, d)
-        with np.errstate(divide="ignore"):                              # log 0 = -inf: no key
-            lse[h0:h1, t0:t1] = (m + np.log(l.astype(np.float64))).reshape(G, b)  # (G, b)
+        _finish_rows(o, m, l, out[h0:h1, t0:t1], lse[h0:h1, t0:t1])     # (G, b, d), (G, b)
 
-    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
+    # Largest tiles first (a tile's work grows with its last query's keys): whichever worker
+    # finishes early then takes the small ones, so no large tile is left to run alone at the end.
+    items = [(t0, g) for t0 in reversed(range(0, Tq, block)) for g in range(Hkv)]
     # Tiles write disjoint rows of out and lse, so inside a long prefill they run side by side
-    # (threads.py), softmax pass included (_exp_rows releases the GIL).
+    # (threads.py), softmax pass included (the Numba passes release the GIL).
     side_by_side(lambda item: tile(*item), items, workers)
     return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
 
