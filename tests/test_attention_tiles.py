@@ -405,3 +405,25 @@ def test_tiles_nan_input_gives_nan_rows_not_minus_inf():
     out, lse, _ = attend_tiles(q, k, v, np.arange(40), np.arange(40), 0.125, block=16)
     assert np.isnan(out[0, 5]).all() and np.isnan(lse[0, 5])
     assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all() and np.isfinite(lse[0, :5]).all()
+
+
+def test_softmax_rows_exp_within_one_and_a_half_ulp_on_its_whole_range_and_special_values():
+    # _softmax_rows' 16-lane exp (_exp16) on the points test_expf_... checks, in one row whose
+    # max is 0 (so s - m = s exactly); then special values, each at a lane position and in the
+    # scalar tail (a row of 16 + 8 entries)
+    r = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-87, 0, 2**20, dtype=np.float32),
+                        -np.abs(r.standard_normal(2**18)).astype(np.float32),
+                        -r.uniform(0, 1e-3, 2**12).astype(np.float32)])
+    x[-1] = 0.0
+    s, m, l = x[None, :].copy(), np.empty(1, np.float32), np.empty(1, np.float32)
+    _softmax_rows(s, np.array([x.size]), m, l)
+    assert m[0] == 0.0 and ulps(s[0], x).max() <= EXP_ULP
+    special = np.array([0.0, -0.0, -1e-30, -87.0, -87.5, -100.0, -3e38, -np.inf], np.float32)
+    row = np.concatenate([special, special, special])[None, :]          # lanes 0-15, tail 16-23
+    s = row.copy()
+    _softmax_rows(s, np.array([24]), m, l)
+    for part in (s[0, :8], s[0, 8:16], s[0, 16:]):
+        assert part[0] == 1.0 and part[1] == 1.0 and part[2] == 1.0      # exp(0) exactly
+        assert ulps(part[3:4], special[3:4]).max() <= EXP_ULP            # the last normal input
+        assert (part[4:] == 0).all()                                     # below -87 and -inf: 0
