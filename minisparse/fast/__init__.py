@@ -13,7 +13,8 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   tests/test_q8_kernels.py).
 - `rope` here: RoPE as Numba passes (by row blocks on a prefill), apply_rope's bits
   (tests/test_decode_step.py); `fast_rms_norm`: RMSNorm as one Numba pass per row block, within
-  one ulp of its float32 scale (tests/test_fast_path.py).
+  one ulp of its float32 scale; `fast_glu`: SwiGLU's gate silu(g) * u as one Numba pass per row
+  block, within 9u of it (tests/test_fast_path.py).
 - attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
   a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
   with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.

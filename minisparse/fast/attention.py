@@ -1,8 +1,9 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
 rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
 reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
-tiles, with a vectorised float32 exp. `kernel` picks between them and is what the fast path
-installs into `minisparse.attention.attend`.
+tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR).
+`kernel` picks between them and is what the fast path installs into
+`minisparse.attention.attend`.
 
 All compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
 rounding differs, bounded in tests/test_fast_path.py and tests/test_attention_tiles.py. Query
