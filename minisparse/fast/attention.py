@@ -594,12 +594,14 @@ def _splat(value, ty=_V16):
 def _halves(builder, v, op):
     """v <16 x float> folded to one float by halves: lanes i and i + 8 by op, then i and i + 4,
     i + 2, i + 1 (a fixed order: the same bits every run)."""
+    i32 = llvm_ir.IntType(32)
     n = 16
     while n > 1:
         n //= 2
-        idx = lambda a: llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), n), list(range(a, a + n)))  # noqa: E731
-        v = op(builder.shuffle_vector(v, v, idx(0)), builder.shuffle_vector(v, v, idx(n)))
-    return builder.extract_element(v, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+        lo = llvm_ir.Constant(llvm_ir.VectorType(i32, n), list(range(n)))
+        hi = llvm_ir.Constant(llvm_ir.VectorType(i32, n), list(range(n, 2 * n)))
+        v = op(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
+    return builder.extract_element(v, llvm_ir.Constant(i32, 0))
 
 
 def _expf16(builder, x):
@@ -617,8 +619,8 @@ def _expf16(builder, x):
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = builder.call(fma, [p, r, _splat(c)])
     e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _splat(1.0))   # exp(r)
-    two_n = builder.shl(builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16)), _splat(23, _VI16))
-    e = builder.fmul(e, builder.bitcast(two_n, _V16))          # * 2^n
+    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
+    e = builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))   # * 2^n
     normal = builder.fcmp_ordered(">=", x, low)
     return builder.select(normal, e, builder.select(below, _splat(0.0), x))
 
@@ -652,7 +654,9 @@ def _block16(builder, data, i):
 
 
 def _c_float32_row(row):
-    return isinstance(row, types.Array) and row.dtype == types.float32 and row.layout == "C" and row.ndim == 1
+    """True for the Numba type of a contiguous 1-d float32 array (what _max16, _exp16 read)."""
+    return (isinstance(row, types.Array) and row.dtype == types.float32 and row.layout == "C"
+            and row.ndim == 1)
 
 
 @intrinsic
@@ -696,8 +700,8 @@ def _exp16(typingctx, row, nblk, m):
 @njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
 def _softmax_rows(s, n_vis, m, l):
     """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s
-    (G*b, S) f32 scaled scores (row h*b + t: head h of the group, query t), whose keys
-    [0, n = n_vis[t]) are visible (keys in position order: a prefix), m[r] <- the max of
+    (G*b, S) f32, C-contiguous, scaled scores (row h*b + t: head h of the group, query t), whose
+    keys [0, n = n_vis[t]) are visible (keys in position order: a prefix), m[r] <- the max of
     s[r, :n] (0 when n = 0), s[r, :n] <- exp(s[r, :n] - m[r]), s[r, n:] <- 0 and l[r] <- the
     sum of the row. n_vis (b,) int64 <= S; m, l (G*b,) f32.
 
