@@ -16,7 +16,7 @@ import minisparse.fast.attention as kernel
 from minisparse.attention import (Dense, Landmarks, Sinks, Window, attend, dense_reference,
                                   store_kv)
 from minisparse.fast import threads
-from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, attend_tiles
+from minisparse.fast.attention import TILE_MIN_PAIRS, _exp_rows, _softmax_rows, attend_tiles
 from minisparse.spec import parse_attention_spec
 
 from minisparse.testing import kernel_tol
@@ -350,3 +350,80 @@ def test_exp_rows_equal_float64_softmax_numerators_and_sums(seed, R, S):
     # (gamma_S for the sum in any order) + S * 1.7e-38
     ref = np.exp(x.astype(np.float64)).sum(axis=1)
     assert (np.abs(l - ref) <= (S + 2 * EXP_ULP) * U * ref + S * 1.7e-38).all()
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 6), st.integers(1, 300))
+def test_softmax_rows_mask_max_exp_and_sum_as_numpy_and_exp_rows_would(seed, G, b, S):
+    # the sorted-keys tiles' one pass: row h*b + t sees keys [0, n_vis[t]) (any count 0..S, so
+    # every residue mod 16 and rows that see nothing), -inf scores among them too (a score can
+    # be -inf only from infinite inputs, but the pass must not treat it as hidden by accident)
+    r = np.random.default_rng(seed)
+    s = (r.standard_normal((G * b, S)) * r.choice([1, 10, 100])).astype(np.float32)
+    s[r.random(s.shape) < 0.05] = -np.inf
+    n_vis = r.integers(0, S + 1, b)
+    n_vis[0] = S if b > 1 else n_vis[0]
+    rows_n = np.tile(n_vis, G)                                    # (G*b,) each row's visible count
+    vis = np.arange(S)[None, :] < rows_n[:, None]                 # (G*b, S)
+    m_np = np.where(vis, s, -np.inf).max(axis=1)                  # what the masked NumPy max gives
+    m_np[m_np == -np.inf] = 0.0
+    e, m, l = s.copy(), np.empty(G * b, np.float32), np.empty(G * b, np.float32)
+    _softmax_rows(e, n_vis, m, l)
+    np.testing.assert_array_equal(m, m_np)                        # a max is exact in any order
+    assert (e[~vis] == 0).all()                                   # hidden keys: weight exactly 0
+    x = np.where(vis, s - m[:, None], -np.inf)                    # exact or -inf
+    kept = x >= -87                                               # below: _expf gives exactly 0
+    assert (ulps(e[kept], x[kept]) <= EXP_ULP).all()
+    assert (e[vis & ~kept] == 0).all()
+    # l: exp_rows' bound (a float32 sum in another order of the same terms), gamma_S
+    ref = np.exp(x.astype(np.float64)).sum(axis=1)
+    assert (np.abs(l - ref) <= (S + 2 * EXP_ULP) * U * ref + S * 1.7e-38).all()
+    # and it is what _exp_rows gives after NumPy's masking and max, but for the sum's order
+    s2 = np.where(vis, s, -np.inf).astype(np.float32)
+    l2 = np.empty_like(l)
+    _exp_rows(s2, m_np, l2)
+    np.testing.assert_array_equal(e, s2)
+    np.testing.assert_allclose(l, l2, rtol=2 * S * U, atol=0)
+
+
+def test_softmax_rows_nan_score_makes_its_row_nan():
+    # NaN (from NaN inputs) must not be hidden by the max: NumPy's max gives NaN there, which
+    # the old path's exp turned into a NaN row; here the exp of the NaN itself does it
+    s = np.array([[0.0, np.nan, -1.0, 2.0], [0.0, 1.0, np.nan, 3.0]], np.float32)
+    m, l = np.empty(2, np.float32), np.empty(2, np.float32)
+    _softmax_rows(s, np.array([4, 2]), m, l)
+    assert np.isnan(l[0]) and np.isnan(s[0, 1])
+    assert np.isfinite(l[1]) and (s[1, 2:] == 0).all() and m[1] == 1.0
+
+
+def test_tiles_nan_input_gives_nan_rows_not_minus_inf():
+    # a NaN score must show in out and lse (as NumPy's division and log showed it), not pass
+    # for a row without keys (lse -inf)
+    r = np.random.default_rng(2)
+    q = r.standard_normal((2, 40, 32)).astype(np.float32)
+    k, v = r.standard_normal((2, 1, 40, 32)).astype(np.float32)
+    q[0, 5, 3] = np.nan
+    out, lse, _ = attend_tiles(q, k, v, np.arange(40), np.arange(40), 0.125, block=16)
+    assert np.isnan(out[0, 5]).all() and np.isnan(lse[0, 5])
+    assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all() and np.isfinite(lse[0, :5]).all()
+
+
+def test_softmax_rows_exp_within_one_and_a_half_ulp_on_its_whole_range_and_special_values():
+    # _softmax_rows' 16-lane exp (_exp16) on the points test_expf_... checks, in one row whose
+    # max is 0 (so s - m = s exactly); then special values, each at a lane position and in the
+    # scalar tail (a row of 16 + 8 entries)
+    r = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-87, 0, 2**20, dtype=np.float32),
+                        -np.abs(r.standard_normal(2**18)).astype(np.float32),
+                        -r.uniform(0, 1e-3, 2**12).astype(np.float32)])
+    x[-1] = 0.0
+    s, m, l = x[None, :].copy(), np.empty(1, np.float32), np.empty(1, np.float32)
+    _softmax_rows(s, np.array([x.size]), m, l)
+    assert m[0] == 0.0 and ulps(s[0], x).max() <= EXP_ULP
+    special = np.array([0.0, -0.0, -1e-30, -87.0, -87.5, -100.0, -3e38, -np.inf], np.float32)
+    row = np.concatenate([special, special, special])[None, :]          # lanes 0-15, tail 16-23
+    s = row.copy()
+    _softmax_rows(s, np.array([24]), m, l)
+    for part in (s[0, :8], s[0, 8:16], s[0, 16:]):
+        assert part[0] == 1.0 and part[1] == 1.0 and part[2] == 1.0      # exp(0) exactly
+        assert ulps(part[3:4], special[3:4]).max() <= EXP_ULP            # the last normal input
+        assert (part[4:] == 0).all()                                     # below -87 and -inf: 0

@@ -50,23 +50,28 @@ def split_everything(monkeypatch, n=3):
     return pools
 
 
-def test_row_wise_steps_split_over_threads_give_the_plain_bits(monkeypatch):
+def test_row_wise_steps_split_over_threads_give_the_one_call_bits(monkeypatch):
     # RMSNorm, SwiGLU's gate and RoPE read one row (position) per output row, so running row
-    # blocks side by side (threads.by_rows) must return exactly the plain one-call result
+    # blocks side by side (threads.by_rows) must return exactly the one-call result: the plain
+    # function's for RoPE and for float64 rows (NumPy's by blocks), the fast path's own Numba
+    # pass's for float32 RMSNorm and SwiGLU's gate (their bounds against the plain functions
+    # are tested below)
     r = np.random.default_rng(0)
     x, u = r.standard_normal((2, 37, 24)).astype(np.float32)
     w = r.standard_normal(24).astype(np.float32)
     h = r.standard_normal((4, 37, 16)).astype(np.float32)
     cfg = type("C", (), {"rope_dim": 16, "rope_base": 10000.0, "rope_scale": 1.0})
     cos, sin = rope_tables(np.arange(5, 42), cfg)
-    plain = rms_norm(x, w, 1e-5), glu(x, u), apply_rope(h, cos, sin, "neox", 16)
+    x64, u64 = x.astype(np.float64), u.astype(np.float64)
+    one_call = (FAST.rms_norm(x, w, 1e-5), FAST.glu(x, u), apply_rope(h, cos, sin, "neox", 16),
+                glu(x64, u64))
     pools = split_everything(monkeypatch)
     with threads.prefill_threads(threads.PREFILL_MIN_T):
         fast = (FAST.rms_norm(x, w, 1e-5), FAST.glu(x, u),
-                FAST.rope(h, cos, sin, "neox", 16))
-    assert pools == [3, 3, 3]                                   # each call really split
-    for a, b in zip(plain, fast):
-        assert a.shape == b.shape
+                FAST.rope(h, cos, sin, "neox", 16), FAST.glu(x64, u64))
+    assert pools == [3, 3, 3, 3]                                # each call really split
+    for a, b in zip(one_call, fast):
+        assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
 
 
@@ -300,6 +305,43 @@ def test_fast_rms_norm_is_rms_norm_within_one_ulp_of_its_scale(monkeypatch, T, s
     for got in (fast, into):
         assert got.dtype == np.float32 and got.shape == x.shape
         assert np.all(np.abs(got.astype(np.float64) - plain) <= bound)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-call"])
+def test_fast_glu_is_silu_times_u_within_its_derived_bound(monkeypatch, split):
+    # fast_glu computes e = _expf(-|g|), then g / (1 + e) for g >= 0 and (g e) / (1 + e) for
+    # g < 0, times u. With u = 2^-24: _expf is within 1.5 ulp (tests/test_attention_tiles.py),
+    # and an ulp of y is <= 2u|y|, so e = E (1 + d), |d| <= 3u, E = exp(-|g|) <= 1. Then
+    # 1 + e = (1 + E)(1 + E d / (1 + E)) with E / (1 + E) <= 1/2: <= 1.5u, and its rounding u;
+    # g e: 3u and its rounding u (g < 0 only); the division u; the product with u: u. First
+    # order 4.5u (g >= 0) or 8.5u (g < 0) relative to silu(g) u; 9u covers the second order.
+    # Below -87 _expf returns 0 (exp < 1.7e-38 there), so g < -87 gives 0 where the true value
+    # is |g| E / (1 + E) |u| <= 87 e^-87 |u| <= 1.5e-36 |u| (g e^g shrinks as g falls).
+    # Where the result is subnormal, each rounding is absolute: <= 2^-149, four of them.
+    r = np.random.default_rng(7 + int(split))
+    g = (r.standard_normal((64, 200)) * r.choice([0.1, 3, 30], (64, 1))).astype(np.float32)
+    g[0, :12] = [0, -0.0, 87, -87, 87.5, -87.5, -89, 89, 1e30, -1e30, 1e-30, -1e-30]
+    g[1, :60] = np.linspace(-100, 100, 60)
+    u = r.standard_normal(g.shape).astype(np.float32)
+    u[2] = 1e-30                                                   # subnormal results
+    if split:
+        split_everything(monkeypatch)
+    with threads.prefill_threads(g.shape[0]):
+        fast = FAST.glu(g, u)
+        into = FAST.glu(g, u, out=np.empty_like(g))
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    with np.errstate(over="ignore"):
+        exact = g64 / (1 + np.exp(-g64)) * u64                     # float64: ~1e-16 relative
+    bound = 9 * U * np.abs(exact) + 1.5e-36 * np.abs(u64) + 4 * 2.0**-149
+    for got in (fast, into):
+        assert got.dtype == np.float32 and got.shape == g.shape
+        assert np.all(np.abs(got - exact) <= bound)
+    # special values as silu(g) * u gives them: +inf * 1 = inf; -inf: -inf * 0 = NaN, as
+    # NumPy's -inf / inf; NaN stays NaN
+    g2 = np.array([[np.inf, -np.inf, np.nan, 5.0]], np.float32)
+    u2 = np.ones_like(g2)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(FAST.glu(g2, u2), glu(g2, u2))
 
 
 @pytest.mark.parametrize("style", ["interleaved", "neox"])

@@ -13,7 +13,8 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   tests/test_q8_kernels.py).
 - `rope` here: RoPE as Numba passes (by row blocks on a prefill), apply_rope's bits
   (tests/test_decode_step.py); `fast_rms_norm`: RMSNorm as one Numba pass per row block, within
-  one ulp of its float32 scale (tests/test_fast_path.py).
+  one ulp of its float32 scale; `fast_glu`: SwiGLU's gate silu(g) * u as one Numba pass per row
+  block, within 9u of it (tests/test_fast_path.py).
 - attention.py: the chunked float32 row kernel, `attend_decode` (one query, the query heads of
   a KV head reading its keys once) and `attend_tiles` (dense causal attention as BLAS products,
   with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
@@ -42,6 +43,7 @@ from ..attention.kernel import use_kernel
 from ..model import Ops, apply_rope, glu, rms_norm
 from ..quant import QuantMatrix
 from . import attention, decode, prefill, quant
+from .attention import _expf
 from .threads import by_rows, matmul_t, prefill_heap, prefill_threads
 
 ENV = "MINISPARSE_FAST"
@@ -108,6 +110,45 @@ def fast_rms_norm(x, w, eps, out=None):
     return _rms_norm_by_rows(x, w, eps, out=out)
 
 
+# nogil: a prefill's row blocks run side by side. error_model="numpy": a float division by zero
+# gives inf or NaN as in NumPy; Numba's default checks every divisor to raise
+# ZeroDivisionError, and that branch keeps LLVM from vectorising the loop (1 + e >= 1 here).
+@njit(cache=True, fastmath={"contract"}, nogil=True, error_model="numpy")
+def _glu_rows(g, u, out):
+    """model.glu, silu(g) * u, in one pass over (T, F) rows, the exp vectorised (attention's
+    _expf, which takes x <= 0): with e = exp(-|g|) in (0, 1], silu(g) = g / (1 + e) for g >= 0
+    and g e / (1 + e) for g < 0 (g / (1 + 1/e)), so the exp never overflows."""
+    T, F = g.shape
+    for t in range(T):
+        gr, ur, orow = g[t], u[t], out[t]
+        for j in range(F):
+            x = gr[j]
+            e = _expf(-abs(x))
+            num = x if x >= np.float32(0.0) else x * e
+            orow[j] = num / (np.float32(1.0) + e) * ur[j]
+
+
+def _glu_numba(g, u, out=None):
+    out = np.empty_like(g) if out is None else out                            # (T, F)
+    _glu_rows(g, u, out)
+    return out
+
+
+_glu_by_rows = by_rows(0, 0)(glu)
+_glu_numba_by_rows = by_rows(0, 0)(_glu_numba)
+
+
+def fast_glu(g, u, out=None):
+    """model.glu (silu(g) * u) as one Numba pass per row block for float32 (T, F) rows, where
+    NumPy makes five (negate, exp, + 1, divide, times u); else NumPy's by row blocks. Not
+    NumPy's bits (another exp and another formula for g < 0): within a bound derived in
+    tests/test_fast_path.py of silu(g) * u in float64."""
+    if (g.ndim == 2 and g.dtype == u.dtype == np.float32 and u.shape == g.shape
+            and (out is None or (out.shape == g.shape and out.dtype == np.float32))):
+        return _glu_numba_by_rows(g, u, out=out)
+    return _glu_by_rows(g, u, out=out)
+
+
 # Up to this many positions RoPE runs as one Numba call on this thread; above, by row blocks
 # side by side (threads.by_rows), which costs a few microseconds of its own.
 ROPE_NUMBA_MAX_T = 8
@@ -171,7 +212,7 @@ FAST = Ops(
     rms_norm=fast_rms_norm,
     linear=linear,
     rope=rope,
-    glu=by_rows(0, 0)(glu),
+    glu=fast_glu,
     attend=attend,
     forward_context=long_forward,
 )

@@ -1,8 +1,9 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
 rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
 reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
-tiles, with a vectorised float32 exp. `kernel` picks between them and is what the fast path
-installs into `minisparse.attention.attend`.
+tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR).
+`kernel` picks between them and is what the fast path installs into
+`minisparse.attention.attend`.
 
 All compute what the reference kernel (minisparse/attention/kernel.py) computes; only float32
 rounding differs, bounded in tests/test_fast_path.py and tests/test_attention_tiles.py. Query
@@ -565,6 +566,191 @@ def _exp_rows(s, m, l):
         l[r] = lanes.sum() + tail
 
 
+# A causal tile's softmax, 16 lanes at a time. LLVM (as Numba drives it) vectorises _exp_rows'
+# loop 8 lanes wide and leaves a row max scalar (its select-and-store lanes are not
+# vectorised), so the pass ran at ~0.6 ns an element where the arithmetic needs ~0.35: these
+# two loops are written in LLVM IR (numba.extending.intrinsic) over <16 x float> vectors:
+# _max16, a row's max; _exp16, _expf's steps lane by lane (Cody-Waite reduction, the Cephes
+# polynomial, 2^n from exponent bits; llvm.fmuladd where Numba's "contract" may fuse), in
+# place, and the sum of the results. Their tails (< 16 entries) run in Numba.
+
+_F32 = llvm_ir.FloatType()
+_V16 = llvm_ir.VectorType(_F32, 16)
+_VI16 = llvm_ir.VectorType(llvm_ir.IntType(32), 16)
+_I64 = llvm_ir.IntType(64)
+
+
+def _llvm_fn(module, name, ret, args):
+    """The LLVM function `name` declared in module (once)."""
+    if name in module.globals:
+        return module.globals[name]
+    return llvm_ir.Function(module, llvm_ir.FunctionType(ret, args), name=name)
+
+
+def _splat(value, ty=_V16):
+    return llvm_ir.Constant(ty, [value] * 16)
+
+
+def _halves(builder, v, op):
+    """v <16 x float> folded to one float by halves: lanes i and i + 8 by op, then i and i + 4,
+    i + 2, i + 1 (a fixed order: the same bits every run)."""
+    i32 = llvm_ir.IntType(32)
+    n = 16
+    while n > 1:
+        n //= 2
+        lo = llvm_ir.Constant(llvm_ir.VectorType(i32, n), list(range(n)))
+        hi = llvm_ir.Constant(llvm_ir.VectorType(i32, n), list(range(n, 2 * n)))
+        v = op(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
+    return builder.extract_element(v, llvm_ir.Constant(i32, 0))
+
+
+def _expf16(builder, x):
+    """_expf on the 16 lanes of x, step for step (see _expf for the constants)."""
+    mod = builder.module
+    fma = _llvm_fn(mod, "llvm.fmuladd.v16f32", _V16, [_V16, _V16, _V16])
+    floor = _llvm_fn(mod, "llvm.floor.v16f32", _V16, [_V16])
+    low = _splat(-87.0)
+    below = builder.fcmp_ordered("<", x, low)                   # NaN: false, kept as x
+    xc = builder.select(below, low, x)
+    n = builder.call(floor, [builder.call(fma, [xc, _splat(1.4426950408889634), _splat(0.5)])])
+    r = builder.call(fma, [n, _splat(-0.693359375), xc])
+    r = builder.call(fma, [n, _splat(2.12194440e-4), r])       # x - n ln2
+    p = _splat(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = builder.call(fma, [p, r, _splat(c)])
+    e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _splat(1.0))   # exp(r)
+    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
+    e = builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))   # * 2^n
+    normal = builder.fcmp_ordered(">=", x, low)
+    return builder.select(normal, e, builder.select(below, _splat(0.0), x))
+
+
+def _loop16(builder, count, init, body):
+    """acc = init; for i in range(count): acc = body(i, acc); returns acc, in LLVM IR."""
+    entry = builder.block
+    loop = builder.append_basic_block("v16.loop")
+    done = builder.append_basic_block("v16.done")
+    builder.cbranch(builder.icmp_signed(">", count, llvm_ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i, acc = builder.phi(_I64), builder.phi(init.type)
+    new = body(i, acc)
+    i_next, end = builder.add(i, llvm_ir.Constant(_I64, 1)), builder.block
+    i.add_incoming(llvm_ir.Constant(_I64, 0), entry)
+    i.add_incoming(i_next, end)
+    acc.add_incoming(init, entry)
+    acc.add_incoming(new, end)
+    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+    builder.position_at_end(done)
+    out = builder.phi(init.type)
+    out.add_incoming(init, entry)
+    out.add_incoming(new, end)
+    return out
+
+
+def _block16(builder, data, i):
+    """Pointer to the 16 floats data[16 i: 16 i + 16], as a <16 x float>*."""
+    return builder.bitcast(builder.gep(data, [builder.mul(i, llvm_ir.Constant(_I64, 16))]),
+                           _V16.as_pointer())
+
+
+def _c_float32_row(row):
+    """True for the Numba type of a contiguous 1-d float32 array (what _max16, _exp16 read)."""
+    return (isinstance(row, types.Array) and row.dtype == types.float32 and row.layout == "C"
+            and row.ndim == 1)
+
+
+@intrinsic
+def _max16(typingctx, row, nblk):
+    """The max of row[:16 nblk] (a contiguous float32 row; nblk >= 0), -inf for none. A NaN entry
+    is passed over (x > max is false for it); the exp pass then turns it into NaN."""
+    if not _c_float32_row(row):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        gt = lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b)   # noqa: E731
+        acc = _loop16(builder, args[1], _splat(float("-inf")),
+                      lambda i, acc: gt(builder.load(_block16(builder, data, i), align=4), acc))
+        return _halves(builder, acc, gt)
+    return types.float32(row, types.int64), codegen
+
+
+@intrinsic
+def _exp16(typingctx, row, nblk, m):
+    """row[:16 nblk] <- exp(row - m) in place (_expf's steps on 16 lanes); returns their sum,
+    in 16 float32 lanes, then by halves."""
+    if not (_c_float32_row(row) and m == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        mv = builder.insert_element(llvm_ir.Constant(_V16, llvm_ir.Undefined), args[2],
+                                    llvm_ir.Constant(llvm_ir.IntType(32), 0))
+        mv = builder.shuffle_vector(mv, mv, llvm_ir.Constant(_VI16, [0] * 16))   # m in every lane
+
+        def body(i, acc):
+            ptr = _block16(builder, data, i)
+            e = _expf16(builder, builder.fsub(builder.load(ptr, align=4), mv))
+            builder.store(e, ptr, align=4)
+            return builder.fadd(acc, e)
+        return _halves(builder, _loop16(builder, args[1], _splat(0.0), body), builder.fadd)
+    return types.float32(row, types.int64, types.float32), codegen
+
+
+@njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
+def _softmax_rows(s, n_vis, m, l):
+    """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s
+    (G*b, S) f32, C-contiguous, scaled scores (row h*b + t: head h of the group, query t), whose
+    keys [0, n = n_vis[t]) are visible (keys in position order: a prefix), m[r] <- the max of
+    s[r, :n] (0 when n = 0), s[r, :n] <- exp(s[r, :n] - m[r]), s[r, n:] <- 0 and l[r] <- the
+    sum of the row. n_vis (b,) int64 <= S; m, l (G*b,) f32.
+
+    What the tiles did in NumPy and _exp_rows (mask the hidden keys with -inf, row max, then
+    subtract, exp and sum) with the same numbers up to rounding: the max is exact in any order,
+    the exp is _expf's recipe (16 lanes, _exp16: its multiply-adds may fuse where _expf's
+    do not, within the same 1.5 ulp), a hidden key's weight is exactly 0; the sum runs in
+    another order (16 lanes, then by halves). Per row, the max pass leaves the row in L1 for
+    the exp pass, where NumPy's max and the masking each read the whole tile once more. A NaN
+    score makes its row NaN (through the exp and the sum), as the max of NumPy would."""
+    R, S = s.shape
+    b = n_vis.shape[0]
+    for r in range(R):
+        row, n = s[r], n_vis[r % b]
+        nb = n // 16
+        mr = _max16(row, nb)                              # the 16-lane blocks, then the tail
+        for j in range(nb * 16, n):
+            mr = row[j] if row[j] > mr else mr
+        if mr == -np.inf:
+            mr = np.float32(0.0)                          # no visible key (or all -inf): l = 0
+        total = _exp16(row, nb, mr)
+        tail = np.float32(0.0)
+        for j in range(nb * 16, n):
+            e = _expf(row[j] - mr)
+            row[j] = e
+            tail += e
+        for j in range(n, S):
+            row[j] = 0.0
+        m[r] = mr
+        l[r] = total + tail
+
+
+@njit(cache=True, nogil=True, error_model="numpy")           # nogil: tiles run side by side
+def _finish_rows(o, m, l, out, lse):
+    """A tile's results from its PV product o (G*b, d) f32 and its rows' max m and sum l (G*b,)
+    f32: out (G, b, d) <- o / l, and lse (G, b) f64 <- m + log(l) (-inf where l = 0: a row
+    that sees no key, whose o row is 0 and stays 0). The float32 division and the float64
+    log-sum-exp that NumPy computed in four calls and two temporaries."""
+    G, b, d = out.shape
+    for h in range(G):
+        for t in range(b):
+            r = h * b + t
+            lr = l[r]
+            div = lr if lr > 0 else np.float32(1.0)
+            for i in range(d):
+                out[h, t, i] = o[r, i] / div
+            lse[h, t] = -np.inf if lr == 0 else np.float64(m[r]) + np.log(np.float64(lr))
+
+
 # Rows of one product (G * B): large enough for sgemm to run near its peak, small enough that
 # a tile's scores (G * B, S) stay in cache-sized pieces (docs/performance.md: the measurement).
 TILE_ROWS = 256
@@ -626,23 +812,25 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
         h0, h1 = g * G, (g + 1) * G
         qt = np.multiply(q[h0:h1, t0:t1], sc).reshape(G * b, d)         # (G*b, d) scaled rows
         s = qt @ k[g, :S].T                                             # (G*b, d) @ (d, S)
-        if S0 < S:
-            hidden = k_pos[S0:S] > qp[:, None]                          # (b, S - S0) not yet causal
-            np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
-        m = s.max(axis=1)                                               # (G*b,) row max
-        m[m == -np.inf] = 0.0                                           # rows seeing no key
-        l = np.empty(G * b, np.float32)                                 # (G*b,)
-        _exp_rows(s, m, l)               # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
-        m, l = m[:, None], l[:, None]                                   # (G*b, 1)
+        m = np.empty(G * b, np.float32)                                 # (G*b,) row max
+        l = np.empty(G * b, np.float32)                                 # (G*b,) row sums
+        if k_sorted:                     # row t sees keys [0, n_vis[t0 + t]): mask, max, exp, sum
+            _softmax_rows(s, n_vis[t0:t1], m, l)                        # in one pass per row
+        else:
+            if S0 < S:
+                hidden = k_pos[S0:S] > qp[:, None]                      # (b, S - S0) not yet causal
+                np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)  # (G, b, S-S0)
+            s.max(axis=1, out=m)                                        # (G*b,) row max
+            m[m == -np.inf] = 0.0                                       # rows seeing no key
+            _exp_rows(s, m, l)           # s <- exp(s - m) in [0, 1]; l <- row sums, >= 1 or 0
         o = s @ v[g, :S]                                                # (G*b, S) @ (S, d)
-        o /= np.where(l > 0, l, 1)                                      # (G*b, d)
-        out[h0:h1, t0:t1] = o.reshape(G, b, d)                          # (G, b, d)
-        with np.errstate(divide="ignore"):                              # log 0 = -inf: no key
-            lse[h0:h1, t0:t1] = (m + np.log(l.astype(np.float64))).reshape(G, b)  # (G, b)
+        _finish_rows(o, m, l, out[h0:h1, t0:t1], lse[h0:h1, t0:t1])     # (G, b, d), (G, b)
 
-    items = [(t0, g) for t0 in range(0, Tq, block) for g in range(Hkv)]
+    # Largest tiles first (a tile's work grows with its last query's keys): whichever worker
+    # finishes early then takes the small ones, so no large tile is left to run alone at the end.
+    items = [(t0, g) for t0 in reversed(range(0, Tq, block)) for g in range(Hkv)]
     # Tiles write disjoint rows of out and lse, so inside a long prefill they run side by side
-    # (threads.py), softmax pass included (_exp_rows releases the GIL).
+    # (threads.py), softmax pass included (the Numba passes release the GIL).
     side_by_side(lambda item: tile(*item), items, workers)
     return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
 
