@@ -299,13 +299,19 @@ def selection_mask(s, cols, rptr, rlo, rhi, iptr, idx, logw, rows, qp, k_pos, b,
 
 
 def by_tiles(q, k, tile, block=None, workers=None):
-    """Run tile(t0, t1, g, out, lse, natt) for every query tile [t0, t1) of `block` rows (default
-    fa.TILE_ROWS query-head rows) and KV head g, side by side; each writes its rows of out
-    (Hq, Tq, d) f32, lse (Hq, Tq) f64 and natt (Hq, Tq) int64, which start as 0, -inf and 0 (a
-    tile that reads no key leaves them so). Returns (out, lse, natt)."""
+    """Run tile(t0, t1, g, out, lse, natt) for every query tile [t0, t1) of `block` rows and KV
+    head g, side by side; each writes its rows of out (Hq, Tq, d) f32, lse (Hq, Tq) f64 and natt
+    (Hq, Tq) int64, which start as 0, -inf and 0 (a tile that reads no key leaves them so).
+    Returns (out, lse, natt). The default block: as few tiles as tiles of at most fa.TILE_ROWS
+    query-head rows need, all of one size, so the threads get equal shares (a 256-query chunk
+    with 3 query heads a KV head: 4 tiles of 64 queries, not 3 of 85 and one of a single query,
+    which left one thread a whole tile more work than the other)."""
     Hq, Tq, d = q.shape
     Hkv = k.shape[0]
-    block = max(1, fa.TILE_ROWS // (Hq // Hkv)) if block is None else int(block)
+    if block is None:
+        most = max(1, fa.TILE_ROWS // (Hq // Hkv))                       # queries a tile
+        block = -(-Tq // -(-Tq // most)) if Tq else 1                   # ceil(Tq / n_tiles)
+    block = int(block)
     out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
     lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
     natt = np.zeros((Hq, Tq), np.int64)                          # (Hq, Tq)
