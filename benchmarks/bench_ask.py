@@ -10,7 +10,8 @@ config's PREFILL field "sparse" runs `ask --prefill sparse` (the selector in the
 whose cold run must not be slower than the same config's dense prefill. `--rounds R` runs the
 cold runs R times, interleaved (every config's, round after round, so a loaded machine slows them
 alike), and reports their medians, wall and CPU (user + system of the `ask` process), each also
-as a ratio to the first config's.
+as a ratio to the first config's, and the prefill's own time as `ask` prints it (wall, and CPU
+of all its threads).
 
     python3 benchmarks/bench_ask.py --out benchmarks/bench_ask.json [--quick]
     python3 benchmarks/bench_ask.py --config smollm2:8000:dense:dense \
@@ -67,7 +68,10 @@ def run(model, doc, attention, cache, cache_dir, n=16, prefill="dense"):
     first = re.search(r"time to first answer token: ([\d.]+) s", p.stderr)
     step = re.search(r"answer decode: \d+ steps after the first token, ([\d.]+) ms a step", p.stderr)
     rss = re.search(r"PEAK_RSS_KB (\d+) CPU_S ([\d.]+)", p.stderr)
+    pre = re.search(r"prefill: \d+ tokens in ([\d.]+) s \(([\d.]+) s CPU", p.stderr)
     return {"wall_s": round(wall, 2), "cpu_s": round(float(rss.group(2)), 2) if rss else None,
+            "prefill_s": float(pre.group(1)) if pre else None,
+            "prefill_cpu_s": float(pre.group(2)) if pre else None,
             "answer_first_token_s": float(first.group(1)) if first else None,
             "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "answer_ms_per_step": float(step.group(1)) if step else None,
@@ -133,28 +137,29 @@ def main():
             row["cold"] = (sorted(cold, key=lambda c: c["wall_s"])[len(cold) // 2] if cold
                            else row["cold_rounds"][0])
             if cold:
-                row["cold_median_wall_s"] = float(np.median([c["wall_s"] for c in cold]))
-                row["cold_median_cpu_s"] = float(np.median([c["cpu_s"] for c in cold]))
+                for key in ("wall_s", "cpu_s", "prefill_s", "prefill_cpu_s"):
+                    row[f"cold_median_{key}"] = float(np.median([c[key] for c in cold]))
             print(json.dumps(row), file=sys.stderr)
     first = next((r for r in rows if "cold_median_wall_s" in r), None)
     print(f"\ncold: median of {args.rounds} interleaved rounds; / first: the ratio to the first "
           f"config's median; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("\n| model | doc tokens | attention | cache | prefill | cold wall s | cold CPU s | "
-          "cold wall / first | cold CPU / first | warm wall s | speed-up | "
+          "cold CPU / first | prefill wall s | prefill CPU s | prefill CPU / first | warm wall s | "
           "answer ms/step (warm) | cold RSS MiB | warm RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "cold_median_wall_s" not in r or "error" in r["warm_median_of_3"]:
             err = r.get("error") or r.get("cold", {}).get("error") or r["warm_median_of_3"].get("error")
             print(f"| {r['model']} | {r['tokens']} | {r.get('attention', '')} | {r.get('cache', '')} | "
-                  f"{r.get('prefill', '')} | error: {err} ||||||||")
+                  f"{r.get('prefill', '')} | error: {err} |||||||||")
             continue
         c, w = r["cold"], r["warm_median_of_3"]
-        cw, cc = r["cold_median_wall_s"], r["cold_median_cpu_s"]
+        ratio = lambda key: r[key] / first[key]      # noqa: E731 - to the first config's median
         print(f"| {r['model']} | {r['tokens']} | {r['attention']} | {r['cache']} | {r['prefill']} | "
-              f"{cw:.2f} | {cc:.2f} | {cw / first['cold_median_wall_s']:.2f} | "
-              f"{cc / first['cold_median_cpu_s']:.2f} | {w['wall_s']} | {cw / w['wall_s']:.1f}x | "
-              f"{w['answer_ms_per_step']} | {c['peak_rss_mib']} | {w['peak_rss_mib']} |")
+              f"{r['cold_median_wall_s']:.2f} | {r['cold_median_cpu_s']:.2f} | "
+              f"{ratio('cold_median_cpu_s'):.2f} | {r['cold_median_prefill_s']:.2f} | "
+              f"{r['cold_median_prefill_cpu_s']:.2f} | {ratio('cold_median_prefill_cpu_s'):.2f} | "
+              f"{w['wall_s']} | {w['answer_ms_per_step']} | {c['peak_rss_mib']} | {w['peak_rss_mib']} |")
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),

@@ -107,6 +107,41 @@ def one_round(layers, sel, block):
     return acc
 
 
+def list_lengths(layers, sel):
+    """Per ranking row (per query head; one a group for /kv), the keys at or above the row's lower
+    bound that the selection partitions, over the row's budget: the lane bound of top_keys, or
+    on a checkout from before it, the block bound (_block_max_floor) it replaced."""
+    from minisparse.attention.topk import row_budgets
+    from minisparse.fast import prefill as fp
+    out = []
+    for q, k, v, q_pos, k_pos in layers:
+        Hq, Tq, d = q.shape
+        G = Hq // k.shape[0]
+        e_all = np.searchsorted(k_pos, q_pos - sel.recent, side="right")
+        budget = np.minimum(row_budgets(sel.k, sel.fraction, q_pos, k_pos, 1), e_all)
+        for h in range(0, Hq, G if sel.per == "kv" else 1):
+            g = h // G
+            hs = range(h, h + G) if sel.per == "kv" else [h]
+            sc = np.float32(1 / np.sqrt(d))
+            scores = [np.multiply(q[i], sc) @ k[g].T for i in hs]         # (Tq, Tk) f32 each
+            # /kv ranks the group's summed scores in float64, as TopK sums them
+            s = sum(x.astype(np.float64) for x in scores) if sel.per == "kv" else scores[0]
+            for t in range(0, Tq, 8):                                      # every 8th query
+                e, keep = int(e_all[t]), int(budget[t])
+                if not 0 < keep < e:
+                    continue
+                row = np.ascontiguousarray(s[t, :e])
+                if hasattr(fp, "_lane_max"):
+                    L = min(e, (fp.LANES_PER_KEEP * keep + 15) // 16 * 16)
+                    lanes = np.empty(L, row.dtype)
+                    fp._lane_max(row, e, L, lanes)
+                    floor = fp.kth_largest(lanes, L, keep)
+                else:
+                    floor = fp._block_max_floor(row, e, keep)
+                out.append(np.count_nonzero(row >= floor) / keep)
+    return np.array(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -138,6 +173,7 @@ def main(argv=None):
         one_round(layers[:1], sel, block)                              # compile
         rounds = [one_round(layers, sel, block) for _ in range(a.rounds)]
     med = {key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}
+    lists = list_lengths(layers, sel)
     tot = {m: sum(med[m, p] for p in PARTS[m]) for m in PARTS}
     print(f"\none chunk of {a.chunk} queries after {a.tokens - a.chunk} tokens ({a.model}, "
           f"{len(layers)} layers, tiles of {block} queries), CPU s on one thread, median of "
@@ -151,12 +187,16 @@ def main(argv=None):
         print(f"| {name} | **total** | **{tot[m]:.3f}** | |")
     print(f"\n{a.spec} / dense: {tot['topk'] / tot['dense']:.2f}; after the scores: "
           f"{(tot['topk'] - med['topk', 'scores (sgemm)']) / (tot['dense'] - med['dense', 'scores (sgemm)']):.2f}")
+    print(f"keys in the list the selection partitions, over the budget (every 8th query): "
+          f"median {np.median(lists):.2f}, 90th percentile {np.percentile(lists, 90):.2f}")
     out = a.out or str(Path(__file__).with_name(
         f"profile_topk_tile_{a.tokens}_{a.spec.replace('=', '').replace('%', 'pc').replace('/', '_')}.json"))
     Path(out).write_text(json.dumps({
         "model": a.model, "tokens": a.tokens, "chunk": a.chunk, "spec": a.spec, "block": block,
         "rounds": [{f"{m}: {p}": x for (m, p), x in r.items()} for r in rounds],
         "median": {f"{m}: {p}": x for (m, p), x in med.items()}, "total": tot,
+        "list_over_budget": {"median": float(np.median(lists)),
+                             "p90": float(np.percentile(lists, 90))},
         "load_average": os.getloadavg(), "cores": os.cpu_count(),
         "command": "python3 benchmarks/profile_topk_tile.py " + " ".join(argv or sys.argv[1:])},
         indent=1))
