@@ -147,7 +147,8 @@ def long_rows(draw):
         x[a:a + 2 * keep] += 10
     else:
         x = r.standard_normal(e)
-    return x.astype(np.float32), keep
+    # float32: a query head's scores; float64: a KV head's summed scores (per="kv")
+    return x.astype(draw(st.sampled_from([np.float32, np.float64]))), keep
 
 
 @given(long_rows())
@@ -160,7 +161,7 @@ def test_top_keys_keeps_what_take_top_keeps(row_keep):
     want = np.empty(keep, np.int64)
     take_top(x.astype(np.float64), np.ones(e, np.bool_), keep, want, 0)
     got = np.empty(e, np.int64)
-    n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(2 * e + 2, np.float32), got)
+    n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(2 * e + 2, x.dtype), got)
     np.testing.assert_array_equal(got[:n], want)
 
 

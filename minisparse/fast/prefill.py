@@ -2,8 +2,9 @@
 only the keys a row reads entering its softmax. Two uses:
 
 - exact top-k (TopK) fused into the tiles: a tile's scores come from one sgemm, a Numba pass
-  finds each row's keep-th largest causal score (a lower bound from lane maxima, then a quickselect of
-  the few keys above it) and computes the softmax and weighted values over the kept keys only.
+  finds each row's keep-th largest causal score (a lower bound from lane maxima, then a
+  quickselect of the few keys above it) and computes the softmax and weighted values over the
+  kept keys only.
   The selector's own rule scores every (row, key) pair one dot at a time and lists the kept
   keys; here the same ranking costs about what a dense prefill costs. `topk_selection` gives
   the same keys as a Selection (for the lab's analysis).
@@ -41,7 +42,7 @@ from .threads import side_by_side
 # the row, so a run of high-scoring neighbours (a relevant passage of the document) spreads over
 # many lanes: contiguous blocks put it in one block, whose other maxima then lie low, which on
 # a real document left most of a row above the bound. LANES_PER_KEEP lanes per kept key: more
-# tighten the bound, fewer cost less to select from (docs/performance.md: the measurement).
+# tighten the bound (a shorter list), fewer cost less to select from.
 LANES_PER_KEEP = 2
 # The list is made by stretches of LIST_STEP keys, each first tested as a whole (a vectorised
 # count), so the stretches without a candidate (most, as the list is short) cost one pass of
