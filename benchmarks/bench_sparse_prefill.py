@@ -60,25 +60,31 @@ def main(argv=None):
         model.ops = ops
         model.forward(ids[:300], attention=None if spec == "dense" else spec)
     times = {(s, p): [] for s, p, _ in configs}
+    cpu = {(s, p): [] for s, p, _ in configs}
     for r in range(a.rounds):
         for spec, path, ops in configs:
             model.ops = ops
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model.prefill(ids, chunk=a.chunk, attention=None if spec == "dense" else spec)
             times[spec, path].append(time.perf_counter() - t0)
-            print(f"round {r}: {spec} [{path}] {times[spec, path][-1]:.2f} s", file=sys.stderr,
-                  flush=True)
+            cpu[spec, path].append(time.process_time() - c0)
+            print(f"round {r}: {spec} [{path}] {times[spec, path][-1]:.2f} s, CPU "
+                  f"{cpu[spec, path][-1]:.2f} s", file=sys.stderr, flush=True)
     model.ops = fast_ops
     dense = float(np.median(times["dense", "tiles"]))
+    dense_cpu = float(np.median(cpu["dense", "tiles"]))
     rows = []
     print(f"\nprefill of {a.tokens} tokens ({a.model}, chunk {a.chunk}), median of {a.rounds}; "
-          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-    print(f"| attention | path | seconds | / dense |\n|---|---|---:|---:|")
+          f"CPU: this process's (all threads); load average at the end {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print(f"| attention | path | seconds | / dense | CPU s | / dense |\n|---|---|---:|---:|---:|---:|")
     for (spec, path), ts in times.items():
-        med = float(np.median(ts))
+        med, med_cpu = float(np.median(ts)), float(np.median(cpu[spec, path]))
         rows.append({"attention": spec, "path": path, "seconds": med, "all": ts,
-                     "ratio_to_dense": med / dense})
-        print(f"| {spec} | {path} | {med:.2f} | {med / dense:.2f} |")
+                     "ratio_to_dense": med / dense, "cpu_seconds": med_cpu,
+                     "cpu_all": cpu[spec, path], "cpu_ratio_to_dense": med_cpu / dense_cpu})
+        print(f"| {spec} | {path} | {med:.2f} | {med / dense:.2f} | {med_cpu:.2f} | "
+              f"{med_cpu / dense_cpu:.2f} |")
     result = {"model": a.model, "tokens": a.tokens, "chunk": a.chunk, "rounds": a.rounds,
               "rows": rows, "machine": platform.machine(), "cores": os.cpu_count(),
               "load_average": os.getloadavg(),

@@ -183,9 +183,13 @@ def prepare(model, model_path, document, question, *, n_predict=128, files=(), c
         rate = warm / max(time.perf_counter() - t0, 1e-9)
         print(f"estimated prefill time: {len(prefix) / rate:.0f} s (warm-up {rate:.0f} tok/s on "
               f"{warm} tokens; attention grows with length, so this is a lower bound)", file=log)
+        t0, c0 = time.perf_counter(), time.process_time()
         with Progress("prefill", stream=log) as bar:
             model.prefill(prefix, cache, chunk=chunk, progress=bar, attention=attention,
                           dense_layers=dense_layers, stats=stats)
+        # CPU time as well as wall: on a shared machine the wall time says more about the others
+        print(f"prefill: {len(prefix)} tokens in {time.perf_counter() - t0:.2f} s "
+              f"({time.process_time() - c0:.2f} s CPU, all threads)", file=log)
         if cache.next_pos != len(prefix):    # never save (and later answer from) a partial cache
             raise MinisparseError(f"the prefill took in {cache.next_pos} of {len(prefix)} tokens; "
                                   f"nothing saved")

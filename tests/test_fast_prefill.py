@@ -118,6 +118,53 @@ def test_topk_tiles_read_exactly_the_keys_topk_selects(prob, sel):
     np.testing.assert_array_equal(fast, mask & causal)      # the lab's analysis reads the same
 
 
+@given(st.integers(0, 2**31 - 1), st.integers(1, 400), st.sampled_from([2, 9, 1000]))
+def test_kth_largest_equals_the_sorted_rows_kth(seed, n, spread):
+    # spread 2: almost every entry tied; 1000: few ties
+    r = np.random.default_rng(seed)
+    x = r.integers(0, spread, n).astype(np.float32)
+    kth = int(r.integers(1, n + 1))
+    assert fp.kth_largest(x.copy(), n, kth) == np.sort(x)[::-1][kth - 1]
+
+
+@st.composite
+def long_rows(draw):
+    """A row's context scores (e,) float32 with a budget keep < e, long enough for many lanes
+    and list stretches: few distinct values (ties at the threshold), a smooth random walk
+    (neighbours score alike: the high keys in a run, as a relevant passage gives), one block of
+    high keys, or Gaussian noise."""
+    r = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    e = draw(st.integers(2, 5000))
+    keep = draw(st.integers(1, min(e - 1, 300)))
+    kind = draw(st.sampled_from(["ties", "walk", "block", "noise"]))
+    if kind == "ties":
+        x = r.integers(0, 4, e)
+    elif kind == "walk":
+        x = np.cumsum(r.standard_normal(e))
+    elif kind == "block":
+        x = r.standard_normal(e)
+        a = int(r.integers(0, e))
+        x[a:a + 2 * keep] += 10
+    else:
+        x = r.standard_normal(e)
+    # float32: a query head's scores; float64: a KV head's summed scores (per="kv")
+    return x.astype(draw(st.sampled_from([np.float32, np.float64]))), keep
+
+
+@given(long_rows())
+def test_top_keys_keeps_what_take_top_keeps(row_keep):
+    # topk.take_top is TopK's own rule (the keep highest, ties to the later keys); top_keys must
+    # give the same keys through its lane bound and short list, on rows far longer than keep
+    from minisparse.attention.topk import take_top
+    x, keep = row_keep
+    e = x.size
+    want = np.empty(keep, np.int64)
+    take_top(x.astype(np.float64), np.ones(e, np.bool_), keep, want, 0)
+    got = np.empty(e, np.int64)
+    n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(2 * e + 2, x.dtype), got)
+    np.testing.assert_array_equal(got[:n], want)
+
+
 # ---- other selections as banded tiles -------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 only the keys a row reads entering its softmax. Two uses:
 
 - exact top-k (TopK) fused into the tiles: a tile's scores come from one sgemm, a Numba pass
-  finds each row's keep-th largest causal score (a block-max lower bound, then a quickselect of
-  the few keys above it) and computes the softmax and weighted values over the kept keys only.
+  finds each row's keep-th largest causal score (a lower bound from lane maxima, then a
+  quickselect of the few keys above it) and computes the softmax and weighted values over the
+  kept keys only.
   The selector's own rule scores every (row, key) pair one dot at a time and lists the kept
   keys; here the same ranking costs about what a dense prefill costs. `topk_selection` gives
   the same keys as a Selection (for the lab's analysis).
@@ -34,49 +35,72 @@ from .threads import side_by_side
 # ---- per-tile masks -------------------------------------------------------------------------
 
 
+# A row's threshold: a lower bound from lane maxima, then an exact selection among the few keys
+# above it. Lane u holds the maximum of the keys j = u mod L: one vectorised pass over the row
+# whatever its length. The keep-th largest of L >= keep lane maxima is a lower bound of the
+# keep-th largest score (keep distinct keys, one a lane, are at or above it). Lanes interleave
+# the row, so a run of high-scoring neighbours (a relevant passage of the document) spreads over
+# many lanes: contiguous blocks put it in one block, whose other maxima then lie low, which on
+# a real document left most of a row above the bound. LANES_PER_KEEP lanes per kept key: more
+# tighten the bound (a shorter list), fewer cost less to select from.
+LANES_PER_KEEP = 2
+# The list is made by stretches of LIST_STEP keys, each first tested as a whole (a vectorised
+# count), so the stretches without a candidate (most, as the list is short) cost one pass of
+# loads and compares, not a store per key.
+LIST_STEP = 32
+
+
 @njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
-def _block_max_floor(rank, e, keep):
-    """min over keep blocks of [0, e) of each block's max: keep distinct entries are >= it, so
-    the keep-th largest of rank[:e] is too (1 <= keep <= e). Context scores are finite, so
-    the max may ignore NaN (nnan), which lets the loop vectorise."""
-    B = e // keep
-    floor = np.inf
-    for blk in range(keep):
-        a = blk * B
-        z = e if blk == keep - 1 else a + B
-        mx = rank[a]
-        for j in range(a + 1, z):
-            mx = max(mx, rank[j])
-        floor = min(floor, mx)
-    return floor
+def _lane_max(rank, e, L, lanes):
+    """lanes[u] = max of rank[j] over j < e with j = u mod L, for u < L <= e. Context scores are
+    finite, so the max may ignore NaN (nnan), which lets the loop vectorise."""
+    for u in range(L):
+        lanes[u] = rank[u]
+    j0 = L
+    while j0 + L <= e:
+        for u in range(L):
+            lanes[u] = max(lanes[u], rank[j0 + u])
+        j0 += L
+    for u in range(e - j0):
+        lanes[u] = max(lanes[u], rank[j0 + u])
 
 
 @njit(cache=True, nogil=True)
 def kth_largest(x, n, kth):
-    """The kth largest (1 <= kth <= n) of x[:n], which it reorders: Hoare's quickselect with a
-    median-of-three pivot, in place (no copy, no allocation, unlike np.partition)."""
-    lo, hi = 0, n - 1
+    """The kth largest (1 <= kth <= n) of x[:n], which it reorders, in place (no copy, no
+    allocation, unlike np.partition): quickselect with a median-of-three pivot, each step two
+    branch-free passes (below the pivot, then equal to it), whose cost does not depend on how
+    well a branch predictor guesses random comparisons; the last few by insertion."""
     want = n - kth                            # its index in ascending order
-    while lo < hi:
-        mid = (lo + hi) // 2
-        a, b, c = x[lo], x[mid], x[hi]
+    lo, hi = 0, n                             # x[lo:hi] holds it
+    while hi - lo > 8:
+        a, b, c = x[lo], x[(lo + hi) // 2], x[hi - 1]
         pivot = max(min(a, b), min(max(a, b), c))
-        i, j = lo, hi
-        while i <= j:
-            while x[i] < pivot:
-                i += 1
-            while x[j] > pivot:
-                j -= 1
-            if i <= j:
-                x[i], x[j] = x[j], x[i]
-                i += 1
-                j -= 1
-        if want <= j:
-            hi = j
-        elif want >= i:
-            lo = i
-        else:
-            return x[want]
+        s = lo
+        for i in range(lo, hi):               # x[lo:s] < pivot
+            v = x[i]
+            x[i] = x[s]
+            x[s] = v
+            s += v < pivot
+        if want < s:
+            hi = s
+            continue
+        s2 = s
+        for i in range(s, hi):                # x[s:s2] == pivot (>= 1 entry: the pivot)
+            v = x[i]
+            x[i] = x[s2]
+            x[s2] = v
+            s2 += v <= pivot
+        if want < s2:
+            return pivot
+        lo = s2
+    for i in range(lo + 1, hi):
+        v = x[i]
+        j = i - 1
+        while j >= lo and x[j] > v:
+            x[j + 1] = x[j]
+            j -= 1
+        x[j + 1] = v
     return x[want]
 
 
@@ -87,21 +111,29 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
     returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 2 e + 2 entries (int64,
     rank's dtype).
 
-    The threshold comes from a short list: every key at or above _block_max_floor (typically
-    a few times keep of them: one vectorised pass and one compacting pass over the row), then a
-    partition of that list, not of the whole row."""
+    The threshold comes from a short list: every key at or above the lane bound (typically a
+    little more than keep of them: one vectorised pass, a selection among 2 keep lane maxima and
+    one compacting pass over the row), then a partition of that list, not of the whole row."""
     if keep >= e:
         for j in range(e):
             out[j] = j
         return e
     if keep <= 0:
         return 0
-    floor = _block_max_floor(rank, e, keep)
+    L = min(e, (LANES_PER_KEEP * keep + 15) // 16 * 16)       # a multiple of the SIMD width
+    _lane_max(rank, e, L, cand_v)             # cand_v is free until the list below is made
+    floor = kth_largest(cand_v, L, keep)
     n = 0
-    for j in range(e):                        # branch-free: written always, kept by the count
-        cand_i[n] = j
-        cand_v[n] = rank[j]
-        n += rank[j] >= floor
+    for j0 in range(0, e, LIST_STEP):
+        j1 = min(j0 + LIST_STEP, e)
+        hit = 0
+        for j in range(j0, j1):               # vectorised: does this stretch hold a candidate?
+            hit += rank[j] >= floor
+        if hit:
+            for j in range(j0, j1):           # branch-free: written always, kept by the count
+                cand_i[n] = j
+                cand_v[n] = rank[j]
+                n += rank[j] >= floor
     work = cand_v[n:2 * n]                    # the list's copy, which the selection reorders
     work[:] = cand_v[:n]
     thr = kth_largest(work, n, keep)
@@ -268,13 +300,19 @@ def selection_mask(s, cols, rptr, rlo, rhi, iptr, idx, logw, rows, qp, k_pos, b,
 
 
 def by_tiles(q, k, tile, block=None, workers=None):
-    """Run tile(t0, t1, g, out, lse, natt) for every query tile [t0, t1) of `block` rows (default
-    fa.TILE_ROWS query-head rows) and KV head g, side by side; each writes its rows of out
-    (Hq, Tq, d) f32, lse (Hq, Tq) f64 and natt (Hq, Tq) int64, which start as 0, -inf and 0 (a
-    tile that reads no key leaves them so). Returns (out, lse, natt)."""
+    """Run tile(t0, t1, g, out, lse, natt) for every query tile [t0, t1) of `block` rows and KV
+    head g, side by side; each writes its rows of out (Hq, Tq, d) f32, lse (Hq, Tq) f64 and natt
+    (Hq, Tq) int64, which start as 0, -inf and 0 (a tile that reads no key leaves them so).
+    Returns (out, lse, natt). The default block: as few tiles as tiles of at most fa.TILE_ROWS
+    query-head rows need, all of one size, so the threads get equal shares (a 256-query chunk
+    with 3 query heads a KV head: 4 tiles of 64 queries, not 3 of 85 and one of a single query,
+    which left one thread a whole tile more work than the other)."""
     Hq, Tq, d = q.shape
     Hkv = k.shape[0]
-    block = max(1, fa.TILE_ROWS // (Hq // Hkv)) if block is None else int(block)
+    if block is None:
+        most = max(1, fa.TILE_ROWS // (Hq // Hkv))                       # queries a tile
+        block = -(-Tq // -(-Tq // most)) if Tq else 1                   # ceil(Tq / n_tiles)
+    block = int(block)
     out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
     lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
     natt = np.zeros((Hq, Tq), np.int64)                          # (Hq, Tq)
