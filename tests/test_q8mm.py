@@ -167,3 +167,23 @@ def test_a_type_without_kernel_is_refused():
     W = QuantMatrix(np.zeros((2, 64 * 2), np.uint8), (2, 64), QT.F16)
     with pytest.raises(ValueError, match="GGML type 1 has no integer kernel"):
         q8mm.matmul(np.zeros((9, 64), np.float32), W)
+
+
+@settings(deadline=None, max_examples=40)
+@given(T=st.integers(1, 5), nb=st.integers(1, 12), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]),
+       zero_block=st.booleans(), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_activations_quantised_as_q8_quantize_bit_for_bit(T, nb, scale, zero_block, ties, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((T, 32 * nb)) * scale).astype(np.float32)
+    if ties:                                   # halves after scaling: rint's ties to even
+        x = (np.round(x / scale * 4) / 4 * np.float32(127 / 4)).astype(np.float32)
+    if zero_block:
+        x[:, :32] = 0
+    qx, dx, sx, qs = (np.empty((T, 32 * nb), np.int8), np.empty((T, nb), np.float32),
+                      np.empty((T, nb), np.float32), np.empty((T, nb), np.int32))
+    q8mm._quantize_rows(2, x, qx, dx, sx, qs, 0, T)
+    want_q, want_d, want_s = quantized_rows(x)
+    assert np.array_equal(qx, want_q)
+    assert np.array_equal(dx.view(np.uint32), want_d.view(np.uint32))
+    assert np.array_equal(sx.view(np.uint32), want_s.view(np.uint32))
+    assert np.array_equal(qs, 8 * want_q.reshape(T, nb, 32).astype(np.int32).sum(2))
