@@ -114,7 +114,8 @@ def _block(typingctx, x, qx, o):
         v32f, v32i, v32b = ir.VectorType(_F32, 32), ir.VectorType(_I32, 32), ir.VectorType(_I8, 32)
         xv = builder.load(builder.bitcast(builder.gep(xa.data, [args[2]]), ir.PointerType(v32f)), align=4)
         absx = builder.call(_fn(m, "llvm.fabs.v32f32", v32f, [v32f]), [xv])
-        amax = builder.call(_fn(m, "llvm.vector.reduce.fmax.v32f32", _F32, [v32f]), [absx])
+        # nnan: a tree of vmaxps; without it LLVM keeps maxnum's NaN rules step by step
+        amax = builder.call(_fn(m, "llvm.vector.reduce.fmax.v32f32", _F32, [v32f]), [absx], fastmath=("nnan",))
         d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
         pos = builder.fcmp_ordered(">", amax, ir.Constant(_F32, 0.0))
         inv = builder.select(pos, builder.fdiv(ir.Constant(_F32, 127.0), amax), ir.Constant(_F32, 0.0))
