@@ -12,8 +12,8 @@ Left out: sampling cost (decode feeds the argmax), batching, GPU.
     python3 benchmarks/bench_engine.py --quick                          # 1 repeat, 512 only
 
 minisparse-quant runs the default decode products on 8-bit activations (minisparse/fast/q8.py,
-llama.cpp's rounding); minisparse-f32act is the same with MINISPARSE_INT8=0 (the float32
-kernels). llama.cpp's build options are recorded from /work/wheels/BUILD_OPTIONS.txt (or
+llama.cpp's rounding), and prefill's too where the CPU has AVX512-VNNI (fast/q8mm.py);
+minisparse-f32act is the same with MINISPARSE_INT8=0 (the float32 kernels). llama.cpp's build options are recorded from /work/wheels/BUILD_OPTIONS.txt (or
 LLAMA_CPP_BUILD_OPTIONS) and its own `llama_print_system_info()`.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, where set, pin OpenBLAS to an older kernel; the benchmark

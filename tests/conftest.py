@@ -51,9 +51,10 @@ def kv(tmp_path, monkeypatch):
 
 @pytest.fixture
 def float_decode(monkeypatch):
-    """Decode products (<= 8 rows) of Q4_0/Q4_1/Q8_0 matrices on the fast path's float32 kernels
-    (MINISPARSE_INT8=0) for this test: for tests whose bound is float32 summation noise, or a
-    decode step against a prefill (float32 sgemm) of the same tokens. The default 8-bit
-    activations (llama.cpp's rounding) have their own bounds in tests/test_q8_kernels.py."""
+    """Products of Q4_0/Q4_1/Q8_0 matrices, decode and prefill, on the fast path's float32
+    kernels (MINISPARSE_INT8=0) for this test: for tests whose bound is float32 summation noise,
+    or a decode step against a prefill (float32 sgemm) of the same tokens. The default 8-bit
+    activations (llama.cpp's rounding) have their own bounds in tests/test_q8_kernels.py and
+    tests/test_q8mm.py."""
     from minisparse.fast import quant
     monkeypatch.setattr(quant, "INT8_DECODE", False)

@@ -10,7 +10,8 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   QuantMatrix), bit-exact in their dequantisation (`embed`), float32 sums in another order;
   q8.py: its decode products on 8-bit activations rounded as llama.cpp rounds them, the default
   (MINISPARSE_INT8=0: quant.py's float32 kernels; bounds and ggml's arithmetic bit for bit in
-  tests/test_q8_kernels.py).
+  tests/test_q8_kernels.py); q8mm.py: prefill's products on the same 8-bit activations where the
+  CPU has AVX512-VNNI, under the same switch (tests/test_q8mm.py).
 - `rope` here: RoPE as Numba passes (by row blocks on a prefill), apply_rope's bits
   (tests/test_decode_step.py); `fast_rms_norm`: RMSNorm as one Numba pass per row block, within
   one ulp of its float32 scale; `fast_glu`: SwiGLU's gate silu(g) * u as one Numba pass per row

@@ -16,7 +16,7 @@ from numba import njit, prange
 import os
 
 from ..quant import QuantMatrix
-from . import q8
+from . import q8, q8mm
 from .threads import on_threads, row_blocks, side_by_side, workers
 
 # Every float16 bit pattern -> float32 (256 KiB, stays in L2): exact, and keeps the kernels free of
@@ -50,8 +50,11 @@ def _int8_decode() -> bool:
     return value == "1" and q8.available()
 
 
-# read once at import; tests and benchmarks set it directly
+# read once at import; tests and benchmarks set it directly. The same switch takes prefill's
+# products on 8-bit activations too where the CPU has AVX512-VNNI (q8mm.py): prefill row i and
+# decode step i then multiply the same 8-bit activations (the float32 sums over blocks differ in order)
 INT8_DECODE = _int8_decode()
+INT8_PREFILL = q8mm.available()
 
 # Numba may reorder the float32 sums of a dot product (vectorise them), as BLAS does; the tests
 # bound the difference. Dequantisation itself has no sums and stays bit-exact.
@@ -367,6 +370,8 @@ def matmul(x, w: QuantMatrix) -> np.ndarray:
             else:
                 _matvec_serial(code, raw, i8, x[t], y[t])
         return y
+    if INT8_DECODE and INT8_PREFILL and code in q8mm.TYPES:
+        return q8mm.matmul(x, w)
     # prefill: tiles of weight rows dequantised to float32 and multiplied by sgemm, inside a
     # long prefill by blocks of x's rows side by side (threads.py); the float32 copy is bounded
     # by the tile
