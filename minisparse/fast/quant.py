@@ -5,8 +5,9 @@ plain path in minisparse/quant.py calls) define them, bit for bit. Decode (few r
 fused kernel: each thread dequantises one weight row into a small buffer and dots it with x;
 prefill dequantises a tile of rows to float32 and hands it to BLAS sgemm, so memory stays bounded
 by the tile. Integer dot products on 8-bit activations (llama.cpp's `vec_dot`; they change the
-numbers, as llama.cpp's do) are q8.py's, taken for decode by default (`INT8_DECODE`;
-MINISPARSE_INT8=0 takes the float32 kernels here). Block layouts: ggml-common.h / ggml-quants.c.
+numbers, as llama.cpp's do) are q8.py's for decode and q8mm.py's for prefill, taken by default
+(`INT8_DECODE`; prefill also needs AVX512-VNNI, `INT8_PREFILL`); MINISPARSE_INT8=0 takes the
+float32 kernels and sgemm here. Block layouts: ggml-common.h / ggml-quants.c.
 """
 from __future__ import annotations
 
