@@ -22,7 +22,9 @@ from ..attention.kernel import AttentionStats, Rows, attend as attend_any
 from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import SHARED
 from ..attention.selector import Union
-from .attention import DECODE_PART, DecodeInputs, _decode_serial, kernel
+from .attention import (DECODE_PARALLEL_MIN_KEYS, DECODE_PART, DecodeInputs, _decode_parallel,
+                        _decode_serial, kernel)
+from .threads import on_threads, workers
 
 
 def position_ranges(selector, qp: int, k_pos):
@@ -140,10 +142,11 @@ def _sorted(k_pos):
 
 
 @njit(cache=True)
-def _position_step(q, k, v, k_pos, qp, codes, scale):
+def _position_step(q, k, v, k_pos, qp, codes, scale, parallel):
     """One decode step of a position pattern in one compiled call: its ranges, then
-    attend_decode's serial kernel over them as one SHARED row. Returns (ok, out, natt,
-    n_causal); ok False (keys out of position order) leaves the step to attend."""
+    attend_decode's kernel over them as one SHARED row, its parts side by side when parallel
+    (the same bits). Returns (ok, out, natt, n_causal); ok False (keys out of position order)
+    leaves the step to attend."""
     Hq, _, d = q.shape
     if not _sorted(k_pos):
         return False, np.zeros((Hq, 1, d), np.float32), np.zeros((Hq, 1), np.int64), 0
@@ -153,7 +156,10 @@ def _position_step(q, k, v, k_pos, qp, codes, scale):
     empty = np.zeros((k.shape[0], 0, d), np.float32)
     qpos = np.full(1, qp, np.int64)
     x = DecodeInputs(q, k, v, empty, empty, qpos, k_pos, np.zeros(0, np.int64), True)
-    out, _, natt = _decode_serial(x, rows, scale, DECODE_PART)
+    if parallel:
+        out, _, natt = _decode_parallel(x, rows, scale, DECODE_PART)
+    else:
+        out, _, natt = _decode_serial(x, rows, scale, DECODE_PART)
     return True, out, natt, np.searchsorted(k_pos, qp, side="right")
 
 
@@ -171,9 +177,17 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
         codes = _codes(selector)
     if codes is not None:
         Hq, _, d = q.shape
-        ok, out, natt, n_causal = _position_step(
-            np.ascontiguousarray(q), k, v, np.asarray(k_pos, np.int64), int(q_pos[0]), codes,
-            1.0 / np.sqrt(d) if scale is None else float(scale))
+        # the keys held bound the keys a step reads: a short window over a long cache may take
+        # the parallel kernel for few keys, which costs little and gives the same bits
+        n = workers() if len(k_pos) >= DECODE_PARALLEL_MIN_KEYS else 1
+        if n > 1:
+            ok, out, natt, n_causal = on_threads(
+                n, _position_step, np.ascontiguousarray(q), k, v, np.asarray(k_pos, np.int64),
+                int(q_pos[0]), codes, 1.0 / np.sqrt(d) if scale is None else float(scale), True)
+        else:
+            ok, out, natt, n_causal = _position_step(
+                np.ascontiguousarray(q), k, v, np.asarray(k_pos, np.int64), int(q_pos[0]),
+                codes, 1.0 / np.sqrt(d) if scale is None else float(scale), False)
         if ok:
             if not return_stats:
                 return out
