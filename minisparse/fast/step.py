@@ -1,0 +1,167 @@
+"""A decode step with few calls: for one token of dense attention over a dense float32 KV cache,
+each layer's work from the previous layer's feed-forward output to this layer's gate and up
+products is one compiled call (`_layer`), and the SwiGLU gate between them stays NumPy's.
+
+Why: a decode step of a small model is mostly calls, not arithmetic. model.forward makes ~25
+Python and NumPy calls a layer (norms, products, reshapes, RoPE, the cache append, attention,
+residual adds), a few microseconds each; on the embedded 5-layer model they are most of a token,
+and on SmolLM2 about 0.1 ms a layer. Here a layer is one Numba call and the gate's five NumPy
+passes. The gate stays NumPy's because its exp is NumPy's own SIMD exp, whose bits Numba's exp
+does not reproduce; everything else calls the very kernels the fast path's `Ops` call (q8.py's
+8-bit products, the RMSNorm and RoPE passes of fast/__init__.py, decode.py's compiled attention
+step), in the same order on the same values, so a step here gives the same bits as
+model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
+
+Left out (model.forward on FAST runs them): several tokens, a selector or dense_layers, stats or
+trace, a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices
+without an 8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ..attention.patterns import Dense
+from ..attention.selection import reserve
+from ..cache.dense import KVCache, lazy_zeros
+from ..model import rope_tables
+from ..quant import QuantMatrix
+from . import _rms_rows, _rope_rows, q8, quant   # fast/__init__.py imports this module last
+from .attention import DECODE_PARALLEL_MIN_KEYS
+from .decode import _position_step, position_codes
+from .threads import on_threads, workers
+
+_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_DENSE_CODES = position_codes(None)
+
+
+@njit(cache=True)
+def _product(code, u8, x, par):
+    """(out,) = W x_hat, as quant.matmul's decode product computes it (q8.py; the same bits on
+    one thread or several)."""
+    y = np.empty(u8.shape[0], np.float32)
+    if par and u8.shape[0] * x.size >= quant.PARALLEL_MIN_WEIGHTS:
+        q8.matvec(code, u8, x, y)
+    else:
+        q8.matvec_serial(code, u8, x, y)
+    return y
+
+
+@njit(cache=True)
+def _norm(x, w, eps):
+    """fast_rms_norm of one row x (D,) -> (D,)."""
+    out = np.empty((1, x.size), np.float32)
+    _rms_rows(x.reshape(1, x.size), w, eps, out)
+    return out[0]
+
+
+@njit(cache=True)
+def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin, interleaved,
+           rope_dim, Hq, Hkv, K, V, k_pos, qp, scale, attn_par, par):
+    """One layer of a decode step, from the previous layer's gate output h_prev (F,) (empty for
+    the first layer; its down product is added to x here) to this layer's gate and up products.
+    x (D,) the residual stream; codes (7,) and raws the GGML types and blocks of _MATRICES;
+    K, V this layer's cache buffers (Hkv, capacity, d), the new key written at row k_pos.size-1.
+    Returns (x, g, u)."""
+    if h_prev.size:
+        x = x + _product(down_prev[0], down_prev[1], h_prev, par)             # (D,)
+    h = _norm(x, attn_norm, eps)                                               # (D,)
+    q = _product(codes[0], raws[0], h, par)                                    # (Hq*d,)
+    k = _product(codes[1], raws[1], h, par)                                    # (Hkv*d,)
+    v = _product(codes[2], raws[2], h, par)                                    # (Hkv*d,)
+    d = q.size // Hq
+    qr = np.empty((Hq, 1, d), np.float32)
+    kr = np.empty((Hkv, 1, d), np.float32)
+    _rope_rows(q.reshape(Hq, 1, d), cos, sin, interleaved, rope_dim, qr)      # (Hq, 1, d)
+    _rope_rows(k.reshape(Hkv, 1, d), cos, sin, interleaved, rope_dim, kr)     # (Hkv, 1, d)
+    s = k_pos.size - 1
+    K[:, s, :] = kr[:, 0, :]                                                   # the cache append
+    V[:, s, :] = v.reshape(Hkv, d)
+    ok, o, _, _ = _position_step(qr, K, V, k_pos, qp, _DENSE_CODES, scale, attn_par)
+    if not ok:
+        raise ValueError("decode step: the cache's positions are out of order")
+    x = x + _product(codes[3], raws[3], o.reshape(Hq * d), par)               # (D,)
+    h = _norm(x, ffn_norm, eps)                                                # (D,)
+    g = _product(codes[4], raws[4], h, par)                                    # (F,)
+    u = _product(codes[5], raws[5], h, par)                                    # (F,)
+    return x, g, u
+
+
+@njit(cache=True)
+def _head(x, h_prev, down_prev, out_norm, eps, head, par):
+    """The last layer's down product and residual, the output norm and the head: logits (1, V)."""
+    x = x + _product(down_prev[0], down_prev[1], h_prev, par)                 # (D,)
+    h = _norm(x, out_norm, eps)                                                # (D,)
+    return _product(head[0], head[1], h, par).reshape(1, head[1].shape[0])    # (1, V)
+
+
+def _plan(model):
+    """Per layer (codes (7,), raws), norms, the head: what the compiled calls take, or None when
+    a matrix has no 8-bit kernel or a layer has biases. Built once per model."""
+    plan = getattr(model, "_fast_step_plan", False)
+    if plan is not False:
+        return plan
+    w, cfg = model.weights, model.config
+    head = w["token_embd"] if cfg.tied_embeddings else w["output"]
+
+    def kernel_of(m):
+        ok = isinstance(m, QuantMatrix) and int(m.qtype) in q8.TYPES
+        return (np.int64(m.qtype), m.raw) if ok else None
+    layers = []
+    for l in range(cfg.n_layers):
+        p = f"blk.{l}."
+        mats = [kernel_of(w[p + n]) for n in _MATRICES]
+        if (any(m is None for m in mats) or any(p + n + ".bias" in w for n in ("attn_q", "attn_k", "attn_v"))
+                or w[p + "attn_norm"].dtype != np.float32 or w[p + "ffn_norm"].dtype != np.float32):
+            layers = None
+            break
+        layers.append((np.array([m[0] for m in mats], np.int64), tuple(m[1] for m in mats),
+                       w[p + "attn_norm"], w[p + "ffn_norm"], mats[6]))
+    plan = None
+    if layers is not None and kernel_of(head) is not None and w["output_norm"].dtype == np.float32:
+        plan = (layers, w["output_norm"], kernel_of(head))
+    model._fast_step_plan = plan
+    return plan
+
+
+def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None, trace=None):
+    """Logits (1, V) of one token appended to `cache`, as model.forward on FAST gives them, in
+    few calls; None when this step is not one it covers (the forward then runs as written)."""
+    cfg = model.config
+    if (len(tokens) != 1 or cache is None or type(cache) is not KVCache
+            or cache.dtype != np.float32 or cache.block or stats is not None or trace is not None
+            or not (selector is None or (type(selector) is Dense and not dense_layers))
+            or not quant.INT8_DECODE or cfg.rope_style not in ("interleaved", "neox")):
+        return None
+    plan = _plan(model)
+    if plan is None:
+        return None
+    layers, out_norm, head = plan
+    w = model.weights
+    n = cache.n
+    S = n + 1
+    pos = np.array([cache.next_pos], np.int64)                                # (1,)
+    cache.k = reserve(cache.k, n, S, axis=2, zeros=lazy_zeros)                 # as cache.update
+    cache.v = reserve(cache.v, n, S, axis=2, zeros=lazy_zeros)
+    cache.pos = reserve(cache.pos, n, S, axis=0)
+    cache.pos[n] = pos[0]
+    k_pos = cache.pos[:S]
+    cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))                    # (1, r/2)
+    x = model.ops.embed(w["token_embd"], tokens)[0]                            # (D,)
+    threads = workers()
+    par = threads > 1
+    attn_par = par and S >= DECODE_PARALLEL_MIN_KEYS
+    eps, scale = float(cfg.norm_eps), 1.0 / np.sqrt(cfg.head_dim)
+    interleaved = cfg.rope_style == "interleaved"
+    h, down = np.zeros(0, np.float32), (np.int64(0), layers[0][1][6])
+    glu = model.ops.glu
+    for l, (codes, raws, attn_norm, ffn_norm, down_l) in enumerate(layers):
+        x, g, u = on_threads(threads, _layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
+                             cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
+                             cache.k[l], cache.v[l], k_pos, int(pos[0]), scale, attn_par, par)
+        h = glu(g[None], u[None])[0]                                           # (F,)
+        down = down_l
+    logits = on_threads(threads, _head, x, h, down, out_norm, eps, head, par)
+    cache.advance(1)
+    return logits
+
