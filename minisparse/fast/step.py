@@ -19,7 +19,7 @@ without an 8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..attention.patterns import Dense
 from ..attention.selection import reserve
@@ -47,6 +47,36 @@ def _product(code, u8, x, par):
     return y
 
 
+@njit(cache=True, parallel=True)
+def _side_by_side(codes, raws, mats, x, ys):
+    """ys[i] = W x_hat for W = raws[mats[i]], the rows of all of them in one parallel region
+    (q8.ROWS_PER_TASK a task), x quantised once: what _product gives for each, in one start and
+    one end of the region instead of one per matrix."""
+    qx, dx, sx = q8._quantized(x)
+    R = q8.ROWS_PER_TASK
+    n = len(mats)
+    starts = np.zeros(n + 1, np.int64)                    # the first task of each matrix
+    for i in range(n):
+        starts[i + 1] = starts[i] + (raws[mats[i]].shape[0] + R - 1) // R
+    for t in prange(starts[n]):                           # tasks write disjoint rows
+        i = 0
+        while t >= starts[i + 1]:
+            i += 1
+        m = mats[i]
+        r0 = (t - starts[i]) * R
+        q8._rows(codes[m], raws[m], qx, dx, sx, ys[i], r0, min(raws[m].shape[0], r0 + R))
+
+
+@njit(cache=True)
+def _products(codes, raws, mats, x, ys, par):
+    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i."""
+    if par:
+        _side_by_side(codes, raws, mats, x, ys)
+    else:
+        for i in range(len(mats)):
+            q8.matvec_serial(codes[mats[i]], raws[mats[i]], x, ys[i])
+
+
 @njit(cache=True)
 def _norm(x, w, eps):
     """fast_rms_norm of one row x (D,) -> (D,)."""
@@ -66,9 +96,10 @@ def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin
     if h_prev.size:
         x = x + _product(down_prev[0], down_prev[1], h_prev, par)             # (D,)
     h = _norm(x, attn_norm, eps)                                               # (D,)
-    q = _product(codes[0], raws[0], h, par)                                    # (Hq*d,)
-    k = _product(codes[1], raws[1], h, par)                                    # (Hkv*d,)
-    v = _product(codes[2], raws[2], h, par)                                    # (Hkv*d,)
+    q = np.empty(raws[0].shape[0], np.float32)                                 # (Hq*d,)
+    k = np.empty(raws[1].shape[0], np.float32)                                 # (Hkv*d,)
+    v = np.empty(raws[2].shape[0], np.float32)                                 # (Hkv*d,)
+    _products(codes, raws, (0, 1, 2), h, (q, k, v), par)
     d = q.size // Hq
     qr = np.empty((Hq, 1, d), np.float32)
     kr = np.empty((Hkv, 1, d), np.float32)
@@ -82,8 +113,9 @@ def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin
         raise ValueError("decode step: the cache's positions are out of order")
     x = x + _product(codes[3], raws[3], o.reshape(Hq * d), par)               # (D,)
     h = _norm(x, ffn_norm, eps)                                                # (D,)
-    g = _product(codes[4], raws[4], h, par)                                    # (F,)
-    u = _product(codes[5], raws[5], h, par)                                    # (F,)
+    g = np.empty(raws[4].shape[0], np.float32)                                 # (F,)
+    u = np.empty(raws[5].shape[0], np.float32)                                 # (F,)
+    _products(codes, raws, (4, 5), h, (g, u), par)
     return x, g, u
 
 
