@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from minisparse import load_model
-from minisparse.attention import Dense, Window
+from minisparse.attention import Sinks, Window
 from minisparse.fast import decode, quant, step
+from minisparse.spec import parse_attention_spec
 
 ORACLE = "tests/fixtures/oracle/llama_g2_hd64_q8_0.gguf"      # 2 layers, Q8_0, GQA 2, d = 64
 
@@ -21,13 +22,17 @@ def _pair(model):
     return model, unfused
 
 
-@pytest.mark.parametrize("name,prompt", [("default", 40), (ORACLE, 40), (ORACLE, 600)])
+@pytest.mark.parametrize("name,prompt,attention,dense_layers", [
+    ("default", 40, None, ()), (ORACLE, 40, None, ()), (ORACLE, 600, None, ()),
+    (ORACLE, 600, "sinks=4,window=64", (1,)), ("default", 40, Sinks(2) | Window(8), ())])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, threads):
+def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, attention,
+                                                   dense_layers, threads):
     # the step calls the kernels the forward's Ops call, on the same values in the same order
     # (only the calls are fewer), so equality is exact, not within a bound: logits, and the keys,
     # values and positions the cache holds after each step. 600 keys take the parallel attention
-    # kernel on two threads (DECODE_PARALLEL_MIN_KEYS), 40 the serial one.
+    # kernel on two threads (DECODE_PARALLEL_MIN_KEYS), 40 the serial one; sinks + window reads
+    # its ranges (decode.py), a layer in dense_layers every key.
     for mod in (step, decode, quant):
         monkeypatch.setattr(mod, "workers", lambda: threads)
     fused, plain = _pair(load_model(name))
@@ -40,7 +45,8 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, th
     monkeypatch.setattr(step, "_layer", lambda *a: calls.append(1) or real(*a))
     tok = ids[-1]
     for _ in range(5):
-        a, b = fused.forward([tok], ca), plain.forward([tok], cb)
+        a = fused.forward([tok], ca, attention, dense_layers)
+        b = plain.forward([tok], cb, attention, dense_layers)
         assert a.shape == b.shape == (1, fused.config.n_vocab)
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
         assert (ca.n, ca.next_pos) == (cb.n, cb.next_pos)
@@ -56,10 +62,14 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     cache = model.new_cache()
     model.forward([1, 2, 3], cache)
     S = cache.n
-    assert step.decode_step(model, np.array([4]), cache, selector=Window(2)) is None
+    assert step.decode_step(model, np.array([4]), cache, selector=parse_attention_spec("topk=2")) is None
+
+    class Moving(Window):                  # a selector that may differ by layer: not a pattern
+        def at_layer(self, layer, shared):
+            return Window(self.w + layer)
+    assert step.decode_step(model, np.array([4]), cache, selector=Moving(2) | Sinks(1)) is None
     assert step.decode_step(model, np.array([4]), cache, stats=[]) is None
     assert step.decode_step(model, np.array([4]), cache, trace={}) is None
-    assert step.decode_step(model, np.array([4]), cache, Dense(), dense_layers=(0,)) is None
     assert step.decode_step(model, np.array([4, 5]), cache) is None
     half = model.new_cache(dtype=np.float16)
     assert step.decode_step(model, np.array([4]), half) is None

@@ -1,4 +1,5 @@
-"""A decode step with few calls: for one token of dense attention over a dense float32 KV cache,
+"""A decode step with few calls: for one token of dense attention, or of a position pattern
+(sinks, window and their unions: decode.py), over a dense float32 KV cache,
 each layer's work from the previous layer's feed-forward output to this layer's gate and up
 products is one compiled call (`_layer`), and the SwiGLU gate between them stays NumPy's.
 
@@ -12,8 +13,7 @@ does not reproduce; everything else calls the very kernels the fast path's `Ops`
 step), in the same order on the same values, so a step here gives the same bits as
 model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
 
-Left out (model.forward on FAST runs them): several tokens, a selector or dense_layers, stats or
-trace, a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices
+Left out (model.forward on FAST runs them): several tokens, any other selector, stats or trace, a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices
 without an 8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
 """
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..attention.patterns import Dense
+from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import reserve
+from ..attention.selector import Union
 from ..cache.dense import KVCache, lazy_zeros
 from ..model import rope_tables
 from ..quant import QuantMatrix
 from . import _rms_rows, _rope_rows, q8, quant   # fast/__init__.py imports this module last
 from .attention import DECODE_PARALLEL_MIN_KEYS
-from .decode import _position_step, position_codes
+from .decode import _codes, _position_step, position_codes
 from .threads import on_threads, workers
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -87,11 +88,12 @@ def _norm(x, w, eps):
 
 @njit(cache=True)
 def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin, interleaved,
-           rope_dim, Hq, Hkv, K, V, k_pos, qp, scale, attn_par, par):
+           rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale, attn_par, par):
     """One layer of a decode step, from the previous layer's gate output h_prev (F,) (empty for
     the first layer; its down product is added to x here) to this layer's gate and up products.
     x (D,) the residual stream; codes (7,) and raws the GGML types and blocks of _MATRICES;
-    K, V this layer's cache buffers (Hkv, capacity, d), the new key written at row k_pos.size-1.
+    K, V this layer's cache buffers (Hkv, capacity, d), the new key written at row k_pos.size-1;
+    pattern the position codes of the keys attended (decode.position_codes).
     Returns (x, g, u)."""
     if h_prev.size:
         x = x + _product(down_prev[0], down_prev[1], h_prev, par)             # (D,)
@@ -108,7 +110,7 @@ def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin
     s = k_pos.size - 1
     K[:, s, :] = kr[:, 0, :]                                                   # the cache append
     V[:, s, :] = v.reshape(Hkv, d)
-    ok, o, _, _ = _position_step(qr, K, V, k_pos, qp, _DENSE_CODES, scale, attn_par)
+    ok, o, _, _ = _position_step(qr, K, V, k_pos, qp, pattern, scale, attn_par)
     if not ok:
         raise ValueError("decode step: the cache's positions are out of order")
     x = x + _product(codes[3], raws[3], o.reshape(Hq * d), par)               # (D,)
@@ -125,6 +127,15 @@ def _head(x, h_prev, down_prev, out_norm, eps, head, par):
     x = x + _product(down_prev[0], down_prev[1], h_prev, par)                 # (D,)
     h = _norm(x, out_norm, eps)                                                # (D,)
     return _product(head[0], head[1], h, par).reshape(1, head[1].shape[0])    # (1, V)
+
+
+def _fixed(selector) -> bool:
+    """True when every layer reads `selector` as it is: None, Dense, Sinks, Window or a Union of
+    them whose at_layer and for_layer are Union's (each member unchanged, so the union itself)."""
+    if selector is None or type(selector) in (Dense, Sinks, Window):
+        return True
+    return (isinstance(selector, Union) and type(selector).at_layer is Union.at_layer
+            and type(selector).for_layer is Union.for_layer and all(map(_fixed, selector.members)))
 
 
 def _plan(model):
@@ -162,11 +173,11 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     cfg = model.config
     if (len(tokens) != 1 or cache is None or type(cache) is not KVCache
             or cache.dtype != np.float32 or cache.block or stats is not None or trace is not None
-            or not (selector is None or (type(selector) is Dense and not dense_layers))
             or not quant.INT8_DECODE or cfg.rope_style not in ("interleaved", "neox")):
         return None
     plan = _plan(model)
-    if plan is None:
+    pattern = _codes(selector) if _fixed(selector) else None   # (m, 2) position codes
+    if plan is None or pattern is None:
         return None
     layers, out_norm, head = plan
     w = model.weights
@@ -190,7 +201,8 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     for l, (codes, raws, attn_norm, ffn_norm, down_l) in enumerate(layers):
         x, g, u = on_threads(threads, _layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
                              cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
-                             cache.k[l], cache.v[l], k_pos, int(pos[0]), scale, attn_par, par)
+                             cache.k[l], cache.v[l], k_pos, int(pos[0]),
+                             _DENSE_CODES if l in dense_layers else pattern, scale, attn_par, par)
         h = glu(g[None], u[None])[0]                                           # (F,)
         down = down_l
     logits = on_threads(threads, _head, x, h, down, out_norm, eps, head, par)
