@@ -1,11 +1,11 @@
 """A decode step with few calls: for one token of dense attention, or of a position pattern
-(sinks, window and their unions: decode.py), over a dense float32 KV cache,
-each layer's work from the previous layer's feed-forward output to this layer's gate and up
-products is one compiled call (`_layer`), and the SwiGLU gate between them stays NumPy's.
+(sinks, window and their unions: decode.py), over a dense float32 KV cache, each layer's work
+from the previous layer's feed-forward output to this layer's gate and up products is one
+compiled call (`_layer`), and the SwiGLU gate between them stays NumPy's.
 
 Why: a decode step of a small model is mostly calls, not arithmetic. model.forward makes ~25
 Python and NumPy calls a layer (norms, products, reshapes, RoPE, the cache append, attention,
-residual adds), a few microseconds each; on the embedded 5-layer model they are most of a token,
+residual adds), a few microseconds each; on the embedded 6-layer model they are most of a token,
 and on SmolLM2 about 0.1 ms a layer. Here a layer is one Numba call and the gate's five NumPy
 passes. The gate stays NumPy's because its exp is NumPy's own SIMD exp, whose bits Numba's exp
 does not reproduce; everything else calls the very kernels the fast path's `Ops` call (q8.py's
@@ -13,8 +13,9 @@ does not reproduce; everything else calls the very kernels the fast path's `Ops`
 step), in the same order on the same values, so a step here gives the same bits as
 model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
 
-Left out (model.forward on FAST runs them): several tokens, any other selector, stats or trace, a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices
-without an 8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
+Left out (model.forward on FAST runs them): several tokens, any other selector, stats or trace,
+a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices without an
+8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
 """
 from __future__ import annotations
 
