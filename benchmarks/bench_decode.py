@@ -5,6 +5,10 @@ round so that a machine busy with other work slows them alike:
 - kernels (--kernels, SmolLM2 only): the 211 matrix-vector products of one step (30 layers x 7
   matrices + the output head), float32 activations (fast/quant.py) vs 8-bit ones (fast/q8.py),
   weights streamed from the file's mapping as in a real step, one thread;
+- attention (--attention): the dense decode attention of one SmolLM2 step (30 layers' K and V
+  buffers of --ctx keys each, 9 query heads on 3 KV heads, d = 64: 94 MB at 2048 keys) on one
+  thread and on the kernel's parts side by side (fast/attention.py), beside a plain pass that
+  only reads the same bytes (Numba, one thread and two): the bandwidth the kernel has;
 - steps: one decode step after a prompt of --ctx tokens, for each model and thread count:
   minisparse's default (the fused step of fast/step.py, 8-bit products), the same without the
   fused step (Ops.decode_step off: a call per operation), the float32 kernels
@@ -16,6 +20,7 @@ workers count too).
     python3 benchmarks/bench_decode.py                    # SmolLM2 and the embedded model,
                                                           # 1 and 2 threads, ctx 128 and 2048
     python3 benchmarks/bench_decode.py --models smollm2 --threads 1 --ctx 128 --kernels
+    python3 benchmarks/bench_decode.py --attention --models --ctx 2048    # attention alone
 """
 from __future__ import annotations
 
@@ -68,6 +73,74 @@ def kernels(model, repeats):
             runs[k].append(_timed(f))
     out = _medians(runs)
     out["weight_mb"] = sum(m.raw.nbytes for m in mats) / 1e6
+    return out
+
+
+def attention(ctx, repeats, threads):
+    """A SmolLM2 step's dense decode attention over ctx keys: the kernel on one thread and on
+    `threads`, and a pass reading the same bytes on one and on `threads`."""
+    import numba
+    import numpy as np
+    from numba import njit, prange
+    from minisparse.attention.kernel import Rows
+    from minisparse.attention.selection import SHARED
+    from minisparse.fast import attention as fa
+    L, Hq, Hkv, d = 30, 9, 3, 64
+    rng = np.random.default_rng(0)
+    cap = 2 * ctx                                        # a cache's buffers hold spare rows
+    K = [rng.standard_normal((Hkv, cap, d)).astype(np.float32) for _ in range(L)]
+    V = [rng.standard_normal((Hkv, cap, d)).astype(np.float32) for _ in range(L)]
+    q = rng.standard_normal((Hq, 1, d)).astype(np.float32)
+    rows = Rows(SHARED, np.array([0, 1]), np.array([0]), np.array([ctx]), np.zeros(2, np.int64),
+                np.zeros(0, np.int64), np.zeros(0, np.float32))
+    e = np.zeros((Hkv, 0, d), np.float32)
+    xs = [(q, K[i], V[i], e, e, np.array([ctx - 1]), np.arange(ctx), np.zeros(0, np.int64)) for i in range(L)]
+
+    @njit(fastmath=True)
+    def read(a, n):
+        s = np.zeros(64, np.float32)
+        for h in range(a.shape[0]):
+            for j in range(n):
+                for i in range(64):
+                    s[i] += a[h, j, i]
+        return s.sum()
+
+    @njit(fastmath=True, parallel=True)
+    def read_par(a, n):
+        P = 2 * a.shape[0]
+        s = np.zeros((P, 64), np.float32)
+        for t in prange(P):                              # half a head's rows a task
+            h, j0 = t // 2, (t % 2) * (n // 2)
+            for j in range(j0, j0 + n // 2 if t % 2 == 0 else n):
+                for i in range(64):
+                    s[t, i] += a[h, j, i]
+        return s.sum()
+
+    def kernel(parallel):
+        def run():
+            numba.set_num_threads(threads if parallel else 1)
+            for x in xs:
+                fa.attend_decode(x, rows, 0.125, True, parallel)
+        return run
+
+    def reads(fn, n_threads):
+        def run():
+            numba.set_num_threads(n_threads)
+            for i in range(L):
+                fn(K[i], ctx)
+                fn(V[i], ctx)
+        return run
+    cases = {"kernel, 1 thread": kernel(False), f"kernel, parts on {threads} threads": kernel(True),
+             "read the bytes, 1 thread": reads(read, 1), f"read the bytes, {threads} threads": reads(read_par, threads)}
+    for f in cases.values():
+        f()
+    runs = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, f in cases.items():
+            runs[k].append(_timed(f))
+    numba.set_num_threads(threads)
+    out = _medians(runs)
+    out["mb"] = L * 2 * Hkv * ctx * d * 4 / 1e6
     return out
 
 
@@ -124,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=4, help="decode steps per timed run")
     ap.add_argument("--kernels", action="store_true", help="also time SmolLM2's products alone")
+    ap.add_argument("--attention", action="store_true",
+                    help="also time a SmolLM2 step's dense attention alone at each --ctx")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = ap.parse_args(argv)
     if min(args.threads) < 1:
@@ -138,7 +213,11 @@ def main(argv=None):
         print("the integer kernels need an x86-64 CPU with AVX2", file=sys.stderr)
         return 1
     report = {"threads": args.threads, "loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count(),
-              "repeats": args.repeats, "steps_per_run": args.steps, "kernels_1_thread": None, "steps": {}}
+              "repeats": args.repeats, "steps_per_run": args.steps, "kernels_1_thread": None,
+              "attention": {}, "steps": {}}
+    if args.attention:
+        for ctx in args.ctx:
+            report["attention"][str(ctx)] = attention(ctx, args.repeats, max(args.threads))
     for name in args.models:
         model = load_model(name)
         if args.kernels and name == "smollm2":
@@ -158,6 +237,12 @@ def main(argv=None):
         for k, v in report["kernels_1_thread"].items():
             if isinstance(v, dict):
                 print(f"  {k:32s} cpu {v['cpu_ms']:7.2f} ms   wall {v['wall_ms']:7.2f} ms")
+    for ctx, rows in report["attention"].items():
+        print(f"\na SmolLM2 step's dense attention over {ctx} keys ({rows['mb']:.0f} MB of K and V):")
+        for k, v in rows.items():
+            if isinstance(v, dict):
+                print(f"  {k:34s} wall {v['wall_ms']:7.2f} ms   {rows['mb'] / v['wall_ms']:5.1f} GB/s   "
+                      f"cpu {v['cpu_ms']:7.2f} ms")
     for key, rows in report["steps"].items():
         print(f"\none decode step, {key}:")
         ref = rows.get("llama.cpp")

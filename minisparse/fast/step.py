@@ -71,8 +71,12 @@ def _side_by_side(codes, raws, mats, x, ys):
 
 @njit(cache=True)
 def _products(codes, raws, mats, x, ys, par):
-    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i."""
-    if par:
+    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i; side by side when par
+    and the group is as large as quant.py asks of one matrix for it."""
+    size = 0
+    for m in mats:
+        size += raws[m].shape[0] * x.size
+    if par and size >= quant.PARALLEL_MIN_WEIGHTS:
         _side_by_side(codes, raws, mats, x, ys)
     else:
         for i in range(len(mats)):
