@@ -13,9 +13,10 @@ round so that a machine busy with other work slows them alike:
   minisparse's default (the fused step of fast/step.py, 8-bit products), the same without the
   fused step (Ops.decode_step off: a call per operation), the float32 kernels
   (MINISPARSE_INT8=0), and llama.cpp (llama-cpp-python, same GGUF, its defaults: f16 KV).
-CPU time (this process's, all threads) is reported beside wall time: on a loaded machine wall
-time counts the turns other processes take; on one thread CPU time does not (on two, spinning
-workers count too).
+CPU time is reported beside wall time: on a loaded machine wall time counts the turns other
+processes take, CPU time does not. The calling thread's CPU time is the one-thread figure (the
+process's also counts worker threads that spin after a parallel region); on two threads only
+wall time on a quiet machine measures the engine.
 
     python3 benchmarks/bench_decode.py                    # SmolLM2 and the embedded model,
                                                           # 1 and 2 threads, ctx 128 and 2048
@@ -37,14 +38,18 @@ MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 
 
 def _timed(fn):
-    t, c = time.perf_counter(), time.process_time()
+    """(wall, process CPU, this thread's CPU) seconds of fn(). The process's CPU time counts
+    Numba's and llama.cpp's worker threads, which spin for a while after a parallel region, so
+    also during whatever runs next; this thread's CPU time is the work of a one-thread run."""
+    t, c, h = time.perf_counter(), time.process_time(), time.thread_time()
     fn()
-    return time.perf_counter() - t, time.process_time() - c
+    return time.perf_counter() - t, time.process_time() - c, time.thread_time() - h
 
 
 def _medians(runs):
-    return {k: {"wall_ms": 1e3 * statistics.median(w for w, _ in v), "cpu_ms": 1e3 * statistics.median(c for _, c in v),
-                "runs_wall_ms": [1e3 * w for w, _ in v]} for k, v in runs.items()}
+    return {k: {"wall_ms": 1e3 * statistics.median(r[0] for r in v), "cpu_ms": 1e3 * statistics.median(r[1] for r in v),
+                "thread_cpu_ms": 1e3 * statistics.median(r[2] for r in v),
+                "runs_wall_ms": [1e3 * r[0] for r in v]} for k, v in runs.items()}
 
 
 def kernels(model, repeats):
@@ -236,20 +241,21 @@ def main(argv=None):
         print(f"\nthe products of one step ({report['kernels_1_thread']['weight_mb']:.0f} MB of weights), 1 thread:")
         for k, v in report["kernels_1_thread"].items():
             if isinstance(v, dict):
-                print(f"  {k:32s} cpu {v['cpu_ms']:7.2f} ms   wall {v['wall_ms']:7.2f} ms")
+                print(f"  {k:32s} thread cpu {v['thread_cpu_ms']:7.2f} ms   wall {v['wall_ms']:7.2f} ms")
     for ctx, rows in report["attention"].items():
         print(f"\na SmolLM2 step's dense attention over {ctx} keys ({rows['mb']:.0f} MB of K and V):")
         for k, v in rows.items():
             if isinstance(v, dict):
                 print(f"  {k:34s} wall {v['wall_ms']:7.2f} ms   {rows['mb'] / v['wall_ms']:5.1f} GB/s   "
-                      f"cpu {v['cpu_ms']:7.2f} ms")
+                      f"this thread's cpu {v['thread_cpu_ms']:7.2f} ms")
     for key, rows in report["steps"].items():
         print(f"\none decode step, {key}:")
         ref = rows.get("llama.cpp")
         for k, v in rows.items():
-            ratio = (f"   x llama.cpp: wall {ref['wall_ms'] / v['wall_ms']:.2f}, cpu {ref['cpu_ms'] / v['cpu_ms']:.2f}"
-                     if ref else "")
-            print(f"  {k:34s} cpu {v['cpu_ms']:7.3f} ms   wall {v['wall_ms']:7.3f} ms{ratio}")
+            ratio = (f"   x llama.cpp: wall {ref['wall_ms'] / v['wall_ms']:.2f}, "
+                     f"thread cpu {ref['thread_cpu_ms'] / v['thread_cpu_ms']:.2f}" if ref else "")
+            print(f"  {k:34s} wall {v['wall_ms']:7.3f} ms   cpu {v['cpu_ms']:7.3f}   "
+                  f"thread cpu {v['thread_cpu_ms']:7.3f} ms{ratio}")
     return 0
 
 
