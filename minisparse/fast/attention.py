@@ -355,6 +355,8 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
 def _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf):
     if q.shape[2] == 64:
         _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, 64)
+    elif q.shape[2] == 32:
+        _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, 32)
     else:
         _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, q.shape[2])
 
@@ -363,6 +365,8 @@ def _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf):
 def _decode_weigh(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc):
     if v.shape[2] == 64:
         _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, 64)
+    elif v.shape[2] == 32:
+        _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, 32)
     else:
         _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, v.shape[2])
 
