@@ -13,6 +13,9 @@ does not reproduce; everything else calls the very kernels the fast path's `Ops`
 step), in the same order on the same values, so a step here gives the same bits as
 model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
 
+It runs FAST's own functions: an `Ops` made from FAST with other functions in it should set
+decode_step=None (dataclasses.replace) to have them called.
+
 Left out (model.forward on FAST runs them): several tokens, any other selector, stats or trace,
 a cache other than KVCache in float32 or with a block size, biases (qwen2), matrices without an
 8-bit kernel or with MINISPARSE_INT8=0 (the float32 kernels).
@@ -26,7 +29,7 @@ from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import reserve
 from ..attention.selector import Union
 from ..cache.dense import KVCache, lazy_zeros
-from ..model import rope_tables
+from ..model import glu, rope_tables
 from ..quant import QuantMatrix
 from . import _rms_rows, _rope_rows, q8, quant   # fast/__init__.py imports this module last
 from .attention import DECODE_PARALLEL_MIN_KEYS
@@ -202,13 +205,14 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     eps, scale = float(cfg.norm_eps), 1.0 / np.sqrt(cfg.head_dim)
     interleaved = cfg.rope_style == "interleaved"
     h, down = np.zeros(0, np.float32), (np.int64(0), layers[0][1][6])
-    glu = model.ops.glu
+    gated = np.empty((1, layers[0][1][4].shape[0]), np.float32)               # (1, F)
     for l, (codes, raws, attn_norm, ffn_norm, down_l) in enumerate(layers):
         x, g, u = on_threads(threads, _layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
                              cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
                              cache.k[l], cache.v[l], k_pos, int(pos[0]),
                              _DENSE_CODES if l in dense_layers else pattern, scale, attn_par, par)
-        h = glu(g[None], u[None])[0]                                           # (F,)
+        # model.glu itself (FAST's glu is it, by row blocks for a prefill), into one buffer
+        h = glu(g[None], u[None], out=gated)[0]                               # (F,)
         down = down_l
     logits = on_threads(threads, _head, x, h, down, out_norm, eps, head, par)
     cache.advance(1)
