@@ -346,9 +346,9 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
 
 
 # Each pass below is its own compiled function with its own float flags (a function inlined
-# into another is compiled with the flags of the one it lands in). Inside, the head width most
-# models use (64) is handed to the inlined body as a constant, which lets LLVM unroll the
-# d-loops into registers; any other width runs the same code with d read at run time.
+# into another is compiled with the flags of the one it lands in). Inside, the head widths most
+# small models use (64, and 32) are handed to the inlined body as constants, which lets LLVM
+# unroll the d-loops into registers; any other width runs the same code with d read at run time.
 
 
 @njit(cache=True, fastmath=_FM)
