@@ -41,8 +41,9 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
     np.testing.assert_array_equal(fused.forward(ids, ca, last_only=True),
                                   plain.forward(ids, cb, last_only=True))
     calls = []
-    real = step._layer
-    monkeypatch.setattr(step, "_layer", lambda *a: calls.append(1) or real(*a))
+    for name in ("_layer", "_layer_parallel"):
+        real = getattr(step, name)
+        monkeypatch.setattr(step, name, lambda *a, real=real: calls.append(1) or real(*a))
     tok = ids[-1]
     for _ in range(5):
         a = fused.forward([tok], ca, attention, dense_layers)

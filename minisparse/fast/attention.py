@@ -346,17 +346,16 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
 
 
 # Each pass below is its own compiled function with its own float flags (a function inlined
-# into another is compiled with the flags of the one it lands in). Inside, the head widths most
-# small models use (64, and 32) are handed to the inlined body as constants, which lets LLVM
-# unroll the d-loops into registers; any other width runs the same code with d read at run time.
+# into another is compiled with the flags of the one it lands in). Inside, the head width most
+# models use (64) is handed to the inlined body as a constant, which lets LLVM unroll the
+# d-loops into registers; any other width runs the same code with d read at run time (each
+# constant is one more copy of the body to compile on a cold cache).
 
 
 @njit(cache=True, fastmath=_FM)
 def _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf):
     if q.shape[2] == 64:
         _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, 64)
-    elif q.shape[2] == 32:
-        _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, 32)
     else:
         _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, q.shape[2])
 
@@ -365,8 +364,6 @@ def _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf):
 def _decode_weigh(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc):
     if v.shape[2] == 64:
         _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, 64)
-    elif v.shape[2] == 32:
-        _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, 32)
     else:
         _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, v.shape[2])
 

@@ -33,7 +33,7 @@ from ..model import glu, rope_tables
 from ..quant import QuantMatrix
 from . import _rms_rows, _rope_rows, q8, quant   # fast/__init__.py imports this module last
 from .attention import DECODE_PARALLEL_MIN_KEYS
-from .decode import _codes, _position_step, position_codes
+from .decode import _codes, _position_step, _position_step_parallel, position_codes
 from .threads import on_threads, workers
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -41,11 +41,19 @@ _DENSE_CODES = position_codes(None)
 
 
 @njit(cache=True)
-def _product(code, u8, x, par):
-    """(out,) = W x_hat, as quant.matmul's decode product computes it (q8.py; the same bits on
-    one thread or several)."""
+def _product(code, u8, x):
+    """(out,) = W x_hat, as quant.matmul's decode product computes it on one thread (q8.py)."""
     y = np.empty(u8.shape[0], np.float32)
-    if par and u8.shape[0] * x.size >= quant.PARALLEL_MIN_WEIGHTS:
+    q8.matvec_serial(code, u8, x, y)
+    return y
+
+
+@njit(cache=True)
+def _product_parallel(code, u8, x):
+    """_product, its rows side by side when the matrix is as large as quant.py asks (the same
+    bits)."""
+    y = np.empty(u8.shape[0], np.float32)
+    if u8.shape[0] * x.size >= quant.PARALLEL_MIN_WEIGHTS:
         q8.matvec(code, u8, x, y)
     else:
         q8.matvec_serial(code, u8, x, y)
@@ -73,17 +81,22 @@ def _side_by_side(codes, raws, mats, x, ys):
 
 
 @njit(cache=True)
-def _products(codes, raws, mats, x, ys, par):
-    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i; side by side when par
-    and the group is as large as quant.py asks of one matrix for it."""
+def _products(codes, raws, mats, x, ys):
+    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i."""
+    for i in range(len(mats)):
+        q8.matvec_serial(codes[mats[i]], raws[mats[i]], x, ys[i])
+
+
+@njit(cache=True)
+def _products_parallel(codes, raws, mats, x, ys):
+    """_products, side by side when the group is as large as quant.py asks of one matrix."""
     size = 0
     for m in mats:
         size += raws[m].shape[0] * x.size
-    if par and size >= quant.PARALLEL_MIN_WEIGHTS:
+    if size >= quant.PARALLEL_MIN_WEIGHTS:
         _side_by_side(codes, raws, mats, x, ys)
     else:
-        for i in range(len(mats)):
-            q8.matvec_serial(codes[mats[i]], raws[mats[i]], x, ys[i])
+        _products(codes, raws, mats, x, ys)
 
 
 @njit(cache=True)
@@ -94,22 +107,30 @@ def _norm(x, w, eps):
     return out[0]
 
 
-@njit(cache=True)
-def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin, interleaved,
-           rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale, attn_par, par):
+@njit(inline="always")
+def _layer_body(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
+                interleaved, rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale, par):
     """One layer of a decode step, from the previous layer's gate output h_prev (F,) (empty for
     the first layer; its down product is added to x here) to this layer's gate and up products.
     x (D,) the residual stream; codes (7,) and raws the GGML types and blocks of _MATRICES;
     K, V this layer's cache buffers (Hkv, capacity, d), the new key written at row k_pos.size-1;
-    pattern the position codes of the keys attended (decode.position_codes).
-    Returns (x, g, u)."""
+    pattern the position codes of the keys attended (decode.position_codes). par, a constant
+    where inlined (_layer, _layer_parallel): products and attention side by side, so that a
+    one-thread run never compiles the parallel kernels. Returns (x, g, u)."""
     if h_prev.size:
-        x = x + _product(down_prev[0], down_prev[1], h_prev, par)             # (D,)
+        if par:
+            y = _product_parallel(down_prev[0], down_prev[1], h_prev)
+        else:
+            y = _product(down_prev[0], down_prev[1], h_prev)
+        x = x + y                                                              # (D,)
     h = _norm(x, attn_norm, eps)                                               # (D,)
     q = np.empty(raws[0].shape[0], np.float32)                                 # (Hq*d,)
     k = np.empty(raws[1].shape[0], np.float32)                                 # (Hkv*d,)
     v = np.empty(raws[2].shape[0], np.float32)                                 # (Hkv*d,)
-    _products(codes, raws, (0, 1, 2), h, (q, k, v), par)
+    if par:
+        _products_parallel(codes, raws, (0, 1, 2), h, (q, k, v))
+    else:
+        _products(codes, raws, (0, 1, 2), h, (q, k, v))
     d = q.size // Hq
     qr = np.empty((Hq, 1, d), np.float32)
     kr = np.empty((Hkv, 1, d), np.float32)
@@ -118,23 +139,57 @@ def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin
     s = k_pos.size - 1
     K[:, s, :] = kr[:, 0, :]                                                   # the cache append
     V[:, s, :] = v.reshape(Hkv, d)
-    ok, o, _, _ = _position_step(qr, K, V, k_pos, qp, pattern, scale, attn_par)
+    if par and k_pos.size >= DECODE_PARALLEL_MIN_KEYS:       # decode.attend's choice
+        ok, o, _, _ = _position_step_parallel(qr, K, V, k_pos, qp, pattern, scale)
+    else:
+        ok, o, _, _ = _position_step(qr, K, V, k_pos, qp, pattern, scale)
     if not ok:
         raise ValueError("decode step: the cache's positions are out of order")
-    x = x + _product(codes[3], raws[3], o.reshape(Hq * d), par)               # (D,)
+    if par:
+        y = _product_parallel(codes[3], raws[3], o.reshape(Hq * d))
+    else:
+        y = _product(codes[3], raws[3], o.reshape(Hq * d))
+    x = x + y                                                                  # (D,)
     h = _norm(x, ffn_norm, eps)                                                # (D,)
     g = np.empty(raws[4].shape[0], np.float32)                                 # (F,)
     u = np.empty(raws[5].shape[0], np.float32)                                 # (F,)
-    _products(codes, raws, (4, 5), h, (g, u), par)
+    if par:
+        _products_parallel(codes, raws, (4, 5), h, (g, u))
+    else:
+        _products(codes, raws, (4, 5), h, (g, u))
     return x, g, u
 
 
 @njit(cache=True)
-def _head(x, h_prev, down_prev, out_norm, eps, head, par):
+def _layer(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin, interleaved,
+           rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale):
+    """_layer_body on this thread."""
+    return _layer_body(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
+                       interleaved, rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale, False)
+
+
+@njit(cache=True)
+def _layer_parallel(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
+                    interleaved, rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale):
+    """_layer_body with its products and attention side by side (the same bits)."""
+    return _layer_body(x, h_prev, down_prev, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
+                       interleaved, rope_dim, Hq, Hkv, K, V, k_pos, qp, pattern, scale, True)
+
+
+@njit(cache=True)
+def _head(x, h_prev, down_prev, out_norm, eps, head):
     """The last layer's down product and residual, the output norm and the head: logits (1, V)."""
-    x = x + _product(down_prev[0], down_prev[1], h_prev, par)                 # (D,)
+    x = x + _product(down_prev[0], down_prev[1], h_prev)                      # (D,)
     h = _norm(x, out_norm, eps)                                                # (D,)
-    return _product(head[0], head[1], h, par).reshape(1, head[1].shape[0])    # (1, V)
+    return _product(head[0], head[1], h).reshape(1, head[1].shape[0])         # (1, V)
+
+
+@njit(cache=True)
+def _head_parallel(x, h_prev, down_prev, out_norm, eps, head):
+    """_head with its products side by side (the same bits)."""
+    x = x + _product_parallel(down_prev[0], down_prev[1], h_prev)             # (D,)
+    h = _norm(x, out_norm, eps)                                                # (D,)
+    return _product_parallel(head[0], head[1], h).reshape(1, head[1].shape[0])  # (1, V)
 
 
 def _fixed(selector) -> bool:
@@ -200,21 +255,20 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))                    # (1, r/2)
     x = model.ops.embed(w["token_embd"], tokens)[0]                            # (D,)
     threads = workers()
-    par = threads > 1
-    attn_par = par and S >= DECODE_PARALLEL_MIN_KEYS
+    layer, last = (_layer_parallel, _head_parallel) if threads > 1 else (_layer, _head)
     eps, scale = float(cfg.norm_eps), 1.0 / np.sqrt(cfg.head_dim)
     interleaved = cfg.rope_style == "interleaved"
     h, down = np.zeros(0, np.float32), (np.int64(0), layers[0][1][6])
     gated = np.empty((1, layers[0][1][4].shape[0]), np.float32)               # (1, F)
     for l, (codes, raws, attn_norm, ffn_norm, down_l) in enumerate(layers):
-        x, g, u = on_threads(threads, _layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
+        x, g, u = on_threads(threads, layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
                              cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
                              cache.k[l], cache.v[l], k_pos, int(pos[0]),
-                             _DENSE_CODES if l in dense_layers else pattern, scale, attn_par, par)
+                             _DENSE_CODES if l in dense_layers else pattern, scale)
         # model.glu itself (FAST's glu is it, by row blocks for a prefill), into one buffer
         h = glu(g[None], u[None], out=gated)[0]                               # (F,)
         down = down_l
-    logits = on_threads(threads, _head, x, h, down, out_norm, eps, head, par)
+    logits = on_threads(threads, last, x, h, down, out_norm, eps, head)
     cache.advance(1)
     return logits
 
