@@ -8,6 +8,8 @@ import pytest
 from minisparse import load_model
 from minisparse.attention import Sinks, Window
 from minisparse.fast import decode, quant, step
+from minisparse.errors import MinisparseError
+from minisparse.registry import resolve
 from minisparse.spec import parse_attention_spec
 
 ORACLE = "tests/fixtures/oracle/llama_g2_hd64_q8_0.gguf"      # 2 layers, Q8_0, GQA 2, d = 64
@@ -24,7 +26,8 @@ def _pair(model):
 
 @pytest.mark.parametrize("name,prompt,attention,dense_layers", [
     ("default", 40, None, ()), (ORACLE, 40, None, ()), (ORACLE, 600, None, ()),
-    (ORACLE, 600, "sinks=4,window=64", (1,)), ("default", 40, Sinks(2) | Window(8), ())])
+    (ORACLE, 600, "sinks=4,window=64", (1,)), ("default", 40, Sinks(2) | Window(8), ()),
+    ("smollm2", 40, None, ())])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, attention,
                                                    dense_layers, threads):
@@ -32,18 +35,24 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
     # (only the calls are fewer), so equality is exact, not within a bound: logits, and the keys,
     # values and positions the cache holds after each step. 600 keys take the parallel attention
     # kernel on two threads (DECODE_PARALLEL_MIN_KEYS), 40 the serial one; sinks + window reads
-    # its ranges (decode.py), a layer in dense_layers every key.
+    # its ranges (decode.py), a layer in dense_layers every key. SmolLM2's matrices (>= 576 x
+    # 576) are the ones large enough to take the products side by side (PARALLEL_MIN_WEIGHTS).
     for mod in (step, decode, quant):
         monkeypatch.setattr(mod, "workers", lambda: threads)
+    if name == "smollm2":
+        try:
+            name = resolve("smollm2")
+        except MinisparseError as e:
+            pytest.skip(str(e))
     fused, plain = _pair(load_model(name))
     ids = list(np.random.default_rng(prompt).integers(0, fused.config.n_vocab, prompt))
     ca, cb = fused.new_cache(), plain.new_cache()
     np.testing.assert_array_equal(fused.forward(ids, ca, last_only=True),
                                   plain.forward(ids, cb, last_only=True))
     calls = []
-    for name in ("_layer", "_layer_parallel"):
-        real = getattr(step, name)
-        monkeypatch.setattr(step, name, lambda *a, real=real: calls.append(1) or real(*a))
+    for fn in ("_layer", "_layer_parallel"):
+        real = getattr(step, fn)
+        monkeypatch.setattr(step, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
     tok = ids[-1]
     for _ in range(5):
         a = fused.forward([tok], ca, attention, dense_layers)
@@ -56,6 +65,10 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
         np.testing.assert_array_equal(ca.pos[:ca.n], cb.pos[:cb.n])
         tok = int(np.argmax(a))
     assert len(calls) == 5 * fused.config.n_layers                # the fused step really ran
+    # two threads take the parallel layer for a model with large matrices or for >= 512 keys
+    big = step._plan(fused)[3]
+    want = "_layer_parallel" if threads == 2 and (big or prompt >= 512) else "_layer"
+    assert set(calls) == {want}
 
 
 def test_fused_step_declines_what_it_does_not_cover(monkeypatch):

@@ -37,6 +37,10 @@ from .decode import _codes, _position_step, _position_step_parallel, position_co
 from .threads import on_threads, workers
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# A product runs its rows side by side only from this many weights: on two threads the embedded
+# model's matrices (256-704 rows of 256 or 704) lost more to the parallel regions' start and end
+# than the second core gave, SmolLM2's (>= 576 x 576) gained (docs/performance.md).
+PARALLEL_MIN_WEIGHTS = 1 << 18
 _DENSE_CODES = position_codes(None)
 
 
@@ -50,10 +54,10 @@ def _product(code, u8, x):
 
 @njit(cache=True)
 def _product_parallel(code, u8, x):
-    """_product, its rows side by side when the matrix is as large as quant.py asks (the same
-    bits)."""
+    """_product, its rows side by side when the matrix holds PARALLEL_MIN_WEIGHTS weights or
+    more (the same bits)."""
     y = np.empty(u8.shape[0], np.float32)
-    if u8.shape[0] * x.size >= quant.PARALLEL_MIN_WEIGHTS:
+    if u8.shape[0] * x.size >= PARALLEL_MIN_WEIGHTS:
         q8.matvec(code, u8, x, y)
     else:
         q8.matvec_serial(code, u8, x, y)
@@ -89,11 +93,11 @@ def _products(codes, raws, mats, x, ys):
 
 @njit(cache=True)
 def _products_parallel(codes, raws, mats, x, ys):
-    """_products, side by side when the group is as large as quant.py asks of one matrix."""
+    """_products, side by side when the group's largest matrix holds PARALLEL_MIN_WEIGHTS."""
     size = 0
     for m in mats:
-        size += raws[m].shape[0] * x.size
-    if size >= quant.PARALLEL_MIN_WEIGHTS:
+        size = max(size, raws[m].shape[0] * x.size)
+    if size >= PARALLEL_MIN_WEIGHTS:
         _side_by_side(codes, raws, mats, x, ys)
     else:
         _products(codes, raws, mats, x, ys)
@@ -225,7 +229,9 @@ def _plan(model):
                        w[p + "attn_norm"], w[p + "ffn_norm"], mats[6]))
     plan = None
     if layers is not None and kernel_of(head) is not None and w["output_norm"].dtype == np.float32:
-        plan = (layers, w["output_norm"], kernel_of(head))
+        big = any(w[f"blk.0.{n}"].shape[0] * w[f"blk.0.{n}"].shape[1] >= PARALLEL_MIN_WEIGHTS
+                  for n in _MATRICES)               # a layer has a product worth two threads
+        plan = (layers, w["output_norm"], kernel_of(head), big)
     model._fast_step_plan = plan
     return plan
 
@@ -242,7 +248,7 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     pattern = _codes(selector) if _fixed(selector) else None   # (m, 2) position codes
     if plan is None or pattern is None:
         return None
-    layers, out_norm, head = plan
+    layers, out_norm, head, big = plan
     w = model.weights
     n = cache.n
     S = n + 1
@@ -255,7 +261,8 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))                    # (1, r/2)
     x = model.ops.embed(w["token_embd"], tokens)[0]                            # (D,)
     threads = workers()
-    layer, last = (_layer_parallel, _head_parallel) if threads > 1 else (_layer, _head)
+    parallel = threads > 1 and (big or S >= DECODE_PARALLEL_MIN_KEYS)
+    layer, last = (_layer_parallel, _head_parallel) if parallel else (_layer, _head)
     eps, scale = float(cfg.norm_eps), 1.0 / np.sqrt(cfg.head_dim)
     interleaved = cfg.rope_style == "interleaved"
     h, down = np.zeros(0, np.float32), (np.int64(0), layers[0][1][6])
