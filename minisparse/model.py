@@ -144,7 +144,8 @@ class Ops:
     embed, rms_norm, linear, rope (apply_rope's signature), glu and attend
     (minisparse.attention.attend's) must give what the functions above give, to the bit or
     within a tested float32 bound; forward_context(T) is a context manager a T-token forward
-    runs inside. `PLAIN` holds this module's functions and the reference attention kernel;
+    runs inside; decode_step, when set, may take a one-token forward whole (the logits, or None
+    to run it as written). `PLAIN` holds this module's functions and the reference attention kernel;
     minisparse/fast/ builds `FAST` (tests/test_fast_path.py holds it to PLAIN)."""
     embed: Callable
     rms_norm: Callable
@@ -153,6 +154,7 @@ class Ops:
     glu: Callable
     attend: Callable
     forward_context: Callable = _as_is
+    decode_step: Callable | None = None
 
 
 PLAIN = Ops(embed=embed, rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=glu,
@@ -202,6 +204,10 @@ class Model:
                                 last_only) for a in range(0, len(tokens), block)]
             return out[-1] if last_only else np.concatenate(out)
         selector = parse_attention_spec(attention) if isinstance(attention, str) else attention
+        if len(tokens) == 1 and ops.decode_step is not None:    # the fast path's fused step
+            logits = ops.decode_step(self, tokens, cache, selector, dense_layers, stats, trace)
+            if logits is not None:
+                return logits
         T, Hq, Hkv, d = len(tokens), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pos = cache.next_pos + np.arange(T)                   # (T,)
         cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))  # (T, r/2)

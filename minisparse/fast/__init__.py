@@ -21,6 +21,8 @@ What is here, and which plain function each piece must equal (tests/test_fast_pa
   with a vectorised exp), against the reference kernel in minisparse/attention/kernel.py.
 - decode.py: a decode step of a position pattern (dense, sinks, window, their unions) straight
   to attend_decode as ranges, the same bits as attend with the fast kernel.
+- step.py: a one-token forward of dense attention over a dense cache in one compiled call a
+  layer (the SwiGLU gate between them NumPy's), the same bits as the forward on the rest of FAST.
 - prefill.py: sparse prefill as masked tiles (exact top-k fused into the tiles; key-range
   selections as banded tiles), against the same reference kernel.
 `attend` here sends a decode step (one query) to decode.py and any other call to prefill.py.
@@ -208,6 +210,8 @@ def long_forward(T: int):
         yield
 
 
+from . import step  # noqa: E402  (step.py calls the Numba passes above)
+
 FAST = Ops(
     embed=embed,
     rms_norm=fast_rms_norm,
@@ -216,6 +220,7 @@ FAST = Ops(
     glu=fast_glu,
     attend=attend,
     forward_context=long_forward,
+    decode_step=step.decode_step,
 )
 
 if enabled():

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ..attention.kernel import Inputs, Rows
@@ -245,9 +246,13 @@ PARALLEL_MIN_WORK = 1 << 16
 # top-k) score each key row once and weight each value row once. Two passes instead of an online
 # softmax: a part's keys are listed first, so its max is known before any exp. A long row is cut
 # into parts of DECODE_PART keys, merged by log-sum-exp in float64 (FlashDecoding's split): the
-# parts are fixed by the row alone, so one thread or several give the same bits.
+# parts are fixed by the row alone, so one thread or several give the same bits. Parts run side
+# by side on the cores free now: one core alone does not read memory as fast as two do.
 
-DECODE_PART = 2048
+DECODE_PART = 1024
+# A step whose rows list fewer keys than this (on average) runs on one thread: below it the
+# parallel region's start and end cost about what the second core saves.
+DECODE_PARALLEL_MIN_KEYS = 512
 
 
 @njit(cache=True)
@@ -278,22 +283,7 @@ def _decode_keys(k_pos, e_pos, qp, k_sorted, r, rptr, rlo, rhi, iptr, idx, logw,
     return n
 
 
-@njit(cache=True, fastmath=_FM, inline="always")
-def _score_one(q, k, ek, Tk, g, h0, nh, j, lw, scale, sbuf, c):
-    """sbuf[a, c] = scale q[h0 + a] . key j + lw for a < nh (j >= Tk: pseudo-key j - Tk)."""
-    d = q.shape[2]
-    for a in range(nh):
-        sc = np.float32(0.0)
-        if j < Tk:
-            for i in range(d):
-                sc += q[h0 + a, 0, i] * k[g, j, i]
-        else:
-            for i in range(d):
-                sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
-        sbuf[a, c] = sc * scale + lw
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
+@njit(cache=True, inline="always")
 def _weigh_one(v, ev, Tk, g, nh, j, sbuf, c, cacc):
     """cacc[a] += sbuf[a, c] * value j for a < nh (j >= Tk: pseudo-key j - Tk)."""
     d = cacc.shape[1]
@@ -307,7 +297,39 @@ def _weigh_one(v, ev, Tk, g, nh, j, sbuf, c, cacc):
                 cacc[a, i] += p * ev[g, j - Tk, i]
 
 
-@njit(cache=True, fastmath=_FM)
+@intrinsic
+def _prefetch(typingctx, a, g, j, i):
+    """Ask the CPU to bring a[g, j, i] (a 3-d array, any layout) into cache: a hint (LLVM's
+    prefetch: read, keep in every level); an address past a's end is dropped by the CPU, never
+    a fault."""
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        arr = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, arr, args[1:], wraparound=False)
+        i8p = llvm_ir.PointerType(llvm_ir.IntType(8))
+        i32 = llvm_ir.IntType(32)
+        fn = builder.module.globals.get("llvm.prefetch.p0") or llvm_ir.Function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p, i32, i32, i32]),
+            name="llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), llvm_ir.Constant(i32, 0),
+                          llvm_ir.Constant(i32, 3), llvm_ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(a, types.intp, types.intp, types.intp), codegen
+
+
+# Key rows asked for ahead of the one being read: the hardware prefetcher alone left a decode
+# step's attention waiting on memory (docs/performance.md has the measurement).
+DECODE_AHEAD = 8
+
+
+@njit(inline="always")
+def _fetch_row(a, g, j, d):
+    """Prefetch row j of head g of a (H, rows, d) float32 buffer: one hint per 64-byte line."""
+    for i in range(0, d, 16):
+        _prefetch(a, g, j, i)
+
+
+@njit(cache=True)
 def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, cacc, m, l, acc):
     """Query heads h0 .. h0+nh-1 (one query each) over keys js[c0:c1], lws[c0:c1] of KV head g:
     m (nh,) float64 their max score (-inf: none has weight), l (nh,) float64 the sum of
@@ -318,16 +340,50 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
     CHUNK keys and in float64 across chunks: the row kernel's error structure, with the exact
     max known before the first weight (no rescaling).
 
-    Real keys go four at a time: four dot products per pass over q's row, four value rows per
-    update of the chunk's sums (each loads and stores cacc once, not four times), so the loops
-    are bound by the rows read rather than by the accumulator traffic. The grouping is a fixed
-    function of js, so the bits depend on the keys listed alone."""
-    d = q.shape[2]
+    Only the scores' d-term dots may be summed in any order (vectorised); the rest keeps its
+    written order."""
+    _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf)
+    _decode_weigh(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc)
+
+
+# Each pass below is its own compiled function with its own float flags (a function inlined
+# into another is compiled with the flags of the one it lands in). Inside, the head width most
+# models use (64) is handed to the inlined body as a constant, which lets LLVM unroll the
+# d-loops into registers; any other width runs the same code with d read at run time (each
+# constant is one more copy of the body to compile on a cold cache).
+
+
+@njit(cache=True, fastmath=_FM)
+def _decode_scores(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf):
+    if q.shape[2] == 64:
+        _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, 64)
+    else:
+        _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, q.shape[2])
+
+
+@njit(cache=True, fastmath={"contract"})
+def _decode_weigh(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc):
+    if v.shape[2] == 64:
+        _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, 64)
+    else:
+        _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, v.shape[2])
+
+
+@njit(inline="always")
+def _scores_d(q, k, ek, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, d):
+    """sbuf[a, c] = scale q[h0 + a] . key js[c0 + c] + lws[c0 + c]. Real keys go four at a
+    time: four dot products per pass over q's row; the rows DECODE_AHEAD keys on are asked for
+    meanwhile."""
     n = c1 - c0
     c = 0
-    while c < n:                                                 # pass 1: each K row once
+    while c < n:
         if c + 4 <= n and max(js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]) < Tk:
             j0, j1, j2, j3 = js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]
+            if c + DECODE_AHEAD + 4 <= n:
+                for u in range(4):
+                    ja = js[c0 + c + DECODE_AHEAD + u]
+                    if ja < Tk:
+                        _fetch_row(k, g, ja, d)
             for a in range(nh):
                 s0 = np.float32(0.0)
                 s1 = np.float32(0.0)
@@ -345,9 +401,28 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
                 sbuf[a, c + 3] = s3 * scale + lws[c0 + c + 3]
             c += 4
         else:
-            _score_one(q, k, ek, Tk, g, h0, nh, js[c0 + c], lws[c0 + c], scale, sbuf, c)
+            j = js[c0 + c]
+            for a in range(nh):
+                sc = np.float32(0.0)
+                if j < Tk:
+                    for i in range(d):
+                        sc += q[h0 + a, 0, i] * k[g, j, i]
+                else:
+                    for i in range(d):
+                        sc += q[h0 + a, 0, i] * ek[g, j - Tk, i]
+                sbuf[a, c] = sc * scale + lws[c0 + c]
             c += 1
-    for a in range(nh):
+
+
+@njit(inline="always")
+def _weigh_d(v, ev, Tk, g, nh, js, c0, c1, sbuf, cacc, m, l, acc, d):
+    """From the scores in sbuf: m, l and acc as _decode_part describes. Four value rows per
+    update of the chunk's sums (each loads and stores cacc once, not four times), so the loop is
+    bound by the rows read rather than by the accumulator traffic; the rows DECODE_AHEAD keys on
+    are asked for meanwhile. The grouping is a fixed function of js, so the bits depend on the
+    keys listed alone."""
+    n = c1 - c0
+    for a in range(nh):                                          # the weights
         mx = np.float32(-np.inf)
         for c in range(n):
             mx = max(mx, sbuf[a, c])
@@ -365,6 +440,11 @@ def _decode_part(q, k, v, ek, ev, Tk, g, h0, nh, js, lws, c0, c1, scale, sbuf, c
             if c + 4 <= b1 and max(js[c0 + c], js[c0 + c + 1], js[c0 + c + 2],
                                    js[c0 + c + 3]) < Tk:
                 j0, j1, j2, j3 = js[c0 + c], js[c0 + c + 1], js[c0 + c + 2], js[c0 + c + 3]
+                if c + DECODE_AHEAD + 4 <= n:
+                    for u in range(4):
+                        ja = js[c0 + c + DECODE_AHEAD + u]
+                        if ja < Tk:
+                            _fetch_row(v, g, ja, d)
                 for a in range(nh):
                     p0, p1, p2, p3 = sbuf[a, c], sbuf[a, c + 1], sbuf[a, c + 2], sbuf[a, c + 3]
                     for i in range(d):
@@ -845,9 +925,15 @@ def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:
 
 
 def decode_step(x: Inputs, rows: Rows, scale: float, k_sorted: bool):
-    """attend_decode on this thread. Its parts on two threads were no faster at 8k keys on this
-    2-core machine even at its quietest moments, and far slower whenever another process took a
-    core (a part waits for the descheduled one: docs/performance.md), so a step stays serial."""
+    """attend_decode, its parts side by side on the cores free now (threads.workers) when its
+    rows list DECODE_PARALLEL_MIN_KEYS keys or more; the same bits either way. On a busy
+    machine workers() answers 1 and the step stays on this thread: a part waiting for a
+    descheduled worker would cost far more than the second core gives."""
+    n_rows = max(rows.range_ptr.size - 1, 1)
+    keys = (int((rows.range_hi - rows.range_lo).sum()) + rows.idx.size) // n_rows
+    n = workers() if keys >= DECODE_PARALLEL_MIN_KEYS else 1
+    if n > 1:
+        return on_threads(n, attend_decode, x, rows, scale, k_sorted, True)
     return attend_decode(x, rows, scale, k_sorted)
 
 

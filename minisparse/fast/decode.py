@@ -22,7 +22,9 @@ from ..attention.kernel import AttentionStats, Rows, attend as attend_any
 from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import SHARED
 from ..attention.selector import Union
-from .attention import DECODE_PART, DecodeInputs, _decode_serial, kernel
+from .attention import (DECODE_PARALLEL_MIN_KEYS, DECODE_PART, DecodeInputs, _decode_parallel,
+                        _decode_serial, kernel)
+from .threads import on_threads, workers
 
 
 def position_ranges(selector, qp: int, k_pos):
@@ -140,6 +142,18 @@ def _sorted(k_pos):
 
 
 @njit(cache=True)
+def _position_inputs(q, k, v, k_pos, qp, codes):
+    """The ranges of a position pattern as one SHARED row, and the kernel's inputs."""
+    d = q.shape[2]
+    lo, hi = _step_ranges(codes, qp, k_pos)
+    rows = Rows(SHARED, np.array([0, lo.size], np.int64), lo, hi, np.zeros(2, np.int64),
+                np.zeros(0, np.int64), np.zeros(0, np.float32))
+    empty = np.zeros((k.shape[0], 0, d), np.float32)
+    qpos = np.full(1, qp, np.int64)
+    return DecodeInputs(q, k, v, empty, empty, qpos, k_pos, np.zeros(0, np.int64), True), rows
+
+
+@njit(cache=True)
 def _position_step(q, k, v, k_pos, qp, codes, scale):
     """One decode step of a position pattern in one compiled call: its ranges, then
     attend_decode's serial kernel over them as one SHARED row. Returns (ok, out, natt,
@@ -147,13 +161,20 @@ def _position_step(q, k, v, k_pos, qp, codes, scale):
     Hq, _, d = q.shape
     if not _sorted(k_pos):
         return False, np.zeros((Hq, 1, d), np.float32), np.zeros((Hq, 1), np.int64), 0
-    lo, hi = _step_ranges(codes, qp, k_pos)
-    rows = Rows(SHARED, np.array([0, lo.size], np.int64), lo, hi, np.zeros(2, np.int64),
-                np.zeros(0, np.int64), np.zeros(0, np.float32))
-    empty = np.zeros((k.shape[0], 0, d), np.float32)
-    qpos = np.full(1, qp, np.int64)
-    x = DecodeInputs(q, k, v, empty, empty, qpos, k_pos, np.zeros(0, np.int64), True)
+    x, rows = _position_inputs(q, k, v, k_pos, qp, codes)
     out, _, natt = _decode_serial(x, rows, scale, DECODE_PART)
+    return True, out, natt, np.searchsorted(k_pos, qp, side="right")
+
+
+@njit(cache=True)
+def _position_step_parallel(q, k, v, k_pos, qp, codes, scale):
+    """_position_step with the kernel's parts side by side: the same bits. A function of its
+    own, so that a one-thread run never compiles the parallel kernel."""
+    Hq, _, d = q.shape
+    if not _sorted(k_pos):
+        return False, np.zeros((Hq, 1, d), np.float32), np.zeros((Hq, 1), np.int64), 0
+    x, rows = _position_inputs(q, k, v, k_pos, qp, codes)
+    out, _, natt = _decode_parallel(x, rows, scale, DECODE_PART)
     return True, out, natt, np.searchsorted(k_pos, qp, side="right")
 
 
@@ -171,9 +192,15 @@ def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
         codes = _codes(selector)
     if codes is not None:
         Hq, _, d = q.shape
-        ok, out, natt, n_causal = _position_step(
-            np.ascontiguousarray(q), k, v, np.asarray(k_pos, np.int64), int(q_pos[0]), codes,
-            1.0 / np.sqrt(d) if scale is None else float(scale))
+        # the keys held bound the keys a step reads: a short window over a long cache may take
+        # the parallel kernel for few keys, which costs little and gives the same bits
+        n = workers() if len(k_pos) >= DECODE_PARALLEL_MIN_KEYS else 1
+        args = (np.ascontiguousarray(q), k, v, np.asarray(k_pos, np.int64), int(q_pos[0]), codes,
+                1.0 / np.sqrt(d) if scale is None else float(scale))
+        if n > 1:
+            ok, out, natt, n_causal = on_threads(n, _position_step_parallel, *args)
+        else:
+            ok, out, natt, n_causal = _position_step(*args)
         if ok:
             if not return_stats:
                 return out
