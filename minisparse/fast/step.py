@@ -1,16 +1,15 @@
 """A decode step with few calls: for one token of dense attention, or of a position pattern
 (sinks, window and their unions: decode.py), over a dense float32 KV cache, each layer's work
 from the previous layer's feed-forward output to this layer's gate and up products is one
-compiled call (`_layer`), and the SwiGLU gate between them stays NumPy's.
+compiled call (`_layer`), and the SwiGLU gate between them is FAST's `fast_glu`.
 
 Why: a decode step of a small model is mostly calls, not arithmetic. model.forward makes ~25
 Python and NumPy calls a layer (norms, products, reshapes, RoPE, the cache append, attention,
 residual adds), a few microseconds each; on the embedded 6-layer model they are most of a token,
-and on SmolLM2 about 0.1 ms a layer. Here a layer is one Numba call and the gate's five NumPy
-passes. The gate stays NumPy's because its exp is NumPy's own SIMD exp, whose bits Numba's exp
-does not reproduce; everything else calls the very kernels the fast path's `Ops` call (q8.py's
-8-bit products, the RMSNorm and RoPE passes of fast/__init__.py, decode.py's compiled attention
-step), in the same order on the same values, so a step here gives the same bits as
+and on SmolLM2 about 0.1 ms a layer. Here a layer is one Numba call and the gate's one.
+Everything calls the very kernels the fast path's `Ops` call (q8.py's 8-bit products, the
+RMSNorm, RoPE and SwiGLU passes of fast/__init__.py, decode.py's compiled attention step), in
+the same order on the same values, so a step here gives the same bits as
 model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
 
 It runs FAST's own functions: an `Ops` made from FAST with other functions in it should set
@@ -29,9 +28,9 @@ from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import reserve
 from ..attention.selector import Union
 from ..cache.dense import KVCache, lazy_zeros
-from ..model import glu, rope_tables
+from ..model import rope_tables
 from ..quant import QuantMatrix
-from . import _rms_rows, _rope_rows, q8, quant   # fast/__init__.py imports this module last
+from . import _rms_rows, _rope_rows, fast_glu, q8, quant   # fast/__init__.py imports this module last
 from .attention import DECODE_PARALLEL_MIN_KEYS
 from .decode import _codes, _position_step, _position_step_parallel, position_codes
 from .threads import on_threads, workers
@@ -272,8 +271,8 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
                              cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
                              cache.k[l], cache.v[l], k_pos, int(pos[0]),
                              _DENSE_CODES if l in dense_layers else pattern, scale)
-        # model.glu itself (FAST's glu is it, by row blocks for a prefill), into one buffer
-        h = glu(g[None], u[None], out=gated)[0]                               # (F,)
+        # FAST's glu itself (fast_glu: the forward on FAST calls it), into one buffer
+        h = fast_glu(g[None], u[None], out=gated)[0]                          # (F,)
         down = down_l
     logits = on_threads(threads, last, x, h, down, out_norm, eps, head)
     cache.advance(1)
