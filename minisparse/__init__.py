@@ -4,11 +4,15 @@
     >>> model = minisparse.load_model("default")      # or a GGUF path, or "smollm2"   # doctest: +SKIP
     >>> print("".join(model.generate("def ", max_new_tokens=20, temperature=0)))  # doctest: +SKIP
 """
-from . import loader as _loader
-from .errors import GGUFError, MinisparseError
-from .model import KVCache, Model
-from .registry import resolve as _resolve
-from .tokenizer import load_tokenizer
+from . import numba_cache as _numba_cache
+
+_numba_cache.install()   # before any module below defines a kernel
+
+from . import loader as _loader  # noqa: E402
+from .errors import GGUFError, MinisparseError  # noqa: E402
+from .model import KVCache, Model  # noqa: E402
+from .registry import resolve as _resolve  # noqa: E402
+from .tokenizer import load_tokenizer  # noqa: E402
 
 __all__ = ["GGUFError", "MinisparseError", "KVCache", "Model", "load_model", "load_tokenizer"]
 __version__ = "0.1.0"
