@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from numba import njit
 
 from minisparse.attention import attend
 from minisparse.attention.kernel import Inputs, Rows, reference_kernel
@@ -163,6 +164,27 @@ def test_top_keys_keeps_what_take_top_keeps(row_keep):
     got = np.empty(e, np.int64)
     n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(2 * e + 2, x.dtype), got)
     np.testing.assert_array_equal(got[:n], want)
+
+
+@njit
+def _ge_bits16(row, nb, floor, bits):                       # the intrinsic, called from Numba
+    return fa._ge_bits16(row, nb, floor, bits)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 300), st.sampled_from([np.float32, np.float64]))
+def test_ge_bits16_gives_each_blocks_compare_mask(seed, e, dtype):
+    # the list of top_keys is read from these masks: bit u of block i must be
+    # row[16 i + u] >= floor exactly (ties included, NaN never), and the count their popcount
+    r = np.random.default_rng(seed)
+    row = r.integers(0, 5, e).astype(dtype)                 # few values: many ties at the floor
+    row[r.random(e) < 0.05] = np.nan
+    floor = dtype(r.integers(0, 5))
+    nb = e // 16
+    bits = np.full(nb + 1, -1, np.int64)                    # one past the end: must stay untouched
+    total = _ge_bits16(row, nb, floor, bits)
+    want = (row[:16 * nb] >= floor).reshape(nb, 16)        # NaN >= floor is False
+    np.testing.assert_array_equal(bits[:nb], (want * (1 << np.arange(16))).sum(axis=1))
+    assert total == want.sum() and bits[nb] == -1
 
 
 # ---- other selections as banded tiles -------------------------------------------------------

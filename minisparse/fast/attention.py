@@ -697,6 +697,50 @@ def _exp16(typingctx, row, nblk, m):
     return types.float32(row, types.int64, types.float32), codegen
 
 
+# Exact top-k's list (fast/prefill.py top_keys) is every key of a row at or above a bound, a
+# few percent of the row. Numba's loops compacted it by stretches of keys, each first counted
+# then stored whole where it held a candidate, which on a real row was a third of the stretches;
+# here one 16-lane compare per block gives the block's candidates as bits, which the caller walks
+# one set bit at a time (trailing_zeros), so a key that is no candidate costs a lane of a compare.
+
+
+def _c_float_row(row):
+    """True for the Numba type of a contiguous 1-d float32 or float64 array."""
+    return (isinstance(row, types.Array) and row.dtype in (types.float32, types.float64)
+            and row.layout == "C" and row.ndim == 1)
+
+
+@intrinsic
+def _ge_bits16(typingctx, row, nblk, floor, bits):
+    """bits[i] <- the 16-bit mask of row[16 i: 16 i + 16] >= floor (bit u for entry 16 i + u),
+    for i < nblk; returns the number of bits set. row: contiguous float32 or float64 and floor
+    of its dtype; bits: contiguous int64, >= nblk entries. A NaN entry's bit is 0."""
+    if not (_c_float_row(row) and floor == row.dtype and isinstance(bits, types.Array)
+            and bits.dtype == types.int64 and bits.layout == "C" and bits.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        out = context.make_array(signature.args[3])(context, builder, args[3]).data
+        f = context.get_value_type(signature.args[0].dtype)
+        vt = llvm_ir.VectorType(f, 16)
+        fv = builder.insert_element(llvm_ir.Constant(vt, llvm_ir.Undefined), args[2],
+                                    llvm_ir.Constant(llvm_ir.IntType(32), 0))
+        fv = builder.shuffle_vector(fv, fv, llvm_ir.Constant(_VI16, [0] * 16))   # in every lane
+        ctpop = _llvm_fn(builder.module, "llvm.ctpop.i64", _I64, [_I64])
+        width = context.get_abi_sizeof(f)
+
+        def body(i, total):
+            at = builder.gep(data, [builder.mul(i, llvm_ir.Constant(_I64, 16))])
+            x = builder.load(builder.bitcast(at, vt.as_pointer()), align=width)
+            mask = builder.bitcast(builder.fcmp_ordered(">=", x, fv), llvm_ir.IntType(16))
+            mask = builder.zext(mask, _I64)
+            builder.store(mask, builder.gep(out, [i]))
+            return builder.add(total, builder.call(ctpop, [mask]))
+        return _loop16(builder, args[1], llvm_ir.Constant(_I64, 0), body)
+    return types.int64(row, types.int64, row.dtype, bits), codegen
+
+
 @njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
 def _softmax_rows(s, n_vis, m, l):
     """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s

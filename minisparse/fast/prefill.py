@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..attention.kernel import AttentionStats, Rows, attend as plain_attend
 from ..attention.selection import KV, Q, Selection, default_positions
@@ -44,10 +45,8 @@ from .threads import side_by_side
 # a real document left most of a row above the bound. LANES_PER_KEEP lanes per kept key: more
 # tighten the bound (a shorter list), fewer cost less to select from.
 LANES_PER_KEEP = 2
-# The list is made by stretches of LIST_STEP keys, each first tested as a whole (a vectorised
-# count), so the stretches without a candidate (most, as the list is short) cost one pass of
-# loads and compares, not a store per key.
-LIST_STEP = 32
+# The list is made from 16-key blocks' compare masks (fa._ge_bits16), walked one set bit at a
+# time, so a key that is no candidate costs one lane of a vector compare, not a store.
 
 
 @njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
@@ -109,11 +108,12 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
     """Write to out[:n] (ascending) the context keys [0, e) that TopK keeps: the keep of highest
     rank (all when keep >= e), ties at the threshold to the later keys as `topk.take_top` rules;
     returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 2 e + 2 entries (int64,
-    rank's dtype).
+    rank's dtype); out (>= e entries) also holds the list's block masks before the keys.
 
     The threshold comes from a short list: every key at or above the lane bound (typically a
     little more than keep of them: one vectorised pass, a selection among 2 keep lane maxima and
-    one compacting pass over the row), then a partition of that list, not of the whole row."""
+    one compare pass over the row, 16 keys a mask), then a partition of that list, not of the
+    whole row."""
     if keep >= e:
         for j in range(e):
             out[j] = j
@@ -123,17 +123,21 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
     L = min(e, (LANES_PER_KEEP * keep + 15) // 16 * 16)       # a multiple of the SIMD width
     _lane_max(rank, e, L, cand_v)             # cand_v is free until the list below is made
     floor = kth_largest(cand_v, L, keep)
+    nb = e // 16
+    fa._ge_bits16(rank, nb, floor, out)       # out[:nb] is free until the keys are written
     n = 0
-    for j0 in range(0, e, LIST_STEP):
-        j1 = min(j0 + LIST_STEP, e)
-        hit = 0
-        for j in range(j0, j1):               # vectorised: does this stretch hold a candidate?
-            hit += rank[j] >= floor
-        if hit:
-            for j in range(j0, j1):           # branch-free: written always, kept by the count
-                cand_i[n] = j
-                cand_v[n] = rank[j]
-                n += rank[j] >= floor
+    for i in range(nb):                       # each block's candidates, one set bit at a time
+        bits = out[i]
+        while bits:
+            j = 16 * i + trailing_zeros(bits)
+            cand_i[n] = j
+            cand_v[n] = rank[j]
+            n += 1
+            bits &= bits - 1
+    for j in range(nb * 16, e):               # the tail, branch-free
+        cand_i[n] = j
+        cand_v[n] = rank[j]
+        n += rank[j] >= floor
     work = cand_v[n:2 * n]                    # the list's copy, which the selection reorders
     work[:] = cand_v[:n]
     thr = kth_largest(work, n, keep)
