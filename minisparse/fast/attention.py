@@ -741,6 +741,68 @@ def _ge_bits16(typingctx, row, nblk, floor, bits):
     return types.int64(row, types.int64, row.dtype, bits), codegen
 
 
+@intrinsic
+def _pick16(typingctx, src, lo, hi, pivot, side, dst, at):
+    """Write the entries x of src[lo:hi] with x < pivot (side < 0) or x > pivot (side >= 0), in
+    their order, to dst[at:at + n]; returns n. 16 lanes a step: a compare, then a compressing
+    store of the lanes that pass (AVX-512's vcompress; elsewhere LLVM's own expansion of it),
+    the last partial block read through a load of its lanes only. src, dst: contiguous 1-d
+    float32 or float64 of one dtype, pivot of it; 0 <= lo <= hi <= len(src); dst must hold
+    at + n entries and not overlap src[lo:hi]. A NaN entry is never written."""
+    if not (_c_float_row(src) and src == dst and pivot == src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = context.make_array(signature.args[0])(context, builder, args[0]).data
+        y = context.make_array(signature.args[5])(context, builder, args[5]).data
+        lo, hi, pv, side, at = args[1], args[2], args[3], args[4], args[6]
+        f = context.get_value_type(signature.args[0].dtype)
+        vt = llvm_ir.VectorType(f, 16)
+        i16 = llvm_ir.IntType(16)
+        tag = "v16f32" if f == _F32 else "v16f64"
+        compress = _llvm_fn(builder.module, f"llvm.masked.compressstore.{tag}",
+                            llvm_ir.VoidType(), [vt, f.as_pointer(), llvm_ir.VectorType(
+                                llvm_ir.IntType(1), 16)])
+        expand = _llvm_fn(builder.module, f"llvm.masked.expandload.{tag}",
+                          vt, [f.as_pointer(), llvm_ir.VectorType(llvm_ir.IntType(1), 16), vt])
+        ctpop = _llvm_fn(builder.module, "llvm.ctpop.i16", i16, [i16])
+        i64v = llvm_ir.VectorType(_I64, 16)
+
+        def splat(value, ty):
+            v = builder.insert_element(llvm_ir.Constant(ty, llvm_ir.Undefined), value,
+                                       llvm_ir.Constant(llvm_ir.IntType(32), 0))
+            return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
+        pvv = splat(pv, vt)
+        below = builder.icmp_signed("<", side, llvm_ir.Constant(_I64, 0))
+        width = context.get_abi_sizeof(f)
+        sixteen = llvm_ir.Constant(_I64, 16)
+
+        def step(start, n_written, lanes):
+            """The block at src[start]: all 16 lanes (lanes None) or those set in lanes."""
+            ptr = builder.gep(x, [start])
+            if lanes is None:
+                v = builder.load(builder.bitcast(ptr, vt.as_pointer()), align=width)
+            else:
+                v = builder.call(expand, [ptr, lanes, llvm_ir.Constant(vt, llvm_ir.Undefined)])
+            keep = builder.select(below, builder.fcmp_ordered("<", v, pvv),
+                                  builder.fcmp_ordered(">", v, pvv))
+            if lanes is not None:
+                keep = builder.and_(keep, lanes)
+            builder.call(compress, [v, builder.gep(y, [builder.add(at, n_written)]), keep])
+            count = builder.call(ctpop, [builder.bitcast(keep, i16)])
+            return builder.add(n_written, builder.zext(count, _I64))
+
+        nblk = builder.sdiv(builder.sub(hi, lo), sixteen)
+        n = _loop16(builder, nblk, llvm_ir.Constant(_I64, 0),
+                    lambda i, acc: step(builder.add(lo, builder.mul(i, sixteen)), acc, None))
+        start = builder.add(lo, builder.mul(nblk, sixteen))
+        rest = splat(builder.sub(hi, start), i64v)                      # 0 to 15 entries left
+        iota = llvm_ir.Constant(i64v, list(range(16)))
+        return step(start, n, builder.icmp_signed("<", iota, rest))    # none: reads nothing
+    return (types.int64(src, types.int64, types.int64, src.dtype, types.int64, dst, types.int64),
+            codegen)
+
+
 @njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
 def _softmax_rows(s, n_vis, m, l):
     """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s

@@ -65,49 +65,51 @@ def _lane_max(rank, e, L, lanes):
 
 
 @njit(cache=True, nogil=True)
-def kth_largest(x, n, kth):
-    """The kth largest (1 <= kth <= n) of x[:n], which it reorders, in place (no copy, no
-    allocation, unlike np.partition): quickselect with a median-of-three pivot, each step two
-    branch-free passes (below the pivot, then equal to it), whose cost does not depend on how
-    well a branch predictor guesses random comparisons; the last few by insertion."""
-    want = n - kth                            # its index in ascending order
-    lo, hi = 0, n                             # x[lo:hi] holds it
-    while hi - lo > 8:
-        a, b, c = x[lo], x[(lo + hi) // 2], x[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))
-        s = lo
-        for i in range(lo, hi):               # x[lo:s] < pivot
-            v = x[i]
-            x[i] = x[s]
-            x[s] = v
-            s += v < pivot
-        if want < s:
-            hi = s
-            continue
-        s2 = s
-        for i in range(s, hi):                # x[s:s2] == pivot (>= 1 entry: the pivot)
-            v = x[i]
-            x[i] = x[s2]
-            x[s2] = v
-            s2 += v <= pivot
-        if want < s2:
+def kth_largest(x, n, kth, w):
+    """The kth largest (1 <= kth <= n) of x[:n], which it only reads; w: scratch of 2 n entries
+    of x's dtype (no allocation, unlike np.partition). Quickselect with a median-of-three pivot,
+    each step two 16-lane passes from one half of w into the other (fa._pick16): the entries
+    below the pivot, then those above it after them; those equal to it are dropped (their value
+    is known). No branch on a comparison of entries, so its cost does not depend on how well a
+    branch predictor guesses random comparisons, and no scalar loop over the entries (a
+    partition in place swaps one entry a step, each swap's load waiting on the store before it).
+    The last few by insertion."""
+    want = n - kth                            # its index in ascending order, in w[src + lo:]
+    for i in range(n):
+        w[i] = x[i]
+    src, dst = 0, n                           # the halves of w: entries [src + lo, src + hi)
+    lo, hi = 0, n
+    while hi - lo > 16:
+        u, v, z = w[src + lo], w[src + (lo + hi) // 2], w[src + hi - 1]
+        pivot = max(min(u, v), min(max(u, v), z))
+        n_lt = fa._pick16(w, src + lo, src + hi, pivot, -1, w, dst + lo)       # first
+        n_gt = fa._pick16(w, src + lo, src + hi, pivot, 1, w, dst + lo + n_lt)  # after them
+        n_eq = hi - lo - n_lt - n_gt                                  # >= 1: the pivot
+        if want < lo + n_lt:
+            hi = lo + n_lt
+        elif want < lo + n_lt + n_eq:
             return pivot
-        lo = s2
+        else:
+            want -= n_eq
+            lo, hi = lo + n_lt, lo + n_lt + n_gt
+        src, dst = dst, src
+    lo += src
+    hi += src
     for i in range(lo + 1, hi):
-        v = x[i]
+        y = w[i]
         j = i - 1
-        while j >= lo and x[j] > v:
-            x[j + 1] = x[j]
+        while j >= lo and w[j] > y:
+            w[j + 1] = w[j]
             j -= 1
-        x[j + 1] = v
-    return x[want]
+        w[j + 1] = y
+    return w[src + want]
 
 
 @njit(cache=True, nogil=True)
 def top_keys(rank, e, keep, cand_i, cand_v, out):
     """Write to out[:n] (ascending) the context keys [0, e) that TopK keeps: the keep of highest
     rank (all when keep >= e), ties at the threshold to the later keys as `topk.take_top` rules;
-    returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 2 e + 2 entries (int64,
+    returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 3 e + 3 entries (int64,
     rank's dtype); out (>= e entries) also holds the list's block masks before the keys.
 
     The threshold comes from a short list: every key at or above the lane bound (typically a
@@ -122,7 +124,7 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
         return 0
     L = min(e, (LANES_PER_KEEP * keep + 15) // 16 * 16)       # a multiple of the SIMD width
     _lane_max(rank, e, L, cand_v)             # cand_v is free until the list below is made
-    floor = kth_largest(cand_v, L, keep)
+    floor = kth_largest(cand_v, L, keep, cand_v[L:])
     nb = e // 16
     fa._ge_bits16(rank, nb, floor, out)       # out[:nb] is free until the keys are written
     n = 0
@@ -138,9 +140,7 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
         cand_i[n] = j
         cand_v[n] = rank[j]
         n += rank[j] >= floor
-    work = cand_v[n:2 * n]                    # the list's copy, which the selection reorders
-    work[:] = cand_v[:n]
-    thr = kth_largest(work, n, keep)
+    thr = kth_largest(cand_v, n, keep, cand_v[n:])
     need = keep
     for a in range(n):
         if cand_v[a] > thr:
@@ -171,7 +171,7 @@ class TopKScratch(NamedTuple):
 @njit(cache=True, nogil=True)
 def topk_scratch(S):
     return TopKScratch(np.empty(S, np.float64), np.empty(S + 1, np.int64),
-                       np.empty(2 * S + 2, np.float32), np.empty(2 * S + 2, np.float64))
+                       np.empty(3 * S + 3, np.float32), np.empty(3 * S + 3, np.float64))
 
 
 @njit(cache=True, nogil=True)
