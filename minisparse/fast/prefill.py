@@ -189,11 +189,13 @@ def topk_row_keys(s, r, qp, k_pos, budget, recent, G, per_kv, w, kept):
     e = np.searchsorted(k_pos, qp[t] - recent, side="right")
     keep = min(budget[t], e)
     if per_kv:
+        # head by head over the row (vectorised), in the order of a sum over h per key: the same
+        # float64 sums, TopK's
         for j in range(e):
-            x = 0.0
-            for h in range(G):
-                x += np.float64(s[h * b + t, j])
-            w.rank64[j] = x
+            w.rank64[j] = np.float64(s[t, j])
+        for h in range(1, G):
+            for j in range(e):
+                w.rank64[j] += np.float64(s[h * b + t, j])
         n = top_keys(w.rank64, e, keep, w.cand_i, w.cand64, kept)
     else:
         n = top_keys(s[r], e, keep, w.cand_i, w.cand32, kept)
