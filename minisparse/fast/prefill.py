@@ -73,7 +73,7 @@ def kth_largest(x, n, kth, w):
     is known). No branch on a comparison of entries, so its cost does not depend on how well a
     branch predictor guesses random comparisons, and no scalar loop over the entries (a
     partition in place swaps one entry a step, each swap's load waiting on the store before it).
-    The last few by insertion."""
+    The last few by counting, for each, the entries below it and equal to it."""
     want = n - kth                            # its index in ascending order, in w[src + lo:]
     for i in range(n):
         w[i] = x[i]
@@ -95,14 +95,17 @@ def kth_largest(x, n, kth, w):
         src, dst = dst, src
     lo += src
     hi += src
-    for i in range(lo + 1, hi):
+    want += src
+    for i in range(lo, hi):                   # the one whose rank among the few holds want
         y = w[i]
-        j = i - 1
-        while j >= lo and w[j] > y:
-            w[j + 1] = w[j]
-            j -= 1
-        w[j + 1] = y
-    return w[src + want]
+        less = 0
+        same = 0
+        for j in range(lo, hi):               # counts, branch-free
+            less += w[j] < y
+            same += w[j] == y
+        if less <= want - lo < less + same:
+            return y
+    return w[want]                            # not reached: some entry's ranks hold want
 
 
 @njit(cache=True, nogil=True)
@@ -153,10 +156,9 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
             need -= 1
         a -= 1
     o = 0
-    for a in range(n):
-        if cand_v[a] > thr or (cand_v[a] == thr and a >= cut):
-            out[o] = cand_i[a]
-            o += 1
+    for a in range(n):                        # branch-free: written always, kept by the test
+        out[o] = cand_i[a]
+        o += (cand_v[a] > thr) | ((cand_v[a] == thr) & (a >= cut))
     return o
 
 
