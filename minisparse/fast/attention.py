@@ -697,11 +697,12 @@ def _exp16(typingctx, row, nblk, m):
     return types.float32(row, types.int64, types.float32), codegen
 
 
-# Exact top-k's list (fast/prefill.py top_keys) is every key of a row at or above a bound, a
-# few percent of the row. Numba's loops compacted it by stretches of keys, each first counted
-# then stored whole where it held a candidate, which on a real row was a third of the stretches;
-# here one 16-lane compare per block gives the block's candidates as bits, which the caller walks
-# one set bit at a time (trailing_zeros), so a key that is no candidate costs a lane of a compare.
+# Exact top-k's selection (fast/prefill.py top_keys, kth_largest) in 16 lanes. Its list is every
+# key of a row at or above a bound: a few percent of the row, but spread over it, so a
+# compaction by stretches of keys stores many stretches whole to keep a key or two. _ge_bits16
+# gives each 16-key block's candidates as bits, which the caller walks one set bit at a time, so
+# a key that is no candidate costs a lane of a compare; _pick16 is a quickselect's partition
+# 16 entries a step, with no scalar store-then-load chain through the entries.
 
 
 def _c_float_row(row):

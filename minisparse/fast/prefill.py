@@ -66,14 +66,15 @@ def _lane_max(rank, e, L, lanes):
 
 @njit(cache=True, nogil=True)
 def kth_largest(x, n, kth, w):
-    """The kth largest (1 <= kth <= n) of x[:n], which it only reads; w: scratch of 2 n entries
-    of x's dtype (no allocation, unlike np.partition). Quickselect with a median-of-three pivot,
-    each step two 16-lane passes from one half of w into the other (fa._pick16): the entries
-    below the pivot, then those above it after them; those equal to it are dropped (their value
-    is known). No branch on a comparison of entries, so its cost does not depend on how well a
-    branch predictor guesses random comparisons, and no scalar loop over the entries (a
-    partition in place swaps one entry a step, each swap's load waiting on the store before it).
-    The last few by counting, for each, the entries below it and equal to it."""
+    """The kth largest (1 <= kth <= n) of x[:n] (no NaN), which it only reads; w: scratch of
+    2 n entries of x's dtype (no allocation, unlike np.partition). Quickselect with a
+    median-of-three pivot, each step two 16-lane passes from one half of w into the other
+    (fa._pick16): the entries below the pivot, then those above it after them; those equal to
+    it are dropped (their value is known). No branch on a comparison of entries, so its cost
+    does not depend on how well a branch predictor guesses random comparisons, and no scalar
+    loop over the entries (a partition in place swaps one entry a step, each swap's load
+    waiting on the store before it). The last few by counting, for each, the entries below it
+    and equal to it."""
     want = n - kth                            # its index in ascending order, in w[src + lo:]
     for i in range(n):
         w[i] = x[i]
