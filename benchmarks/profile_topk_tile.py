@@ -3,8 +3,9 @@ chunk of an N-token prefill of real text (the pydoc topics) on SmolLM2, as `ask`
 q, K, V captured at every layer, then each (query tile, KV head) run both ways side by side,
 interleaved tile by tile, CPU time (time.thread_time) per part:
 
-- dense (fast/attention.py `attend_tiles`): the score sgemm, the causal mask and row max, the
-  exp pass (`_exp_rows`), the P V sgemm;
+- dense (fast/attention.py `attend_tiles`, keys in position order): the score sgemm, the
+  softmax pass (`_softmax_rows`: per row the causal mask, max, exp and sum), the P V sgemm and
+  `_finish_rows` (the division by the sums, the log-sum-exp);
 - top-k (fast/prefill.py `topk_tiles`): the same score sgemm, the selection (`topk_tile_keys`:
   each row's threshold and kept keys) and the softmax and weighted values over the kept keys
   (`topk_attend` less the selection it repeats).
@@ -29,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                                       # run from a checkout
 
-PARTS = {"dense": ["scores (sgemm)", "mask + row max", "exp", "P V (sgemm)"],
+PARTS = {"dense": ["scores (sgemm)", "softmax (mask, max, exp, sum)", "P V (sgemm) + finish"],
          "topk": ["scores (sgemm)", "selection", "softmax + weighted values"]}
 
 
@@ -66,26 +67,24 @@ def one_round(layers, sel, block):
         n_vis = np.searchsorted(k_pos, q_pos, side="right")
         budget = row_budgets(sel.k, sel.fraction, q_pos, k_pos, 1)
         per_kv = sel.per == "kv"
+        out_d = np.empty((G, block, d), np.float32)                   # dense's results
+        lse_d = np.empty((G, block))
         for g in range(Hkv):
             for t0 in range(0, Tq, block):
                 t1 = min(t0 + block, Tq)
-                b, S, S0 = t1 - t0, int(n_vis[t0:t1].max()), int(n_vis[t0:t1].min())
+                b, S = t1 - t0, int(n_vis[t0:t1].max())
                 qt = np.multiply(q[g * G:(g + 1) * G, t0:t1], sc).reshape(G * b, d)
                 a = tt()                                              # ---- dense
                 s = qt @ k[g, :S].T
-                a1 = tt()
-                hidden = k_pos[S0:S] > q_pos[t0:t1][:, None]
-                np.copyto(s.reshape(G, b, S)[:, :, S0:], -np.inf, where=hidden)
-                m = s.max(axis=1)
-                m[m == -np.inf] = 0.0
-                a2 = tt()
+                m = np.empty(G * b, np.float32)
                 l = np.empty(G * b, np.float32)
-                fa._exp_rows(s, m, l)
-                a3 = tt()
+                a1 = tt()
+                fa._softmax_rows(s, n_vis[t0:t1], m, l)
+                a2 = tt()
                 o = s @ v[g, :S]
-                o /= l[:, None]
-                a4 = tt()
-                for p, x in zip(PARTS["dense"], (a1 - a, a2 - a1, a3 - a2, a4 - a3)):
+                fa._finish_rows(o, m, l, out_d[:, :b], lse_d[:, :b])
+                a3 = tt()
+                for p, x in zip(PARTS["dense"], (a1 - a, a2 - a1, a3 - a2)):
                     acc["dense", p] += x
                 a = tt()                                              # ---- top-k
                 s = qt @ k[g, :S].T
@@ -135,7 +134,7 @@ def list_lengths(layers, sel):
                     L = min(e, (fp.LANES_PER_KEEP * keep + 15) // 16 * 16)
                     lanes = np.empty(L, row.dtype)
                     fp._lane_max(row, e, L, lanes)
-                    floor = fp.kth_largest(lanes, L, keep)
+                    floor = np.sort(lanes)[L - keep]               # keep-th largest
                 else:
                     floor = fp._block_max_floor(row, e, keep)
                 out.append(np.count_nonzero(row >= floor) / keep)

@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from numba import njit
 
 from minisparse.attention import attend
 from minisparse.attention.kernel import Inputs, Rows, reference_kernel
@@ -124,7 +125,9 @@ def test_kth_largest_equals_the_sorted_rows_kth(seed, n, spread):
     r = np.random.default_rng(seed)
     x = r.integers(0, spread, n).astype(np.float32)
     kth = int(r.integers(1, n + 1))
-    assert fp.kth_largest(x.copy(), n, kth) == np.sort(x)[::-1][kth - 1]
+    x0 = x.copy()
+    assert fp.kth_largest(x, n, kth, np.empty(2 * n, np.float32)) == np.sort(x)[::-1][kth - 1]
+    np.testing.assert_array_equal(x, x0)                    # read only: top_keys reuses its list
 
 
 @st.composite
@@ -161,8 +164,55 @@ def test_top_keys_keeps_what_take_top_keeps(row_keep):
     want = np.empty(keep, np.int64)
     take_top(x.astype(np.float64), np.ones(e, np.bool_), keep, want, 0)
     got = np.empty(e, np.int64)
-    n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(2 * e + 2, x.dtype), got)
+    n = fp.top_keys(x, e, keep, np.empty(e + 1, np.int64), np.empty(3 * e + 3, x.dtype), got)
     np.testing.assert_array_equal(got[:n], want)
+
+
+@njit
+def _ge_bits16(row, nb, floor, bits):                       # the intrinsic, called from Numba
+    return fa._ge_bits16(row, nb, floor, bits)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 300), st.sampled_from([np.float32, np.float64]))
+def test_ge_bits16_gives_each_blocks_compare_mask(seed, e, dtype):
+    # the list of top_keys is read from these masks: bit u of block i must be
+    # row[16 i + u] >= floor exactly (ties included, NaN never), and the count their popcount
+    r = np.random.default_rng(seed)
+    row = r.integers(0, 5, e).astype(dtype)                 # few values: many ties at the floor
+    row[r.random(e) < 0.05] = np.nan
+    floor = dtype(r.integers(0, 5))
+    nb = e // 16
+    bits = np.full(nb + 1, -1, np.int64)                    # one past the end: must stay untouched
+    total = _ge_bits16(row, nb, floor, bits)
+    want = (row[:16 * nb] >= floor).reshape(nb, 16)        # NaN >= floor is False
+    np.testing.assert_array_equal(bits[:nb], (want * (1 << np.arange(16))).sum(axis=1))
+    assert total == want.sum() and bits[nb] == -1
+
+
+@njit
+def _pick16(src, lo, hi, pivot, side, dst, at):             # the intrinsic, called from Numba
+    return fa._pick16(src, lo, hi, pivot, side, dst, at)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 70), st.sampled_from([np.float32, np.float64]))
+def test_pick16_writes_the_entries_below_or_above_the_pivot_in_order(seed, n, dtype):
+    # kth_largest's partition: for any range [lo, hi) (full blocks and a partial one), exactly
+    # the entries < pivot (side < 0) or > pivot (side > 0), in their order, at dst[at:], and
+    # nothing else of dst written; ties with the pivot and NaN never written
+    r = np.random.default_rng(seed)
+    x = r.integers(0, 5, n).astype(dtype)                   # few values: many ties
+    x[r.random(n) < 0.05] = np.nan
+    lo = int(r.integers(0, n + 1))
+    hi = int(r.integers(lo, n + 1))
+    pivot, at = dtype(r.integers(0, 5)), int(r.integers(0, 5))
+    for side in (-1, 1):
+        dst = np.full(n + 25, -7, dtype)
+        got = _pick16(x, lo, hi, pivot, side, dst, at)
+        part = x[lo:hi]
+        want = part[part < pivot] if side < 0 else part[part > pivot]
+        assert got == want.size
+        np.testing.assert_array_equal(dst[at:at + got], want)
+        assert np.all(dst[:at] == -7) and np.all(dst[at + got:] == -7)
 
 
 # ---- other selections as banded tiles -------------------------------------------------------

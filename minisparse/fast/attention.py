@@ -777,6 +777,113 @@ def _exp16(typingctx, row, nblk, m):
     return types.float32(row, types.int64, types.float32), codegen
 
 
+# Exact top-k's selection (fast/prefill.py top_keys, kth_largest) in 16 lanes. Its list is every
+# key of a row at or above a bound: a few percent of the row, but spread over it, so a
+# compaction by stretches of keys stores many stretches whole to keep a key or two. _ge_bits16
+# gives each 16-key block's candidates as bits, which the caller walks one set bit at a time, so
+# a key that is no candidate costs a lane of a compare; _pick16 is a quickselect's partition
+# 16 entries a step, with no scalar store-then-load chain through the entries.
+
+
+def _c_float_row(row):
+    """True for the Numba type of a contiguous 1-d float32 or float64 array."""
+    return (isinstance(row, types.Array) and row.dtype in (types.float32, types.float64)
+            and row.layout == "C" and row.ndim == 1)
+
+
+@intrinsic
+def _ge_bits16(typingctx, row, nblk, floor, bits):
+    """bits[i] <- the 16-bit mask of row[16 i: 16 i + 16] >= floor (bit u for entry 16 i + u),
+    for i < nblk; returns the number of bits set. row: contiguous float32 or float64 and floor
+    of its dtype; bits: contiguous int64, >= nblk entries. A NaN entry's bit is 0."""
+    if not (_c_float_row(row) and floor == row.dtype and isinstance(bits, types.Array)
+            and bits.dtype == types.int64 and bits.layout == "C" and bits.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        out = context.make_array(signature.args[3])(context, builder, args[3]).data
+        f = context.get_value_type(signature.args[0].dtype)
+        vt = llvm_ir.VectorType(f, 16)
+        fv = builder.insert_element(llvm_ir.Constant(vt, llvm_ir.Undefined), args[2],
+                                    llvm_ir.Constant(llvm_ir.IntType(32), 0))
+        fv = builder.shuffle_vector(fv, fv, llvm_ir.Constant(_VI16, [0] * 16))   # in every lane
+        ctpop = _llvm_fn(builder.module, "llvm.ctpop.i64", _I64, [_I64])
+        width = context.get_abi_sizeof(f)
+
+        def body(i, total):
+            at = builder.gep(data, [builder.mul(i, llvm_ir.Constant(_I64, 16))])
+            x = builder.load(builder.bitcast(at, vt.as_pointer()), align=width)
+            mask = builder.bitcast(builder.fcmp_ordered(">=", x, fv), llvm_ir.IntType(16))
+            mask = builder.zext(mask, _I64)
+            builder.store(mask, builder.gep(out, [i]))
+            return builder.add(total, builder.call(ctpop, [mask]))
+        return _loop16(builder, args[1], llvm_ir.Constant(_I64, 0), body)
+    return types.int64(row, types.int64, row.dtype, bits), codegen
+
+
+@intrinsic
+def _pick16(typingctx, src, lo, hi, pivot, side, dst, at):
+    """Write the entries x of src[lo:hi] with x < pivot (side < 0) or x > pivot (side >= 0), in
+    their order, to dst[at:at + n]; returns n. 16 lanes a step: a compare, then a compressing
+    store of the lanes that pass (AVX-512's vcompress; elsewhere LLVM's own expansion of it),
+    the last partial block read through a load of its lanes only. src, dst: contiguous 1-d
+    float32 or float64 of one dtype, pivot of it; 0 <= lo <= hi <= len(src); dst must hold
+    at + n entries and not overlap src[lo:hi]. A NaN entry is never written."""
+    if not (_c_float_row(src) and src == dst and pivot == src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = context.make_array(signature.args[0])(context, builder, args[0]).data
+        y = context.make_array(signature.args[5])(context, builder, args[5]).data
+        lo, hi, pv, side, at = args[1], args[2], args[3], args[4], args[6]
+        f = context.get_value_type(signature.args[0].dtype)
+        vt = llvm_ir.VectorType(f, 16)
+        i16 = llvm_ir.IntType(16)
+        tag = "v16f32" if f == _F32 else "v16f64"
+        compress = _llvm_fn(builder.module, f"llvm.masked.compressstore.{tag}",
+                            llvm_ir.VoidType(), [vt, f.as_pointer(), llvm_ir.VectorType(
+                                llvm_ir.IntType(1), 16)])
+        expand = _llvm_fn(builder.module, f"llvm.masked.expandload.{tag}",
+                          vt, [f.as_pointer(), llvm_ir.VectorType(llvm_ir.IntType(1), 16), vt])
+        ctpop = _llvm_fn(builder.module, "llvm.ctpop.i16", i16, [i16])
+        i64v = llvm_ir.VectorType(_I64, 16)
+
+        def splat(value, ty):
+            v = builder.insert_element(llvm_ir.Constant(ty, llvm_ir.Undefined), value,
+                                       llvm_ir.Constant(llvm_ir.IntType(32), 0))
+            return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
+        pvv = splat(pv, vt)
+        below = builder.icmp_signed("<", side, llvm_ir.Constant(_I64, 0))
+        width = context.get_abi_sizeof(f)
+        sixteen = llvm_ir.Constant(_I64, 16)
+
+        def step(start, n_written, lanes):
+            """The block at src[start]: all 16 lanes (lanes None) or those set in lanes."""
+            ptr = builder.gep(x, [start])
+            if lanes is None:
+                v = builder.load(builder.bitcast(ptr, vt.as_pointer()), align=width)
+            else:
+                v = builder.call(expand, [ptr, lanes, llvm_ir.Constant(vt, llvm_ir.Undefined)])
+            keep = builder.select(below, builder.fcmp_ordered("<", v, pvv),
+                                  builder.fcmp_ordered(">", v, pvv))
+            if lanes is not None:
+                keep = builder.and_(keep, lanes)
+            builder.call(compress, [v, builder.gep(y, [builder.add(at, n_written)]), keep])
+            count = builder.call(ctpop, [builder.bitcast(keep, i16)])
+            return builder.add(n_written, builder.zext(count, _I64))
+
+        nblk = builder.sdiv(builder.sub(hi, lo), sixteen)
+        n = _loop16(builder, nblk, llvm_ir.Constant(_I64, 0),
+                    lambda i, acc: step(builder.add(lo, builder.mul(i, sixteen)), acc, None))
+        start = builder.add(lo, builder.mul(nblk, sixteen))
+        rest = splat(builder.sub(hi, start), i64v)                      # 0 to 15 entries left
+        iota = llvm_ir.Constant(i64v, list(range(16)))
+        return step(start, n, builder.icmp_signed("<", iota, rest))    # none: reads nothing
+    return (types.int64(src, types.int64, types.int64, src.dtype, types.int64, dst, types.int64),
+            codegen)
+
+
 @njit(cache=True, fastmath={"contract"}, nogil=True)       # nogil: tiles run side by side
 def _softmax_rows(s, n_vis, m, l):
     """A causal tile's softmax numerators in one Numba pass per row, in place: for row r of s

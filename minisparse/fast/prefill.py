@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..attention.kernel import AttentionStats, Rows, attend as plain_attend
 from ..attention.selection import KV, Q, Selection, default_positions
@@ -44,10 +45,8 @@ from .threads import side_by_side
 # a real document left most of a row above the bound. LANES_PER_KEEP lanes per kept key: more
 # tighten the bound (a shorter list), fewer cost less to select from.
 LANES_PER_KEEP = 2
-# The list is made by stretches of LIST_STEP keys, each first tested as a whole (a vectorised
-# count), so the stretches without a candidate (most, as the list is short) cost one pass of
-# loads and compares, not a store per key.
-LIST_STEP = 32
+# The list is made from 16-key blocks' compare masks (fa._ge_bits16), walked one set bit at a
+# time, so a key that is no candidate costs one lane of a vector compare, not a store.
 
 
 @njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
@@ -66,54 +65,61 @@ def _lane_max(rank, e, L, lanes):
 
 
 @njit(cache=True, nogil=True)
-def kth_largest(x, n, kth):
-    """The kth largest (1 <= kth <= n) of x[:n], which it reorders, in place (no copy, no
-    allocation, unlike np.partition): quickselect with a median-of-three pivot, each step two
-    branch-free passes (below the pivot, then equal to it), whose cost does not depend on how
-    well a branch predictor guesses random comparisons; the last few by insertion."""
-    want = n - kth                            # its index in ascending order
-    lo, hi = 0, n                             # x[lo:hi] holds it
-    while hi - lo > 8:
-        a, b, c = x[lo], x[(lo + hi) // 2], x[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))
-        s = lo
-        for i in range(lo, hi):               # x[lo:s] < pivot
-            v = x[i]
-            x[i] = x[s]
-            x[s] = v
-            s += v < pivot
-        if want < s:
-            hi = s
-            continue
-        s2 = s
-        for i in range(s, hi):                # x[s:s2] == pivot (>= 1 entry: the pivot)
-            v = x[i]
-            x[i] = x[s2]
-            x[s2] = v
-            s2 += v <= pivot
-        if want < s2:
+def kth_largest(x, n, kth, w):
+    """The kth largest (1 <= kth <= n) of x[:n] (no NaN), which it only reads; w: scratch of
+    2 n entries of x's dtype (no allocation, unlike np.partition). Quickselect with a
+    median-of-three pivot, each step two 16-lane passes from one half of w into the other
+    (fa._pick16): the entries below the pivot, then those above it after them; those equal to
+    it are dropped (their value is known). No branch on a comparison of entries, so its cost
+    does not depend on how well a branch predictor guesses random comparisons, and no scalar
+    loop over the entries (a partition in place swaps one entry a step, each swap's load
+    waiting on the store before it). The last few by counting, for each, the entries below it
+    and equal to it."""
+    want = n - kth                            # its index in ascending order, in w[src + lo:]
+    for i in range(n):
+        w[i] = x[i]
+    src, dst = 0, n                           # the halves of w: entries [src + lo, src + hi)
+    lo, hi = 0, n
+    while hi - lo > 16:
+        u, v, z = w[src + lo], w[src + (lo + hi) // 2], w[src + hi - 1]
+        pivot = max(min(u, v), min(max(u, v), z))
+        n_lt = fa._pick16(w, src + lo, src + hi, pivot, -1, w, dst + lo)       # first
+        n_gt = fa._pick16(w, src + lo, src + hi, pivot, 1, w, dst + lo + n_lt)  # after them
+        n_eq = hi - lo - n_lt - n_gt                                  # >= 1: the pivot
+        if want < lo + n_lt:
+            hi = lo + n_lt
+        elif want < lo + n_lt + n_eq:
             return pivot
-        lo = s2
-    for i in range(lo + 1, hi):
-        v = x[i]
-        j = i - 1
-        while j >= lo and x[j] > v:
-            x[j + 1] = x[j]
-            j -= 1
-        x[j + 1] = v
-    return x[want]
+        else:
+            want -= n_eq
+            lo, hi = lo + n_lt, lo + n_lt + n_gt
+        src, dst = dst, src
+    lo += src
+    hi += src
+    want += src
+    for i in range(lo, hi):                   # the one whose rank among the few holds want
+        y = w[i]
+        less = 0
+        same = 0
+        for j in range(lo, hi):               # counts, branch-free
+            less += w[j] < y
+            same += w[j] == y
+        if less <= want - lo < less + same:
+            return y
+    return w[want]                            # not reached: some entry's ranks hold want
 
 
 @njit(cache=True, nogil=True)
 def top_keys(rank, e, keep, cand_i, cand_v, out):
     """Write to out[:n] (ascending) the context keys [0, e) that TopK keeps: the keep of highest
     rank (all when keep >= e), ties at the threshold to the later keys as `topk.take_top` rules;
-    returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 2 e + 2 entries (int64,
-    rank's dtype).
+    returns n = min(keep, e). cand_i, cand_v: scratch of e + 1 and 3 e + 3 entries (int64,
+    rank's dtype); out (>= e entries) also holds the list's block masks before the keys.
 
     The threshold comes from a short list: every key at or above the lane bound (typically a
     little more than keep of them: one vectorised pass, a selection among 2 keep lane maxima and
-    one compacting pass over the row), then a partition of that list, not of the whole row."""
+    one compare pass over the row, 16 keys a mask), then a partition of that list, not of the
+    whole row."""
     if keep >= e:
         for j in range(e):
             out[j] = j
@@ -122,21 +128,23 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
         return 0
     L = min(e, (LANES_PER_KEEP * keep + 15) // 16 * 16)       # a multiple of the SIMD width
     _lane_max(rank, e, L, cand_v)             # cand_v is free until the list below is made
-    floor = kth_largest(cand_v, L, keep)
+    floor = kth_largest(cand_v, L, keep, cand_v[L:])
+    nb = e // 16
+    fa._ge_bits16(rank, nb, floor, out)       # out[:nb] is free until the keys are written
     n = 0
-    for j0 in range(0, e, LIST_STEP):
-        j1 = min(j0 + LIST_STEP, e)
-        hit = 0
-        for j in range(j0, j1):               # vectorised: does this stretch hold a candidate?
-            hit += rank[j] >= floor
-        if hit:
-            for j in range(j0, j1):           # branch-free: written always, kept by the count
-                cand_i[n] = j
-                cand_v[n] = rank[j]
-                n += rank[j] >= floor
-    work = cand_v[n:2 * n]                    # the list's copy, which the selection reorders
-    work[:] = cand_v[:n]
-    thr = kth_largest(work, n, keep)
+    for i in range(nb):                       # each block's candidates, one set bit at a time
+        bits = out[i]
+        while bits:
+            j = 16 * i + trailing_zeros(bits)
+            cand_i[n] = j
+            cand_v[n] = rank[j]
+            n += 1
+            bits &= bits - 1
+    for j in range(nb * 16, e):               # the tail, branch-free
+        cand_i[n] = j
+        cand_v[n] = rank[j]
+        n += rank[j] >= floor
+    thr = kth_largest(cand_v, n, keep, cand_v[n:])
     need = keep
     for a in range(n):
         if cand_v[a] > thr:
@@ -149,10 +157,9 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
             need -= 1
         a -= 1
     o = 0
-    for a in range(n):
-        if cand_v[a] > thr or (cand_v[a] == thr and a >= cut):
-            out[o] = cand_i[a]
-            o += 1
+    for a in range(n):                        # branch-free: written always, kept by the test
+        out[o] = cand_i[a]
+        o += (cand_v[a] > thr) | ((cand_v[a] == thr) & (a >= cut))
     return o
 
 
@@ -167,7 +174,7 @@ class TopKScratch(NamedTuple):
 @njit(cache=True, nogil=True)
 def topk_scratch(S):
     return TopKScratch(np.empty(S, np.float64), np.empty(S + 1, np.int64),
-                       np.empty(2 * S + 2, np.float32), np.empty(2 * S + 2, np.float64))
+                       np.empty(3 * S + 3, np.float32), np.empty(3 * S + 3, np.float64))
 
 
 @njit(cache=True, nogil=True)
@@ -185,11 +192,13 @@ def topk_row_keys(s, r, qp, k_pos, budget, recent, G, per_kv, w, kept):
     e = np.searchsorted(k_pos, qp[t] - recent, side="right")
     keep = min(budget[t], e)
     if per_kv:
+        # head by head over the row (vectorised), in the order of a sum over h per key: the same
+        # float64 sums, TopK's
         for j in range(e):
-            x = 0.0
-            for h in range(G):
-                x += np.float64(s[h * b + t, j])
-            w.rank64[j] = x
+            w.rank64[j] = np.float64(s[t, j])
+        for h in range(1, G):
+            for j in range(e):
+                w.rank64[j] += np.float64(s[h * b + t, j])
         n = top_keys(w.rank64, e, keep, w.cand_i, w.cand64, kept)
     else:
         n = top_keys(s[r], e, keep, w.cand_i, w.cand32, kept)
