@@ -131,6 +131,28 @@ def warm_minisparse_kernels(int8=False):
             attend(q, q[:1], q[:1], Window(4), return_stats=True)
             x = rng.standard_normal((T, 32)).astype(np.float32)
             FAST.rms_norm(x, x[0], 1e-5), FAST.glu(x, x)
+    if fast_quant.INT8_DECODE:
+        # the fused decode step (fast/step.py): one compiled layer with q8.py's products, RoPE,
+        # the norms and the attention step inlined, whose plan needs a model: a 2-layer Q8_0
+        # model of 294 KB (the tests' oracle fixture; its head width 64 is SmolLM2's), taking
+        # the two-thread layer where this run has two threads, as SmolLM2's large matrices do;
+        # then dropped and the heap handed back, so the floor keeps the code, not that model
+        import ctypes
+        import gc
+        from minisparse import load_model
+        from minisparse.fast import step
+        tiny = load_model(ROOT / "tests" / "fixtures" / "oracle" / "llama_g2_hd64_q8_0.gguf")
+        saved_min, step.PARALLEL_MIN_WEIGHTS = step.PARALLEL_MIN_WEIGHTS, 0
+        try:
+            cache = tiny.new_cache()
+            logits = tiny.forward([1, 2, 3], cache=cache)
+            for _ in range(2):
+                logits = tiny.forward([int(np.argmax(logits[-1]))], cache=cache)
+        finally:
+            step.PARALLEL_MIN_WEIGHTS = saved_min
+        del tiny, cache, logits
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def thread_info():
