@@ -153,29 +153,34 @@ def _position_inputs(q, k, v, k_pos, qp, codes):
     return DecodeInputs(q, k, v, empty, empty, qpos, k_pos, np.zeros(0, np.int64), True), rows
 
 
-@njit(cache=True)
-def _position_step(q, k, v, k_pos, qp, codes, scale):
+@njit(inline="always")
+def _position_step_body(q, k, v, k_pos, qp, codes, scale, par):
     """One decode step of a position pattern in one compiled call: its ranges, then
-    attend_decode's serial kernel over them as one SHARED row. Returns (ok, out, natt,
-    n_causal); ok False (keys out of position order) leaves the step to attend."""
+    attend_decode's kernel over them as one SHARED row, its parts side by side when par (a
+    constant where inlined, so that a one-thread run never compiles the parallel kernel; the
+    same bits either way). Returns (ok, out, natt, n_causal); ok False (keys out of position
+    order) leaves the step to attend."""
     Hq, _, d = q.shape
     if not _sorted(k_pos):
         return False, np.zeros((Hq, 1, d), np.float32), np.zeros((Hq, 1), np.int64), 0
     x, rows = _position_inputs(q, k, v, k_pos, qp, codes)
-    out, _, natt = _decode_serial(x, rows, scale, DECODE_PART)
+    if par:
+        out, _, natt = _decode_parallel(x, rows, scale, DECODE_PART)
+    else:
+        out, _, natt = _decode_serial(x, rows, scale, DECODE_PART)
     return True, out, natt, np.searchsorted(k_pos, qp, side="right")
+
+
+@njit(cache=True)
+def _position_step(q, k, v, k_pos, qp, codes, scale):
+    """_position_step_body on this thread."""
+    return _position_step_body(q, k, v, k_pos, qp, codes, scale, False)
 
 
 @njit(cache=True)
 def _position_step_parallel(q, k, v, k_pos, qp, codes, scale):
-    """_position_step with the kernel's parts side by side: the same bits. A function of its
-    own, so that a one-thread run never compiles the parallel kernel."""
-    Hq, _, d = q.shape
-    if not _sorted(k_pos):
-        return False, np.zeros((Hq, 1, d), np.float32), np.zeros((Hq, 1), np.int64), 0
-    x, rows = _position_inputs(q, k, v, k_pos, qp, codes)
-    out, _, natt = _decode_parallel(x, rows, scale, DECODE_PART)
-    return True, out, natt, np.searchsorted(k_pos, qp, side="right")
+    """_position_step_body with the kernel's parts side by side."""
+    return _position_step_body(q, k, v, k_pos, qp, codes, scale, True)
 
 
 def attend(q, k, v, selector=None, q_pos=None, k_pos=None, return_lse=False,
