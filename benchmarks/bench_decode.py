@@ -46,6 +46,18 @@ def _timed(fn):
     return time.perf_counter() - t, time.process_time() - c, time.thread_time() - h
 
 
+def _interleaved(cases, repeats, per=1):
+    """Each of cases' functions once to warm up, then `repeats` rounds of all of them in turn:
+    {name: [(wall, cpu, thread cpu) / per, ...]}."""
+    for f in cases.values():
+        f()
+    runs = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, f in cases.items():
+            runs[k].append(tuple(t / per for t in _timed(f)))
+    return runs
+
+
 def _medians(runs):
     return {k: {"wall_ms": 1e3 * statistics.median(r[0] for r in v), "cpu_ms": 1e3 * statistics.median(r[1] for r in v),
                 "thread_cpu_ms": 1e3 * statistics.median(r[2] for r in v),
@@ -70,13 +82,7 @@ def kernels(model, repeats):
         for m, x, y in zip(mats, xs, ys):
             q8.matvec_serial(int(m.qtype), m.raw, x, y)
     cases = {"float32 activations (quant.py)": floats, "8-bit activations (q8.py)": ints}
-    for f in cases.values():
-        f()
-    runs = {k: [] for k in cases}
-    for _ in range(repeats):
-        for k, f in cases.items():
-            runs[k].append(_timed(f))
-    out = _medians(runs)
+    out = _medians(_interleaved(cases, repeats))
     out["weight_mb"] = sum(m.raw.nbytes for m in mats) / 1e6
     return out
 
@@ -137,12 +143,7 @@ def attention(ctx, repeats, threads):
         return run
     cases = {"kernel, 1 thread": kernel(False), f"kernel, parts on {threads} threads": kernel(True),
              "read the bytes, 1 thread": reads(read, 1), f"read the bytes, {threads} threads": reads(read_par, threads)}
-    for f in cases.values():
-        f()
-    runs = {k: [] for k in cases}
-    for _ in range(repeats):
-        for k, f in cases.items():
-            runs[k].append(_timed(f))
+    runs = _interleaved(cases, repeats)
     numba.set_num_threads(threads)
     out = _medians(runs)
     out["mb"] = L * 2 * Hkv * ctx * d * 4 / 1e6
@@ -183,12 +184,7 @@ def steps(model, ctx, repeats, n_steps, threads):
     except ImportError as e:
         print(f"llama.cpp skipped: {e}", file=sys.stderr)
     saved = quant.INT8_DECODE
-    for f in engines.values():
-        f()
-    runs = {k: [] for k in engines}
-    for _ in range(repeats):
-        for k, f in engines.items():
-            runs[k].append(tuple(t / n_steps for t in _timed(f)))
+    runs = _interleaved(engines, repeats, per=n_steps)
     quant.INT8_DECODE, model.ops = saved, fused
     return _medians(runs)
 
