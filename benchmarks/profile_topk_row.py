@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))                                       # run from a
 
 from minisparse.fast import attention as fa, prefill as fp          # noqa: E402
 
-STAGED = hasattr(fa, "_ge_bits16")
+STAGED = hasattr(fp, "listed")
 
 
 @njit
@@ -48,8 +48,6 @@ def lanes(s, L, keep, cv):
 
 
 if STAGED:
-    from numba.cpython.unsafe.numbers import trailing_zeros
-
     @njit
     def upto(s, L, keep, ci, cv, bits, stage):
         """The stages of top_keys up to `stage` (1: lane bound, 2: masks, 3: list) per row."""
@@ -63,16 +61,7 @@ if STAGED:
                 nb = e // 16
                 fa._ge_bits16(rank, nb, floor, bits)
                 if stage >= 3:
-                    n = 0
-                    for i in range(nb):
-                        m = bits[i]
-                        while m:
-                            j = 16 * i + trailing_zeros(m)
-                            ci[n] = j
-                            cv[n] = rank[j]
-                            n += 1
-                            m &= m - 1
-                    total += n
+                    total += fp.listed(rank, bits, nb, ci, cv)
         return total
 
 

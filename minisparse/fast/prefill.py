@@ -110,6 +110,23 @@ def kth_largest(x, n, kth, w):
 
 
 @njit(cache=True, nogil=True)
+def listed(rank, bits, nb, cand_i, cand_v):
+    """The keys of rank's first nb blocks of 16 whose bit is set in bits[:nb] (as _ge_bits16
+    writes them), ascending: their indices into cand_i, their ranks into cand_v, one set bit at
+    a time. Returns their count."""
+    n = 0
+    for i in range(nb):
+        m = bits[i]
+        while m:
+            j = 16 * i + trailing_zeros(m)
+            cand_i[n] = j
+            cand_v[n] = rank[j]
+            n += 1
+            m &= m - 1
+    return n
+
+
+@njit(cache=True, nogil=True)
 def top_keys(rank, e, keep, cand_i, cand_v, out):
     """Write to out[:n] (ascending) the context keys [0, e) that TopK keeps: the keep of highest
     rank (all when keep >= e), ties at the threshold to the later keys as `topk.take_top` rules;
@@ -131,15 +148,7 @@ def top_keys(rank, e, keep, cand_i, cand_v, out):
     floor = kth_largest(cand_v, L, keep, cand_v[L:])
     nb = e // 16
     fa._ge_bits16(rank, nb, floor, out)       # out[:nb] is free until the keys are written
-    n = 0
-    for i in range(nb):                       # each block's candidates, one set bit at a time
-        bits = out[i]
-        while bits:
-            j = 16 * i + trailing_zeros(bits)
-            cand_i[n] = j
-            cand_v[n] = rank[j]
-            n += 1
-            bits &= bits - 1
+    n = listed(rank, out, nb, cand_i, cand_v)
     for j in range(nb * 16, e):               # the tail, branch-free
         cand_i[n] = j
         cand_v[n] = rank[j]
