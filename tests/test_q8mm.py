@@ -64,6 +64,15 @@ def exact_and_scale(raw, qtype, x):
     return (ddx * isum + msx).sum(2), (np.abs(ddx) * iabs + np.abs(msx)).sum(2), (qx, dx, sx)
 
 
+def random_case(T, n_out, nb, qtype, seed):
+    """A random (n_out, 32 nb) matrix of qtype blocks and x (T, 32 nb), drawn from seed."""
+    rng = np.random.default_rng(seed)
+    n_in = 32 * nb
+    raw = random_blocks(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    return raw, QuantMatrix(raw, (n_out, n_in), qtype), x
+
+
 shapes = dict(T=st.integers(1, 41), n_out=st.integers(1, 70), nb=st.integers(1, 20),
               qtype=st.sampled_from(TYPES), seed=st.integers(0, 2**32 - 1))
 
@@ -71,11 +80,8 @@ shapes = dict(T=st.integers(1, 41), n_out=st.integers(1, 70), nb=st.integers(1, 
 @settings(deadline=None, max_examples=30)
 @given(**shapes)
 def test_matmul_within_float32_rounding_of_the_exact_integer_product(T, n_out, nb, qtype, seed):
-    rng = np.random.default_rng(seed)
-    n_in = 32 * nb
-    raw = random_blocks(qtype, n_out, n_in, rng)
-    x = rng.standard_normal((T, n_in)).astype(np.float32)
-    y = q8mm.matmul(x, QuantMatrix(raw, (n_out, n_in), qtype))
+    raw, W, x = random_case(T, n_out, nb, qtype, seed)
+    y = q8mm.matmul(x, W)
     exact, S, _ = exact_and_scale(raw, qtype, x)
     # per block: isum exact in int32 and in float32 (|isum| <= 32 * 255 * 128 < 2^24); the scale
     # fl(d * dx) (one rounding, u); one fma into the lane (one rounding), Q4_1's m sx one more:
@@ -86,11 +92,8 @@ def test_matmul_within_float32_rounding_of_the_exact_integer_product(T, n_out, n
 @settings(deadline=None, max_examples=30)
 @given(**shapes)
 def test_matmul_rows_equal_q8_matvec_within_both_summation_bounds(T, n_out, nb, qtype, seed):
-    rng = np.random.default_rng(seed)
-    n_in = 32 * nb
-    raw = random_blocks(qtype, n_out, n_in, rng)
-    x = rng.standard_normal((T, n_in)).astype(np.float32)
-    y = q8mm.matmul(x, QuantMatrix(raw, (n_out, n_in), qtype))
+    raw, W, x = random_case(T, n_out, nb, qtype, seed)
+    y = q8mm.matmul(x, W)
     ref = np.empty_like(y)
     for t in range(T):
         q8.matvec_serial(int(qtype), raw, x[t], ref[t])
@@ -105,11 +108,8 @@ def test_matmul_rows_equal_q8_matvec_within_both_summation_bounds(T, n_out, nb, 
 @settings(deadline=None, max_examples=20)
 @given(**shapes)
 def test_matmul_equals_float_path_on_the_same_8_bit_activations(T, n_out, nb, qtype, seed):
-    rng = np.random.default_rng(seed)
+    raw, W, x = random_case(T, n_out, nb, qtype, seed)
     n_in = 32 * nb
-    raw = random_blocks(qtype, n_out, n_in, rng)
-    W = QuantMatrix(raw, (n_out, n_in), qtype)
-    x = rng.standard_normal((T, n_in)).astype(np.float32)
     exact, S, (qx, dx, sx) = exact_and_scale(raw, qtype, x)
     x_hat = (np.repeat(dx, 32, axis=1) * qx).astype(np.float32)        # float16 x int8: exact
     x_hat = np.concatenate([x_hat, np.zeros((max(0, quant.FUSED_MAX_T + 1 - T), n_in), np.float32)])
