@@ -137,7 +137,6 @@ def warm_minisparse_kernels(int8=False):
         # model of 294 KB (the tests' oracle fixture; its head width 64 is SmolLM2's), taking
         # the two-thread layer where this run has two threads, as SmolLM2's large matrices do;
         # then dropped and the heap handed back, so the floor keeps the code, not that model
-        import ctypes
         import gc
         from minisparse import load_model
         from minisparse.fast import step
@@ -152,7 +151,8 @@ def warm_minisparse_kernels(int8=False):
             step.PARALLEL_MIN_WEIGHTS = saved_min
         del tiny, cache, logits
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if threads._glibc() is not None:              # glibc's malloc_trim, as prefill_heap's
+            threads._glibc().malloc_trim(0)
 
 
 def thread_info():
