@@ -204,6 +204,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if min(args.threads) < 1:
         ap.error(f"--threads {args.threads}: expected counts >= 1")
+    if args.kernels and "smollm2" not in args.models:
+        ap.error(f"--kernels times SmolLM2's products; --models {' '.join(args.models)} has no smollm2")
     for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[name] = str(max(args.threads))
     sys.path.insert(0, str(ROOT))
