@@ -185,13 +185,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="forwards a process (default 3; not with --bound)")
     ap.add_argument("--roots", nargs="+", help="checkouts to profile side by side (alternating)")
-    ap.add_argument("--rounds", type=int, default=2, help="with --roots: processes per root")
+    ap.add_argument("--rounds", type=int, default=None, help="with --roots: processes per root (default 2)")
     ap.add_argument("--bound", action="store_true", help="the products' cost at the BLAS's rate on their shapes")
     ap.add_argument("--root", help=argparse.SUPPRESS)        # one worker process of --roots
     ap.add_argument("--out", type=Path, default=HERE.with_suffix(".json"))
     a = ap.parse_args()
+    if a.bound and (a.roots or a.repeats is not None):
+        ap.error("--bound times the products alone (median of 5 per shape): --roots and --repeats do not apply")
+    if a.rounds is not None and not a.roots:
+        ap.error("--rounds counts processes per checkout of --roots; give --roots")
+    a.repeats = 3 if a.repeats is None else a.repeats
+    a.rounds = 2 if a.rounds is None else a.rounds
     if a.threads < 1 or a.tokens < 256 or a.repeats < 1 or a.rounds < 1:
         ap.error("--threads, --repeats and --rounds must be >= 1, --tokens >= 256 (the compiling "
                  "forward's length)")
