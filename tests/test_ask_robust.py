@@ -3,6 +3,7 @@ that holds fewer positions than the document), leaves nothing half-written when 
 two runs at once on one document both answer and leave one complete cache."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,11 @@ try:
 except KeyboardInterrupt:
     sys.exit(130)
 """
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # the child starts with SIGINT at its default, as from a terminal: a test run started in the
+    # background (`pytest &` in a script) passes SIGINT on ignored, and Python then never raises
+    # KeyboardInterrupt for it
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, p.stderr
     assert list(tmp_path.iterdir()) == []
 
