@@ -6,10 +6,12 @@ Python, NumPy, Numba/LLVM and the compiled kernels, no model), then loads the mo
 RSS after each step: the GGUF walk and weights, the tokenizer, encoding a prompt, a 128-token
 prefill and 32 decode steps (bench_engine.py's decode run, which uses random ids: here the prompt
 also goes through the tokenizer, so its working memory counts). `model part` is the peak RSS
-(VmHWM) minus the floor, over the GGUF file's size: issue 23's memory figure. Roots alternate run
-by run, so a loaded machine weighs on both alike.
+(VmHWM) minus the floor, over the GGUF file's size: issue 23's memory figure; `peak` is the
+process's own. Each root is measured with its own bench_engine.py (its floor, as that tree
+reports it), on each thread count of `--threads` (Numba, BLAS, OpenMP, as bench_engine.py sets
+them). Roots and thread counts alternate run by run, so a loaded machine weighs on all alike.
 
-    python3 benchmarks/bench_rss.py --roots . ../main --runs 3     # this checkout vs main
+    python3 benchmarks/bench_rss.py --roots . ../main --threads 2 1 --runs 3    # this checkout vs main
     python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
     python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
     python3 benchmarks/bench_rss.py --encode                       # minisparse's BPE vs the library's
@@ -28,20 +30,32 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 8
 
 
+def compiled_kernels():
+    """{module.name: compiled signatures} of every Numba function minisparse's loaded modules
+    define: what a run has loaded of the package's machine code so far."""
+    from numba.core.registry import CPUDispatcher
+    return {f"{name}.{k}": len(v.overloads) for name, mod in list(sys.modules.items())
+            if name.startswith("minisparse") for k, v in list(vars(mod).items())
+            if isinstance(v, CPUDispatcher)}
+
+
 def worker(root, model, steps):
     sys.path.insert(0, str(Path(root).resolve()))
+    import numba
     import numpy as np
     import minisparse
     import minisparse.registry
     from minisparse.gguf_io import load_gguf
     from minisparse.model import Model
     from minisparse import fast as fast_path
-    sys.path.insert(1, str(HERE))
+    own = Path(root).resolve() / "benchmarks"
+    sys.path.insert(1, str(own if (own / "bench_engine.py").is_file() else HERE))
     from bench_engine import peak_rss_mb, rss_mb, rss_parts_mb, warm_minisparse_kernels
     path = minisparse.registry.resolve(model) if not Path(model).is_file() else model
-    out = {"root": str(root), "runtime": rss_mb()}
+    out = {"root": str(root), "threads": numba.get_num_threads(), "runtime": rss_mb()}
     warm_minisparse_kernels()
     out["floor"] = rss_mb()
+    in_floor = compiled_kernels()
     out["floor_parts"] = rss_parts_mb()
     cfg, weights, f = load_gguf(path, dequant=False)
     out["gguf+weights"] = rss_mb()
@@ -65,6 +79,10 @@ def worker(root, model, steps):
         text.append(tok.decode_piece(t))
     out["decode"] = rss_mb()
     out["peak"] = peak_rss_mb()
+    # code the floor did not load, so counted as the model's (a kernel or a signature first
+    # compiled or loaded from Numba's cache by the model's own run)
+    out["kernels_after_floor"] = {k: n - in_floor.get(k, 0) for k, n in compiled_kernels().items()
+                                  if n > in_floor.get(k, 0)}
     out["parts"] = rss_parts_mb(path)
     out["gguf_mb"] = Path(path).stat().st_size / 2**20
     out["model_part_x"] = (out["peak"] - out["floor"]) / out["gguf_mb"]
@@ -206,6 +224,7 @@ def main(argv=None):
     ap.add_argument("--roots", nargs="+", default=["."], help="source trees to import minisparse from")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts, each measured")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "bench_rss.json"))
     ap.add_argument("--tokenizer-parts", action="store_true", help="only the tokenizer's parts (glibc)")
@@ -222,27 +241,37 @@ def main(argv=None):
         return tokenizer_parts(a.roots[0], a.model)
     if a.worker:
         return worker(a.worker, a.model, a.steps)
-    rows = {r: [] for r in a.roots}
-    env = {**os.environ, "PYTHONPATH": ""}
+    if min(a.threads) < 1:
+        ap.error(f"--threads: each count must be >= 1, got {a.threads}")
+    rows = {(r, n): [] for r in a.roots for n in a.threads}
     for i in range(a.runs):
-        for r in a.roots:
+        for r, n in rows:
+            env = {**os.environ, "PYTHONPATH": "", **{k: str(n) for k in
+                   ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS")}}
             p = subprocess.run([sys.executable, __file__, "--worker", r, "--model", a.model,
                                 "--steps", str(a.steps)], capture_output=True, text=True, env=env, cwd=r)
             if p.returncode:
-                sys.exit(f"worker {r} failed:\n{p.stderr[-3000:]}")
-            rows[r].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print(f"{'root':<12}" + "".join(f"{s:>13}" for s in STEPS) + f"{'model part':>12}")
-    for r, runs in rows.items():
+                sys.exit(f"worker {r} ({n} threads) failed:\n{p.stderr[-3000:]}")
+            rows[r, n].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    name = lambda r, n: f"{r} @{n}t"                                    # noqa: E731
+    w = max(12, *(len(name(*k)) + 1 for k in rows))
+    print(f"{'root':<{w}}" + "".join(f"{s:>13}" for s in STEPS) + f"{'model part':>12}{'range':>14}")
+    for (r, n), runs in rows.items():
         med = {s: statistics.median(x[s] for x in runs) for s in STEPS}
-        part = statistics.median(x["model_part_x"] for x in runs)
-        print(f"{r:<12}" + "".join(f"{med[s]:13.1f}" for s in STEPS) + f"{part:11.2f}x")
+        parts = [x["model_part_x"] for x in runs]
+        print(f"{name(r, n):<{w}}" + "".join(f"{med[s]:13.1f}" for s in STEPS)
+              + f"{statistics.median(parts):11.3f}x  {min(parts):.3f}-{max(parts):.3f}")
     print("\nthe model part at the end of decode (MB, medians), by kind of page (/proc/self/status, smaps):")
-    print(f"{'root':<12}{'GGUF pages':>12}{'other file pages':>18}{'anonymous':>11}")
-    for r, runs in rows.items():
+    print(f"{'root':<{w}}{'GGUF pages':>12}{'other file pages':>18}{'anonymous':>11}")
+    for (r, n), runs in rows.items():
         gg = statistics.median(x["parts"]["gguf_mapped"] for x in runs)
         fi = statistics.median(x["parts"]["RssFile"] - x["floor_parts"]["RssFile"] for x in runs) - gg
         an = statistics.median(x["parts"]["RssAnon"] - x["floor_parts"]["RssAnon"] for x in runs)
-        print(f"{r:<12}{gg:12.1f}{fi:18.1f}{an:11.1f}")
+        print(f"{name(r, n):<{w}}{gg:12.1f}{fi:18.1f}{an:11.1f}")
+    late = {name(*k): sorted({f for x in runs for f in x["kernels_after_floor"]}) for k, runs in rows.items()}
+    print("\nkernels first loaded after the floor (counted as the model's):",
+          "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in late.items()))
+    rows = {name(*k): v for k, v in rows.items()}
     Path(a.out).write_text(json.dumps({"model": a.model, "runs": rows}, indent=1))
 
 
