@@ -15,6 +15,7 @@ them). Roots and thread counts alternate run by run, so a loaded machine weighs 
     python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
     python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
     python3 benchmarks/bench_rss.py --encode                       # minisparse's BPE vs the library's
+    python3 benchmarks/bench_rss.py --variants                     # what each fused-layer variant holds
 """
 from __future__ import annotations
 
@@ -216,6 +217,40 @@ def encode(root, models, rounds=5, n_tokens=8192):
     (HERE / "bench_rss_encode.json").write_text(json.dumps(out, indent=1))
 
 
+def variant_cost(root, first, second):
+    """Anonymous RSS a decode step pinned at `second` free cores adds (heap trimmed) after a floor
+    taken with free_cores pinned at `first` (bench_engine.py's one pass), on two Numba threads:
+    the fused decode layer's one-thread and two-thread variants are separate compiled functions,
+    so the step loads whichever the floor did not."""
+    import ctypes
+    import gc
+    import numpy as np
+    sys.path.insert(0, str(Path(root).resolve()))
+    sys.path.insert(1, str(HERE))
+    import bench_engine
+    from minisparse import load_model
+    from minisparse.fast import step, threads
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def anon():
+        gc.collect(), trim(0)
+        return bench_engine.rss_parts_mb()["RssAnon"]
+    with threads.pinned_free_cores(first):
+        bench_engine._warm_kernels(False)
+    tiny = load_model(bench_engine.ROOT / "tests" / "fixtures" / "oracle" / "llama_g2_hd64_q8_0.gguf")
+    step.PARALLEL_MIN_WEIGHTS = 0                   # its small matrices take SmolLM2's layer
+    a = anon()
+    with threads.pinned_free_cores(second):
+        cache = tiny.new_cache()
+        logits = tiny.forward([1, 2, 3], cache=cache)
+        for _ in range(2):
+            logits = tiny.forward([int(np.argmax(logits[-1]))], cache=cache)
+    del cache, logits
+    print(json.dumps({"floor_free_cores": first, "step_free_cores": second, "anon_mb": anon() - a,
+                      "one_thread_layer": bool(step._layer.signatures),
+                      "two_thread_layer": bool(step._layer_parallel.signatures)}))
+
+
 STEPS = ("runtime", "floor", "gguf+weights", "tokenizer", "encode", "warm-up", "prefill128", "decode", "peak")
 
 
@@ -231,6 +266,9 @@ def main(argv=None):
     ap.add_argument("--kv-fill", action="store_true", help="only the cost of a lazily allocated cache")
     ap.add_argument("--encode", nargs="*", metavar="MODEL",
                     help="only compare the gpt2-family encoders on these models (default smollm2 and pydoc)")
+    ap.add_argument("--variants", action="store_true",
+                    help="only what a fused-layer variant the floor did not load adds (two threads)")
+    ap.add_argument("--variant-worker", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.kv_fill:
@@ -241,6 +279,20 @@ def main(argv=None):
         return tokenizer_parts(a.roots[0], a.model)
     if a.worker:
         return worker(a.worker, a.model, a.steps)
+    if a.variant_worker:
+        return variant_cost(a.roots[0], *a.variant_worker)
+    if a.variants:
+        env = {**os.environ, "PYTHONPATH": "", "NUMBA_NUM_THREADS": "2"}
+        for i in range(a.runs):
+            for first, second in ((2, 2), (2, 1), (1, 2)):
+                p = subprocess.run([sys.executable, __file__, "--roots", a.roots[0], "--variant-worker",
+                                    str(first), str(second)], capture_output=True, text=True, env=env)
+                if p.returncode:
+                    sys.exit(f"variant worker failed:\n{p.stderr[-3000:]}")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                print(f"floor at {first} free core(s), a decode step at {second}: +{r['anon_mb']:.2f} MB "
+                      f"anonymous; layers loaded: one-thread {r['one_thread_layer']}, two-thread {r['two_thread_layer']}")
+        return
     if min(a.threads) < 1:
         ap.error(f"--threads: each count must be >= 1, got {a.threads}")
     rows = {(r, n): [] for r in a.roots for n in a.threads}
