@@ -291,7 +291,8 @@ def main(argv=None):
                     sys.exit(f"variant worker failed:\n{p.stderr[-3000:]}")
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 print(f"floor at {first} free core(s), a decode step at {second}: +{r['anon_mb']:.2f} MB "
-                      f"anonymous; layers loaded: one-thread {r['one_thread_layer']}, two-thread {r['two_thread_layer']}")
+                      f"anonymous; layers loaded: one-thread {r['one_thread_layer']}, "
+                      f"two-thread {r['two_thread_layer']}")
         return
     if min(a.threads) < 1:
         ap.error(f"--threads: each count must be >= 1, got {a.threads}")
