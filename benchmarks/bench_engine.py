@@ -98,19 +98,35 @@ def warm_minisparse_kernels(int8=False):
     serial and the parallel matvec of each in-place type, dequantisation, both attention paths)
     and the prefill thread pool with its BLAS controller. The integer decode kernels are loaded
     where the run takes them (the default; not with MINISPARSE_INT8=0) or int8 is set (filling
-    Numba's cache)."""
+    Numba's cache). Every kernel in each variant the run may take: a run on n > 1 threads takes
+    the one-thread ones too whenever another process holds a core (threads.workers), so this
+    runs once with free_cores pinned at 1 and once at n, whatever the machine runs meanwhile."""
     sys.path.insert(0, str(ROOT))
+    import numba
+    from minisparse.fast import threads
+    for n in sorted({1, numba.get_num_threads()}):
+        with threads.pinned_free_cores(n):
+            _warm_kernels(int8)
+
+
+def _warm_kernels(int8):
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import quantize
     from minisparse.attention import attend, Dense, Window
     from minisparse.fast import FAST, q8, quant as fast_quant, threads
     from minisparse.quant import QuantMatrix
     rng = np.random.default_rng(0)
+
+    def read_only(a):                   # blocks as a model's GGUF map gives them (another signature)
+        a = a.view()
+        a.setflags(write=False)
+        return a
     if fast_quant.INT8_DECODE or int8:
         for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
             W = quantize(rng.standard_normal((64, 256)).astype(np.float32), qt)
             x, y = rng.standard_normal(256).astype(np.float32), np.empty(64, np.float32)
-            q8.matvec_serial(int(qt), W, x, y), q8.matvec(int(qt), W, x, y)
+            for raw in (W, read_only(W)):
+                q8.matvec_serial(int(qt), raw, x, y), q8.matvec(int(qt), raw, x, y)
     saved = fast_quant.INT8_DECODE
     # filling the cache: the float32 decode kernels too, which a MINISPARSE_INT8=0 run takes
     for decode_int8 in ({saved, False} if int8 else {saved}):
@@ -118,11 +134,12 @@ def warm_minisparse_kernels(int8=False):
         for shape in ((64, 256), (256, 256)):              # below / above PARALLEL_MIN_WEIGHTS
             w = rng.standard_normal(shape).astype(np.float32)
             for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-                W = QuantMatrix(quantize(w, qt), w.shape, qt)
-                with threads.prefill_threads(64):
-                    for T in (1, 64):
-                        fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
-                W[np.arange(3)]
+                raw = quantize(w, qt)
+                for W in (QuantMatrix(raw, w.shape, qt), QuantMatrix(read_only(raw), w.shape, qt)):
+                    with threads.prefill_threads(64):
+                        for T in (1, 64):
+                            fast_quant.matmul(rng.standard_normal((T, 256)).astype(np.float32), W)
+                    W[np.arange(3)]
     fast_quant.INT8_DECODE = saved
     for T in (1, 64):
         q = rng.standard_normal((2, T, 32)).astype(np.float32)
@@ -131,11 +148,14 @@ def warm_minisparse_kernels(int8=False):
             attend(q, q[:1], q[:1], Window(4), return_stats=True)
             x = rng.standard_normal((T, 32)).astype(np.float32)
             FAST.rms_norm(x, x[0], 1e-5), FAST.glu(x, x)
+    q = rng.standard_normal((8, 64, 32)).astype(np.float32)     # 8 query heads a KV head: the
+    with threads.prefill_threads(64):                           # prompt spans several row tiles,
+        attend(q, q[:1], q[:1], Dense(), return_stats=True)    # each writing a strided block
     if fast_quant.INT8_DECODE:
         # the fused decode step (fast/step.py): one compiled layer with q8.py's products, RoPE,
         # the norms and the attention step inlined, whose plan needs a model: a 2-layer Q8_0
         # model of 294 KB (the tests' oracle fixture; its head width 64 is SmolLM2's), taking
-        # the two-thread layer where this run has two threads, as SmolLM2's large matrices do;
+        # the two-thread layer where this pass has two threads, as SmolLM2's large matrices do;
         # then dropped and the heap handed back, so the floor keeps the code, not that model
         import gc
         from minisparse import load_model

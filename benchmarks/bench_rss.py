@@ -6,13 +6,16 @@ Python, NumPy, Numba/LLVM and the compiled kernels, no model), then loads the mo
 RSS after each step: the GGUF walk and weights, the tokenizer, encoding a prompt, a 128-token
 prefill and 32 decode steps (bench_engine.py's decode run, which uses random ids: here the prompt
 also goes through the tokenizer, so its working memory counts). `model part` is the peak RSS
-(VmHWM) minus the floor, over the GGUF file's size: issue 23's memory figure. Roots alternate run
-by run, so a loaded machine weighs on both alike.
+(VmHWM) minus the floor, over the GGUF file's size: issue 23's memory figure; `peak` is the
+process's own. Each root is measured with its own bench_engine.py (its floor, as that tree
+reports it), on each thread count of `--threads` (Numba, BLAS, OpenMP, as bench_engine.py sets
+them). Roots and thread counts alternate run by run, so a loaded machine weighs on all alike.
 
-    python3 benchmarks/bench_rss.py --roots . ../main --runs 3     # this checkout vs main
+    python3 benchmarks/bench_rss.py --roots . ../main --threads 2 1 --runs 3    # this checkout vs main
     python3 benchmarks/bench_rss.py --tokenizer-parts              # the tokenizer's parts, one process
     python3 benchmarks/bench_rss.py --kv-fill                      # a lazy cache's fill vs np.zeros
     python3 benchmarks/bench_rss.py --encode                       # minisparse's BPE vs the library's
+    python3 benchmarks/bench_rss.py --variants                     # what each fused-layer variant holds
 """
 from __future__ import annotations
 
@@ -28,20 +31,32 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 8
 
 
+def compiled_kernels():
+    """{module.name: compiled signatures} of every Numba function minisparse's loaded modules
+    define: what a run has loaded of the package's machine code so far."""
+    from numba.core.registry import CPUDispatcher
+    return {f"{name}.{k}": len(v.overloads) for name, mod in list(sys.modules.items())
+            if name.startswith("minisparse") for k, v in list(vars(mod).items())
+            if isinstance(v, CPUDispatcher)}
+
+
 def worker(root, model, steps):
     sys.path.insert(0, str(Path(root).resolve()))
+    import numba
     import numpy as np
     import minisparse
     import minisparse.registry
     from minisparse.gguf_io import load_gguf
     from minisparse.model import Model
     from minisparse import fast as fast_path
-    sys.path.insert(1, str(HERE))
+    own = Path(root).resolve() / "benchmarks"
+    sys.path.insert(1, str(own if (own / "bench_engine.py").is_file() else HERE))
     from bench_engine import peak_rss_mb, rss_mb, rss_parts_mb, warm_minisparse_kernels
     path = minisparse.registry.resolve(model) if not Path(model).is_file() else model
-    out = {"root": str(root), "runtime": rss_mb()}
+    out = {"root": str(root), "threads": numba.get_num_threads(), "runtime": rss_mb()}
     warm_minisparse_kernels()
     out["floor"] = rss_mb()
+    in_floor = compiled_kernels()
     out["floor_parts"] = rss_parts_mb()
     cfg, weights, f = load_gguf(path, dequant=False)
     out["gguf+weights"] = rss_mb()
@@ -65,6 +80,10 @@ def worker(root, model, steps):
         text.append(tok.decode_piece(t))
     out["decode"] = rss_mb()
     out["peak"] = peak_rss_mb()
+    # code the floor did not load, so counted as the model's (a kernel or a signature first
+    # compiled or loaded from Numba's cache by the model's own run)
+    out["kernels_after_floor"] = {k: n - in_floor.get(k, 0) for k, n in compiled_kernels().items()
+                                  if n > in_floor.get(k, 0)}
     out["parts"] = rss_parts_mb(path)
     out["gguf_mb"] = Path(path).stat().st_size / 2**20
     out["model_part_x"] = (out["peak"] - out["floor"]) / out["gguf_mb"]
@@ -198,6 +217,40 @@ def encode(root, models, rounds=5, n_tokens=8192):
     (HERE / "bench_rss_encode.json").write_text(json.dumps(out, indent=1))
 
 
+def variant_cost(root, first, second):
+    """Anonymous RSS a decode step pinned at `second` free cores adds (heap trimmed) after a floor
+    taken with free_cores pinned at `first` (bench_engine.py's one pass), on two Numba threads:
+    the fused decode layer's one-thread and two-thread variants are separate compiled functions,
+    so the step loads whichever the floor did not."""
+    import ctypes
+    import gc
+    import numpy as np
+    sys.path.insert(0, str(Path(root).resolve()))
+    sys.path.insert(1, str(HERE))
+    import bench_engine
+    from minisparse import load_model
+    from minisparse.fast import step, threads
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def anon():
+        gc.collect(), trim(0)
+        return bench_engine.rss_parts_mb()["RssAnon"]
+    with threads.pinned_free_cores(first):
+        bench_engine._warm_kernels(False)
+    tiny = load_model(bench_engine.ROOT / "tests" / "fixtures" / "oracle" / "llama_g2_hd64_q8_0.gguf")
+    step.PARALLEL_MIN_WEIGHTS = 0                   # its small matrices take SmolLM2's layer
+    a = anon()
+    with threads.pinned_free_cores(second):
+        cache = tiny.new_cache()
+        logits = tiny.forward([1, 2, 3], cache=cache)
+        for _ in range(2):
+            logits = tiny.forward([int(np.argmax(logits[-1]))], cache=cache)
+    del cache, logits
+    print(json.dumps({"floor_free_cores": first, "step_free_cores": second, "anon_mb": anon() - a,
+                      "one_thread_layer": bool(step._layer.signatures),
+                      "two_thread_layer": bool(step._layer_parallel.signatures)}))
+
+
 STEPS = ("runtime", "floor", "gguf+weights", "tokenizer", "encode", "warm-up", "prefill128", "decode", "peak")
 
 
@@ -206,12 +259,16 @@ def main(argv=None):
     ap.add_argument("--roots", nargs="+", default=["."], help="source trees to import minisparse from")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts, each measured")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "bench_rss.json"))
     ap.add_argument("--tokenizer-parts", action="store_true", help="only the tokenizer's parts (glibc)")
     ap.add_argument("--kv-fill", action="store_true", help="only the cost of a lazily allocated cache")
     ap.add_argument("--encode", nargs="*", metavar="MODEL",
                     help="only compare the gpt2-family encoders on these models (default smollm2 and pydoc)")
+    ap.add_argument("--variants", action="store_true",
+                    help="only what a fused-layer variant the floor did not load adds (two threads)")
+    ap.add_argument("--variant-worker", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.kv_fill:
@@ -222,27 +279,52 @@ def main(argv=None):
         return tokenizer_parts(a.roots[0], a.model)
     if a.worker:
         return worker(a.worker, a.model, a.steps)
-    rows = {r: [] for r in a.roots}
-    env = {**os.environ, "PYTHONPATH": ""}
+    if a.variant_worker:
+        return variant_cost(a.roots[0], *a.variant_worker)
+    if a.variants:
+        env = {**os.environ, "PYTHONPATH": "", "NUMBA_NUM_THREADS": "2"}
+        for i in range(a.runs):
+            for first, second in ((2, 2), (2, 1), (1, 2)):
+                p = subprocess.run([sys.executable, __file__, "--roots", a.roots[0], "--variant-worker",
+                                    str(first), str(second)], capture_output=True, text=True, env=env)
+                if p.returncode:
+                    sys.exit(f"variant worker failed:\n{p.stderr[-3000:]}")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                print(f"floor at {first} free core(s), a decode step at {second}: +{r['anon_mb']:.2f} MB "
+                      f"anonymous; layers loaded: one-thread {r['one_thread_layer']}, "
+                      f"two-thread {r['two_thread_layer']}")
+        return
+    if min(a.threads) < 1:
+        ap.error(f"--threads: each count must be >= 1, got {a.threads}")
+    rows = {(r, n): [] for r in a.roots for n in a.threads}
     for i in range(a.runs):
-        for r in a.roots:
+        for r, n in rows:
+            env = {**os.environ, "PYTHONPATH": "", **{k: str(n) for k in
+                   ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "BENCH_THREADS")}}
             p = subprocess.run([sys.executable, __file__, "--worker", r, "--model", a.model,
                                 "--steps", str(a.steps)], capture_output=True, text=True, env=env, cwd=r)
             if p.returncode:
-                sys.exit(f"worker {r} failed:\n{p.stderr[-3000:]}")
-            rows[r].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print(f"{'root':<12}" + "".join(f"{s:>13}" for s in STEPS) + f"{'model part':>12}")
-    for r, runs in rows.items():
+                sys.exit(f"worker {r} ({n} threads) failed:\n{p.stderr[-3000:]}")
+            rows[r, n].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    name = lambda r, n: f"{r} @{n}t"                                    # noqa: E731
+    w = max(12, *(len(name(*k)) + 1 for k in rows))
+    print(f"{'root':<{w}}" + "".join(f"{s:>13}" for s in STEPS) + f"{'model part':>12}{'range':>14}")
+    for (r, n), runs in rows.items():
         med = {s: statistics.median(x[s] for x in runs) for s in STEPS}
-        part = statistics.median(x["model_part_x"] for x in runs)
-        print(f"{r:<12}" + "".join(f"{med[s]:13.1f}" for s in STEPS) + f"{part:11.2f}x")
+        parts = [x["model_part_x"] for x in runs]
+        print(f"{name(r, n):<{w}}" + "".join(f"{med[s]:13.1f}" for s in STEPS)
+              + f"{statistics.median(parts):11.3f}x  {min(parts):.3f}-{max(parts):.3f}")
     print("\nthe model part at the end of decode (MB, medians), by kind of page (/proc/self/status, smaps):")
-    print(f"{'root':<12}{'GGUF pages':>12}{'other file pages':>18}{'anonymous':>11}")
-    for r, runs in rows.items():
+    print(f"{'root':<{w}}{'GGUF pages':>12}{'other file pages':>18}{'anonymous':>11}")
+    for (r, n), runs in rows.items():
         gg = statistics.median(x["parts"]["gguf_mapped"] for x in runs)
         fi = statistics.median(x["parts"]["RssFile"] - x["floor_parts"]["RssFile"] for x in runs) - gg
         an = statistics.median(x["parts"]["RssAnon"] - x["floor_parts"]["RssAnon"] for x in runs)
-        print(f"{r:<12}{gg:12.1f}{fi:18.1f}{an:11.1f}")
+        print(f"{name(r, n):<{w}}{gg:12.1f}{fi:18.1f}{an:11.1f}")
+    late = {name(*k): sorted({f for x in runs for f in x["kernels_after_floor"]}) for k, runs in rows.items()}
+    print("\nkernels first loaded after the floor (counted as the model's):",
+          "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in late.items()))
+    rows = {name(*k): v for k, v in rows.items()}
     Path(a.out).write_text(json.dumps({"model": a.model, "runs": rows}, indent=1))
 
 

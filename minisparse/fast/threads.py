@@ -253,6 +253,27 @@ def free_cores() -> int:
     return _FREE[1]
 
 
+@contextmanager
+def pinned_free_cores(n: int):
+    """free_cores() answers n inside, without looking at the machine, so workers() is
+    min(Numba's count, n): what a caller needs to run the variant of each kernel that a given
+    thread count takes (a multi-threaded run takes the one-thread variants too, whenever another
+    process holds a core), whatever the machine runs now. BLAS's count is not touched. The
+    first call after looks afresh. Process-wide, not re-entrant.
+
+    >>> with pinned_free_cores(1):
+    ...     workers()
+    1
+    """
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"pinned_free_cores: n must be an integer >= 1, got {n!r}")
+    _FREE[0], _FREE[1] = float("inf"), int(n)
+    try:
+        yield
+    finally:
+        _FREE[0] = -1.0
+
+
 def _blas_on(free: int):
     """Hold BLAS (the libraries _blas() found) to min(free, _BLAS_TOP) threads."""
     if not _BLAS_TOP[0]:
