@@ -468,6 +468,7 @@ def _decode_merge(h0, nh, P, m, l, acc, out, lse):
     """Parts p < P of query heads h0 .. h0+nh-1 (m, l (P, nh), acc (P, nh, d) float64) into
     out[h, 0] and lse[h, 0]: rescaled to the largest max in float64, then divided."""
     d = acc.shape[2]
+    e = np.empty(P)                                              # a part's rescaling, once
     for a in range(nh):
         mx = -np.inf
         for p in range(P):
@@ -475,13 +476,14 @@ def _decode_merge(h0, nh, P, m, l, acc, out, lse):
         lt = 0.0
         for p in range(P):
             if l[p, a] > 0.0:
-                lt += l[p, a] * np.exp(m[p, a] - mx)
+                e[p] = np.exp(m[p, a] - mx)
+                lt += l[p, a] * e[p]
         if lt > 0.0:
             for i in range(d):
                 s = 0.0
                 for p in range(P):
                     if l[p, a] > 0.0:
-                        s += acc[p, a, i] * np.exp(m[p, a] - mx)
+                        s += acc[p, a, i] * e[p]
                 out[h0 + a, 0, i] = s / lt
             lse[h0 + a, 0] = mx + np.log(lt)
 
