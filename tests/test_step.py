@@ -50,7 +50,7 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
     np.testing.assert_array_equal(fused.forward(ids, ca, last_only=True),
                                   plain.forward(ids, cb, last_only=True))
     calls = []
-    for fn in ("_step", "_step_parallel"):
+    for fn in ("_layer", "_layer_parallel"):
         real = getattr(step, fn)
         monkeypatch.setattr(step, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
     tok = ids[-1]
@@ -64,10 +64,10 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
             assert np.array_equal(x[:, :, :ca.n].view(np.uint32), y[:, :, :cb.n].view(np.uint32))
         np.testing.assert_array_equal(ca.pos[:ca.n], cb.pos[:cb.n])
         tok = int(np.argmax(a))
-    assert len(calls) == 5                                         # the fused step really ran
-    # two threads take the parallel layers for a model with large matrices or for >= 512 keys
-    big = step._plan(fused)[-1]
-    want = "_step_parallel" if threads == 2 and (big or prompt >= 512) else "_step"
+    assert len(calls) == 5 * fused.config.n_layers                # the fused step really ran
+    # two threads take the parallel layer for a model with large matrices or for >= 512 keys
+    big = step._plan(fused)[3]
+    want = "_layer_parallel" if threads == 2 and (big or prompt >= 512) else "_layer"
     assert set(calls) == {want}
 
 

@@ -1,18 +1,17 @@
-"""A decode step in one call: for one token of dense attention, or of a position pattern
-(sinks, window and their unions: decode.py), over a dense float32 KV cache, every layer, the
-SwiGLU gate between layers and the output head run inside one compiled call (`_step`), each
-layer's work from the previous layer's feed-forward output to this layer's gate and up
-products being one compiled function (`_layer`).
+"""A decode step with few calls: for one token of dense attention, or of a position pattern
+(sinks, window and their unions: decode.py), over a dense float32 KV cache, each layer's work
+from the previous layer's feed-forward output to this layer's gate and up products is one
+compiled call (`_layer`), and the SwiGLU gate between them is one call of the kernel FAST's
+`fast_glu` runs (`_glu_rows`).
 
 Why: a decode step of a small model is mostly calls, not arithmetic. model.forward makes ~25
 Python and NumPy calls a layer (norms, products, reshapes, RoPE, the cache append, attention,
 residual adds), a few microseconds each; on the embedded 6-layer model they are most of a token,
-and on SmolLM2 about 0.1 ms a layer. Here the Python around a step is the cache's growth, the
-RoPE tables of the one position and the embedding row. Everything calls the very kernels the
-fast path's `Ops` call (q8.py's 8-bit products, the RMSNorm, RoPE and SwiGLU passes of
-fast/__init__.py, decode.py's compiled attention step), in the same order on the same values,
-so a step here gives the same bits as model.forward on FAST (tests/test_step.py holds it to
-that, logits and cache).
+and on SmolLM2 about 0.1 ms a layer. Here a layer is one Numba call and the gate's one.
+Everything calls the very kernels the fast path's `Ops` call (q8.py's 8-bit products, the
+RMSNorm, RoPE and SwiGLU passes of fast/__init__.py, decode.py's compiled attention step), in
+the same order on the same values, so a step here gives the same bits as
+model.forward on FAST (tests/test_step.py holds it to that, logits and cache).
 
 It runs FAST's own functions: an `Ops` made from FAST with other functions in it should set
 decode_step=None (dataclasses.replace) to have them called.
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
-from numba.typed import List
 
 from ..attention.patterns import Dense, Sinks, Window
 from ..attention.selection import reserve
@@ -88,7 +86,8 @@ def _side_by_side(codes, raws, mats, x, ys):
 
 @njit(cache=True)
 def _products(codes, raws, mats, x, ys):
-    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i, x quantised once."""
+    """ys[i] = _product of the matrix raws[mats[i]] and x, for each i, x quantised once (the
+    same x_hat each _product makes)."""
     qx, dx, sx = q8._quantized(x)
     for i in range(len(mats)):
         m = mats[i]
@@ -200,52 +199,6 @@ def _head_parallel(x, h_prev, down_prev, out_norm, eps, head):
     return _product_parallel(head[0], head[1], h).reshape(1, head[1].shape[0])  # (1, V)
 
 
-@njit(inline="always")
-def _step_body(x, layers, downs, K, V, k_pos, qp, pattern, dense, eps, cos, sin, interleaved,
-               rope_dim, Hq, Hkv, scale, out_norm, head, par):
-    """A whole decode step from the embedded token x (D,): each layer (`_layer`, or
-    `_layer_parallel` where par), FAST's gate between them (`_glu_rows`, the kernel fast_glu
-    runs), the head; in one compiled call instead of two Python calls a layer. layers: per
-    layer (codes (7,), the 7 matrices' blocks, attn_norm, ffn_norm); downs: per layer its down
-    matrix (code, blocks); K, V the cache's (L, Hkv, capacity, d) buffers; dense (L,) True for a
-    layer that reads every key (_DENSE_CODES) whatever pattern reads. Returns logits (1, V)."""
-    F = layers[0][1][4].shape[0]
-    gated = np.empty((1, F), np.float32)                                     # (1, F)
-    h = np.zeros(0, np.float32)
-    down = downs[0]
-    for l in range(len(layers)):
-        codes, raws, attn_norm, ffn_norm = layers[l]
-        pat = _DENSE_CODES if dense[l] else pattern
-        if par:
-            x, g, u = _layer_parallel(x, h, down, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
-                                      interleaved, rope_dim, Hq, Hkv, K[l], V[l], k_pos, qp, pat, scale)
-        else:
-            x, g, u = _layer(x, h, down, codes, raws, attn_norm, ffn_norm, eps, cos, sin,
-                             interleaved, rope_dim, Hq, Hkv, K[l], V[l], k_pos, qp, pat, scale)
-        _glu_rows(g.reshape(1, F), u.reshape(1, F), gated)                   # (1, F)
-        h = gated[0]                                                         # (F,)
-        down = downs[l]
-    if par:
-        return _head_parallel(x, h, down, out_norm, eps, head)
-    return _head(x, h, down, out_norm, eps, head)
-
-
-@njit(cache=True)
-def _step(x, layers, downs, K, V, k_pos, qp, pattern, dense, eps, cos, sin, interleaved,
-          rope_dim, Hq, Hkv, scale, out_norm, head):
-    """_step_body on this thread."""
-    return _step_body(x, layers, downs, K, V, k_pos, qp, pattern, dense, eps, cos, sin,
-                      interleaved, rope_dim, Hq, Hkv, scale, out_norm, head, False)
-
-
-@njit(cache=True)
-def _step_parallel(x, layers, downs, K, V, k_pos, qp, pattern, dense, eps, cos, sin,
-                   interleaved, rope_dim, Hq, Hkv, scale, out_norm, head):
-    """_step_body with the parallel layers and head (the same bits)."""
-    return _step_body(x, layers, downs, K, V, k_pos, qp, pattern, dense, eps, cos, sin,
-                      interleaved, rope_dim, Hq, Hkv, scale, out_norm, head, True)
-
-
 def _fixed(selector) -> bool:
     """True when every layer reads `selector` as it is: None, Dense, Sinks, Window or a Union of
     them whose at_layer and for_layer are Union's (each member unchanged, so the union itself)."""
@@ -281,12 +234,7 @@ def _plan(model):
     if layers is not None and kernel_of(head) is not None and w["output_norm"].dtype == np.float32:
         big = any(w[f"blk.0.{n}"].shape[0] * w[f"blk.0.{n}"].shape[1] >= PARALLEL_MIN_WEIGHTS
                   for n in _MATRICES)               # a layer has a product worth two threads
-        # typed lists: one compiled step serves every depth (a tuple's length is its type)
-        per_layer, downs = List(), List()
-        for codes, raws, attn_norm, ffn_norm, down in layers:
-            per_layer.append((codes, tuple(np.ascontiguousarray(r) for r in raws), attn_norm, ffn_norm))
-            downs.append((down[0], np.ascontiguousarray(down[1])))
-        plan = (per_layer, downs, w["output_norm"], kernel_of(head), big)
+        plan = (layers, w["output_norm"], kernel_of(head), big)
     model._fast_step_plan = plan
     return plan
 
@@ -303,7 +251,7 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     pattern = _codes(selector) if _fixed(selector) else None   # (m, 2) position codes
     if plan is None or pattern is None:
         return None
-    layers, downs, out_norm, head, big = plan
+    layers, out_norm, head, big = plan
     w = model.weights
     n = cache.n
     S = n + 1
@@ -312,15 +260,27 @@ def decode_step(model, tokens, cache, selector=None, dense_layers=(), stats=None
     cache.v = reserve(cache.v, n, S, axis=2, zeros=lazy_zeros)
     cache.pos = reserve(cache.pos, n, S, axis=0)
     cache.pos[n] = pos[0]
+    k_pos = cache.pos[:S]
     cos, sin = rope_tables(pos, cfg, w.get("rope_freqs"))                    # (1, r/2)
     x = model.ops.embed(w["token_embd"], tokens)[0]                            # (D,)
     threads = workers()
     parallel = threads > 1 and (big or S >= DECODE_PARALLEL_MIN_KEYS)
-    dense = np.zeros(cfg.n_layers, np.bool_)
-    dense[[l for l in dense_layers if 0 <= l < cfg.n_layers]] = True
-    logits = on_threads(threads, _step_parallel if parallel else _step, x, layers, downs, cache.k,
-                        cache.v, cache.pos[:S], int(pos[0]), pattern, dense, float(cfg.norm_eps),
-                        cos, sin, cfg.rope_style == "interleaved", cfg.rope_dim, cfg.n_heads,
-                        cfg.n_kv_heads, 1.0 / np.sqrt(cfg.head_dim), out_norm, head)
+    layer, last = (_layer_parallel, _head_parallel) if parallel else (_layer, _head)
+    eps, scale = float(cfg.norm_eps), 1.0 / np.sqrt(cfg.head_dim)
+    interleaved = cfg.rope_style == "interleaved"
+    h, down = np.zeros(0, np.float32), (np.int64(0), layers[0][1][6])
+    gated = np.empty((1, layers[0][1][4].shape[0]), np.float32)               # (1, F)
+    for l, (codes, raws, attn_norm, ffn_norm, down_l) in enumerate(layers):
+        x, g, u = on_threads(threads, layer, x, h, down, codes, raws, attn_norm, ffn_norm, eps,
+                             cos, sin, interleaved, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads,
+                             cache.k[l], cache.v[l], k_pos, int(pos[0]),
+                             _DENSE_CODES if l in dense_layers else pattern, scale)
+        # the kernel of FAST's glu (fast_glu, which the forward on FAST calls), straight, into
+        # one buffer: fast_glu's checks and row split cost more than the pass on one row
+        _glu_rows(g[None], u[None], gated)
+        h = gated[0]                                                           # (F,)
+        down = down_l
+    logits = on_threads(threads, last, x, h, down, out_norm, eps, head)
     cache.advance(1)
     return logits
+
