@@ -35,8 +35,9 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
     # (only the calls are fewer), so equality is exact, not within a bound: logits, and the keys,
     # values and positions the cache holds after each step. 600 keys take the parallel attention
     # kernel on two threads (DECODE_PARALLEL_MIN_KEYS), 40 the serial one; sinks + window reads
-    # its ranges (decode.py), a layer in dense_layers every key. SmolLM2's matrices (>= 576 x
-    # 576) are the ones large enough to take the products side by side (PARALLEL_MIN_WEIGHTS).
+    # its ranges (decode.py), a layer in dense_layers every key. The embedded model's and
+    # SmolLM2's matrices are large enough to take the products side by side
+    # (PARALLEL_MIN_WEIGHTS), the oracle's (128 x 128) are not.
     for mod in (step, decode, quant):
         monkeypatch.setattr(mod, "workers", lambda: threads)
     if name == "smollm2":
@@ -65,9 +66,9 @@ def test_fused_decode_step_gives_the_forwards_bits(monkeypatch, name, prompt, at
         np.testing.assert_array_equal(ca.pos[:ca.n], cb.pos[:cb.n])
         tok = int(np.argmax(a))
     assert len(calls) == 5 * fused.config.n_layers                # the fused step really ran
-    # two threads take the parallel layer for a model with large matrices or for >= 512 keys
+    # two threads take the parallel layer for a model with large matrices or for enough keys
     big = step._plan(fused)[3]
-    want = "_layer_parallel" if threads == 2 and (big or prompt >= 512) else "_layer"
+    want = "_layer_parallel" if threads == 2 and (big or prompt >= decode.DECODE_PARALLEL_MIN_KEYS) else "_layer"
     assert set(calls) == {want}
 
 

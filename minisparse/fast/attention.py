@@ -251,8 +251,10 @@ PARALLEL_MIN_WORK = 1 << 16
 
 DECODE_PART = 1024
 # A step whose rows list fewer keys than this (on average) runs on one thread: below it the
-# parallel region's start and end cost about what the second core saves.
-DECODE_PARALLEL_MIN_KEYS = 512
+# parallel region's start and end cost about what the second core saves (measured on a quiet
+# machine: a decode step of a short prompt gained from its KV heads side by side;
+# docs/performance.md).
+DECODE_PARALLEL_MIN_KEYS = 64
 
 
 @njit(cache=True)

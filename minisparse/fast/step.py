@@ -37,10 +37,11 @@ from .decode import _codes, _position_step, _position_step_parallel, position_co
 from .threads import on_threads, workers
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-# A product runs its rows side by side only from this many weights: on two threads the embedded
-# model's matrices (256-704 rows of 256 or 704) lost more to the parallel regions' start and end
-# than the second core gave, SmolLM2's (>= 576 x 576) gained (docs/performance.md).
-PARALLEL_MIN_WEIGHTS = 1 << 18
+# A product runs its rows side by side only from this many weights: below it a parallel region's
+# start and end cost more than the second core gives. Measured on a quiet machine with the
+# attention step side by side too, the embedded model's matrices (256 x 256 and up) gained
+# (docs/performance.md); a busy machine takes one thread anyway (threads.workers).
+PARALLEL_MIN_WEIGHTS = 1 << 15
 _DENSE_CODES = position_codes(None)
 
 
