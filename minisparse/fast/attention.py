@@ -1,7 +1,9 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
 rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
-reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
-tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR).
+reading its keys once; `attend_tiles`, dense causal attention as BLAS products by query
+tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR);
+and `attend_blocks`, which it calls for keys in position order: the same attention in register
+blocks of 12 queries (both products and the softmax in LLVM IR, no BLAS).
 `kernel` picks between them and is what the fast path installs into
 `minisparse.attention.attend`.
 
