@@ -963,7 +963,8 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     with attend_blocks, queries per work item, default BLOCK_ITEM_T). workers: tiles computed
     side by side (default: all threads inside threads.py's prefill_threads, else one).
     Keys in position order and d a multiple of PV_DIMS (every cache of a Llama-family model)
-    go to attend_blocks, which needs no BLAS; the tiles below take the rest.
+    go to attend_blocks where the CPU has AVX-512 (REGISTER_BLOCKS); the tiles below take the
+    rest.
 
     Why it exists: the dense T^2 part of a long prefill is matrix-product work, which the row
     kernel does one (row, key) dot at a time; here the G query heads sharing a KV head stack
@@ -987,7 +988,7 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     if k_sorted is None:
         k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
     n_vis = np.searchsorted(k_pos if k_sorted else np.sort(k_pos), q_pos, side="right")  # (Tq,)
-    if k_sorted and d % PV_DIMS == 0:        # each query's keys a prefix: register blocks
+    if REGISTER_BLOCKS and k_sorted and d % PV_DIMS == 0:   # each query's keys a prefix
         out, lse = attend_blocks(q, k, v, n_vis, scale, item=block, workers=workers)
         return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
     out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
@@ -1041,6 +1042,14 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
 # last visible key, where a tile stopped at its last row's. Written in LLVM IR as the 16-lane
 # softmax loops (Numba's loops leave a register block of accumulators in memory).
 
+def _avx512() -> bool:
+    """True where LLVM sees AVX-512F on this CPU: 32 zmm registers hold a register block (24
+    accumulators); with 16 ymm registers the blocks would spill, and the BLAS tiles run instead."""
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+REGISTER_BLOCKS = _avx512()     # read once; tests set it
 QK_ROWS = 12    # queries a register block: 12 x 2 accumulators of 16 lanes (of 32 zmm), 2 loads a step
 QK_KEYS = 32    # keys a register block (k's transpose is padded to a multiple of it)
 PV_DIMS = 32    # head dims a P V register block: d must be a multiple of it
