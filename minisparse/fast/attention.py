@@ -658,6 +658,7 @@ def _exp_rows(s, m, l):
 
 _F32 = llvm_ir.FloatType()
 _V16 = llvm_ir.VectorType(_F32, 16)
+_HAS_AVX512F = [None]           # filled below, once: whether _scale2 may emit vscalefps
 _VI16 = llvm_ir.VectorType(llvm_ir.IntType(32), 16)
 _I64 = llvm_ir.IntType(64)
 
@@ -701,10 +702,23 @@ def _expf16(builder, x):
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = builder.call(fma, [p, r, _splat(c)])
     e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _splat(1.0))   # exp(r)
-    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
-    e = builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))   # * 2^n
+    e = _scale2(builder, e, n)                                  # * 2^n
     normal = builder.fcmp_ordered(">=", x, low)
     return builder.select(normal, e, builder.select(below, _splat(0.0), x))
+
+
+def _scale2(builder, e, n):
+    """e * 2^n, n integer-valued floats with 2^n normal: AVX-512's vscalefps (one instruction)
+    where the CPU has it, else 2^n built from its exponent bits (three more, two of them on the
+    port the exp's other vector steps also need). The same bits either way: a product by a power
+    of two, rounded once."""
+    if _HAS_AVX512F[0]:
+        scalef = _llvm_fn(builder.module, "llvm.x86.avx512.mask.scalef.ps.512", _V16,
+                          [_V16, _V16, _V16, llvm_ir.IntType(16), llvm_ir.IntType(32)])
+        return builder.call(scalef, [e, n, e, llvm_ir.Constant(llvm_ir.IntType(16), -1),
+                                     llvm_ir.Constant(llvm_ir.IntType(32), 4)])   # 4: MXCSR's rounding
+    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
+    return builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))
 
 
 def _loop16(builder, count, init, body):
@@ -1050,6 +1064,7 @@ def _avx512() -> bool:
 
 
 REGISTER_BLOCKS = _avx512()     # read once; tests set it
+_HAS_AVX512F[0] = _avx512()     # for _scale2, when its loops compile (after this import)
 QK_ROWS = 12    # queries a register block: 12 x 2 accumulators of 16 lanes (of 32 zmm), 2 loads a step
 QK_KEYS = 32    # keys a register block (k's transpose is padded to a multiple of it)
 PV_DIMS = 32    # head dims a P V register block: d must be a multiple of it
