@@ -1074,45 +1074,70 @@ def _c_f32(a, ndim):
     return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" and a.ndim == ndim
 
 
-@intrinsic
-def _qk_block(typingctx, qb, kt, s, j0):
-    """s[i, j0:j0 + 32] <- sum_c qb[i, c] k[j0 + l, c] (l < 32) for i < QK_ROWS: qb (QK_ROWS, d);
-    kt (Tk / 32, d * 32): k in panels of 32 keys, kt[j0 // 32, 32 c + l] = k[j0 + l, c], so a
-    block reads one contiguous panel; s (QK_ROWS, >= j0 + 32); float32, C-contiguous, j0 a
-    multiple of 32. Each sum runs over c in order, one fused multiply-add a term."""
-    if not (_c_f32(qb, 2) and _c_f32(kt, 2) and _c_f32(s, 2)):
-        return None
+def _qk_kernel(masked):
+    """The intrinsic _qk_block (masked=False) or _qk_block_masked (True): see _qk_block."""
+    @intrinsic
+    def qk(typingctx, qb, kt, s, j0, mx, lim):
+        if not (_c_f32(qb, 2) and _c_f32(kt, 2) and _c_f32(s, 2) and _c_f32(mx, 1)
+                and isinstance(lim, types.Array) and lim.dtype == types.int64 and lim.layout == "C"):
+            return None
 
-    def codegen(context, builder, signature, args):
-        qa, ka, sa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3]))
-        j0 = args[3]
-        fma = _llvm_fn(builder.module, "llvm.fma.v16f32", _V16, [_V16] * 3)
-        d = builder.extract_value(qa.shape, 1)
-        lds = builder.extract_value(sa.shape, 1)
-        vp = lambda base, off: builder.bitcast(builder.gep(base, [off]), _V16.as_pointer())  # noqa: E731
-        init = llvm_ir.Constant(llvm_ir.ArrayType(_V16, 2 * QK_ROWS), None)
+        def codegen(context, builder, signature, args):
+            qa, ka, sa, ma, la = (context.make_array(t)(context, builder, v)
+                                  for t, v in zip(signature.args[:3] + signature.args[4:], args[:3] + args[4:]))
+            j0 = args[3]
+            fma = _llvm_fn(builder.module, "llvm.fma.v16f32", _V16, [_V16] * 3)
+            d = builder.extract_value(qa.shape, 1)
+            lds = builder.extract_value(sa.shape, 1)
+            vp = lambda base, off: builder.bitcast(builder.gep(base, [off]), _V16.as_pointer())  # noqa: E731
+            init = llvm_ir.Constant(llvm_ir.ArrayType(_V16, 2 * QK_ROWS), None)
 
-        panel = builder.mul(j0, d)                            # (j0 / 32) * (32 d)
+            panel = builder.mul(j0, d)                            # (j0 / 32) * (32 d)
 
-        def body(c, acc):
-            at = builder.add(panel, builder.mul(c, llvm_ir.Constant(_I64, QK_KEYS)))
-            k0 = builder.load(vp(ka.data, at), align=4)
-            k1 = builder.load(vp(ka.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
+            def body(c, acc):
+                at = builder.add(panel, builder.mul(c, llvm_ir.Constant(_I64, QK_KEYS)))
+                k0 = builder.load(vp(ka.data, at), align=4)
+                k1 = builder.load(vp(ka.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
+                for i in range(QK_ROWS):
+                    qi = builder.load(builder.gep(qa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c)]))
+                    qv = _bcast(builder, qi)
+                    for p, kv in enumerate((k0, k1)):
+                        a = builder.extract_value(acc, 2 * i + p)
+                        acc = builder.insert_value(acc, builder.call(fma, [qv, kv, a]), 2 * i + p)
+                return acc
+            acc = _loop16(builder, d, init, body)
+            i32 = llvm_ir.IntType(32)
+            iota = llvm_ir.Constant(_VI16, list(range(16)))
             for i in range(QK_ROWS):
-                qi = builder.load(builder.gep(qa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c)]))
-                qv = _bcast(builder, qi)
-                for p, kv in enumerate((k0, k1)):
-                    a = builder.extract_value(acc, 2 * i + p)
-                    acc = builder.insert_value(acc, builder.call(fma, [qv, kv, a]), 2 * i + p)
-            return acc
-        acc = _loop16(builder, d, init, body)
-        for i in range(QK_ROWS):
-            row = builder.add(builder.mul(llvm_ir.Constant(_I64, i), lds), j0)
-            for p in range(2):
-                at = builder.add(row, llvm_ir.Constant(_I64, 16 * p))
-                builder.store(builder.extract_value(acc, 2 * i + p), vp(sa.data, at), align=4)
-        return context.get_dummy_value()
-    return types.none(qb, kt, s, types.int64), codegen
+                row = builder.add(builder.mul(llvm_ir.Constant(_I64, i), lds), j0)
+                mp = vp(ma.data, llvm_ir.Constant(_I64, 16 * i))
+                m = builder.load(mp, align=4)
+                for p in range(2):
+                    at = builder.add(row, llvm_ir.Constant(_I64, 16 * p))
+                    v = builder.extract_value(acc, 2 * i + p)
+                    builder.store(v, vp(sa.data, at), align=4)
+                    take = builder.fcmp_ordered(">", v, m)           # NaN: passed over, as _max16
+                    if masked:                                       # keys j0 + 16 p + lane < lim[i]
+                        first = builder.trunc(builder.add(j0, llvm_ir.Constant(_I64, 16 * p)), i32)
+                        keys = builder.add(_bcast_i32(builder, first), iota)
+                        n = builder.trunc(builder.load(builder.gep(la.data, [llvm_ir.Constant(_I64, i)])), i32)
+                        take = builder.and_(take, builder.icmp_signed("<", keys, _bcast_i32(builder, n)))
+                    m = builder.select(take, v, m)
+                builder.store(m, mp, align=4)
+            return context.get_dummy_value()
+        return types.none(qb, kt, s, types.int64, mx, lim), codegen
+    return qk
+
+
+_qk_block = _qk_kernel(False)
+_qk_block.__doc__ = """_qk_block(qb, kt, s, j0, mx, lim): s[i, j0:j0 + 32] <- sum_c qb[i, c] k[j0 + l, c]
+(l < 32) for i < QK_ROWS: qb (QK_ROWS, d); kt (Tk / 32, d * 32): k in panels of 32 keys,
+kt[j0 // 32, 32 c + l] = k[j0 + l, c], so a block reads one contiguous panel; s (QK_ROWS,
+>= j0 + 32); float32, C-contiguous, j0 a multiple of 32. Each sum runs over c in order, one
+fused multiply-add a term. And the row maxima, 16 lanes a row: mx[16 i + u] <- the max of itself
+and the scores of keys j0 + u, j0 + 16 + u (> as _max16 takes it); _qk_block_masked counts only
+keys below lim[i] (int64, QK_ROWS), for a block holding some row's last visible key."""
+_qk_block_masked = _qk_kernel(True)
 
 
 @intrinsic
@@ -1159,6 +1184,12 @@ def _bcast(builder, x):
     return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
 
 
+def _bcast_i32(builder, x):
+    """x (int32) in all 16 lanes."""
+    v = builder.insert_element(llvm_ir.Constant(_VI16, llvm_ir.Undefined), x, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
+
+
 @njit(cache=True, nogil=True, error_model="numpy")           # nogil: items run side by side
 def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
     """Heads h0..h1 (sharing kt, v), queries t0..t1: out[h, t] and lse[h, t] of dense causal
@@ -1170,26 +1201,33 @@ def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
     qb = np.zeros((QK_ROWS, d), np.float32)                  # the block's scaled queries
     s = np.empty((QK_ROWS, ldk), np.float32)                 # their scores, then weights
     o = np.empty((QK_ROWS, d), np.float32)
+    mx = np.empty(QK_ROWS * 16, np.float32)                  # their running maxima, 16 lanes a row
+    lim = np.zeros(QK_ROWS, np.int64)                        # their visible keys (0: rows past t1)
     sc = np.float32(scale)
     for h in range(h0, h1):
         for b0 in range(t0, t1, QK_ROWS):
             b1 = min(b0 + QK_ROWS, t1)
-            S = 0
+            S, S0 = 0, n_vis[b0]
             for t in range(b0, b1):
-                S = max(S, n_vis[t])
+                S, S0 = max(S, n_vis[t]), min(S0, n_vis[t])
             if S == 0:
                 continue                                     # no key visible: 0, -inf as set
             for i in range(QK_ROWS):
+                lim[i] = n_vis[b0 + i] if b0 + i < b1 else 0
                 for c in range(d):
                     qb[i, c] = q[h, b0 + i, c] * sc if b0 + i < b1 else np.float32(0.0)
+            mx[:] = -np.inf
             for j0 in range(0, S, QK_KEYS):
-                _qk_block(qb, kt, s, j0)
+                if j0 + QK_KEYS <= S0:                       # every row sees every key here
+                    _qk_block(qb, kt, s, j0, mx, lim)
+                else:
+                    _qk_block_masked(qb, kt, s, j0, mx, lim)
             for i in range(b1 - b0):
                 row, n = s[i], n_vis[b0 + i]
                 nb = n // 16
-                mr = _max16(row, nb)
-                for j in range(nb * 16, n):
-                    mr = row[j] if row[j] > mr else mr
+                mr = mx[16 * i]
+                for u in range(1, 16):
+                    mr = mx[16 * i + u] if mx[16 * i + u] > mr else mr
                 if mr == -np.inf:
                     mr = np.float32(0.0)                     # all visible scores -inf: l = 0
                 total = _exp16(row, nb, mr)
