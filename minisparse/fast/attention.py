@@ -1046,15 +1046,15 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
 
 # ---- dense causal attention in register blocks ----------------------------------------------
 # The tiles above hand their two products to BLAS, whose kernels are built for long inner
-# dimensions: with d = 64 it ran them at ~0.7 of its 2048^3 rate, and the (G*B, S) scores went
-# out to memory between the products and the softmax. Here, for keys in position order, each
-# block of QK_ROWS queries of one head goes through three steps while its scores stay in L1/L2:
-# its scores against every key it sees (_qk_block: QK_ROWS rows x 32 keys of float32 sums in 16
-# zmm registers, one broadcast of q and one FMA per key lane, keys read from k transposed),
-# their softmax (_max16 / _exp16, as the tiles' pass), and their P V product (_pv_block: the same
-# register block, QK_ROWS rows x 32 of d, one broadcast of p per key). A block stops at its own
-# last visible key, where a tile stopped at its last row's. Written in LLVM IR as the 16-lane
-# softmax loops (Numba's loops leave a register block of accumulators in memory).
+# dimensions (QK^T's is d), and write the (G*B, S) scores out between the products and the
+# softmax. Here, for keys in position order, each block of QK_ROWS queries of one head goes
+# through three steps while its scores stay in L1/L2: its scores against every key it sees
+# (_qk_block: QK_ROWS x 32 float32 sums held in registers, per step of c one broadcast of q[i, c]
+# and two fused multiply-adds per query, the keys read from k packed in panels of 32; the rows'
+# maxima taken as the scores are stored), their exp and sums (_exp16, as the tiles' pass), and
+# their P V product (_pv_block: the same register block over QK_ROWS x 32 of d, one broadcast of
+# p per key). A block stops at its own last visible key, where a tile stopped at its last row's.
+# LLVM IR, as the 16-lane softmax loops: Numba's loops keep a block of accumulators in memory.
 
 def _avx512() -> bool:
     """True where LLVM sees AVX-512F on this CPU: 32 zmm registers hold a register block (24
@@ -1203,6 +1203,7 @@ def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
     o = np.empty((QK_ROWS, d), np.float32)
     mx = np.empty(QK_ROWS * 16, np.float32)                  # their running maxima, 16 lanes a row
     lim = np.zeros(QK_ROWS, np.int64)                        # their visible keys (0: rows past t1)
+    ls = np.empty(QK_ROWS, np.float32)                       # their sums of weights
     sc = np.float32(scale)
     for h in range(h0, h1):
         for b0 in range(t0, t1, QK_ROWS):
@@ -1238,13 +1239,8 @@ def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
                 for j in range(n, S):
                     row[j] = 0.0
                 lse[h, b0 + i] = -np.inf if total == 0 else np.float64(mr) + np.log(np.float64(total))
-                o[i, 0] = total                              # kept until the P V product
-            ls = np.empty(QK_ROWS, np.float32)
-            for i in range(b1 - b0):
-                ls[i] = o[i, 0]
-            for i in range(b1 - b0, QK_ROWS):
-                for j in range(S):
-                    s[i, j] = 0.0                            # rows past t1: finite, unused
+                ls[i] = total
+            # rows past t1 (zero queries) go through P V on their raw scores; never read back
             for c0 in range(0, d, PV_DIMS):
                 _pv_block(s, v, o, S, c0)
             for i in range(b1 - b0):
