@@ -1211,8 +1211,9 @@ def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
             S, S0 = 0, n_vis[b0]
             for t in range(b0, b1):
                 S, S0 = max(S, n_vis[t]), min(S0, n_vis[t])
-            if S == 0:
-                continue                                     # no key visible: 0, -inf as set
+            if S == 0:                                       # no key visible: 0, -inf as set
+                out[h, b0:b1] = 0.0
+                continue
             for i in range(QK_ROWS):
                 lim[i] = n_vis[b0 + i] if b0 + i < b1 else 0
                 for c in range(d):
@@ -1249,6 +1250,18 @@ def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
                     out[h, b0 + i, c] = o[i, c] / div
 
 
+@njit(cache=True, nogil=True)       # nogil: the KV heads are packed side by side
+def _pack_keys(k, kt):
+    """kt (Tk padded / QK_KEYS, d * QK_KEYS) f32 <- k (Tk, d) in panels of QK_KEYS keys,
+    kt[p, QK_KEYS c + l] = k[QK_KEYS p + l, c] (_qk_block's layout), zero past Tk."""
+    Tk, d = k.shape
+    for p in range(kt.shape[0]):
+        for c in range(d):
+            for l in range(QK_KEYS):
+                j = p * QK_KEYS + l
+                kt[p, c * QK_KEYS + l] = np.float32(k[j, c]) if j < Tk else np.float32(0.0)
+
+
 # Queries a work item: large enough that the Python call per item is small beside it, small
 # enough that the items of a long prefill balance over the workers.
 BLOCK_ITEM_T = 128
@@ -1264,14 +1277,10 @@ def attend_blocks(q, k, v, n_vis, scale, item=None, workers=None):
     Hkv, Tk = k.shape[0], k.shape[1]
     G = Hq // Hkv
     ldk = -(-max(Tk, 1) // QK_KEYS) * QK_KEYS
-    kts, vs = [], []
-    for g in range(Hkv):
-        kt = np.zeros((ldk, d), np.float32)                      # (Tk padded, d)
-        kt[:Tk] = k[g]
-        kts.append(np.ascontiguousarray(kt.reshape(ldk // QK_KEYS, QK_KEYS, d).transpose(0, 2, 1))
-                   .reshape(ldk // QK_KEYS, d * QK_KEYS))        # panels (Tk / 32, d * 32)
-        vs.append(np.ascontiguousarray(v[g], np.float32))        # (Tk, d)
-    out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
+    kts = np.empty((Hkv, ldk // QK_KEYS, d * QK_KEYS), np.float32)   # k in panels (_qk_block)
+    side_by_side(lambda g: _pack_keys(k[g], kts[g]), list(range(Hkv)), workers)
+    vs = [np.ascontiguousarray(v[g], np.float32) for g in range(Hkv)]  # (Tk, d) each
+    out = np.empty((Hq, Tq, d), np.float32)                      # (Hq, Tq, d): items write all
     lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
     qf = np.ascontiguousarray(q, np.float32)
     nv = np.ascontiguousarray(n_vis, np.int64)
