@@ -56,7 +56,7 @@ def phases(repeats):
         wq, dw, mw = (np.empty((G, nb * 512), np.uint8), np.empty((G, nb * 16), np.float32),
                       np.empty((G, nb * 16), np.float32))
         y, spare = np.empty((T, n_out), np.float32), np.empty((T, q8mm.ROWS), np.float32)
-        steps = {"quantise x": lambda: q8mm._quantize_rows(3, x, qx, dx, sx, qs, 0, T),
+        steps = {"quantise x": lambda: q8mm._quantize_rows(x, qx, dx, sx, qs, 0, T),
                  "repack W": lambda: q8mm._repack(3, W.raw, 0, 0, G, wq, dw, mw),
                  "kernel": lambda: q8mm._tile(3, wq, dw, mw, n_out, qx, dx, sx, qs, 0, T, y, 0, spare)}
         times = {k: [] for k in steps}

@@ -145,8 +145,10 @@ class Ops:
     (minisparse.attention.attend's) must give what the functions above give, to the bit or
     within a tested float32 bound; forward_context(T) is a context manager a T-token forward
     runs inside; decode_step, when set, may take a one-token forward whole (the logits, or None
-    to run it as written). `PLAIN` holds this module's functions and the reference attention kernel;
-    minisparse/fast/ builds `FAST` (tests/test_fast_path.py holds it to PLAIN)."""
+    to run it as written); linears, when set, takes the products that share one input
+    (`products`) in one call, each as linear gives it. `PLAIN` holds this module's functions and
+    the reference attention kernel; minisparse/fast/ builds `FAST` (tests/test_fast_path.py
+    holds it to PLAIN)."""
     embed: Callable
     rms_norm: Callable
     linear: Callable
@@ -155,6 +157,14 @@ class Ops:
     attend: Callable
     forward_context: Callable = _as_is
     decode_step: Callable | None = None
+    linears: Callable | None = None
+
+    def products(self, x, ws, bs):
+        """[linear(x, w, b) for w, b in zip(ws, bs)]: q, k and v (gate and up) read the same x,
+        so `linears` may prepare it once for all of them (the fast path quantises it once)."""
+        if self.linears is not None:
+            return self.linears(x, ws, bs)
+        return [self.linear(x, w, b) for w, b in zip(ws, bs)]
 
 
 PLAIN = Ops(embed=embed, rms_norm=rms_norm, linear=linear, rope=apply_rope, glu=glu,
@@ -223,9 +233,9 @@ class Model:
                 p = f"blk.{l}."
                 # ---- attention
                 h = ops.rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)                # (T, D)
-                q = ops.linear(h, w[p + "attn_q"], w.get(p + "attn_q.bias"))         # (T, Hq*d)
-                k = ops.linear(h, w[p + "attn_k"], w.get(p + "attn_k.bias"))         # (T, Hkv*d)
-                v = ops.linear(h, w[p + "attn_v"], w.get(p + "attn_v.bias"))         # (T, Hkv*d)
+                qkv = (p + "attn_q", p + "attn_k", p + "attn_v")   # linear(h, w[n], w[n + ".bias"]) each
+                q, k, v = ops.products(h, [w[n] for n in qkv], [w.get(n + ".bias") for n in qkv])
+                # q (T, Hq*d), k (T, Hkv*d), v (T, Hkv*d)
                 q = q.reshape(T, Hq, d).transpose(1, 0, 2)                           # (Hq, T, d)
                 k = k.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
                 v = v.reshape(T, Hkv, d).transpose(1, 0, 2)                          # (Hkv, T, d)
@@ -250,8 +260,7 @@ class Model:
                 x = x + ops.linear(o, w[p + "attn_output"])                          # (T, D)
                 # ---- feed-forward: SwiGLU, down(silu(gate(h)) * up(h))
                 h = ops.rms_norm(x, w[p + "ffn_norm"], cfg.norm_eps)                 # (T, D)
-                g = ops.linear(h, w[p + "ffn_gate"])                                 # (T, F)
-                u = ops.linear(h, w[p + "ffn_up"])                                   # (T, F)
+                g, u = ops.products(h, [w[p + "ffn_gate"], w[p + "ffn_up"]], [None, None])  # (T, F) each
                 x = x + ops.linear(ops.glu(g, u), w[p + "ffn_down"])                 # (T, D)
                 rec(p + "out", x)
         cache.advance(T)

@@ -31,8 +31,8 @@ EXP_ULP = 1.5
 
 
 def logit_err(q, k):
-    # One scaled logit: q_i * scale rounded (exact for d = 32, 64: scale is a power of two), a
-    # d-term float32 dot in sgemm's order and the max subtraction (|s - m| <= 2 max|s|):
+    # One scaled logit: q_i * scale rounded (exact for d = 16, 64; 1/sqrt(32) costs one more u,
+    # within the + 3), a d-term float32 dot in sgemm's or the register blocks' order and the max subtraction (|s - m| <= 2 max|s|):
     # Higham's gamma_n bound gives <= (d + 3) * u * sum_i |q_i k_i| * scale, with
     # sum_i |q_i k_i| <= d * max|q| * max|k|. The same e as kernel_tol's.
     d = q.shape[-1]
@@ -69,14 +69,15 @@ def row_lse_tol(q, k):
 
 
 @st.composite
-def prefill_problems(draw):
+def prefill_problems(draw, widths=(16, 32, 64)):
     """A chunk of Tq queries appended to a cache of Tk keys (q_pos = the last Tq key positions),
-    GQA groups G = 1, 2, 3, head widths 32 and 64, positions starting anywhere, with gaps (a
+    GQA groups G = 1, 2, 3, head widths 32 and 64 (attend_blocks' register blocks) and 16 (the
+    BLAS tiles), positions starting anywhere, with gaps (a
     bounded cache keeps keys at their original positions) or without."""
     seed = draw(st.integers(0, 2**31 - 1))
     hkv = draw(st.sampled_from([1, 2]))
     g = draw(st.sampled_from([1, 2, 3]))
-    d = draw(st.sampled_from([32, 64]))
+    d = draw(st.sampled_from(widths))
     tk = draw(st.integers(1, 160))
     tq = draw(st.integers(1, tk))
     gapped = draw(st.booleans())
@@ -111,6 +112,21 @@ def test_tiles_side_by_side_equal_reference_within_the_same_bound(prob, block, w
     np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, n_keys))
     np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tol(q, k, n_keys))
     assert (n_att == (k_pos[None, None, :] <= q_pos[None, :, None]).sum(-1)).all()
+
+
+@given(prefill_problems(widths=(32, 64)), st.sampled_from([1, 7, 12, 64]), st.sampled_from([1, 2]))
+def test_register_blocks_give_the_same_bits_however_the_queries_are_split(prob, item, workers):
+    # each row's scores, softmax and P V sums run over its own keys in one order, whichever
+    # register block (item, workers) holds it: a block's extra keys past a row's last enter
+    # its P V sum as exact zeros (0 * v = 0 for finite v), so the bits cannot move
+    q, k, v, q_pos, k_pos = prob
+    n_vis = np.searchsorted(k_pos, q_pos, side="right")
+    out, lse = kernel.attend_blocks(q, k, v, n_vis, 0.125)
+    split, split_lse = kernel.attend_blocks(q, k, v, n_vis, 0.125, item=item, workers=workers)
+    np.testing.assert_array_equal(split, out)
+    np.testing.assert_array_equal(split_lse, lse)
+    ref, ref_lse = dense_reference(q, k, v, q_pos, k_pos, scale=0.125, return_lse=True)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tiles_tol(q, k, v, k.shape[1]))
 
 
 def test_tiles_run_side_by_side_only_inside_a_long_prefill(monkeypatch):

@@ -7,6 +7,8 @@ weight's integer code: Q4_1's nibble, Q4_0's nibble - 8, Q8_0's int8), d, m the 
 scale and minimum, dx, sx the activation block's scale and Q8_1 sum (q8.quantize). Exactly,
 row . x_hat = sum_b d dx isum (+ m sx for Q4_1): `exact` below, in float64 from the stored values.
 """
+import contextlib
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -153,6 +155,30 @@ def test_tiles_chunks_and_threads_give_the_same_bits(qtype, monkeypatch):
         assert np.array_equal(q8mm.matmul(x, W).view(np.uint32), y.view(np.uint32))
 
 
+@pytest.mark.parametrize("threads", [False, True])
+def test_products_sharing_x_give_each_products_bits(threads, monkeypatch):
+    """matmul_many quantises x once for every matrix (q, k, v; gate, up): each product then has
+    the bits of its own matmul, whose quantisation of x is the same, row for row, and whose
+    sums run in the same order; quant.matmul_many and FAST.linears (biases added after) too."""
+    from minisparse.fast import FAST
+    rng = np.random.default_rng(5)
+    T, n_in = 150, 96
+    Ws = [QuantMatrix(random_blocks(qt, n, n_in, rng), (n, n_in), qt)
+          for qt, n in ((QT.Q4_1, 83), (QT.Q4_0, 40), (QT.Q8_0, 16), (QT.Q4_1, 7))]
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    bs = [None, rng.standard_normal(40).astype(np.float32), None, None]
+    monkeypatch.setattr(quant, "INT8_DECODE", True)
+    with prefill_threads(T) if threads else contextlib.nullcontext():
+        alone = [q8mm.matmul(x, W) for W in Ws]
+        for got in (q8mm.matmul_many(x, Ws), quant.matmul_many(x, Ws)):
+            for y, want in zip(got, alone):
+                assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
+        for y, W, b in zip(FAST.linears(x, Ws, bs), Ws, bs):
+            assert np.array_equal(y.view(np.uint32), FAST.linear(x, W, b).view(np.uint32))
+    with pytest.raises(ValueError, match=r"this matrix takes \(T, 96\)"):
+        q8mm.matmul_many(x[:, :64], Ws)
+
+
 def test_quant_matmul_takes_q8mm_for_prefill_when_int8_is_on(monkeypatch):
     rng = np.random.default_rng(3)
     W = QuantMatrix(random_blocks(QT.Q4_1, 40, 64, rng), (40, 64), QT.Q4_1)
@@ -179,11 +205,11 @@ def test_activations_quantised_as_q8_quantize_bit_for_bit(T, nb, scale, zero_blo
         x = (np.round(x / scale * 4) / 4 * np.float32(127 / 4)).astype(np.float32)
     if zero_block:
         x[:, :32] = 0
-    qx, dx, sx, qs = (np.empty((T, 32 * nb), np.int8), np.empty((T, nb), np.float32),
+    qx, dx, sx, ss = (np.empty((T, 32 * nb), np.int8), np.empty((T, nb), np.float32),
                       np.empty((T, nb), np.float32), np.empty((T, nb), np.int32))
-    q8mm._quantize_rows(2, x, qx, dx, sx, qs, 0, T)
+    q8mm._quantize_rows(x, qx, dx, sx, ss, 0, T)
     want_q, want_d, want_s = quantized_rows(x)
     assert np.array_equal(qx, want_q)
     assert np.array_equal(dx.view(np.uint32), want_d.view(np.uint32))
     assert np.array_equal(sx.view(np.uint32), want_s.view(np.uint32))
-    assert np.array_equal(qs, 8 * want_q.reshape(T, nb, 32).astype(np.int32).sum(2))
+    assert np.array_equal(ss, want_q.reshape(T, nb, 32).astype(np.int32).sum(2))

@@ -71,6 +71,14 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def linears(x, ws, bs):
+    """[linear(x, w, b) for w, b in zip(ws, bs)], the same bits: QuantMatrix products that share
+    x quantise it once (quant.matmul_many)."""
+    if not all(isinstance(w, QuantMatrix) for w in ws):
+        return [linear(x, w, b) for w, b in zip(ws, bs)]
+    return [y if b is None else y + b for y, b in zip(quant.matmul_many(x, ws), bs)]
+
+
 def attend(q, k, v, selector=None, *args, **kwargs):
     """minisparse.attention.attend on the fast path (same arguments and results): a decode step
     (one query) through decode.py, a prefill chunk through prefill.py."""
@@ -221,6 +229,7 @@ FAST = Ops(
     attend=attend,
     forward_context=long_forward,
     decode_step=step.decode_step,
+    linears=linears,
 )
 
 if enabled():

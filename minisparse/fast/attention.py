@@ -1,7 +1,9 @@
 """The fast attention kernels: the row kernel in chunks of keys (float32 SIMD inside a chunk),
 rows in parallel; `attend_decode`, one query (a decode step) with the query heads of a KV head
-reading its keys once; and `attend_tiles`, dense causal attention as BLAS products by query
-tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR).
+reading its keys once; `attend_tiles`, dense causal attention as BLAS products by query
+tiles, with a vectorised float32 exp (a causal tile's softmax pass 16 lanes wide, in LLVM IR);
+and `attend_blocks`, which it calls for keys in position order: the same attention in register
+blocks of 12 queries (both products and the softmax in LLVM IR, no BLAS).
 `kernel` picks between them and is what the fast path installs into
 `minisparse.attention.attend`.
 
@@ -660,6 +662,7 @@ def _exp_rows(s, m, l):
 
 _F32 = llvm_ir.FloatType()
 _V16 = llvm_ir.VectorType(_F32, 16)
+_HAS_AVX512F = [None]           # filled below, once: whether _scale2 may emit vscalefps
 _VI16 = llvm_ir.VectorType(llvm_ir.IntType(32), 16)
 _I64 = llvm_ir.IntType(64)
 
@@ -703,10 +706,23 @@ def _expf16(builder, x):
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = builder.call(fma, [p, r, _splat(c)])
     e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _splat(1.0))   # exp(r)
-    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
-    e = builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))   # * 2^n
+    e = _scale2(builder, e, n)                                  # * 2^n
     normal = builder.fcmp_ordered(">=", x, low)
     return builder.select(normal, e, builder.select(below, _splat(0.0), x))
+
+
+def _scale2(builder, e, n):
+    """e * 2^n, n integer-valued floats with 2^n normal: AVX-512's vscalefps (one instruction)
+    where the CPU has it, else 2^n built from its exponent bits (three more, two of them on the
+    port the exp's other vector steps also need). The same bits either way: a product by a power
+    of two, rounded once."""
+    if _HAS_AVX512F[0]:
+        scalef = _llvm_fn(builder.module, "llvm.x86.avx512.mask.scalef.ps.512", _V16,
+                          [_V16, _V16, _V16, llvm_ir.IntType(16), llvm_ir.IntType(32)])
+        return builder.call(scalef, [e, n, e, llvm_ir.Constant(llvm_ir.IntType(16), -1),
+                                     llvm_ir.Constant(llvm_ir.IntType(32), 4)])   # 4: MXCSR's rounding
+    biased = builder.add(builder.fptosi(n, _VI16), _splat(127, _VI16))   # n + 127 in int32
+    return builder.fmul(e, builder.bitcast(builder.shl(biased, _splat(23, _VI16)), _V16))
 
 
 def _loop16(builder, count, init, body):
@@ -961,9 +977,12 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     first Tk rows are); q_pos (Tq,), k_pos (Tk,) int64; scale float. Returns out (Hq, Tq, d)
     f32, lse (Hq, Tq) f64 (log-sum-exp of the scaled scores, -inf for a query that sees no key,
     whose out row is 0, as in the row kernel) and n_attended (Hq, Tq) int64 (its visible keys).
-    block: B, query rows per tile (default TILE_ROWS // G, so G * B ~ TILE_ROWS rows a product).
-    workers: tiles computed side by side (default: all threads inside threads.py's
-    prefill_threads, else one).
+    block: B, query rows per tile (default TILE_ROWS // G, so G * B ~ TILE_ROWS rows a product;
+    with attend_blocks, queries per work item, default BLOCK_ITEM_T). workers: tiles computed
+    side by side (default: all threads inside threads.py's prefill_threads, else one).
+    Keys in position order and d a multiple of PV_DIMS (every cache of a Llama-family model)
+    go to attend_blocks where the CPU has AVX-512 (REGISTER_BLOCKS); the tiles below take the
+    rest.
 
     Why it exists: the dense T^2 part of a long prefill is matrix-product work, which the row
     kernel does one (row, key) dot at a time; here the G query heads sharing a KV head stack
@@ -987,6 +1006,9 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     if k_sorted is None:
         k_sorted = bool(np.all(k_pos[1:] >= k_pos[:-1]))
     n_vis = np.searchsorted(k_pos if k_sorted else np.sort(k_pos), q_pos, side="right")  # (Tq,)
+    if REGISTER_BLOCKS and k_sorted and d % PV_DIMS == 0:   # each query's keys a prefix
+        out, lse = attend_blocks(q, k, v, n_vis, scale, item=block, workers=workers)
+        return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
     out = np.zeros((Hq, Tq, d), np.float32)                      # (Hq, Tq, d)
     lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
     sc = np.float32(scale)
@@ -1024,6 +1046,253 @@ def attend_tiles(q, k, v, q_pos, k_pos, scale, block=None, k_sorted=None, worker
     # (threads.py), softmax pass included (the Numba passes release the GIL).
     side_by_side(lambda item: tile(*item), items, workers)
     return out, lse, np.broadcast_to(n_vis, (Hq, Tq)).copy()
+
+
+# ---- dense causal attention in register blocks ----------------------------------------------
+# The tiles above hand their two products to BLAS, whose kernels are built for long inner
+# dimensions (QK^T's is d), and write the (G*B, S) scores out between the products and the
+# softmax. Here, for keys in position order, each block of QK_ROWS queries of one head goes
+# through three steps while its scores stay in L1/L2: its scores against every key it sees
+# (_qk_block: QK_ROWS x 32 float32 sums held in registers, per step of c one broadcast of q[i, c]
+# and two fused multiply-adds per query, the keys read from k packed in panels of 32; the rows'
+# maxima taken as the scores are stored), their exp and sums (_exp16, as the tiles' pass), and
+# their P V product (_pv_block: the same register block over QK_ROWS x 32 of d, one broadcast of
+# p per key). A block stops at its own last visible key, where a tile stopped at its last row's.
+# LLVM IR, as the 16-lane softmax loops: Numba's loops keep a block of accumulators in memory.
+
+def _avx512() -> bool:
+    """True where LLVM sees AVX-512F on this CPU: 32 zmm registers hold a register block (24
+    accumulators); with 16 ymm registers the blocks would spill, and the BLAS tiles run instead."""
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+REGISTER_BLOCKS = _avx512()     # read once; tests set it
+_HAS_AVX512F[0] = _avx512()     # for _scale2, when its loops compile (after this import)
+QK_ROWS = 12    # queries a register block: 12 x 2 accumulators of 16 lanes (of 32 zmm), 2 loads a step
+QK_KEYS = 32    # keys a register block (k's transpose is padded to a multiple of it)
+PV_DIMS = 32    # head dims a P V register block: d must be a multiple of it
+
+
+def _c_f32(a, ndim):
+    return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" and a.ndim == ndim
+
+
+def _qk_kernel(masked):
+    """The intrinsic _qk_block (masked=False) or _qk_block_masked (True): see _qk_block."""
+    @intrinsic
+    def qk(typingctx, qb, kt, s, j0, mx, lim):
+        if not (_c_f32(qb, 2) and _c_f32(kt, 2) and _c_f32(s, 2) and _c_f32(mx, 1)
+                and isinstance(lim, types.Array) and lim.dtype == types.int64 and lim.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            qa, ka, sa, ma, la = (context.make_array(t)(context, builder, v)
+                                  for t, v in zip(signature.args[:3] + signature.args[4:], args[:3] + args[4:]))
+            j0 = args[3]
+            fma = _llvm_fn(builder.module, "llvm.fma.v16f32", _V16, [_V16] * 3)
+            d = builder.extract_value(qa.shape, 1)
+            lds = builder.extract_value(sa.shape, 1)
+            vp = lambda base, off: builder.bitcast(builder.gep(base, [off]), _V16.as_pointer())  # noqa: E731
+            init = llvm_ir.Constant(llvm_ir.ArrayType(_V16, 2 * QK_ROWS), None)
+
+            panel = builder.mul(j0, d)                            # (j0 / 32) * (32 d)
+
+            def body(c, acc):
+                at = builder.add(panel, builder.mul(c, llvm_ir.Constant(_I64, QK_KEYS)))
+                k0 = builder.load(vp(ka.data, at), align=4)
+                k1 = builder.load(vp(ka.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
+                for i in range(QK_ROWS):
+                    qi = builder.load(builder.gep(qa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c)]))
+                    qv = _bcast(builder, qi)
+                    for p, kv in enumerate((k0, k1)):
+                        a = builder.extract_value(acc, 2 * i + p)
+                        acc = builder.insert_value(acc, builder.call(fma, [qv, kv, a]), 2 * i + p)
+                return acc
+            acc = _loop16(builder, d, init, body)
+            i32 = llvm_ir.IntType(32)
+            iota = llvm_ir.Constant(_VI16, list(range(16)))
+            for i in range(QK_ROWS):
+                row = builder.add(builder.mul(llvm_ir.Constant(_I64, i), lds), j0)
+                mp = vp(ma.data, llvm_ir.Constant(_I64, 16 * i))
+                m = builder.load(mp, align=4)
+                for p in range(2):
+                    at = builder.add(row, llvm_ir.Constant(_I64, 16 * p))
+                    v = builder.extract_value(acc, 2 * i + p)
+                    builder.store(v, vp(sa.data, at), align=4)
+                    take = builder.fcmp_ordered(">", v, m)           # NaN: passed over, as _max16
+                    if masked:                                       # keys j0 + 16 p + lane < lim[i]
+                        first = builder.trunc(builder.add(j0, llvm_ir.Constant(_I64, 16 * p)), i32)
+                        keys = builder.add(_bcast_i32(builder, first), iota)
+                        n = builder.trunc(builder.load(builder.gep(la.data, [llvm_ir.Constant(_I64, i)])), i32)
+                        take = builder.and_(take, builder.icmp_signed("<", keys, _bcast_i32(builder, n)))
+                    m = builder.select(take, v, m)
+                builder.store(m, mp, align=4)
+            return context.get_dummy_value()
+        return types.none(qb, kt, s, types.int64, mx, lim), codegen
+    return qk
+
+
+_qk_block = _qk_kernel(False)
+_qk_block.__doc__ = """_qk_block(qb, kt, s, j0, mx, lim): s[i, j0:j0 + 32] <- sum_c qb[i, c] k[j0 + l, c]
+(l < 32) for i < QK_ROWS: qb (QK_ROWS, d); kt (Tk / 32, d * 32): k in panels of 32 keys,
+kt[j0 // 32, 32 c + l] = k[j0 + l, c], so a block reads one contiguous panel; s (QK_ROWS,
+>= j0 + 32); float32, C-contiguous, j0 a multiple of 32. Each sum runs over c in order, one
+fused multiply-add a term. And the row maxima, 16 lanes a row: mx[16 i + u] <- the max of itself
+and the scores of keys j0 + u, j0 + 16 + u (> as _max16 takes it); _qk_block_masked counts only
+keys below lim[i] (int64, QK_ROWS), for a block holding some row's last visible key."""
+_qk_block_masked = _qk_kernel(True)
+
+
+@intrinsic
+def _pv_block(typingctx, p, v, o, n, c0):
+    """o[i, c0:c0 + 32] <- sum_{j < n} p[i, j] v[j, c0:c0 + 32] for i < QK_ROWS: p (QK_ROWS, >= n),
+    v (>= n, d), o (QK_ROWS, d), float32, C-contiguous. Each sum runs over j in order, one
+    fused multiply-add a term."""
+    if not (_c_f32(p, 2) and _c_f32(v, 2) and _c_f32(o, 2)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pa, va, oa = (context.make_array(t)(context, builder, x) for t, x in zip(signature.args[:3], args[:3]))
+        n, c0 = args[3], args[4]
+        fma = _llvm_fn(builder.module, "llvm.fma.v16f32", _V16, [_V16] * 3)
+        ldp = builder.extract_value(pa.shape, 1)
+        d = builder.extract_value(va.shape, 1)
+        vp = lambda base, off: builder.bitcast(builder.gep(base, [off]), _V16.as_pointer())  # noqa: E731
+        init = llvm_ir.Constant(llvm_ir.ArrayType(_V16, 2 * QK_ROWS), None)
+
+        def body(j, acc):
+            at = builder.add(builder.mul(j, d), c0)
+            v0 = builder.load(vp(va.data, at), align=4)
+            v1 = builder.load(vp(va.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
+            for i in range(QK_ROWS):
+                pi = builder.load(builder.gep(pa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), ldp), j)]))
+                pv = _bcast(builder, pi)
+                for h, vv in enumerate((v0, v1)):
+                    a = builder.extract_value(acc, 2 * i + h)
+                    acc = builder.insert_value(acc, builder.call(fma, [pv, vv, a]), 2 * i + h)
+            return acc
+        acc = _loop16(builder, n, init, body)
+        for i in range(QK_ROWS):
+            row = builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c0)
+            for h in range(2):
+                at = builder.add(row, llvm_ir.Constant(_I64, 16 * h))
+                builder.store(builder.extract_value(acc, 2 * i + h), vp(oa.data, at), align=4)
+        return context.get_dummy_value()
+    return types.none(p, v, o, types.int64, types.int64), codegen
+
+
+def _bcast(builder, x):
+    """x (float) in all 16 lanes."""
+    v = builder.insert_element(llvm_ir.Constant(_V16, llvm_ir.Undefined), x, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
+
+
+def _bcast_i32(builder, x):
+    """x (int32) in all 16 lanes."""
+    v = builder.insert_element(llvm_ir.Constant(_VI16, llvm_ir.Undefined), x, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, llvm_ir.Constant(_VI16, [0] * 16))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")           # nogil: items run side by side
+def _blocks_item(q, kt, v, n_vis, scale, h0, h1, t0, t1, out, lse):
+    """Heads h0..h1 (sharing kt, v), queries t0..t1: out[h, t] and lse[h, t] of dense causal
+    attention, query t seeing keys [0, n_vis[t]), in blocks of QK_ROWS queries. q (Hq, Tq, d)
+    f32; kt (Tk padded / QK_KEYS, d * QK_KEYS) f32 C, k in panels (_qk_block), zero past Tk;
+    v (Tk, d) f32 C; out (Hq, Tq, d) f32, lse (Hq, Tq) f64."""
+    d = q.shape[2]
+    ldk = kt.shape[0] * QK_KEYS
+    qb = np.zeros((QK_ROWS, d), np.float32)                  # the block's scaled queries
+    s = np.empty((QK_ROWS, ldk), np.float32)                 # their scores, then weights
+    o = np.empty((QK_ROWS, d), np.float32)
+    mx = np.empty(QK_ROWS * 16, np.float32)                  # their running maxima, 16 lanes a row
+    lim = np.zeros(QK_ROWS, np.int64)                        # their visible keys (0: rows past t1)
+    ls = np.empty(QK_ROWS, np.float32)                       # their sums of weights
+    sc = np.float32(scale)
+    for h in range(h0, h1):
+        for b0 in range(t0, t1, QK_ROWS):
+            b1 = min(b0 + QK_ROWS, t1)
+            S, S0 = 0, n_vis[b0]
+            for t in range(b0, b1):
+                S, S0 = max(S, n_vis[t]), min(S0, n_vis[t])
+            if S == 0:                                       # no key visible: 0, -inf as set
+                out[h, b0:b1] = 0.0
+                continue
+            for i in range(QK_ROWS):
+                lim[i] = n_vis[b0 + i] if b0 + i < b1 else 0
+                for c in range(d):
+                    qb[i, c] = q[h, b0 + i, c] * sc if b0 + i < b1 else np.float32(0.0)
+            mx[:] = -np.inf
+            for j0 in range(0, S, QK_KEYS):
+                if j0 + QK_KEYS <= S0:                       # every row sees every key here
+                    _qk_block(qb, kt, s, j0, mx, lim)
+                else:
+                    _qk_block_masked(qb, kt, s, j0, mx, lim)
+            for i in range(b1 - b0):
+                row, n = s[i], n_vis[b0 + i]
+                nb = n // 16
+                mr = mx[16 * i]
+                for u in range(1, 16):
+                    mr = mx[16 * i + u] if mx[16 * i + u] > mr else mr
+                if mr == -np.inf:
+                    mr = np.float32(0.0)                     # all visible scores -inf: l = 0
+                total = _exp16(row, nb, mr)
+                for j in range(nb * 16, n):
+                    e = _expf(row[j] - mr)
+                    row[j] = e
+                    total += e
+                for j in range(n, S):
+                    row[j] = 0.0
+                lse[h, b0 + i] = -np.inf if total == 0 else np.float64(mr) + np.log(np.float64(total))
+                ls[i] = total
+            # rows past t1 (zero queries) go through P V on their raw scores; never read back
+            for c0 in range(0, d, PV_DIMS):
+                _pv_block(s, v, o, S, c0)
+            for i in range(b1 - b0):
+                div = ls[i] if ls[i] > 0 else np.float32(1.0)
+                for c in range(d):
+                    out[h, b0 + i, c] = o[i, c] / div
+
+
+@njit(cache=True, nogil=True)       # nogil: the KV heads are packed side by side
+def _pack_keys(k, kt):
+    """kt (Tk padded / QK_KEYS, d * QK_KEYS) f32 <- k (Tk, d) in panels of QK_KEYS keys,
+    kt[p, QK_KEYS c + l] = k[QK_KEYS p + l, c] (_qk_block's layout), zero past Tk."""
+    Tk, d = k.shape
+    for p in range(kt.shape[0]):
+        for c in range(d):
+            for l in range(QK_KEYS):
+                j = p * QK_KEYS + l
+                kt[p, c * QK_KEYS + l] = np.float32(k[j, c]) if j < Tk else np.float32(0.0)
+
+
+# Queries a work item: large enough that the Python call per item is small beside it, small
+# enough that the items of a long prefill balance over the workers.
+BLOCK_ITEM_T = 128
+
+
+def attend_blocks(q, k, v, n_vis, scale, item=None, workers=None):
+    """Dense causal attention for keys in position order, query t of q (Hq, Tq, d) seeing keys
+    [0, n_vis[t]) of k, v (Hkv, Tk, d): out (Hq, Tq, d) f32 and lse (Hq, Tq) f64, what the tiles
+    give (-inf and 0 for a query that sees no key), within the same bound. d a multiple of
+    PV_DIMS. Work items (KV head, `item` queries, default BLOCK_ITEM_T), largest first, side by
+    side as the tiles (workers as attend_tiles')."""
+    Hq, Tq, d = q.shape
+    Hkv, Tk = k.shape[0], k.shape[1]
+    G = Hq // Hkv
+    ldk = -(-max(Tk, 1) // QK_KEYS) * QK_KEYS
+    kts = np.empty((Hkv, ldk // QK_KEYS, d * QK_KEYS), np.float32)   # k in panels (_qk_block)
+    side_by_side(lambda g: _pack_keys(k[g], kts[g]), list(range(Hkv)), workers)
+    vs = [np.ascontiguousarray(v[g], np.float32) for g in range(Hkv)]  # (Tk, d) each
+    out = np.empty((Hq, Tq, d), np.float32)                      # (Hq, Tq, d): items write all
+    lse = np.full((Hq, Tq), -np.inf)                             # (Hq, Tq)
+    qf = np.ascontiguousarray(q, np.float32)
+    nv = np.ascontiguousarray(n_vis, np.int64)
+    n = BLOCK_ITEM_T if item is None else int(item)
+    items = [(t0, g) for t0 in reversed(range(0, Tq, n)) for g in range(Hkv)]
+    side_by_side(lambda it: _blocks_item(qf, kts[it[1]], vs[it[1]], nv, scale, it[1] * G, (it[1] + 1) * G,
+                                         it[0], min(Tq, it[0] + n), out, lse), items, workers)
+    return out, lse
 
 
 def _every_key(rows: Rows, Tk: int, n_extra: int) -> bool:

@@ -22,6 +22,8 @@ CPUs without AVX512-VNNI (quant.py's float tiles and sgemm run there), AMX.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -131,16 +133,15 @@ def _block(typingctx, x, qx, o):
 
 
 @njit(cache=True, nogil=True)
-def _quantize_rows(code, x, qx, dx, sx, qs, a, b):
-    """Rows a..b of x as q8.quantize makes them; qs[t, blk] = c * sum(qx over the block), the
-    integer that repacking's offset c added to each block sum (0 for Q4_1)."""
-    c = 8 if code == 2 else (128 if code == 8 else 0)
+def _quantize_rows(x, qx, dx, sx, ss, a, b):
+    """Rows a..b of x as q8.quantize makes them; ss[t, blk] = sum(qx over the block), from which
+    each weight type takes the integer its repacking offset c added to a block sum (c ss)."""
     for t in range(a, b):
         xt, qt = x[t], qx[t]
         for blk in range(dx.shape[1]):
             d, s = _block(xt, qt, 32 * blk)
             dx[t, blk], sx[t, blk] = q8._half(d), q8._half(d * np.float32(s))
-            qs[t, blk] = c * s
+            ss[t, blk] = s
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -280,23 +281,63 @@ def _tile(code, wq, dw, mw, n_rows, qx, dx, sx, qs, a, b, y, r0, spare):
 # ----------------------------------------------------------------------------- the product
 
 
+class Q8Rows(NamedTuple):
+    """x (T, in) quantised to 8-bit blocks (`quantize`): qx (T, in) int8, dx and sx (T, in/32)
+    float32 (the block scale d and d * sum(qx), float16-rounded), ss (T, in/32) int32 (the
+    block sums of qx), and blocks, the row blocks of x the workers split it into."""
+    qx: np.ndarray
+    dx: np.ndarray
+    sx: np.ndarray
+    ss: np.ndarray
+    blocks: list
+
+
+def quantize(x, n_out: int) -> Q8Rows:
+    """x (T, in) float32 as 8-bit blocks, rows split over the workers as a product with n_out
+    rows of weights splits them (threads.row_blocks)."""
+    T, n_in = x.shape
+    nb = n_in // 32
+    qx = np.empty((T, n_in), np.int8)                                      # (T, in)
+    dx, sx = np.empty((T, nb), np.float32), np.empty((T, nb), np.float32)   # (T, in/32)
+    ss = np.empty((T, nb), np.int32)
+    blocks = row_blocks(T, n_in, n_out)
+    side_by_side(lambda ab: _quantize_rows(x, qx, dx, sx, ss, ab[0], ab[1]), blocks)
+    return Q8Rows(qx, dx, sx, ss, blocks)
+
+
+def _check(x, w):
+    code = int(w.qtype)
+    if code not in TYPES:
+        raise ValueError(f"q8mm.matmul: GGML type {code} has no integer kernel; expected one of {TYPES}")
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has shape {x.shape}; this matrix takes (T, {w.shape[1]})")
+
+
 def matmul(x, w) -> np.ndarray:
     """x (T, in) @ w.T -> (T, out) float32 for a Q4_0 / Q4_1 / Q8_0 QuantMatrix w, on x quantised
     to 8-bit blocks as llama.cpp quantises it: row t equals q8.matvec's product of x[t] up to
     the order of the float32 sums over blocks. Token rows split over the workers (threads.row_blocks)."""
-    code = int(w.qtype)
-    if code not in TYPES:
-        raise ValueError(f"q8mm.matmul: GGML type {code} has no integer kernel; expected one of {TYPES}")
+    return matmul_many(x, [w])[0]
+
+
+def matmul_many(x, ws) -> list:
+    """[matmul(x, w) for w in ws], the same bits, with x quantised once: the products that share
+    their input (q, k, v; gate, up) each took a quantisation of their own, 5-15% of a product."""
     x = np.ascontiguousarray(x, np.float32)
-    T, (n_out, n_in) = x.shape[0], w.shape
-    if x.ndim != 2 or x.shape[1] != n_in:
-        raise ValueError(f"x has shape {x.shape}; this matrix takes (T, {n_in})")
+    for w in ws:
+        _check(x, w)
+    xq = quantize(x, max(w.shape[0] for w in ws))
+    return [_product(xq, w) for w in ws]
+
+
+def _product(xq: Q8Rows, w) -> np.ndarray:
+    """x_hat @ w.T (T, out) for x_hat = xq, tile by tile of w's repacked rows."""
+    code = int(w.qtype)
+    (T, n_in), n_out = xq.qx.shape, w.shape[0]
     nb = n_in // 32
-    qx = np.empty((T, n_in), np.int8)                                      # (T, in)
-    dx, sx = np.empty((T, nb), np.float32), np.empty((T, nb), np.float32)   # (T, in/32)
-    qs = np.empty((T, nb), np.int32)
-    blocks = row_blocks(T, n_in, n_out)
-    side_by_side(lambda ab: _quantize_rows(code, x, qx, dx, sx, qs, ab[0], ab[1]), blocks)
+    # the integer that repacking's offset c added to each block sum (Q4_1: none, not read)
+    qs = xq.ss * np.int32(_OFFSET[code]) if code in _OFFSET else xq.ss
+    blocks = xq.blocks
     y = np.empty((T, n_out), np.float32)                                   # (T, out)
     spare = np.empty((T, ROWS), np.float32)
     rows_per_tile = max(ROWS, (TILE_BYTES // n_in) // ROWS * ROWS)
@@ -308,6 +349,6 @@ def matmul(x, w) -> np.ndarray:
         g = -(-n_rows // ROWS)
         parts = [p for p in np.array_split(np.arange(g), len(blocks)) if p.size]
         side_by_side(lambda p: _repack(code, w.raw, r0, p[0], p[-1] + 1, wq, dw, mw), parts)
-        side_by_side(lambda ab: _tile(code, wq, dw, mw, n_rows, qx, dx, sx, qs, ab[0], ab[1], y, r0, spare),
-                     blocks)
+        side_by_side(lambda ab: _tile(code, wq, dw, mw, n_rows, xq.qx, xq.dx, xq.sx, qs, ab[0], ab[1],
+                                      y, r0, spare), blocks)
     return y

@@ -347,6 +347,16 @@ def rows(w: QuantMatrix, idx) -> np.ndarray:
     return out
 
 
+def matmul_many(x, ws) -> list:
+    """[matmul(x, w) for w in ws], the same bits: x (T, in) quantised once where the products
+    take 8-bit activations (q8mm.matmul_many; q, k and v, or gate and up, share their input)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if (x.ndim == 2 and x.shape[0] > FUSED_MAX_T and INT8_DECODE and INT8_PREFILL
+            and all(int(w.qtype) in q8mm.TYPES for w in ws)):
+        return q8mm.matmul_many(x, ws)
+    return [matmul(x, w) for w in ws]
+
+
 def matmul(x, w: QuantMatrix) -> np.ndarray:
     """x (T, in) @ w.T -> (T, out) float32, from w's blocks; the fast path's linear on a
     QuantMatrix, equal to x @ w.dequantize().T up to float32 summation order."""
