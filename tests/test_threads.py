@@ -101,6 +101,42 @@ def test_this_process_threads_count_as_its_own_not_as_others():
     assert own >= 2                            # this thread (reading /proc) and the hashing one
 
 
+def test_a_thread_of_this_process_that_stops_between_the_reads_is_not_taken_for_another(monkeypatch):
+    # the machine's running tasks are read between two counts of this process's own: a worker of
+    # ours that was running for the machine's read but no longer for one count (or not yet for
+    # the other) must not be counted as another process's task holding a core
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(threads, "_running", lambda: 2)           # ours: this thread and a worker
+    counts = iter([2, 1])                                         # the worker stopped after the read
+    monkeypatch.setattr(threads, "_own_running", lambda: next(counts))
+    assert threads._look() == min(cpus, os.cpu_count())           # no other process: all free
+    counts = iter([1, 2])                                         # ... or started just before it
+    assert threads._look() == min(cpus, os.cpu_count())
+    counts = iter([1, 1])                                         # a task that is not ours: a core
+    assert threads._look() == max(1, min(cpus, os.cpu_count() - 1))
+
+
+def test_a_look_taken_during_a_prefill_is_not_kept_for_the_decode_after_it(monkeypatch):
+    # while a prefill's threads run, a look may see them mid-change; the decode after the
+    # prefill looks afresh instead of keeping that answer for CHECK_S
+    if numba.get_num_threads() < 2:
+        pytest.skip("a prefill splits work only on two or more threads")
+    looks = []
+    monkeypatch.setattr(threads, "_FREE", [-1.0, 0])
+    monkeypatch.setattr(threads, "_look", lambda: looks.append(1) or 1)
+    monkeypatch.setattr(threads, "_blas_on", lambda n: None)
+    with threads.prefill_threads(64):
+        assert threads.free_cores() == 1 and len(looks) == 1
+    threads.free_cores()
+    assert len(looks) == 2                                        # looked again, at once
+    with threads.pinned_free_cores(2), threads.prefill_threads(64):
+        pass
+    with threads.pinned_free_cores(2):                            # a pin outlives a prefill inside it
+        with threads.prefill_threads(64):
+            pass
+        assert threads.free_cores() == 2 and len(looks) == 2
+
+
 def test_workers_are_numba_threads_at_most_free_cores(monkeypatch):
     monkeypatch.setattr(threads, "numba_threads", lambda: 4)
     monkeypatch.setattr(threads, "free_cores", lambda: 1)

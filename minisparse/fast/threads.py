@@ -63,6 +63,9 @@ def prefill_threads(T: int):
             yield
     finally:
         _ACTIVE[0] = False
+        if _FREE[0] != float("inf"):    # (pinned_free_cores: no look until it ends)
+            _FREE[0] = -1.0     # what a look saw while this prefill's threads ran is not the
+                                # machine the decode after it meets: look afresh
 
 
 def side_by_side(fn, items, n_workers=None):
@@ -226,12 +229,22 @@ def _own_running() -> int:
     return n
 
 
+def _running() -> int:
+    """The machine's tasks running or runnable now (/proc/loadavg's fourth field)."""
+    with open("/proc/loadavg", "rb") as f:
+        return int(f.read().split()[3].split(b"/")[0])             # "0.52 0.58 0.59 3/467 1234"
+
+
 def _look() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        with open("/proc/loadavg", "rb") as f:
-            running = int(f.read().split()[3].split(b"/")[0])      # "0.52 0.58 0.59 3/467 1234"
-        others = max(0, running - _own_running())
+        # this process's threads are counted just before and just after the machine's: a worker
+        # that stops spinning or a prefill thread that finishes between the reads would else
+        # be taken for another process's task, and the decode after it held to one thread; a
+        # task of another process that holds a core stays runnable, and the next look counts it
+        before = _own_running()
+        running = _running()
+        others = max(0, running - max(before, _own_running()))
     except (OSError, ValueError, IndexError):
         return cpus
     return max(1, min(cpus, (os.cpu_count() or cpus) - others))
