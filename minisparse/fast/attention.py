@@ -1078,6 +1078,19 @@ def _c_f32(a, ndim):
     return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" and a.ndim == ndim
 
 
+def _rank1(builder, fma, acc, scalar, w0, w1):
+    """A register block's rank-one update, in IR: acc[2 i + h] <- fma(scalar(i), w_h, acc[2 i + h])
+    for i < QK_ROWS, h < 2, scalar(i) a float32 broadcast to 16 lanes and w0, w1 <16 x float>:
+    the step both _qk_block (q[i, c] times a panel's keys) and _pv_block (p[i, j] times a value
+    row) repeat."""
+    for i in range(QK_ROWS):
+        x = _bcast(builder, scalar(i))
+        for h, w in enumerate((w0, w1)):
+            a = builder.extract_value(acc, 2 * i + h)
+            acc = builder.insert_value(acc, builder.call(fma, [x, w, a]), 2 * i + h)
+    return acc
+
+
 def _qk_kernel(masked):
     """The intrinsic _qk_block (masked=False) or _qk_block_masked (True): see _qk_block."""
     @intrinsic
@@ -1102,13 +1115,8 @@ def _qk_kernel(masked):
                 at = builder.add(panel, builder.mul(c, llvm_ir.Constant(_I64, QK_KEYS)))
                 k0 = builder.load(vp(ka.data, at), align=4)
                 k1 = builder.load(vp(ka.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
-                for i in range(QK_ROWS):
-                    qi = builder.load(builder.gep(qa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c)]))
-                    qv = _bcast(builder, qi)
-                    for p, kv in enumerate((k0, k1)):
-                        a = builder.extract_value(acc, 2 * i + p)
-                        acc = builder.insert_value(acc, builder.call(fma, [qv, kv, a]), 2 * i + p)
-                return acc
+                return _rank1(builder, fma, acc, lambda i: builder.load(builder.gep(
+                    qa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c)])), k0, k1)
             acc = _loop16(builder, d, init, body)
             i32 = llvm_ir.IntType(32)
             iota = llvm_ir.Constant(_VI16, list(range(16)))
@@ -1165,13 +1173,8 @@ def _pv_block(typingctx, p, v, o, n, c0):
             at = builder.add(builder.mul(j, d), c0)
             v0 = builder.load(vp(va.data, at), align=4)
             v1 = builder.load(vp(va.data, builder.add(at, llvm_ir.Constant(_I64, 16))), align=4)
-            for i in range(QK_ROWS):
-                pi = builder.load(builder.gep(pa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), ldp), j)]))
-                pv = _bcast(builder, pi)
-                for h, vv in enumerate((v0, v1)):
-                    a = builder.extract_value(acc, 2 * i + h)
-                    acc = builder.insert_value(acc, builder.call(fma, [pv, vv, a]), 2 * i + h)
-            return acc
+            return _rank1(builder, fma, acc, lambda i: builder.load(builder.gep(
+                pa.data, [builder.add(builder.mul(llvm_ir.Constant(_I64, i), ldp), j)])), v0, v1)
         acc = _loop16(builder, n, init, body)
         for i in range(QK_ROWS):
             row = builder.add(builder.mul(llvm_ir.Constant(_I64, i), d), c0)

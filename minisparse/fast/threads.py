@@ -63,7 +63,7 @@ def prefill_threads(T: int):
             yield
     finally:
         _ACTIVE[0] = False
-        if _FREE[0] != float("inf"):    # (pinned_free_cores: no look until it ends)
+        if _FREE[0] != _PINNED:
             _FREE[0] = -1.0     # what a look saw while this prefill's threads ran is not the
                                 # machine the decode after it meets: look afresh
 
@@ -211,6 +211,7 @@ def by_rows(*axes):
 CHECK_S = 0.05                  # seconds between two looks at the machine, at least
 LOOK_EVERY = 100                # and at least this many times what the last look took
 _FREE = [-1.0, 0]               # when free_cores looks next, and what it found last
+_PINNED = float("inf")          # _FREE[0] under pinned_free_cores: no look until it ends
 _BLAS_TOP = [0]                 # BLAS's thread count to return to (0: not read yet)
 _BLAS_NOW = [0]                 # the count free_cores last gave BLAS
 
@@ -280,7 +281,7 @@ def pinned_free_cores(n: int):
     """
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"pinned_free_cores: n must be an integer >= 1, got {n!r}")
-    _FREE[0], _FREE[1] = float("inf"), int(n)
+    _FREE[0], _FREE[1] = _PINNED, int(n)
     try:
         yield
     finally:
