@@ -271,6 +271,20 @@ def main(argv=None):
     ap.add_argument("--variant-worker", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    # the "only" modes measure one thing each and take only the options listed here: any other
+    # option given with one is refused, not ignored (--roots: its first root alone)
+    modes = {"kv_fill": {"roots"}, "encode": {"roots"}, "tokenizer_parts": {"roots", "model"},
+             "variants": {"roots", "runs"}}
+    given = {k for k, v in vars(a).items() if v != ap.get_default(k)} - {"worker", "variant_worker"}
+    chosen = [m for m in modes if m in given]
+    if len(chosen) > 1:
+        ap.error("--" + " and --".join(m.replace("_", "-") for m in chosen) + ": one mode at a time")
+    if chosen:
+        extra = given - modes[chosen[0]] - {chosen[0]}
+        if extra or len(a.roots) > 1:
+            bad = sorted(extra) + (["roots (a second root)"] if len(a.roots) > 1 else [])
+            ap.error(f"--{chosen[0].replace('_', '-')} does not take " + ", ".join(
+                "--" + b.replace("_", "-") for b in bad))
     if a.kv_fill:
         return kv_fill(a.roots[0])
     if a.encode is not None:
